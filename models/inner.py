@@ -1,0 +1,200 @@
+"""The inner model: a small causal AdaLN transformer that writes one token feature by feature.
+
+For a token with features x_0..x_{D-1} and outer condition z, position 0 holds
+cond_proj(z) + start_token and position i (1..D-1) holds input_proj(x_{i-1}); the output at
+position i parameterises a K-Gaussian mixture for x_i. Every block is modulated by z (AdaLN).
+Parameter names follow the released checkpoint (`arhead.*` inside MAR).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.attention import attention
+from models.gmm import gmm_nll, sample_gmm, sample_gmm_cfg, split_gmm_params
+
+
+def layer_norm(x):
+    """LayerNorm without affine parameters; the affine part comes from AdaLN."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x, scale, shift):
+    return layer_norm(x) * (1 + scale) + shift
+
+
+def activation_dtype(x):
+    """The dtype matmuls produce here: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class CausalSelfAttention(nn.Module):
+    """q and v carry learned biases, k a fixed zero one (kept as a buffer for checkpoint parity)."""
+
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        # 4x below the usual 1/sqrt(d): the release's choice, part of what the weights expect
+        self.scale = 0.25 / math.sqrt(width // num_heads)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, kv_cache=None, pos=0):
+        """x: [N, L, W]. With kv_cache=(k, v) of [N, H, D, hd], x is the single position `pos`."""
+        n, length, width = x.shape
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if kv_cache is None:
+            out = attention(q, k, v, self.scale, causal=True)
+        else:
+            k_cache, v_cache = kv_cache
+            k_cache[:, :, pos:pos + length] = k
+            v_cache[:, :, pos:pos + length] = v
+            # the new query may see every cached key, so no mask is needed
+            out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
+        return self.proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNBlock(nn.Module):
+    def __init__(self, width, num_heads, cond_dim, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = CausalSelfAttention(width, num_heads)
+        self.ffn = FeedForward(width, int(width * mlp_ratio))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+
+    def modulation(self, z):
+        """(gamma1, gamma2, scale1, scale2, shift1, shift2), each [N, 1, W]."""
+        return self.ada_lin(z).unsqueeze(1).chunk(6, dim=-1)
+
+    def forward(self, x, mod, kv_cache=None, pos=0):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
+        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos)
+        return x + gamma2 * self.ffn(modulate(x, scale2, shift2))
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width, cond_dim):
+        super().__init__()
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+
+    def modulation(self, z):
+        return self.ada_lin(z).unsqueeze(1).chunk(2, dim=-1)  # (scale, shift)
+
+    def forward(self, x, mod):
+        scale, shift = mod
+        return modulate(x, scale, shift)
+
+
+class InnerAR(nn.Module):
+    def __init__(self, token_dim=16, cond_dim=768, width=768, depth=1, num_heads=4,
+                 num_gaussians=4, mlp_ratio=4.0):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"inner_ar_width {width} must be divisible by inner_ar_heads {num_heads}")
+        self.token_dim = token_dim
+        self.num_gaussians = num_gaussians
+        self.start_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embedding = nn.Parameter(torch.zeros(1, token_dim, width))
+        self.input_proj = nn.Linear(1, width)
+        self.cond_proj = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, cond_dim, mlp_ratio) for _ in range(depth))
+        self.head_nm = AdaLNBeforeHead(width, cond_dim)
+        self.head = nn.Linear(width, 3 * num_gaussians)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.start_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        self.head.weight.mul_(0.02)
+        self.head_nm.ada_lin[1].weight.mul_(0.5)
+        width = self.start_token.shape[-1]
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * len(self.blocks)))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * len(self.blocks)))
+            # near-zero gates: each block starts as the identity
+            block.ada_lin[1].weight[:2 * width].mul_(1e-5)
+            block.ada_lin[1].weight[2 * width:].mul_(0.5)
+
+    def modulations(self, z):
+        return [block.modulation(z) for block in self.blocks], self.head_nm.modulation(z)
+
+    def run(self, h, mods, kv_caches=None, pos=0):
+        """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> [N, L, 3K]."""
+        block_mods, head_mod = mods
+        for i, block in enumerate(self.blocks):
+            h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos)
+        return self.head(self.head_nm(h, head_mod))
+
+    def forward(self, x, z):
+        """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D, 3K]."""
+        h = torch.cat([self.cond_proj(z).unsqueeze(1) + self.start_token,
+                       self.input_proj(x[:, :-1, None].to(z.dtype))], dim=1)
+        return self.run(h + self.pos_embedding, self.modulations(z))
+
+    def nll(self, x, z):
+        """Per-token mixture NLL summed over the D features: [N]."""
+        mu, logvar, logits = split_gmm_params(self(x, z), self.num_gaussians)
+        return gmm_nll(x, mu, logvar, logits).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg):
+        """Sample one token per condition, feature by feature.
+
+        z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
+        is drawn from the guided target and fed to both halves. Returns float32 [n, D].
+        use_cache=False recomputes the whole prefix every step (the slow reference path).
+        """
+        guided = cfg != 1.0
+        rows = z.shape[0]
+        n = rows // 2 if guided else rows
+        mods = self.modulations(z)
+        first = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
+        kv_caches = None
+        if use_cache:
+            heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
+            shape = (rows, heads, self.token_dim, width // heads)
+            dtype = activation_dtype(z)
+            kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
+        features = torch.empty(n, self.token_dim, device=z.device)
+        h, prefix = first, first
+        for t in range(self.token_dim):
+            if use_cache:
+                out = self.run(h, mods, kv_caches, pos=t)[:, -1]
+            else:
+                out = self.run(prefix, mods)[:, -1]
+            mu, logvar, logits = split_gmm_params(out, self.num_gaussians)
+            if guided:
+                x = cfg_sampler((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]),
+                                cfg, temperature)
+            else:
+                x = sample_gmm(mu, logvar, logits, temperature)
+            features[:, t] = x
+            if t + 1 < self.token_dim:
+                x_in = torch.cat([x, x]) if guided else x
+                h = self.input_proj(x_in[:, None, None].to(first.dtype)) + self.pos_embedding[:, t + 1:t + 2]
+                if not use_cache:
+                    prefix = torch.cat([prefix, h], dim=1)
+        return features

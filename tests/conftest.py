@@ -1,0 +1,36 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.mar import MAR
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO.parent / "shared" / "manifests"
+
+
+def load_manifest(name):
+    path = MANIFESTS / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared/ must sit beside the checkout)")
+    return json.loads(path.read_text())
+
+
+def tiny_mar(**overrides):
+    """A small MAR: 64x64 images, stride 16 -> 16 tokens of 16 features, 10 classes."""
+    config = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32, encoder_depth=2,
+                  encoder_num_heads=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                  vae_embed_dim=16, class_num=10, buffer_size=4, num_gaussians=4,
+                  inner_ar_width=32, inner_ar_depth=1, inner_ar_heads=4)
+    config.update(overrides)
+    return MAR(**config)
+
+
+def randomize_(module, std=0.2, seed=0):
+    """Give every parameter a generic random value so no path is hidden by a near-zero init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module

@@ -1,0 +1,202 @@
+"""Tests for util/download.py against a local HTTP server on 127.0.0.1."""
+
+import hashlib
+import http.server
+import logging
+import os
+import re
+import threading
+
+import pytest
+
+from util.download import ASSETS, DownloadError, download, main
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files``; supports Range, injected drops and error statuses."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        with srv.lock:
+            srv.requests.append((self.path, self.headers.get("Range")))
+            drop_after = srv.drop_after.pop(self.path, None)
+            queued = srv.fail_with.get(self.path)
+            status = queued.pop(0) if queued else None
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        if status is not None:
+            self.send_error(status)
+            return
+
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and srv.honor_range:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if drop_after is not None:
+            # Promise the full body, send part of it, then hang up.
+            self.wfile.write(body[:drop_after])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.lock = threading.Lock()
+    srv.files, srv.requests, srv.drop_after, srv.fail_with = {}, [], {}, {}
+    srv.honor_range = True
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+DATA = os.urandom(300_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+FAST = dict(progress=False, backoff=0.0, chunk_size=1 << 14, timeout=10)
+
+
+def test_full_download_verifies(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "sub" / "w.bin"
+    out = download(server.base + "/w.bin", dest, sha256=SHA, size=len(DATA), **FAST)
+    assert out == dest
+    assert dest.read_bytes() == DATA
+    assert not (tmp_path / "sub" / "w.bin.part").exists()
+
+
+def test_existing_file_is_skipped(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    dest.write_bytes(DATA)
+    download(server.base + "/w.bin", dest, sha256=SHA, **FAST)
+    assert server.requests == []
+
+
+def test_resume_across_calls_uses_range(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    cut = 123_456
+    server.drop_after["/w.bin"] = cut
+    dest = tmp_path / "w.bin"
+    part = tmp_path / "w.bin.part"
+    with pytest.raises(DownloadError):
+        download(server.base + "/w.bin", dest, sha256=SHA, retries=0, **FAST)
+    assert not dest.exists()
+    assert part.read_bytes() == DATA[:cut]
+
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=0, **FAST)
+    assert server.requests[-1] == ("/w.bin", f"bytes={cut}-")
+    assert dest.read_bytes() == DATA
+    assert not part.exists()
+
+
+def test_retry_within_one_call(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    server.drop_after["/w.bin"] = 1000
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=2, **FAST)
+    assert dest.read_bytes() == DATA
+    assert [r for _, r in server.requests] == [None, "bytes=1000-"]
+
+
+def test_retry_on_server_error(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    server.fail_with["/w.bin"] = [503, 500]
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=2, **FAST)
+    assert dest.read_bytes() == DATA
+    assert len(server.requests) == 3
+
+
+def test_server_ignoring_range_restarts(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    server.honor_range = False
+    (tmp_path / "w.bin.part").write_bytes(b"garbage" * 10)
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=0, **FAST)
+    assert server.requests == [("/w.bin", "bytes=70-")]
+    assert dest.read_bytes() == DATA
+
+
+def test_complete_part_gets_416_and_is_verified(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    (tmp_path / "w.bin.part").write_bytes(DATA)
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=0, **FAST)
+    assert server.requests == [("/w.bin", f"bytes={len(DATA)}-")]
+    assert dest.read_bytes() == DATA
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError) as info:
+        download(server.base + "/w.bin", dest, sha256="0" * 64, **FAST)
+    msg = str(info.value)
+    assert "w.bin" in msg and "0" * 64 in msg and SHA in msg and "\n" not in msg
+    assert not dest.exists()
+    assert not (tmp_path / "w.bin.part").exists()
+
+
+def test_size_mismatch_leaves_nothing(server, tmp_path):
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError, match=f"expected {len(DATA) + 1} bytes, got {len(DATA)}"):
+        download(server.base + "/w.bin", dest, size=len(DATA) + 1, **FAST)
+    assert not dest.exists()
+    assert not (tmp_path / "w.bin.part").exists()
+
+
+def test_404_fails_without_retry(server, tmp_path):
+    dest = tmp_path / "missing.bin"
+    url = server.base + "/missing.bin"
+    with pytest.raises(DownloadError, match="404") as info:
+        download(url, dest, retries=3, **FAST)
+    assert url in str(info.value)
+    assert len(server.requests) == 1
+    assert not dest.exists()
+
+
+def test_cli_url_override(server, tmp_path):
+    server.files["/kl16.ckpt"] = DATA
+    rc = main(["kl16", "--url", server.base + "/kl16.ckpt", "--dest-root", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / ASSETS["kl16"].relpath).read_bytes() == DATA
+    assert ASSETS["kl16"].relpath == "pretrained_models/vae/kl16.ckpt"
+
+
+def test_cli_manual_asset_exits_2(tmp_path, caplog):
+    assert ASSETS["mar_base"].url is None
+    with caplog.at_level(logging.INFO, logger="util.download"):
+        rc = main(["mar_base", "--dest-root", str(tmp_path)])
+    assert rc == 2
+    expected = tmp_path / "pretrained_models" / "mar" / "mar_base" / "checkpoint-last.pth"
+    assert str(expected) in caplog.text
+    assert "github.com/LTH14/mar" in caplog.text
+    assert not expected.exists()

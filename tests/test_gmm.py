@@ -1,0 +1,125 @@
+"""Mixture math: densities against scipy, samplers against their target distributions."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from models.gmm import (cfg_log_target, gmm_log_prob, gmm_nll, sample_gmm, sample_gmm_cfg,
+                        split_gmm_params, tempered)
+
+MU = torch.tensor([-2.0, 0.5, 1.5, 4.0])
+LOGVAR = torch.log(torch.tensor([0.3, 0.05, 1.0, 0.5]) ** 2)
+LOGITS = torch.tensor([0.2, 1.0, -0.5, 0.3])
+# an unconditional mixture that differs from the conditional one
+MU_U = torch.tensor([-1.0, 0.0, 2.0, 3.0])
+LOGVAR_U = torch.log(torch.tensor([1.0, 0.8, 1.2, 1.5]) ** 2)
+LOGITS_U = torch.tensor([0.0, 0.5, 0.0, -0.2])
+
+
+def mixture_cdf(mu, logvar, logits, temperature=1.0):
+    w = torch.softmax(logits, -1).numpy()
+    sd = (torch.exp(0.5 * logvar) / temperature).numpy()
+    return lambda x: sum(wk * stats.norm.cdf(x, m, s) for wk, m, s in zip(w, mu.numpy(), sd))
+
+
+def batch(n, *tensors):
+    return [t.expand(n, -1).contiguous() for t in tensors]
+
+
+def test_split_layout_and_fp32():
+    out = torch.arange(12, dtype=torch.bfloat16).reshape(1, 12)
+    mu, logvar, logits = split_gmm_params(out, 4)
+    assert mu.dtype == logvar.dtype == logits.dtype == torch.float32
+    assert mu.tolist() == [[0, 1, 2, 3]] and logvar.tolist() == [[4, 5, 6, 7]] and logits.tolist() == [[8, 9, 10, 11]]
+
+
+def test_log_prob_and_nll_match_scipy():
+    x = torch.linspace(-5, 7, 101)
+    w = torch.softmax(LOGITS, -1).numpy()
+    sd = torch.exp(0.5 * LOGVAR).numpy()
+    expected = np.log(sum(wk * stats.norm.pdf(x.numpy(), m, s) for wk, m, s in zip(w, MU.numpy(), sd)))
+    mix = batch(101, MU, LOGVAR, LOGITS)
+    np.testing.assert_allclose(gmm_log_prob(x, *mix).numpy(), expected, rtol=1e-5, atol=1e-5)
+    # the training loss omits the 0.5*log(2*pi) constant
+    np.testing.assert_allclose(gmm_nll(x, *mix).numpy(), -expected - 0.5 * math.log(2 * math.pi), rtol=1e-5, atol=1e-5)
+
+
+def test_sample_gmm_matches_mixture_ks():
+    torch.manual_seed(0)
+    samples = sample_gmm(*batch(20000, MU, LOGVAR, LOGITS))
+    assert stats.kstest(samples.numpy(), mixture_cdf(MU, LOGVAR, LOGITS)).pvalue > 0.01
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_divides_std(temperature):
+    torch.manual_seed(1)
+    samples = sample_gmm(*batch(20000, MU, LOGVAR, LOGITS), temperature=temperature).numpy()
+    assert stats.kstest(samples, mixture_cdf(MU, LOGVAR, LOGITS, temperature)).pvalue > 0.01
+    # the opposite convention (temperature multiplies the std) is clearly rejected
+    assert stats.kstest(samples, mixture_cdf(MU, LOGVAR, LOGITS, 1 / temperature)).pvalue < 1e-6
+    # a single Gaussian: the std is exactly divided
+    single = sample_gmm(torch.zeros(20000, 1), torch.zeros(20000, 1), torch.zeros(20000, 1), temperature)
+    assert abs(single.std().item() - 1 / temperature) < 0.02 / temperature
+
+
+def test_num_samples_shape_and_distribution():
+    torch.manual_seed(2)
+    samples = sample_gmm(*batch(3, MU, LOGVAR, LOGITS), num_samples=5000)
+    assert samples.shape == (3, 5000)
+    assert stats.kstest(samples[2].numpy(), mixture_cdf(MU, LOGVAR, LOGITS)).pvalue > 0.01
+
+
+def target_cdf(cfg, temperature):
+    """Normalised CFG target by numerical integration on a fine grid."""
+    grid = torch.linspace(-12, 14, 200001)
+    cond = [t[None] for t in (MU, LOGVAR, LOGITS)]
+    uncond = [t[None] for t in (MU_U, LOGVAR_U, LOGITS_U)]
+    log_t = cfg_log_target(grid[None], cond, uncond, cfg, temperature)[0].double()
+    dens = torch.exp(log_t - log_t.max())
+    cdf = torch.cumulative_trapezoid(dens, grid.double(), dim=0)
+    cdf = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf]) / cdf[-1]
+    return grid.numpy(), cdf.numpy(), (dens / torch.trapezoid(dens, grid.double())).numpy()
+
+
+def test_cfg_target_is_p_cond_pow_w_over_p_uncond_pow_w_minus_1():
+    x = torch.linspace(-3, 5, 50)[None]
+    cond = [t[None] for t in (MU, LOGVAR, LOGITS)]
+    uncond = [t[None] for t in (MU_U, LOGVAR_U, LOGITS_U)]
+    expected = 3.0 * gmm_log_prob(x, *cond) - 2.0 * gmm_log_prob(x, *uncond)
+    torch.testing.assert_close(cfg_log_target(x, cond, uncond, 3.0, 1.0), expected)
+
+
+@pytest.mark.parametrize("cfg,temperature", [(1.5, 1.0), (3.0, 1.0), (4.5, 1.0), (3.9, 1.1), (2.0, 0.8)])
+def test_cfg_sir_matches_target_density(cfg, temperature):
+    torch.manual_seed(3)
+    n = 4000
+    samples = sample_gmm_cfg(batch(n, MU, LOGVAR, LOGITS), batch(n, MU_U, LOGVAR_U, LOGITS_U), cfg, temperature)
+    assert samples.shape == (n,)
+    grid, cdf, dens = target_cdf(cfg, temperature)
+    assert stats.kstest(samples.numpy(), lambda v: np.interp(v, grid, cdf)).pvalue > 0.001
+    # histogram against the integrated target density, bin by bin
+    edges = np.linspace(-4, 6, 21)
+    expected = np.diff(np.interp(edges, grid, cdf)) * n
+    observed, _ = np.histogram(samples.numpy(), edges)
+    keep = expected > 20
+    assert np.all(np.abs(observed[keep] - expected[keep]) < 5 * np.sqrt(expected[keep]) + 10)
+    # and it is not simply the unguided tempered conditional
+    plain = mixture_cdf(MU, LOGVAR, LOGITS, temperature)
+    assert stats.kstest(samples.numpy(), plain).pvalue < 1e-4
+
+
+def test_cfg_accepts_per_row_scale():
+    torch.manual_seed(4)
+    n = 3000
+    cond, uncond = batch(2 * n, MU, LOGVAR, LOGITS), batch(2 * n, MU_U, LOGVAR_U, LOGITS_U)
+    scales = torch.cat([torch.full((n,), 1.0), torch.full((n,), 4.5)])
+    samples = sample_gmm_cfg(cond, uncond, scales, 1.0)
+    assert stats.kstest(samples[:n].numpy(), mixture_cdf(MU, LOGVAR, LOGITS)).pvalue > 0.001
+    grid, cdf, _ = target_cdf(4.5, 1.0)
+    assert stats.kstest(samples[n:].numpy(), lambda v: np.interp(v, grid, cdf)).pvalue > 0.001
+
+
+def test_tempered_logvar():
+    assert torch.allclose(torch.exp(0.5 * tempered(torch.zeros(1), 2.0)), torch.tensor([0.5]))

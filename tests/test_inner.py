@@ -1,0 +1,174 @@
+"""Inner AdaLN transformer: numerics against a naive spec reference, causality, KV cache, init."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import attention as attention_module
+from models.attention import attention
+from models.gmm import gmm_nll, split_gmm_params
+from models.inner import InnerAR
+from tests.conftest import randomize_
+
+D, C, W, H, K = 16, 24, 32, 4, 4
+
+
+def small_inner(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(token_dim=D, cond_dim=C, width=W, depth=2, num_heads=H, num_gaussians=K)
+    cfg.update(kw)
+    return InnerAR(**cfg)
+
+
+def naive_forward(m, x, z):
+    """The spec written out by hand: loops over heads, explicit masks, no shared helpers."""
+    n = x.shape[0]
+    width = m.start_token.shape[-1]
+    heads = m.blocks[0].attn.num_heads
+    hd = width // heads
+    seq = [z @ m.cond_proj.weight.T + m.cond_proj.bias + m.start_token[0, 0]]
+    for i in range(D - 1):
+        seq.append(x[:, i:i + 1] * m.input_proj.weight[:, 0] + m.input_proj.bias)
+    h = torch.stack(seq, 1) + m.pos_embedding
+    silu_z = z * torch.sigmoid(z)
+
+    def ln(t):
+        mean = t.mean(-1, keepdim=True)
+        var = ((t - mean) ** 2).mean(-1, keepdim=True)
+        return (t - mean) / torch.sqrt(var + 1e-6)
+
+    causal = torch.tril(torch.ones(D, D, dtype=torch.bool))
+    for blk in m.blocks:
+        mod = silu_z @ blk.ada_lin[1].weight.T + blk.ada_lin[1].bias
+        g1, g2, s1, s2, b1, b2 = [mod[:, i * width:(i + 1) * width, None].transpose(1, 2) for i in range(6)]
+        a = ln(h) * (1 + s1) + b1
+        wq, wk, wv = blk.attn.mat_qkv.weight.split(width)
+        q = a @ wq.T + blk.attn.q_bias
+        k = a @ wk.T                          # no key bias
+        v = a @ wv.T + blk.attn.v_bias
+        outs = []
+        for head in range(heads):
+            sl = slice(head * hd, (head + 1) * hd)
+            scores = q[..., sl] @ k[..., sl].transpose(1, 2) * (0.25 / math.sqrt(hd))
+            scores = scores.masked_fill(~causal, float("-inf"))
+            outs.append(torch.softmax(scores, -1) @ v[..., sl])
+        h = h + g1 * (torch.cat(outs, -1) @ blk.attn.proj.weight.T + blk.attn.proj.bias)
+        f = ln(h) * (1 + s2) + b2
+        f = f @ blk.ffn.fc1.weight.T + blk.ffn.fc1.bias
+        f = 0.5 * f * (1 + torch.tanh(math.sqrt(2 / math.pi) * (f + 0.044715 * f ** 3)))
+        h = h + g2 * (f @ blk.ffn.fc2.weight.T + blk.ffn.fc2.bias)
+    mod = silu_z @ m.head_nm.ada_lin[1].weight.T + m.head_nm.ada_lin[1].bias
+    scale, shift = mod[:, None, :width], mod[:, None, width:]
+    return (ln(h) * (1 + scale) + shift) @ m.head.weight.T + m.head.bias
+
+
+def test_forward_matches_naive_spec():
+    m = randomize_(small_inner())
+    x, z = torch.randn(5, D), torch.randn(5, C)
+    torch.testing.assert_close(m(x, z), naive_forward(m, x, z), rtol=1e-4, atol=1e-4)
+
+
+def test_nll_is_sum_of_feature_nll():
+    m = randomize_(small_inner(), std=0.05)
+    x, z = torch.randn(6, D), torch.randn(6, C)
+    mu, lv, lg = split_gmm_params(m(x, z), K)
+    torch.testing.assert_close(m.nll(x, z), gmm_nll(x, mu, lv, lg).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_in_forward(dtype):
+    m = randomize_(small_inner())
+    x, z = torch.randn(3, D), torch.randn(3, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        base = m(x, z).float()
+        for j in (3, 9):
+            x2 = x.clone()
+            x2[:, j] += 5.0
+            out = m(x2, z).float()
+            # output i sees features 0..i-1 only: positions <= j are untouched, j+1 changes
+            assert torch.equal(out[:, :j + 1], base[:, :j + 1])
+            assert not torch.allclose(out[:, j + 1], base[:, j + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_causal_mask_sdpa(dtype):
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=dtype) for _ in range(3))
+    out = attention(q, k, v, 0.3, causal=True, use_flash=False).float()
+    mask = torch.tril(torch.ones(7, 7, dtype=torch.bool))
+    scores = (q.float() @ k.float().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.float()
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(attention_module.flash_attn_func is None or not torch.cuda.is_available(),
+                    reason="flash-attn and CUDA not available")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_causal_mask_flash(dtype):  # pragma: no cover - GPU only
+    q, k, v = (torch.randn(2, 3, 7, 64, dtype=dtype, device="cuda") for _ in range(3))
+    out = attention(q, k, v, 0.3, causal=True)
+    ref = attention(q, k, v, 0.3, causal=True, use_flash=False)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_kv_cache_matches_recompute(cfg):
+    m = randomize_(small_inner(), std=0.1)
+    z = torch.randn(12 if cfg != 1 else 6, C)
+    torch.manual_seed(7)
+    cached = m.sample(z, temperature=1.1, cfg=cfg, use_cache=True)
+    torch.manual_seed(7)
+    recomputed = m.sample(z, temperature=1.1, cfg=cfg, use_cache=False)
+    assert cached.shape == (6, D)
+    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_features_follow_head_layout():
+    """With a constant head, the sample must come from [means | log-variances | logits]."""
+    m = small_inner()
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.copy_(torch.tensor([-3.0, 7.0, 0.0, 0.0,           # means
+                                        -9.0, -9.0, -9.0, -9.0,        # log-variances (std 0.011)
+                                        -20.0, 20.0, -20.0, -20.0]))  # logits: component 1
+    out = m.sample(torch.randn(50, C))
+    assert torch.allclose(out, torch.full_like(out, 7.0), atol=0.1)
+
+
+def test_init_follows_spec():
+    torch.manual_seed(0)
+    m = InnerAR(token_dim=16, cond_dim=256, width=256, depth=2, num_heads=4)
+    assert m.head.weight.std().item() == pytest.approx(0.02 * 0.02, rel=0.15)
+    assert m.head_nm.ada_lin[1].weight.std().item() == pytest.approx(0.01, rel=0.1)
+    blk = m.blocks[0]
+    assert blk.ada_lin[1].weight[:512].std().item() == pytest.approx(0.02e-5, rel=0.1)
+    assert blk.ada_lin[1].weight[512:].std().item() == pytest.approx(0.01, rel=0.1)
+    assert blk.attn.proj.weight.std().item() == pytest.approx(0.01, rel=0.1)  # 0.02 / sqrt(2*2)
+    assert blk.ffn.fc2.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert blk.ffn.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert torch.count_nonzero(blk.attn.q_bias) == 0 and torch.count_nonzero(blk.attn.zero_k_bias) == 0
+    assert m.pos_embedding.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_zero_k_bias_is_a_persistent_buffer():
+    m = small_inner()
+    assert "blocks.0.attn.zero_k_bias" in m.state_dict()
+    assert "blocks.0.attn.zero_k_bias" not in dict(m.named_parameters())
+
+
+def test_mixture_math_is_fp32_under_bf16_autocast():
+    m = randomize_(small_inner(), std=0.05)
+    x, z = torch.randn(4, D), torch.randn(4, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x, z).dtype == torch.bfloat16
+        nll = m.nll(x, z)
+        samples = m.sample(torch.cat([z, z]), cfg=2.0)
+    assert nll.dtype == torch.float32 and samples.dtype == torch.float32
+    assert torch.isfinite(nll).all() and torch.isfinite(samples).all()
+    torch.testing.assert_close(nll, m.nll(x, z), rtol=0.05, atol=0.5)
+
+
+def test_bad_width_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        InnerAR(width=30, num_heads=4)

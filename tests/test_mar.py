@@ -1,0 +1,310 @@
+"""Outer MAR model: flow against a naive reference, masking, schedules, sampling, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from models.mar import MAR, mar_base, sample_mask_ratio, sampling_schedule
+from tests.conftest import randomize_, tiny_mar
+
+
+def eval_tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    return tiny_mar(attn_dropout=0.0, proj_dropout=0.0, **kw).eval()
+
+
+def naive_condition(m, tokens, mask, class_vec):
+    """Outer flow written from the spec, one image at a time, with plain tensor ops."""
+    out = []
+    for b in range(tokens.shape[0]):
+        x = tokens[b] @ m.z_proj.weight.T + m.z_proj.bias
+        x = torch.cat([class_vec[b].expand(m.buffer_size, -1), x]) + m.encoder_pos_embed_learned[0]
+        x = F.layer_norm(x, x.shape[-1:], m.z_proj_ln.weight, m.z_proj_ln.bias, 1e-6)
+        keep = torch.cat([torch.ones(m.buffer_size, dtype=torch.bool), ~mask[b]])
+        x = x[keep]
+        for blk in m.encoder_blocks:
+            x = naive_block(blk, x)
+        x = F.layer_norm(x, x.shape[-1:], m.encoder_norm.weight, m.encoder_norm.bias, 1e-6)
+        x = x @ m.decoder_embed.weight.T + m.decoder_embed.bias
+        full = m.mask_token[0].repeat(len(keep), 1)
+        full[keep] = x
+        x = full + m.decoder_pos_embed_learned[0]
+        for blk in m.decoder_blocks:
+            x = naive_block(blk, x)
+        x = F.layer_norm(x, x.shape[-1:], m.decoder_norm.weight, m.decoder_norm.bias, 1e-6)
+        out.append(x[m.buffer_size:] + m.diffusion_pos_embed_learned[0])
+    return torch.stack(out)
+
+
+def naive_block(blk, x):
+    n, c = x.shape
+    heads = blk.attn.num_heads
+    h = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+    q, k, v = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).split(c, -1)
+    outs = []
+    for i in range(heads):
+        sl = slice(i * c // heads, (i + 1) * c // heads)
+        att = torch.softmax(q[:, sl] @ k[:, sl].T / math.sqrt(c // heads), -1)
+        outs.append(att @ v[:, sl])
+    x = x + torch.cat(outs, -1) @ blk.attn.proj.weight.T + blk.attn.proj.bias
+    h = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+    h = F.gelu(h @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias)  # exact erf GELU
+    return x + h @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias
+
+
+def make_mask(b, seq_len, num_masked, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    orders = torch.stack([torch.randperm(seq_len, generator=gen) for _ in range(b)])
+    return MAR.mask_from_orders(orders, num_masked)
+
+
+# ----------------------------------------------------------------------------- outer flow
+def test_condition_matches_naive_reference():
+    m = randomize_(eval_tiny(), std=0.1)
+    tokens = torch.randn(3, m.seq_len, m.token_embed_dim)
+    mask = make_mask(3, m.seq_len, 11)
+    labels = torch.tensor([1, 5, 9])
+    class_vec = m.class_embedding(labels, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(m.condition(tokens, mask, class_vec),
+                                   naive_condition(m, tokens, mask, class_vec), rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_drops_masked_tokens_and_buffer_holds_class():
+    m = randomize_(eval_tiny(), std=0.1)
+    seen = []
+    m.encoder_blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    tokens = torch.randn(2, m.seq_len, 16)
+    mask = make_mask(2, m.seq_len, 10)
+    with torch.no_grad():
+        z = m.condition(tokens, mask, m.class_embedding(torch.tensor([0, 3]), 2))
+        # changing the values of masked tokens changes nothing: they never enter the encoder
+        tokens2 = tokens.clone()
+        tokens2[mask] = torch.randn(int(mask.sum()), 16) * 10
+        z2 = m.condition(tokens2, mask, m.class_embedding(torch.tensor([0, 3]), 2))
+        z3 = m.condition(tokens, mask, m.class_embedding(torch.tensor([4, 3]), 2))
+    assert seen[0] == (2, m.buffer_size + m.seq_len - 10, 32)
+    torch.testing.assert_close(z, z2)
+    assert not torch.allclose(z3[0], z[0]) and torch.allclose(z3[1], z[1])
+
+
+def test_decoder_fills_masked_positions_with_mask_token():
+    m = randomize_(eval_tiny(), std=0.1)
+    captured = {}
+    m.decoder_blocks[0].register_forward_hook(lambda mod, inp, out: captured.update(x=inp[0]))
+    mask = make_mask(2, m.seq_len, 7)
+    with torch.no_grad():
+        m.condition(torch.randn(2, m.seq_len, 16), mask, m.class_embedding(None, 2))
+    dec_in = captured["x"][:, m.buffer_size:]
+    expected = (m.mask_token[0, 0] + m.decoder_pos_embed_learned[0, m.buffer_size:]).expand(2, -1, -1)
+    torch.testing.assert_close(dec_in[mask], expected[mask])
+    assert not torch.allclose(dec_in[~mask], expected[~mask])
+
+
+@pytest.mark.parametrize("table", ["encoder_pos_embed_learned", "decoder_pos_embed_learned",
+                                   "diffusion_pos_embed_learned"])
+def test_each_position_table_is_used(table):
+    m = randomize_(eval_tiny(), std=0.1)
+    tokens, mask = torch.randn(1, m.seq_len, 16), make_mask(1, m.seq_len, 8)
+    cv = m.class_embedding(torch.tensor([2]), 1)
+    with torch.no_grad():
+        before = m.condition(tokens, mask, cv)
+        getattr(m, table).add_(torch.randn_like(getattr(m, table)))
+        after = m.condition(tokens, mask, cv)
+    assert (after - before).abs().max() > 1e-2
+    assert m.diffusion_pos_embed_learned.shape == (1, m.seq_len, 32)
+    assert m.encoder_pos_embed_learned.shape == (1, m.buffer_size + m.seq_len, 32)
+
+
+def test_label_drop_in_training_only():
+    m = randomize_(tiny_mar(label_drop_prob=1.0), std=0.1)
+    labels = torch.tensor([1, 2, 3])
+    fake = m.fake_latent.expand(3, -1)
+    torch.testing.assert_close(m.class_embedding(labels, 3, drop_labels=True), fake)
+    m.eval()
+    torch.testing.assert_close(m.class_embedding(labels, 3, drop_labels=False), m.class_emb(labels))
+    # the drop rate is per sample: binomial check at 0.1
+    m.label_drop_prob = 0.1
+    torch.manual_seed(0)
+    emb = m.class_embedding(torch.zeros(20000, dtype=torch.long), 20000, drop_labels=True)
+    dropped = (emb == m.fake_latent).all(-1).float().mean().item()
+    assert abs(dropped - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 20000)
+
+
+def test_forward_applies_label_drop_in_train_mode_not_eval():
+    m = randomize_(tiny_mar(label_drop_prob=1.0, attn_dropout=0.0, proj_dropout=0.0), std=0.1)
+    lat, mask = torch.randn(2, 16, 4, 4), make_mask(2, 16, 9)
+    labels = torch.tensor([1, 2])
+    m.train()
+    train_loss = m(lat, labels, mask)
+    uncond = m(lat, None, mask)
+    m.eval()
+    eval_loss = m(lat, labels, mask)
+    torch.testing.assert_close(train_loss, uncond)
+    assert abs(eval_loss.item() - uncond.item()) > 1e-5
+
+
+def test_mask_ratio_is_truncated_normal():
+    torch.manual_seed(0)
+    ratios = np.array([sample_mask_ratio(0.7) for _ in range(4000)])
+    assert ratios.min() >= 0.7 and ratios.max() <= 1.0
+    dist = stats.truncnorm((0.7 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25)
+    assert stats.kstest(ratios, dist.cdf).pvalue > 0.01
+    assert stats.kstest(ratios, stats.uniform(0.7, 0.3).cdf).pvalue < 1e-6
+
+
+def test_random_mask_counts():
+    m = tiny_mar()
+    torch.manual_seed(1)
+    for _ in range(20):
+        mask = m.random_mask(4, "cpu")
+        counts = mask.sum(1)
+        assert (counts == counts[0]).all() and math.ceil(0.7 * 16) <= counts[0] <= 16
+    # different images get different orders
+    assert not (mask[0] == mask[1]).all() or counts[0] == 16
+
+
+def test_loss_is_mean_over_masked_tokens():
+    m = randomize_(eval_tiny(), std=0.05)
+    lat, labels = torch.randn(2, 16, 4, 4), torch.tensor([0, 1])
+    mask = make_mask(2, 16, 5)
+    tokens = m.patchify(lat)
+    with torch.no_grad():
+        z = m.condition(tokens, mask, m.class_embedding(labels, 2))
+        per_token = m.arhead.nll(tokens.reshape(-1, 16), z.reshape(-1, z.shape[-1])).reshape(2, 16)
+        expected = (per_token * mask).sum() / mask.sum()
+        torch.testing.assert_close(m(lat, labels, mask), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_patchify_roundtrip_and_order():
+    m = tiny_mar(img_size=64, vae_stride=8, patch_size=2)   # 4x4 tokens of 16*4 features
+    lat = torch.randn(2, 16, 8, 8)
+    tokens = m.patchify(lat)
+    assert tokens.shape == (2, 16, 64)
+    torch.testing.assert_close(m.unpatchify(tokens), lat)
+    # token index = h * w_tokens + w; features are channel-major
+    torch.testing.assert_close(tokens[0, 1 * 4 + 2, :4], lat[0, 0, 2:4, 4:6].reshape(-1))
+
+
+def test_grad_checkpointing_gives_same_grads():
+    lat, labels, mask = torch.randn(2, 16, 4, 4), torch.tensor([3, 4]), make_mask(2, 16, 12)
+    grads = []
+    for ckpt in (False, True):
+        m = randomize_(tiny_mar(attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0,
+                                grad_checkpointing=ckpt), std=0.05)
+        m.train()
+        m(lat, labels, mask).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bf16_autocast_training_loss_is_fp32_and_finite():
+    m = tiny_mar()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(torch.randn(2, 16, 4, 4), torch.tensor([1, 2]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+
+
+# ----------------------------------------------------------------------------- schedules
+def test_cosine_schedule_release_facts():
+    steps = sampling_schedule(256, 64, cfg=4.5)
+    masked = [256] + [m for m, _ in steps]
+    predicted = [masked[i] - masked[i + 1] for i in range(63)] + [masked[63]]
+    assert predicted[:13] == [1] * 13 and predicted[13] > 1
+    assert predicted[-1] == 6 and sum(predicted) == 256 and min(predicted) >= 1
+    assert steps[0][1] == pytest.approx(1.0137, abs=1e-4)
+    assert steps[-1][1] == pytest.approx(4.4863, abs=1e-4)
+    assert all(s == 4.5 for _, s in sampling_schedule(256, 64, 4.5, "constant"))
+
+
+def test_sampling_predicts_the_scheduled_tokens():
+    m = eval_tiny()
+    counts, scales = [], []
+    original = m.arhead.sample
+
+    def spy(z, temperature, cfg, **kw):
+        counts.append(z.shape[0])
+        scales.append(cfg)
+        return original(z, temperature, cfg, **kw)
+
+    m.arhead.sample = spy
+    torch.manual_seed(0)
+    out = m.sample_tokens(2, num_iter=5, cfg=3.0, labels=torch.tensor([1, 2]))
+    sched = sampling_schedule(16, 5, 3.0)
+    masked = [16] + [s for s, _ in sched]
+    expected = [2 * 2 * (masked[i] - masked[i + 1]) for i in range(4)] + [2 * 2 * masked[4]]
+    assert counts == expected and scales == [s for _, s in sched]
+    assert out.shape == (2, 16, 4, 4) and torch.isfinite(out).all() and (out != 0).all()
+
+
+def test_sampling_is_seeded_and_label_dependent():
+    m = randomize_(eval_tiny(), std=0.1)
+    labels = torch.tensor([1, 2, 3])
+    runs = []
+    for seed, lab in ((0, labels), (0, labels), (1, labels), (0, torch.tensor([4, 5, 6]))):
+        torch.manual_seed(seed)
+        runs.append(m.sample_tokens(3, num_iter=4, cfg=2.0, labels=lab, temperature=1.2))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2]) and not torch.allclose(runs[0], runs[3])
+
+
+def test_sampling_under_bf16_autocast_is_finite():
+    m = eval_tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.sample_tokens(2, num_iter=4, cfg=4.0, labels=torch.tensor([0, 9]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cfg=0.5, labels=torch.tensor([1, 2])), "cfg must be >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(temperature=-1.0), "temperature must be > 0"),
+    (dict(labels=torch.tensor([1, 10])), r"labels must be in \[0, 10\)"),
+    (dict(labels=torch.tensor([1])), "one per image"),
+    (dict(cfg=2.0), "needs class labels"),
+    (dict(cfg_schedule="cosine"), "cfg_schedule must be one of"),
+])
+def test_sample_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eval_tiny().sample_tokens(2, num_iter=2, **kwargs)
+
+
+@pytest.mark.parametrize("latents,labels,mask,match", [
+    (torch.randn(2, 16, 8, 8), torch.tensor([1, 2]), None, r"latents must be \[B, 16, 4, 4\]"),
+    (torch.randn(2, 32, 4, 4), torch.tensor([1, 2]), None, "latents must be"),
+    (torch.randn(16, 4, 4), torch.tensor([1, 2]), None, "latents must be"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([1, 12]), None, r"labels must be in \[0, 10\)"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([-1, 2]), None, "labels must be in"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([1.0, 2.0]), None, "integer tensor"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([1, 2]), torch.ones(2, 15), r"mask must be \[B, seq_len\]"),
+    (torch.randn(2, 16, 4, 4), torch.tensor([1, 2]), torch.eye(2, 16), None),
+    (torch.randn(2, 16, 4, 4), torch.tensor([1, 2]), torch.zeros(2, 16), "same number"),
+])
+def test_forward_bad_input(latents, labels, mask, match):
+    m = tiny_mar()
+    if match is None:  # one masked token per image is fine
+        assert torch.isfinite(m(latents, labels, mask))
+        return
+    with pytest.raises(ValueError, match=match):
+        m(latents, labels, mask)
+
+
+def test_uneven_mask_rejected():
+    mask = torch.zeros(2, 16)
+    mask[0, :3] = 1
+    mask[1, :5] = 1
+    with pytest.raises(ValueError, match="same number"):
+        tiny_mar()(torch.randn(2, 16, 4, 4), torch.tensor([1, 2]), mask)
+
+
+def test_factories_shapes():
+    m = mar_base(enc_dec_depth=2, num_gaussians=2)
+    assert len(m.encoder_blocks) == len(m.decoder_blocks) == 2
+    assert m.arhead.head.out_features == 6 and m.z_proj.out_features == 768
+    with pytest.raises(ValueError, match="divisible"):
+        MAR(img_size=250)
