@@ -1,0 +1,104 @@
+"""Tokenizers: images in [-1, 1] <-> a grid of continuous features the MAR model patchifies.
+
+Each tokenizer has `embed_dim` (channels per grid position), `stride` (pixels per position),
+`scale` (multiplier applied to posterior samples before the model sees them; generated tokens
+are divided by it before `decode`), `encode(images) -> posterior` with .sample()/.mode()/
+.parameters, `posterior(parameters)` to rebuild one from cached parameters, and `decode`.
+
+- "kl16": MAR's KL-16 VAE (stride 16, 16 channels, scale 0.2325).
+- "pixel": the pixels themselves (stride 1, img_channels channels, scale 1). Its posterior is
+  the pixel value plus, when `levels` is set, uniform dequantisation noise within the grey-level
+  bin, so a continuous density can be fitted to discrete intensities.
+"""
+import torch
+import torch.nn as nn
+
+from models.vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
+
+TOKENIZERS = ("kl16", "pixel")
+
+
+class Tokenizer(nn.Module):
+    @property
+    def token_dim(self):
+        """Features per MAR token once the model groups patch_size x patch_size positions."""
+        return self.embed_dim * self.patch_size ** 2
+
+
+class KLTokenizer(Tokenizer):
+    stride = 16
+    scale = LATENT_SCALE
+
+    def __init__(self, vae_path, embed_dim=16, patch_size=1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.vae = AutoencoderKL(embed_dim=embed_dim, ckpt_path=vae_path)
+
+    def encode(self, images):
+        return self.vae.encode(images)
+
+    @staticmethod
+    def posterior(parameters):
+        return DiagonalGaussian(parameters.float())
+
+    def decode(self, latents):
+        return self.vae.decode(latents)
+
+
+class PixelPosterior:
+    """A point mass at the pixel values, optionally spread uniformly over each grey-level bin."""
+
+    def __init__(self, parameters, levels=None):
+        self.parameters = parameters
+        self.mean = parameters
+        self.levels = levels
+
+    def sample(self, generator=None):
+        if not self.levels:
+            return self.mean
+        bin_width = 2.0 / (self.levels - 1)
+        noise = torch.rand(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + (noise - 0.5) * bin_width
+
+    def mode(self):
+        return self.mean
+
+
+class PixelTokenizer(Tokenizer):
+    stride = 1
+    scale = 1.0
+
+    def __init__(self, img_channels=3, levels=256, patch_size=1):
+        super().__init__()
+        if levels is not None and levels < 2:
+            raise ValueError(f"--pixel_levels must be >= 2 (or 0 for no dequantisation); got {levels}")
+        self.embed_dim = img_channels
+        self.levels = levels
+        self.patch_size = patch_size
+
+    def encode(self, images):
+        return PixelPosterior(images, self.levels)
+
+    def posterior(self, parameters):
+        return PixelPosterior(parameters.float(), self.levels)
+
+    def decode(self, latents):
+        return latents
+
+
+def build_tokenizer(name, *, vae_path=None, vae_embed_dim=16, patch_size=1, img_channels=3, levels=256,
+                    device="cpu"):
+    """The tokenizer `name` in eval mode with frozen weights, on `device`."""
+    if name == "kl16":
+        if img_channels != 3:
+            raise ValueError(f"the KL-16 VAE encodes RGB images, not {img_channels}-channel ones; "
+                             "use --tokenizer pixel for this data set")
+        if not vae_path:
+            raise FileNotFoundError("--tokenizer kl16 needs --vae_path (fetch it with `python util/download.py kl16`)")
+        tokenizer = KLTokenizer(vae_path, vae_embed_dim, patch_size)
+    elif name == "pixel":
+        tokenizer = PixelTokenizer(img_channels, levels or None, patch_size)
+    else:
+        raise ValueError(f"--tokenizer must be one of {TOKENIZERS}; got {name!r}")
+    return tokenizer.to(device).eval().requires_grad_(False)

@@ -1,0 +1,156 @@
+"""Generate class-conditional images from a checkpoint: a PNG grid with one row per class.
+
+    python sample.py --ckpt pretrained_models/arinar/arinar_b/checkpoint-last.pth \
+        --classes 207 360 387 974 --num_per_class 4 --cfg 4.5 --temperature 1.0 --out samples.png
+
+Model flags (--model, --num_gaussians, --img_size, ...) default to the values stored in the
+checkpoint's `args`; pass them only to override. EMA weights unless --no_ema; CUDA when present.
+The same --seed gives the same images on the same device.
+"""
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine_mar import PRECISIONS, generate, save_grid, save_png
+from models.mar import CFG_SCHEDULES, MODELS
+from models.tokenizer import TOKENIZERS, build_tokenizer
+from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
+                          model_state_from_checkpoint, read_checkpoint)
+
+logger = logging.getLogger("sample")
+
+GRID_PADDING = 2  # pixels between (and around) the images of the grid
+DEFAULT_VAE = "pretrained_models/vae/kl16.ckpt"
+# model flags: default None = the checkpoint's stored value, else the model's own default
+MODEL_FLAGS = {"num_gaussians": int, "enc_dec_depth": int, "img_size": int, "vae_stride": int, "patch_size": int,
+               "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
+               "inner_ar_depth": int, "inner_ar_heads": int, "img_channels": int}
+FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}  # the release's, when nothing says
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Sample a PNG grid (one row per class) from a checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth or .safetensors) or run directory")
+    parser.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974], help="class ids, one row each")
+    parser.add_argument("--num_per_class", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
+    parser.add_argument("--temperature", type=float, default=1.0, help="divides each Gaussian's std")
+    parser.add_argument("--num_iter", type=int, default=64, help="outer autoregressive steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64, help="images generated at once")
+    parser.add_argument("--out", default="samples.png", help="the grid PNG")
+    parser.add_argument("--save_dir", default=None, help="also save each image here as INDEX_classID.png")
+    parser.add_argument("--no_ema", action="store_true", help="use the live weights instead of the EMA")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default="auto", choices=("auto", *sorted(PRECISIONS)),
+                        help="autocast dtype for the transformer (auto: bf16 on GPUs that support it, else fp32)")
+    model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")
+    model.add_argument("--model", default=None, choices=sorted(MODELS))
+    for flag, kind in MODEL_FLAGS.items():
+        model.add_argument(f"--{flag}", type=kind, default=None)
+    model.add_argument("--tokenizer", default=None, choices=TOKENIZERS)
+    model.add_argument("--vae_path", default=DEFAULT_VAE, help="KL-16 VAE checkpoint (for --tokenizer kl16)")
+    return parser
+
+
+def resolve_config(args, stored):
+    """Model/tokenizer config: command-line flags over the checkpoint's stored args over the release's."""
+    given = {k: getattr(args, k) for k in ("model", "tokenizer", *MODEL_FLAGS) if getattr(args, k) is not None}
+    config = {**FALLBACKS, **{k: v for k, v in stored.items() if v is not None}, **given}
+    if config["tokenizer"] == "pixel":  # pixels: one position per pixel, one feature per channel
+        for key, value in (("vae_stride", 1), ("vae_embed_dim", config["img_channels"])):
+            if given.get(key, value) != value:
+                raise ValueError(f"--tokenizer pixel implies --{key} {value}; got {given[key]}")
+            config[key] = value
+    return config
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name, device):
+    if name != "auto":
+        return name
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def check_sampling_args(args):
+    for name in ("num_per_class", "batch_size", "num_iter"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.cfg < 1:
+        raise ValueError(f"--cfg must be >= 1 (1 = no guidance); got {args.cfg}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0; got {args.temperature}")
+
+
+def load_everything(args, device):
+    """(model, tokenizer) on `device`, ready to sample; raises FileNotFoundError/ValueError one-liners."""
+    ckpt = read_checkpoint(args.ckpt)
+    config = resolve_config(args, checkpoint_args(ckpt))
+    model = build_model_from_args(config)
+    bad = [c for c in args.classes if not 0 <= c < model.class_num]
+    if bad:
+        raise ValueError(f"--classes {' '.join(map(str, bad))} out of range: the model has {model.class_num} "
+                         f"classes (0..{model.class_num - 1})")
+    load_model_weights(model, model_state_from_checkpoint(ckpt, use_ema=not args.no_ema), source=str(args.ckpt))
+    weights = "EMA" if "model_ema" in ckpt and not args.no_ema else "non-EMA"
+    del ckpt
+    tokenizer = build_tokenizer(config["tokenizer"], vae_path=args.vae_path, vae_embed_dim=model.vae_embed_dim,
+                                patch_size=model.patch_size, img_channels=config["img_channels"], device=device)
+    if (tokenizer.stride, tokenizer.embed_dim) != (model.vae_stride, model.vae_embed_dim):
+        raise ValueError(f"--tokenizer {config['tokenizer']} gives stride {tokenizer.stride} and {tokenizer.embed_dim} "
+                         f"channels but the model expects --vae_stride {model.vae_stride} and --vae_embed_dim "
+                         f"{model.vae_embed_dim}")
+    logger.info("loaded %s (%s weights): %s, %.1fM parameters, tokenizer %s", args.ckpt, weights, config["model"],
+                sum(p.numel() for p in model.parameters()) / 1e6, config["tokenizer"])
+    return model.to(device).eval(), tokenizer
+
+
+def sample_images(model, tokenizer, args):
+    """uint8 [len(classes) * num_per_class, H, W, C], class-major, from one seeded stream."""
+    labels = torch.tensor(args.classes).repeat_interleave(args.num_per_class)
+    torch.manual_seed(args.seed)
+    batches = []
+    with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
+        for batch in labels.split(args.batch_size):
+            batches.append(generate(model, tokenizer, args, batch))
+            bar.update(batch.numel())
+    return [image for batch in batches for image in batch]
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        check_sampling_args(args)
+        device = resolve_device(args.device)
+        args.precision = resolve_precision(args.precision, device)
+        model, tokenizer = load_everything(args, device)
+    except (FileNotFoundError, ValueError) as err:  # bad files or config: one line, no usage dump
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+    images = sample_images(model, tokenizer, args)
+    save_grid(images, args.num_per_class, args.out, pad=GRID_PADDING)
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        for i, image in enumerate(images):
+            save_png(image, Path(args.save_dir) / f"{i:05d}_class{args.classes[i // args.num_per_class]:04d}.png")
+    logger.info("wrote %s (%d classes x %d images)%s", args.out, len(args.classes), args.num_per_class,
+                f" and {len(images)} images in {args.save_dir}" if args.save_dir else "")
+    return Path(args.out)
+
+
+if __name__ == "__main__":
+    main()

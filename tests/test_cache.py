@@ -1,0 +1,200 @@
+"""Latent caching (main_cache.py) and the cached-latent / image data sets."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats
+
+import main_cache
+from engine_mar import to_latents
+from models.tokenizer import KLTokenizer, PixelPosterior, build_tokenizer
+from models.vae import LATENT_SCALE, AutoencoderKL
+from tests.pipeline_fixtures import make_image_folder, parse
+from util.data import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cache(data, out, *extra):
+    args = main_cache.get_args_parser().parse_args(
+        ["--data_path", str(data), "--cached_path", str(out), "--num_workers", "0", *map(str, extra)])
+    main_cache.main(args)
+    return out
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- KL-16 caching
+def test_kl16_cache_stores_both_posteriors_of_the_adm_crop(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL().eval()
+    torch.save({"model": vae.state_dict()}, tmp_path / "kl16.ckpt")
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2, broken=[(0, "zz_broken.png")])
+    out = cache(data, tmp_path / "cache", "--img_size", "16", "--vae_path", tmp_path / "kl16.ckpt",
+                "--batch_size", "2")
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_cached"] == 2 and index["moments_shape"] == [32, 1, 1] and index["dtype"] == "fp16"
+    stored = np.load(out / "shard-00000.npy")
+    assert stored.dtype == np.float16 and stored.shape == (2, 2, 32, 1, 1)
+
+    for i in range(2):
+        with Image.open(data / "train" / "class0" / f"img{i}.png") as image:
+            x = to_model_range(center_crop_arr(image.convert("RGB"), 16))[None]
+        with torch.no_grad():
+            plain, flipped = vae.encode(x).parameters[0], vae.encode(x.flip(-1)).parameters[0]
+        np.testing.assert_allclose(stored[i, 0], plain.numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(stored[i, 1], flipped.numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(stored[:, 0], stored[:, 1])
+
+
+# ----------------------------------------------------------------------------- shards, resume, errors
+def test_pixel_cache_skips_broken_images_and_resumes_by_shard(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=4, broken=[(1, "img2b.png")])
+    flags = ("--tokenizer", "pixel", "--img_size", "8", "--batch_size", "3", "--shard_size", "3")
+    out = cache(data, tmp_path / "cache", *flags)
+    broken = str(data / "train" / "class1" / "img2b.png")
+    assert any("skipping unreadable image " + broken in line for line in capsys.readouterr().err.splitlines())
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_images"] == 9 and index["num_cached"] == 8 and len(index["shards"]) == 3
+    assert len(index["skipped"]) == 1 and broken in index["skipped"][0]
+
+    dataset = CachedLatents(out, seed=0)
+    assert len(dataset) == 8 and dataset.labels.tolist() == [0] * 4 + [1] * 4
+    dataset[0]
+    assert all(isinstance(a, np.memmap) for a in dataset.arrays)  # memory-mapped, not loaded
+
+    # simulate a run killed while writing shard 1: only completed shards are kept
+    before = snapshot(out)
+    (out / "shard-00001.json").unlink()
+    (out / "index.json").unlink()
+    cache(data, out, *flags)
+    after = snapshot(out)
+    for name in ("shard-00000.npy", "shard-00000.json", "shard-00002.npy", "shard-00002-labels.npy"):
+        assert after[name] == before[name], f"{name} was rewritten"
+    assert after["shard-00001.npy"][1] == before["shard-00001.npy"][1]
+    assert after["shard-00001.npy"][0] != before["shard-00001.npy"][0]
+    assert json.loads((out / "index.json").read_text())["num_cached"] == 8
+
+
+def test_cache_refuses_a_folder_made_with_other_settings(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8")
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"--cached_path .*img_size"):
+        cache(data, out, "--tokenizer", "pixel", "--img_size", "16")
+    assert snapshot(out) == before
+
+
+def test_cached_shards_check_the_run_config(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8")
+    ok = parse(["--use_cached", "--cached_path", str(out), "--tokenizer", "pixel", "--img_size", "8",
+                "--vae_stride", "1", "--vae_embed_dim", "3"])
+    assert len(build_dataset(ok)) == 2
+    other_size = parse(["--use_cached", "--cached_path", str(out), "--tokenizer", "pixel", "--img_size", "16",
+                        "--vae_stride", "1", "--vae_embed_dim", "3"])
+    with pytest.raises(ValueError, match="--img_size 8"):
+        build_dataset(other_size)
+    other_tokenizer = parse(["--use_cached", "--cached_path", str(out), "--img_size", "8"])
+    with pytest.raises(ValueError, match="--tokenizer"):
+        build_dataset(other_tokenizer)
+
+
+# ----------------------------------------------------------------------------- reading back
+def fake_cache(root, n=6, channels=4, side=2, seed=0):
+    """A one-shard cache written by hand: original moments = +k, flipped = -k, for item k."""
+    os.makedirs(root)
+    moments = np.zeros((n, 2, channels, side, side), np.float16)
+    for k in range(n):
+        moments[k, 0], moments[k, 1] = k + 1, -(k + 1)
+    np.save(root / "shard-00000.npy", moments)
+    np.save(root / "shard-00000-labels.npy", np.arange(n) % 2)
+    index = {"format": "arinar-latents-v1", "img_size": 32, "tokenizer": "kl16", "embed_dim": channels // 2,
+             "classes": ["a", "b"], "shards": [{"moments": "shard-00000.npy", "labels": "shard-00000-labels.npy",
+                                                 "count": n}]}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_flip_choice_is_a_fair_coin_fixed_by_seed_epoch_index(tmp_path):
+    dataset = CachedLatents(fake_cache(tmp_path / "c"), seed=5)
+    flips = []
+    for epoch in range(300):
+        dataset.set_epoch(epoch)
+        for k in range(6):
+            value = float(dataset[k][0][0, 0, 0])
+            assert abs(value) == k + 1
+            flips.append(value < 0)
+    assert stats.binomtest(sum(flips), len(flips), 0.5).pvalue > 1e-3
+    dataset.set_epoch(7)
+    again = CachedLatents(tmp_path / "c", seed=5)
+    again.set_epoch(7)
+    assert all(torch.equal(dataset[k][0], again[k][0]) for k in range(6))
+
+
+def test_posterior_sample_times_scale():
+    """Cached KL moments -> posterior sample x 0.2325 with the right mean and std."""
+    mean, logvar = torch.tensor(0.8), torch.tensor(-1.0)
+    moments = torch.cat([torch.full((4000, 16, 1, 1), 0.8), torch.full((4000, 16, 1, 1), -1.0)], 1)
+    torch.manual_seed(0)
+    # posterior() and scale need no VAE weights, so the class itself serves as the tokenizer here
+    latents = to_latents(KLTokenizer, moments, use_cached=True)
+    assert latents.shape == (4000, 16, 1, 1)
+    std = torch.exp(0.5 * logvar) * LATENT_SCALE
+    z = (latents.mean() - mean * LATENT_SCALE) / (std / latents.numel() ** 0.5)
+    assert abs(float(z)) < 4
+    assert float(latents.std()) == pytest.approx(float(std), rel=0.02)
+    assert stats.kstest(((latents.flatten() - mean * LATENT_SCALE) / std).numpy(), "norm").pvalue > 1e-3
+
+
+def test_reads_mar_per_image_npz_cache(tmp_path):
+    for c in ("n01", "n02"):
+        os.makedirs(tmp_path / "mar" / c)
+        for i in range(3):
+            np.savez(tmp_path / "mar" / c / f"x{i}.JPEG.npz", moments=np.full((32, 16, 16), 1.0, np.float32),
+                     moments_flip=np.full((32, 16, 16), -1.0, np.float32))
+    args = parse(["--use_cached", "--cached_path", str(tmp_path / "mar"), "--img_size", "256"])
+    dataset = build_dataset(args)
+    assert isinstance(dataset, NpzLatentFolder) and len(dataset) == 6
+    assert [dataset[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
+    seen = set()
+    for epoch in range(20):
+        dataset.set_epoch(epoch)
+        seen |= {float(dataset[i][0][0, 0, 0]) for i in range(6)}
+    assert seen == {1.0, -1.0}
+    with pytest.raises(ValueError, match="--img_size 256"):
+        build_dataset(parse(["--use_cached", "--cached_path", str(tmp_path / "mar"), "--img_size", "128"]))
+
+
+def test_pixel_dequantisation_is_uniform_within_the_bin():
+    levels = 17
+    values = torch.linspace(-1, 1, levels).repeat(2000)
+    torch.manual_seed(0)
+    sample = PixelPosterior(values, levels).sample()
+    offset = (sample - values) / (2.0 / (levels - 1))  # in units of one bin, should be U(-0.5, 0.5)
+    assert float(offset.min()) >= -0.5 and float(offset.max()) <= 0.5
+    assert stats.kstest(offset.numpy() + 0.5, "uniform").pvalue > 1e-3
+    assert torch.equal(PixelPosterior(values, None).sample(), values)
+
+
+def test_tokenizer_bad_input():
+    with pytest.raises(ValueError, match="--tokenizer pixel"):
+        build_tokenizer("kl16", vae_path="x", img_channels=1)
+    with pytest.raises(FileNotFoundError, match="--vae_path"):
+        build_tokenizer("kl16", vae_path="/nonexistent/kl16.ckpt")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        build_tokenizer("vq")
+    pixel = build_tokenizer("pixel", img_channels=1, patch_size=4, levels=17)
+    assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.token_dim, pixel.levels) == (1, 1, 1.0, 16, 17)
+

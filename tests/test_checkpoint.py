@@ -1,0 +1,196 @@
+"""Checkpoints: atomic writes, the release layout, and exact (bit-identical) resume after SIGKILL."""
+import os
+import random
+import re
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.pipeline_fixtures import (make_image_folder, python, run_main, subprocess_env, tiny_flags,
+                                     write_launcher)
+from util import checkpoint
+from util.checkpoint import LAST, atomic_torch_save, capture_rng_state, restore_rng_state
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}[{key}] differs"
+
+
+def assert_same_optimizer(a, b):
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for name, value in a["state"][i].items():
+            assert torch.equal(value, b["state"][i][name]), f"optimizer state {i}.{name} differs"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("boom while writing")
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_torch_save({"w": torch.arange(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"w": torch.zeros(1000), "bad": Unpicklable()}, path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]  # no temp file left behind
+    assert torch.equal(load(path)["w"], torch.arange(3))
+
+
+def test_rng_state_round_trip():
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    torch.rand(3), np.random.rand(), random.random(), np.random.randn()  # leave a cached gaussian too
+    state = capture_rng_state()
+    expected = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)], np.random.randn(3))
+    torch.rand(7), np.random.rand(7), random.random()
+    restore_rng_state(state)
+    got = (torch.rand(5), np.random.rand(5), [random.random() for _ in range(5)], np.random.randn(3))
+    assert torch.equal(expected[0], got[0])
+    np.testing.assert_array_equal(expected[1], got[1])
+    assert expected[2] == got[2]
+    np.testing.assert_array_equal(expected[3], got[3])
+
+
+def test_checkpoint_path_semantics(tmp_path):
+    assert checkpoint.checkpoint_path("") is None
+    assert checkpoint.checkpoint_path(tmp_path / "new_run") is None  # first launch of a requeued job
+    assert checkpoint.checkpoint_path(tmp_path) is None  # folder without a checkpoint
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        checkpoint.checkpoint_path(tmp_path / "missing.pth")
+    (tmp_path / LAST).write_bytes(b"x")
+    assert checkpoint.checkpoint_path(tmp_path) == str(tmp_path / LAST)
+
+
+# ----------------------------------------------------------------------------- layout
+def test_release_layout_and_weights_only_loading(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, save_copy_freq=1))
+    ckpt = load(tmp_path / "run" / LAST)  # weights_only=True works: args is a plain dict
+    assert {"model", "model_ema", "optimizer", "epoch", "scaler", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "test_tiny"
+    assert ckpt["model"].keys() == ckpt["model_ema"].keys()
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # EMA at rate 0.9999 after a few steps is still close to the initial weights, and not the live ones
+    assert any(not torch.equal(ckpt["model"][k], ckpt["model_ema"][k]) for k in ckpt["model"])
+    # buffers are live values in model_ema, as in the release
+    for key in ckpt["model"]:
+        if key.endswith("zero_k_bias"):
+            assert torch.equal(ckpt["model"][key], ckpt["model_ema"][key])
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[0]["weight_decay"] == 0.0 and groups[1]["weight_decay"] == 0.02
+    assert (tmp_path / "run" / "checkpoint-0.pth").is_file() and (tmp_path / "run" / "checkpoint-1.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- exact resume
+def test_resume_mid_epoch_is_bit_identical_in_process(tmp_path, monkeypatch):
+    """Crash right after the 4th step's checkpoint (mid-epoch), resume, compare with an unbroken run."""
+    data = make_image_folder(tmp_path / "data", per_class=5)  # 10 images / batch 2 = 5 steps per epoch
+    flags = dict(data_path=data, epochs=2, save_every_steps=1, label_drop_prob=0.5)
+    run_main(tiny_flags(output_dir=tmp_path / "whole", **flags))
+
+    saves = {"n": 0}
+    real_save = checkpoint.atomic_torch_save
+
+    def crash_after_fourth(obj, path):
+        real_save(obj, path)
+        saves["n"] += 1
+        if saves["n"] == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", crash_after_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tiny_flags(output_dir=tmp_path / "broken", **flags))
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
+    partial = load(tmp_path / "broken" / LAST)
+    assert partial["train_state"]["step_in_epoch"] == 4 and partial["epoch"] == -1
+
+    run_main(tiny_flags(output_dir=tmp_path / "broken", resume=tmp_path / "broken", **flags))
+    whole, resumed = load(tmp_path / "whole" / LAST), load(tmp_path / "broken" / LAST)
+    assert resumed["train_state"]["global_step"] == whole["train_state"]["global_step"] == 10
+    assert_same_tensors(whole["model"], resumed["model"], "model")
+    assert_same_tensors(whole["model_ema"], resumed["model_ema"], "model_ema")
+    assert_same_optimizer(whole["optimizer"], resumed["optimizer"])
+
+
+def test_resume_mid_epoch_with_another_batch_size_is_refused(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    real_save = checkpoint.atomic_torch_save
+
+    def crash(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1, save_every_steps=1))
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
+    before = (tmp_path / "run" / LAST).read_bytes()
+    with pytest.raises(ValueError, match="--batch_size"):
+        run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", resume=tmp_path / "run", epochs=1,
+                            batch_size=1))
+    assert (tmp_path / "run" / LAST).read_bytes() == before
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    """A real SIGKILL at an arbitrary point after step k; resuming finishes with identical weights."""
+    data = make_image_folder(tmp_path / "data", per_class=5)  # 5 steps per epoch
+    launcher = write_launcher(tmp_path)
+    common = dict(data_path=data, epochs=4, label_drop_prob=0.5)  # K = 20 steps
+
+    whole = subprocess.run([python(), launcher] + tiny_flags(output_dir=tmp_path / "whole", save_last_freq=1,
+                                                             **common),
+                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    cmd = [python(), launcher] + tiny_flags(output_dir=tmp_path / "killed", save_every_steps=1, **common)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            # kill as soon as step 6 (epoch 1, step 1) is on disk: 13 steps remain
+            if re.search(r"saved .* \(epoch 1, step 1,", line):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    killed_at = load(tmp_path / "killed" / LAST)["train_state"]["global_step"]
+    assert 6 <= killed_at < 20
+
+    resumed = subprocess.run([python(), launcher] + tiny_flags(output_dir=tmp_path / "killed",
+                                                               resume=tmp_path / "killed", save_every_steps=1,
+                                                               **common),
+                             cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(r"resuming .* at epoch \d+ step \d+", resumed.stderr)
+    a, b = load(tmp_path / "whole" / LAST), load(tmp_path / "killed" / LAST)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["model_ema"], b["model_ema"], "model_ema")
+    assert_same_optimizer(a["optimizer"], b["optimizer"])

@@ -1,0 +1,79 @@
+"""torchrun with 2 CPU processes (gloo): caching and training split the data and stay in sync."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.pipeline_fixtures import make_image_folder, run, tiny_flags, torchrun, write_launcher
+from util.checkpoint import LAST
+from util.data import ImageFolderADM, ResumableSampler
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_sampler_splits_ranks_and_skips(tmp_path):
+    samplers = [ResumableSampler(11, num_replicas=2, rank=r, seed=4) for r in range(2)]
+    for epoch in range(3):
+        parts = []
+        for s in samplers:
+            s.set_epoch(epoch)
+            parts.append(list(s))
+        assert len(parts[0]) == len(parts[1]) == 5 and not set(parts[0]) & set(parts[1])
+    first = samplers[0].epoch_indices(0)
+    assert samplers[0].epoch_indices(1) != first and samplers[0].epoch_indices(0) == first
+    samplers[0].set_epoch(0, skip=3)
+    assert list(samplers[0]) == first[3:] and len(samplers[0]) == 2
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """main_cache.py, then main_mar.py (train + online eval), each under torchrun --nproc_per_node=2."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = make_image_folder(tmp / "data", classes=2, per_class=6)
+    cached = run(torchrun() + ["--standalone", "--nproc_per_node=2", "main_cache.py", "--tokenizer", "pixel",
+                               "--img_size", "8", "--data_path", str(data), "--cached_path", str(tmp / "cache"),
+                               "--batch_size", "2", "--num_workers", "0", "--shard_size", "4"])
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    trained = run(torchrun() + ["--standalone", "--nproc_per_node=2", write_launcher(tmp)] + tiny_flags(
+        use_cached=True, cached_path=tmp / "cache", output_dir=tmp / "run", epochs=2, online_eval=True,
+        eval_freq=5, num_images=4, eval_bsz=1, num_iter=2, fid_stats="none"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return tmp, data
+
+
+def test_cache_shards_from_two_ranks_hold_the_right_images(two_process_run):
+    tmp, data = two_process_run
+    index = json.loads((tmp / "cache" / "index.json").read_text())
+    assert index["num_cached"] == 12 and [s["count"] for s in index["shards"]] == [4, 4, 4]
+    folder = ImageFolderADM(str(data / "train"), 8, flip=False)
+    stored = np.concatenate([np.load(tmp / "cache" / s["moments"]) for s in index["shards"]])
+    for i in range(12):
+        image, label = folder.load(i)
+        np.testing.assert_allclose(stored[i, 0], image.numpy(), atol=1e-3)  # fp16 of the pixel values
+        np.testing.assert_allclose(stored[i, 1], image.flip(-1).numpy(), atol=1e-3)
+
+
+def test_ranks_saw_different_data_and_ended_in_sync(two_process_run):
+    tmp, _ = two_process_run
+    ckpt = load(tmp / "run" / LAST)
+    state = ckpt["train_state"]
+    assert state["global_step"] == 6 and state["data_order"]["world_size"] == 2
+    batches = state["data_order"]["last_batch_indices"]
+    assert len(batches) == 2 and len(batches[0]) == len(batches[1]) == 2
+    assert not set(batches[0]) & set(batches[1])  # different data on each rank
+    sums = state["replica_weight_sums"]
+    assert len(sums) == 2 and sums[0] == sums[1]  # identical weights (checked parameter by parameter)
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # one RNG stream per rank
+    assert ckpt["args"]["lr"] == pytest.approx(1e-2 * 4 / 256)  # blr x global batch / 256
+
+
+def test_online_eval_splits_images_across_ranks(two_process_run):
+    tmp, _ = two_process_run
+    for epoch in (0, 1):
+        (folder,) = (tmp / "run").glob(f"eval-ep{epoch}-*")
+        assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["num_images"] == 4

@@ -1,0 +1,178 @@
+"""Evaluation: generation, PNG / ADM npz / metrics.json outputs, EMA weights, FID and IS via torch-fidelity."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+import engine_mar
+from engine_mar import evaluate, generate, save_grid
+from tests.conftest import randomize_
+from tests.pipeline_fixtures import eval_setup, random_inception_weights, run_main, make_image_folder, tiny_flags
+from util import metrics
+from util.checkpoint import LAST
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inception_path(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+def read_pngs(folder):
+    return [np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]
+
+
+# ----------------------------------------------------------------------------- metric math
+def test_fid_and_is_match_independent_computations():
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((400, 16)) @ rng.standard_normal((16, 16)) + 0.3
+    ref_b = rng.standard_normal((16, 16))
+    reference = {"mu": rng.standard_normal(16), "sigma": ref_b @ ref_b.T / 16 + 0.1 * np.eye(16)}
+    fid = metrics.fid_from_features(torch.tensor(feats, dtype=torch.float32), reference)
+    mu, sigma = feats.astype(np.float32).mean(0), np.cov(feats.astype(np.float32), rowvar=False)
+    expected = metrics.frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
+    assert fid == pytest.approx(expected, rel=1e-6)
+    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+
+    logits = torch.tensor(rng.standard_normal((300, 20)) * 3)
+    p = torch.softmax(logits.double(), 1).numpy()
+    kl = (p * (np.log(p) - np.log(p.mean(0, keepdims=True)))).sum(1).mean()
+    assert metrics.inception_score(logits, splits=1)["inception_score"] == pytest.approx(np.exp(kl), rel=1e-9)
+
+
+def test_fid_stats_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--fid_stats"):
+        metrics.load_fid_stats(tmp_path / "missing.npz")
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        metrics.load_fid_stats(tmp_path / "bad.npz")
+
+
+# ----------------------------------------------------------------------------- full evaluation
+def test_evaluate_writes_everything_and_its_fid_matches_scipy(tmp_path, inception_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    rng = np.random.default_rng(1)
+    ref_b = rng.standard_normal((2048, 64)) * 0.05
+    np.savez(tmp_path / "stats.npz", mu=rng.standard_normal(2048) * 0.1, sigma=ref_b @ ref_b.T + 1e-3 * np.eye(2048))
+    args, model, tokenizer, ema = eval_setup(tmp_path, fid_stats=tmp_path / "stats.npz",
+                                             inception_path=inception_path, num_images=4)
+    seen = []
+    real = metrics.inception_features
+    monkeypatch.setattr(metrics, "inception_features", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    writer = SummaryWriter(tmp_path / "tb")
+    results = evaluate(model, tokenizer, ema, args, epoch=7, writer=writer)
+    writer.close()
+
+    folder = tmp_path / "run" / "eval-ep7-iter4-cfg1-linear-temp1-n4-ema"
+    assert results["folder"] == str(folder)
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["fid"] == results["fid"] and saved["sec_per_image"] > 0 and "inception_score" in saved
+    images = read_pngs(folder)
+    assert len(images) == 4 and images[0].shape == (8, 8, 3)
+    with np.load(folder / "samples.npz") as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (4, 8, 8, 3)
+        np.testing.assert_array_equal(npz["arr_0"], np.stack(images))
+        assert npz["arr_1"].tolist() == [0, 0, 1, 1]
+    # the FID torch-fidelity reported equals an independent Fréchet distance on the same features
+    pool = torch.cat([s[0] for s in seen]).double().numpy()
+    ref = metrics.load_fid_stats(tmp_path / "stats.npz")
+    independent = metrics.frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref["mu"], ref["sigma"])
+    assert results["fid"] == pytest.approx(independent, rel=1e-4)
+    tags = EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
+    assert "eval_cfg1_ema/fid" in tags and "eval_cfg1_ema/sec_per_image" in tags
+
+
+def test_evaluation_uses_ema_weights_and_restores_live_ones(tmp_path):
+    args, model, tokenizer, ema = eval_setup(tmp_path)
+    randomize_(model, std=0.3, seed=1)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = eval_setup(tmp_path)[1]
+    randomize_(shadow, std=0.3, seed=2)
+    ema.load_state_dict(shadow.state_dict())
+    evaluate(model, tokenizer, ema, args, epoch=0)
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+    args.eval_weights = "live"
+    evaluate(shadow, tokenizer, ema, args, epoch=0)  # the EMA's weights as live weights
+    args.eval_weights = "ema"
+    evaluate(model, tokenizer, ema, args, epoch=0)  # again: a new folder, the first is untouched
+    folders = sorted((tmp_path / "run").glob("eval-*"))
+    by_name = {f.name: read_pngs(f) for f in folders}
+    ema_a = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-ema"]
+    ema_b = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-ema-run2"]
+    live_shadow = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-live"]
+    assert all(np.array_equal(a, b) for a, b in zip(ema_a, live_shadow))
+    assert all(np.array_equal(a, b) for a, b in zip(ema_a, ema_b))
+    args.eval_weights = "live"
+    evaluate(model, tokenizer, ema, args, epoch=0)
+    live_model = read_pngs(tmp_path / "run" / "eval-ep0-iter4-cfg1-linear-temp1-n4-live-run2")
+    assert not all(np.array_equal(a, b) for a, b in zip(ema_a, live_model))
+
+
+def test_grey_images_grid_and_extra_score(tmp_path):
+    args, model, tokenizer, ema = eval_setup(tmp_path, dataset="digits", class_num=3, num_images=6,
+                                             eval_bsz=4, img_size=8)
+    calls = []
+
+    def score(images, labels):
+        calls.append((images.shape, images.dtype, list(labels)))
+        return {"digit_accuracy": 0.5}
+
+    results = evaluate(model, tokenizer, ema, args, epoch=1, cfg=2.0, extra_score=score)
+    assert calls == [((6, 8, 8, 1), np.uint8, [0, 0, 1, 1, 2, 2])]
+    folder = tmp_path / "run" / "eval-ep1-iter4-cfg2-linear-temp1-n6-ema"
+    assert json.loads((folder / "metrics.json").read_text())["digit_accuracy"] == 0.5 and "fid" not in results
+    with np.load(folder / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (6, 8, 8, 1)
+    grid = np.asarray(Image.open(folder / "grid.png"))
+    assert grid.shape == (2 + 3 * 10, 2 + 2 * 10)  # one row per class, 2 samples each, 2px padding
+
+
+def test_save_grid_places_images_row_major(tmp_path):
+    images = np.stack([np.full((4, 5, 3), 10 * i, np.uint8) for i in range(5)])
+    save_grid(images, 2, tmp_path / "g.png", pad=1)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (1 + 3 * 5, 1 + 2 * 6, 3)
+    for i in range(5):
+        r, c = divmod(i, 2)
+        assert (grid[1 + r * 5:1 + r * 5 + 4, 1 + c * 6:1 + c * 6 + 5] == 10 * i).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_sampling_from_a_fresh_model_is_finite(tmp_path, precision, monkeypatch):
+    args, model, tokenizer, _ = eval_setup(tmp_path, precision=precision, cfg=3.0)
+    tokens = []
+    real = model.sample_tokens
+    monkeypatch.setattr(model, "sample_tokens", lambda *a, **k: tokens.append(real(*a, **k)) or tokens[-1])
+    torch.manual_seed(0)
+    images = generate(model, tokenizer, args, [0, 1, 1, 0])
+    assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 3)
+    assert torch.isfinite(tokens[0]).all() and tokens[0].dtype == torch.float32
+    assert images.std() > 5  # not black, not constant
+
+
+def test_main_evaluate_flag_loads_ema_from_a_checkpoint(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
+    run_main(tiny_flags(output_dir=tmp_path / "run", resume=tmp_path / "run" / LAST, evaluate=True,
+                        num_images=2, eval_bsz=2, num_iter=2, fid_stats="none"))
+    (folder,) = (tmp_path / "run").glob("eval-ep0-*-ema")
+    assert len(read_pngs(folder)) == 2 and (folder / "metrics.json").is_file()
+
+
+def test_uint8_conversion_rounds_and_clamps():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
+    assert engine_mar.to_uint8(x).ravel().tolist() == [0, 0, 128, 255, 255]

@@ -1,0 +1,303 @@
+"""Tests for util/loading.py: safe reading, strict loading with fix-naming errors, MAR outer init.
+
+The release-layout tests write checkpoints with the manifests' full key/shape lists. To keep them
+cheap, every tensor is a window of one shared random pool (torch.save writes the pool once), at an
+offset that differs per key and between "model" and "model_ema".
+"""
+import argparse
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from models.mar import mar_base, mar_large
+from tests.conftest import load_manifest, randomize_, tiny_mar
+from util.loading import (check_state_dict, checkpoint_args, export_safetensors, freeze_outer,
+                          load_model_weights, load_outer_from_mar, model_state_from_checkpoint,
+                          read_checkpoint, strip_wrapper_prefixes)
+
+REPO = Path(__file__).resolve().parents[1]
+POOL = torch.randn(3 * 2 ** 21, generator=torch.Generator().manual_seed(0))  # > 2 x the largest tensor
+
+
+def expected_value(entry, index, ema):
+    """What the release-layout file holds for manifest entry `index` (buffers are zeros and never EMA'd)."""
+    if entry["kind"] == "buffer":
+        return torch.zeros(entry["shape"])
+    numel = torch.Size(entry["shape"]).numel()
+    offset = (7919 * index + (104_729 if ema else 0)) % (POOL.numel() - numel)
+    return POOL[offset:offset + numel].view(entry["shape"])
+
+
+def release_checkpoint(entries, args):
+    """The release layout: model, model_ema (EMA values, live buffers), optimizer, epoch, scaler, args."""
+    model = {e["key"]: expected_value(e, i, ema=False) for i, e in enumerate(entries)}
+    ema = {e["key"]: expected_value(e, i, ema=True) for i, e in enumerate(entries)}
+    group = dict(lr=1e-4, betas=(0.9, 0.95), eps=1e-8, amsgrad=False, maximize=False, foreach=None,
+                 capturable=False, differentiable=False, fused=None)
+    optimizer = {"state": {0: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                 "param_groups": [dict(group, weight_decay=0.0, params=[0]),
+                                  dict(group, weight_decay=0.02, params=[1])]}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 0}
+    return {"model": model, "model_ema": ema, "optimizer": optimizer, "epoch": 399, "scaler": scaler, "args": args}
+
+
+def write_release(tmp_path_factory, manifest_name, folder, **args):
+    entries = load_manifest(manifest_name)["state_dict"]
+    path = tmp_path_factory.mktemp(folder) / "checkpoint-last.pth"
+    torch.save(release_checkpoint(entries, argparse.Namespace(**args)), path)
+    return path, entries
+
+
+@pytest.fixture(scope="module")
+def arinar_release(tmp_path_factory):
+    return write_release(tmp_path_factory, "arinar_b_official.json", "arinar_b", model="mar_base",
+                         num_gaussians=4, img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16,
+                         class_num=1000, buffer_size=64, vae_path="pretrained_models/vae/kl16.ckpt", cfg=4.5)
+
+
+@pytest.fixture(scope="module")
+def mar_release(tmp_path_factory):
+    return write_release(tmp_path_factory, "mar_b_official.json", "mar_b", model="mar_base", img_size=256,
+                         diffloss_d=6, diffloss_w=1024, num_sampling_steps="100")
+
+
+@pytest.fixture(scope="module")
+def arinar_b():
+    return mar_base(num_gaussians=4)
+
+
+@pytest.fixture(scope="module")
+def arinar_12():
+    return mar_base(enc_dec_depth=12, num_gaussians=4)
+
+
+def save_checkpoint(path, **entries):
+    torch.save(entries, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- the release layouts
+def test_read_checkpoint_release_layout_needs_only_namespace(arinar_release):
+    path, _ = arinar_release
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, map_location="cpu", weights_only=True)  # the file really needs the allow-list
+    ckpt = read_checkpoint(path)
+    assert set(ckpt) == {"model", "model_ema", "optimizer", "epoch", "scaler", "args"}
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["epoch"] == 399
+    assert ckpt["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.95)
+    assert checkpoint_args(ckpt)["num_gaussians"] == 4
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed for that call only
+    assert read_checkpoint(path.parent)["epoch"] == 399  # a run directory works too
+
+
+def test_mar_base_loads_arinar_release_strictly(arinar_release, arinar_b):
+    path, entries = arinar_release
+    ckpt = read_checkpoint(path)
+    load_model_weights(arinar_b, model_state_from_checkpoint(ckpt), source=str(path))
+    state = arinar_b.state_dict()
+    assert list(state) == [e["key"] for e in entries]  # the release's names, in its order
+    for i, e in enumerate(entries):
+        assert torch.equal(state[e["key"]], expected_value(e, i, ema=True)), e["key"]
+    assert "arhead.blocks.0.attn.zero_k_bias" in state
+    live = model_state_from_checkpoint(ckpt, use_ema=False)
+    assert torch.equal(live["fake_latent"], expected_value(entries[0], 0, ema=False))
+    assert not torch.equal(live["fake_latent"], state["fake_latent"])  # EMA was the default
+
+
+def test_outer_init_from_mar_b_ignores_diffloss_and_keeps_arhead(mar_release, arinar_12):
+    path, entries = mar_release
+    assert any(e["key"].startswith("diffloss.") for e in entries)
+    arhead_before = {k: v.clone() for k, v in arinar_12.arhead.state_dict().items()}
+    load_outer_from_mar(arinar_12, path)
+    state = arinar_12.state_dict()
+    for i, e in enumerate(entries):
+        if not e["key"].startswith("diffloss."):
+            assert torch.equal(state[e["key"]], expected_value(e, i, ema=True)), e["key"]
+    for k, v in arinar_12.arhead.state_dict().items():
+        assert torch.equal(v, arhead_before[k]), k
+
+    trainable = freeze_outer(arinar_12)
+    assert trainable and all(n.startswith("arhead.") for n in trainable)
+    assert set(trainable) == {"arhead." + n for n, _ in arinar_12.arhead.named_parameters()}
+    assert all(p.requires_grad == n.startswith("arhead.") for n, p in arinar_12.named_parameters())
+
+
+def test_mar_b_into_arinar_b_names_depth_and_init_outer_from(mar_release, arinar_b):
+    path, _ = mar_release
+    before = arinar_b.encoder_blocks[0].attn.qkv.weight.clone()
+    with pytest.raises(ValueError, match=r"--enc_dec_depth 12") as err:
+        load_outer_from_mar(arinar_b, path)
+    assert "\n" not in str(err.value) and "encoder_blocks.12" in str(err.value)
+    with pytest.raises(ValueError, match=r"--init_outer_from") as err:
+        load_model_weights(arinar_b, model_state_from_checkpoint(read_checkpoint(path)), source=str(path))
+    assert "--enc_dec_depth 12" in str(err.value)
+    assert torch.equal(arinar_b.encoder_blocks[0].attn.qkv.weight, before)  # a failed load changes nothing
+
+
+def test_release_mismatch_names_num_gaussians_and_model(arinar_release, arinar_b):
+    found = read_checkpoint(arinar_release[0])["model_ema"]
+    one_gaussian = dict(arinar_b.state_dict(), **{"arhead.head.weight": torch.empty(3, 768),
+                                                  "arhead.head.bias": torch.empty(3)})
+    with pytest.raises(ValueError, match=r"--num_gaussians 4 \(checkpoint head \[12, 768\]"):
+        check_state_dict(one_gaussian, found)
+    with torch.device("meta"):
+        large = mar_large(num_gaussians=4).state_dict()
+    with pytest.raises(ValueError, match=r"--model mar_base \(checkpoint width 768, model width 1024\)"):
+        check_state_dict(large, found)
+
+
+# ----------------------------------------------------------------------------- mismatch hints (small models)
+@pytest.mark.parametrize("file_config, model_config, fix", [
+    (dict(num_gaussians=4), dict(num_gaussians=1), "--num_gaussians 4"),
+    (dict(encoder_depth=2, decoder_depth=2), dict(encoder_depth=1, decoder_depth=1), "--enc_dec_depth 2"),
+    (dict(class_num=10), dict(class_num=7), "--class_num 10"),
+    (dict(img_size=64), dict(img_size=32), "--img_size / --vae_stride / --patch_size"),
+    (dict(buffer_size=4), dict(buffer_size=2), "--buffer_size 4"),
+    (dict(vae_embed_dim=16), dict(vae_embed_dim=4), "--vae_embed_dim / --patch_size / --tokenizer"),
+    (dict(inner_ar_width=32), dict(inner_ar_width=16), "--inner_ar_width 32"),
+    (dict(inner_ar_depth=2), dict(inner_ar_depth=1), "--inner_ar_depth 2"),
+])
+def test_mismatch_names_the_flag(file_config, model_config, fix):
+    model = tiny_mar(**model_config)
+    with pytest.raises(ValueError, match=re.escape(fix)) as err:
+        load_model_weights(model, tiny_mar(**file_config).state_dict(), source="ckpt.pth")
+    assert str(err.value).startswith("ckpt.pth does not fit the model") and "\n" not in str(err.value)
+
+
+def test_mismatch_without_a_known_cause_still_lists_keys():
+    state = tiny_mar().state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["mask_token"]
+    with pytest.raises(ValueError, match=r"1 missing \(mask_token\); 1 unexpected \(extra.weight\)"):
+        load_model_weights(tiny_mar(), state)
+
+
+def test_strips_ddp_and_compile_prefixes():
+    source = randomize_(tiny_mar(), seed=3)
+    wrapped = {"module._orig_mod." + k: v for k, v in source.state_dict().items()}
+    assert set(strip_wrapper_prefixes(wrapped)) == set(source.state_dict())
+    target = tiny_mar()
+    load_model_weights(torch.nn.DataParallel(target), wrapped)  # a wrapped model is unwrapped too
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+
+def test_load_outer_from_small_mar_checkpoint(tmp_path):
+    mar = randomize_(tiny_mar(), seed=5).state_dict()
+    mar = {k: v for k, v in mar.items() if not k.startswith("arhead.")}
+    mar["diffloss.net.input_proj.weight"] = torch.ones(8, 16)
+    ema = {k: v + 1 for k, v in mar.items()}
+    path = save_checkpoint(tmp_path / "mar.pth", model=mar, model_ema=ema, args={"model": "mar_base"})
+    model = tiny_mar()
+    load_outer_from_mar(model, path, use_ema=False)
+    assert torch.equal(model.mask_token, mar["mask_token"])
+    load_outer_from_mar(model, path)
+    assert torch.equal(model.mask_token, ema["mask_token"])
+    with pytest.raises(ValueError, match="--enc_dec_depth 2"):
+        load_outer_from_mar(tiny_mar(encoder_depth=1, decoder_depth=1), path)
+
+
+def test_freeze_outer_small():
+    model = tiny_mar()
+    trainable = freeze_outer(model)
+    assert trainable == [n for n, _ in model.named_parameters() if n.startswith("arhead.")]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in model.arhead.parameters())
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        freeze_outer(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- which weights
+def test_model_state_from_checkpoint_choices(caplog):
+    live, ema = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert model_state_from_checkpoint({"model": live, "model_ema": ema}) is ema
+    assert model_state_from_checkpoint({"model": live, "model_ema": ema}, use_ema=False) is live
+    assert model_state_from_checkpoint({"model": live}) is live
+    assert "no EMA weights" in caplog.text
+    assert model_state_from_checkpoint(ema) is ema  # a bare state dict
+    with pytest.raises(ValueError, match="holds no model weights"):
+        model_state_from_checkpoint({"epoch": 3, "optimizer": {}})
+    assert checkpoint_args({"args": argparse.Namespace(model="x")}) == {"model": "x"}
+    assert checkpoint_args({"args": {"model": "y"}}) == {"model": "y"}
+    assert checkpoint_args({"model": live}) == {}
+
+
+# ----------------------------------------------------------------------------- bad files
+def test_missing_files_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*util/download\.py NAME.*--ckpt"):
+        read_checkpoint(tmp_path / "nowhere.pth")
+    with pytest.raises(FileNotFoundError, match=r"util/download\.py arinar_b"):
+        read_checkpoint(tmp_path / "pretrained_models/arinar/arinar_b/checkpoint-last.pth")
+    with pytest.raises(FileNotFoundError, match=r"util/download\.py mar_base"):
+        read_checkpoint(tmp_path / "pretrained_models/mar/mar_base/checkpoint-last.pth")
+    with pytest.raises(FileNotFoundError, match="no checkpoint-last.pth in directory"):
+        read_checkpoint(tmp_path)
+
+
+class Planted:
+    """A pickled object that would create a directory when unpickled by an unsafe loader."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_files_that_are_not_checkpoints_are_refused(tmp_path):
+    (tmp_path / "random.pth").write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "random.safetensors").write_bytes(b"\x10" * 64)
+    for name in ("random.pth", "empty.pth", "random.safetensors"):
+        with pytest.raises(ValueError, match=f"{name} is not a readable checkpoint") as err:
+            read_checkpoint(tmp_path / name)
+        assert "\n" not in str(err.value)
+
+    marker = tmp_path / "planted"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Planted(marker)}, tmp_path / "planted.pth")
+    with pytest.raises(ValueError, match=r"pickles posix\.mkdir, which weights-only loading refuses"):
+        read_checkpoint(tmp_path / "planted.pth")
+    assert not marker.exists()
+
+    torch.save({"model": {"w": torch.zeros(1)}, "args": Planted(marker).__class__}, tmp_path / "class.pth")
+    with pytest.raises(ValueError, match=r"pickles tests\.test_loading\.Planted"):
+        read_checkpoint(tmp_path / "class.pth")
+
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        read_checkpoint(tmp_path / "list.pth")
+
+
+def test_never_turns_weights_only_off():
+    for name in ("util/loading.py", "sample.py"):
+        source = REPO / name
+        if source.exists():
+            assert not re.search(r"weights_only\s*=\s*False", source.read_text()), name
+
+
+# ----------------------------------------------------------------------------- safetensors
+def test_safetensors_round_trip_and_export(tmp_path):
+    source = randomize_(tiny_mar(), seed=7)
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    target = tiny_mar()
+    load_model_weights(target, model_state_from_checkpoint(read_checkpoint(path)), source=str(path))
+    for k, v in source.state_dict().items():
+        assert torch.equal(target.state_dict()[k], v), k
+
+    live = source.state_dict()
+    ema = {k: v * 2 for k, v in live.items()}
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=live, model_ema=ema, args={"model": "x"})
+    out = export_safetensors(ckpt, tmp_path / "out" / "ema.safetensors")
+    converted = read_checkpoint(out)
+    assert checkpoint_args(converted) == {"model": "x"}  # the run args travel in the metadata
+    exported = model_state_from_checkpoint(converted)
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert os.listdir(out.parent) == ["ema.safetensors"]  # no temp file left behind
+    exported_live = read_checkpoint(export_safetensors(ckpt, tmp_path / "live.safetensors", use_ema=False))["model"]
+    assert all(torch.equal(exported_live[k], live[k]) for k in live)

@@ -1,0 +1,285 @@
+"""Training: schedule, optimizer groups, EMA, precisions, logging, NaN stop, bad input at start-up."""
+import json
+import math
+import os
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import main_cache
+from main_mar import param_groups
+from tests.conftest import tiny_mar
+from models import mar
+from tests.pipeline_fixtures import make_image_folder, parse, python, run, run_main, tiny_flags
+from util.checkpoint import LAST
+from util.ema import EMA
+from util.lr_sched import lr_at
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def test_lr_schedule_warmup_constant_and_cosine():
+    lr, warm, total = 4e-4, 10, 110
+    assert lr_at(0, lr, warm, total) == 0.0
+    assert lr_at(2.5, lr, warm, total) == pytest.approx(lr * 0.25)
+    for epoch in (10, 50, 109.9):
+        assert lr_at(epoch, lr, warm, total, "constant") == pytest.approx(lr)
+    assert lr_at(10, lr, warm, total, "cosine") == pytest.approx(lr)
+    assert lr_at(60, lr, warm, total, "cosine", min_lr=1e-5) == pytest.approx(1e-5 + (lr - 1e-5) * 0.5)
+    assert lr_at(110, lr, warm, total, "cosine", min_lr=1e-5) == pytest.approx(1e-5)
+    values = [lr_at(e, lr, warm, total, "cosine") for e in np.linspace(10, 110, 50)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError, match="--lr_schedule"):
+        lr_at(1, lr, warm, total, "step")
+
+
+def test_param_groups_follow_the_recipe():
+    model = tiny_mar()
+    no_decay, decay = param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    decay_names = [names[id(p)] for p in decay["params"]]
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.02
+    assert not any(n.startswith("arhead.") for n in decay_names)  # none at all on the inner model
+    assert all(model.get_parameter(n).ndim >= 2 for n in decay_names)
+    assert "z_proj.weight" in decay_names and "encoder_blocks.0.attn.qkv.weight" in decay_names
+    assert "z_proj.bias" in no_decay_names and "encoder_norm.weight" in no_decay_names
+    assert "arhead.mat_qkv.weight" not in decay_names
+    # named_parameters order inside each group
+    order = [n for n, _ in model.named_parameters()]
+    assert no_decay_names == [n for n in order if n in no_decay_names]
+    assert len(no_decay_names) + len(decay_names) == len(order)
+
+
+def test_ema_update_rule_and_layout():
+    model = tiny_mar()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = EMA(model, rate=0.9)
+    expected = {n: v.clone() for n, v in initial.items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+                expected[n] = 0.9 * expected[n] + 0.1 * p.detach()
+        ema.update(model)
+    state = ema.state_dict_for(model)
+    assert state.keys() == model.state_dict().keys()
+    for n, _ in model.named_parameters():
+        torch.testing.assert_close(state[n], expected[n], rtol=1e-6, atol=1e-6)
+    assert torch.equal(state["arhead.blocks.0.attn.zero_k_bias"], model.state_dict()["arhead.blocks.0.attn.zero_k_bias"])
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped_in(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, expected[n], rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, live[n])
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_training_logs_progress_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_image_folder(tmp_path / "data", per_class=4)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, lr_schedule="cosine"))
+    log = (tmp_path / "run" / "log.txt").read_text()
+    progress = [line for line in log.splitlines() if "images/s" in line]
+    assert len(progress) == 8  # --log_freq 1, 4 steps per epoch, 2 epochs
+    assert all(word in progress[0] for word in ("loss", "lr", "grad_norm"))
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s"):
+        assert len(events.Scalars(tag)) == 8, tag
+    losses = [s.value for s in events.Scalars("train/loss")]
+    assert all(math.isfinite(v) and v != 0 for v in losses)
+    lrs = [s.value for s in events.Scalars("train/lr")]
+    assert lrs[0] == 0.0 and max(lrs) > 0  # per-iteration warmup from zero
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training(tmp_path, precision):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1, precision=precision))
+    ckpt = load(tmp_path / "run" / LAST)
+    assert ckpt["args"]["precision"] == precision
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    if precision == "fp16":
+        assert ckpt["scaler"]["scale"] > 0  # GradScaler in use, its state saved
+    else:
+        assert ckpt["scaler"] == {}
+
+
+def test_grad_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "plain", epochs=1))
+    calls = []
+    real = mar.checkpoint
+    monkeypatch.setattr(mar, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "ckpt", epochs=1, grad_checkpointing=True))
+    assert calls  # the blocks really were checkpointed
+    a, b = load(tmp_path / "plain" / LAST)["model"], load(tmp_path / "ckpt" / LAST)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_outer_with_init_outer_from(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "source", epochs=1, seed=11))
+    source = load(tmp_path / "source" / LAST)["model_ema"]
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "inner", epochs=1,
+                        init_outer_from=tmp_path / "source" / LAST, freeze_outer=True))
+    trained = load(tmp_path / "inner" / LAST)
+    for key, value in trained["model"].items():
+        if key.startswith("arhead."):
+            continue
+        assert torch.equal(value, source[key]), key  # loaded, then frozen
+    assert not torch.equal(trained["model"]["arhead.head.weight"], source["arhead.head.weight"])
+    assert sum(len(g["params"]) for g in trained["optimizer"]["param_groups"]) == \
+        sum(1 for k in trained["model"] if k.startswith("arhead.") and "zero_k_bias" not in k)
+
+
+def test_single_channel_digits_run_with_extra_score(tmp_path, monkeypatch):
+    """--dataset digits: 1-channel images through training, evaluation, the grid and the demo's score hook."""
+    class FakeDigits(torch.utils.data.Dataset):
+        def __init__(self, split, img_size):
+            gen = torch.Generator().manual_seed(0)
+            self.images = torch.rand(8, 1, img_size, img_size, generator=gen) * 2 - 1
+            self.split = split
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            return self.images[i], i % 2
+
+    scored = []
+    fake = types.ModuleType("util.digits")
+    fake.DigitsDataset = FakeDigits
+    fake.score_samples = lambda images, labels: scored.append((images.shape, list(labels))) or {"accuracy": 0.25}
+    monkeypatch.setitem(sys.modules, "util.digits", fake)
+    run_main(tiny_flags(dataset="digits", class_num=2, output_dir=tmp_path / "run", epochs=1, online_eval=True,
+                        num_images=4, eval_bsz=2, num_iter=2))
+    assert load(tmp_path / "run" / LAST)["model"]["z_proj.weight"].shape == (32, 4)  # 1 channel x 2 x 2
+    assert scored == [((4, 8, 8, 1), [0, 0, 1, 1])]
+    (folder,) = (tmp_path / "run").glob("eval-ep0-*")
+    assert json.loads((folder / "metrics.json").read_text())["accuracy"] == 0.25
+    assert (folder / "grid.png").is_file()
+
+
+def make_pixel_cache(tmp_path, data, img_size=8, name="cache"):
+    args = main_cache.get_args_parser().parse_args([
+        "--tokenizer", "pixel", "--img_size", str(img_size), "--data_path", str(data),
+        "--cached_path", str(tmp_path / name), "--batch_size", "4", "--num_workers", "0", "--shard_size", "5"])
+    main_cache.main(args)
+    return tmp_path / name
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=3)  # 6 images -> 3 steps per epoch
+    good = make_pixel_cache(tmp_path, data)
+    flags = dict(use_cached=True, output_dir=tmp_path / "run", save_last_freq=1)
+    run_main(tiny_flags(cached_path=good, epochs=1, **flags))
+    before = (tmp_path / "run" / LAST).read_bytes()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    for shard in sorted(bad.glob("shard-*[0-9].npy")):
+        arr = np.load(shard)
+        np.save(shard, np.full_like(arr, np.nan))
+    with pytest.raises(FloatingPointError, match=r"at step 4 \(epoch 1, iteration 1\)"):
+        run_main(tiny_flags(cached_path=bad, epochs=2, resume=tmp_path / "run", **flags))
+    assert (tmp_path / "run" / LAST).read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- bad input
+def expect_startup_error(tmp_path, error, match, **flags):
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        run_main(tiny_flags(output_dir=out, **flags))
+    assert not out.exists(), "nothing may be written when start-up checks fail"
+
+
+def test_missing_data_path(tmp_path):
+    expect_startup_error(tmp_path, FileNotFoundError, "--data_path", data_path=tmp_path / "nowhere")
+
+
+def test_empty_class_folder(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    os.makedirs(data / "train" / "class9")
+    expect_startup_error(tmp_path, ValueError, r"class9 holds no images.*--data_path", data_path=data)
+
+
+def test_wrong_vae_path(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    expect_startup_error(tmp_path, FileNotFoundError, "--vae_path", data_path=data, tokenizer="kl16",
+                         img_size=16, vae_path=tmp_path / "kl16.ckpt")
+
+
+def test_cache_from_another_image_size(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    cache = make_pixel_cache(tmp_path, data, img_size=8)
+    expect_startup_error(tmp_path, ValueError, "--img_size 8", use_cached=True, cached_path=cache, img_size=16,
+                         patch_size=4)
+
+
+def test_resume_from_another_model_config(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
+    expect_startup_error(tmp_path, ValueError, "--inner_ar_width 32", data_path=data, resume=tmp_path / "run",
+                         inner_ar_width=16)
+    expect_startup_error(tmp_path, ValueError, "--num_gaussians 4", data_path=data, resume=tmp_path / "run",
+                         num_gaussians=2)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
+    before = (tmp_path / "run" / LAST).read_bytes()
+    with pytest.raises(ValueError, match="--resume"):
+        run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
+    assert (tmp_path / "run" / LAST).read_bytes() == before
+
+
+def test_evaluation_flags_checked_at_start_up(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    expect_startup_error(tmp_path, ValueError, "--num_images", data_path=data, online_eval=True, num_images=5,
+                         fid_stats="none")
+    expect_startup_error(tmp_path, FileNotFoundError, "--fid_stats", data_path=data, online_eval=True,
+                         num_images=4, fid_stats=tmp_path / "stats.npz")
+    expect_startup_error(tmp_path, ValueError, "--evaluate needs a checkpoint", evaluate=True, fid_stats="none")
+
+
+def test_defaults_follow_the_dataset():
+    args = parse(["--dataset", "digits", "--tokenizer", "pixel"])
+    from main_mar import resolve_args
+    resolve_args(args)
+    assert (args.class_num, args.img_channels, args.fid_stats, args.vae_stride, args.vae_embed_dim) == \
+        (10, 1, "none", 1, 1)
+    args = resolve_args(parse([]))
+    assert (args.class_num, args.fid_stats, args.precision) == (1000, "fid_stats/adm_in256_stats.npz",
+                                                                "bf16" if torch.cuda.is_available()
+                                                                and torch.cuda.is_bf16_supported() else "fp32")
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = run([python(), "main_mar.py", "--tokenizer", "pixel", "--data_path", str(tmp_path / "missing"),
+                  "--output_dir", str(tmp_path / "out")])
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--data_path" in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,290 @@
+"""Data sets for training and caching, and the resumable distributed sampler.
+
+- ImageNet-style ImageFolder (`--data_path/<split>/<class>/<image>`) with ADM's center crop and a
+  random horizontal flip.
+- Cached latents written by main_cache.py: a few large shards `shard-NNNNN.npy` holding
+  [n, 2 (original, flipped), *moments_shape] (fp16 by default, memory-mapped), a labels file per
+  shard, and `index.json`. MAR's own cache (one `.npz` per image with `moments` and
+  `moments_flip`, in class folders) is read as well.
+- The digits demo set (util/digits.py).
+
+Every random choice made here (flip or not) is a pure function of (seed, epoch, index), so the
+data a step sees does not depend on worker processes or on where a run was resumed.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
+
+
+DATASETS = ("imagenet", "digits")
+INDEX_FILE = "index.json"
+CACHE_FORMAT = "arinar-latents-v1"
+
+
+# ----------------------------------------------------------------------------- image transforms
+def center_crop_arr(pil_image, image_size):
+    """ADM's crop: halve with a box filter while the short side >= 2x target, bicubic-resize the
+    short side to the target (rounding each side), then center-crop."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+def to_model_range(pil_image):
+    """PIL RGB image -> float tensor [3, H, W] in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(pil_image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float().div_(127.5).sub_(1.0)
+
+
+def flip_coin(seed, epoch, index):
+    """A fair coin that depends only on (seed, epoch, index)."""
+    return bool(np.random.default_rng((seed, epoch, index)).integers(2))
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+def check_image_folder(root, flag="--data_path"):
+    """Fail early and clearly on a missing folder or a class folder without images."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{flag}: image folder {root} does not exist (expected {root}/<class>/<image>)")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"{flag}: {root} has no class folders (expected {root}/<class>/<image>)")
+    empty = [c for c in classes if not _has_image(os.path.join(root, c))]
+    if empty:
+        more = f" and {len(empty) - 1} more" if len(empty) > 1 else ""
+        raise ValueError(f"{flag}: class folder {os.path.join(root, empty[0])}{more} holds no images "
+                         f"({', '.join(IMG_EXTENSIONS[:4])}, ...); remove it or fix {flag}")
+    return classes
+
+
+def _has_image(folder):
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+class ImageFolderADM(ImageFolder):
+    """ImageFolder -> (image [3, S, S] in [-1, 1], label), ADM center crop, optional random flip."""
+
+    def __init__(self, root, img_size, flip=True, seed=0):
+        check_image_folder(root)
+        super().__init__(root)
+        self.img_size, self.flip, self.seed, self.epoch = img_size, flip, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def load(self, index):
+        path, label = self.samples[index]
+        with open(path, "rb") as f:
+            image = center_crop_arr(Image.open(f).convert("RGB"), self.img_size)
+        return to_model_range(image), label
+
+    def __getitem__(self, index):
+        image, label = self.load(index)
+        if self.flip and flip_coin(self.seed, self.epoch, index):
+            image = image.flip(-1)
+        return image, label
+
+
+class SkipUnreadable(Dataset):
+    """Wraps ImageFolderADM for caching: an unreadable image yields None (and its path) instead of raising."""
+
+    def __init__(self, folder, indices):
+        self.folder, self.indices = folder, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        index = self.indices[i]
+        try:
+            image, label = self.folder.load(index)
+        except Exception as err:  # PIL raises many types for broken files; all mean "skip this one"
+            return None, -1, index, f"{self.folder.samples[index][0]} ({type(err).__name__}: {err})"
+        return image, label, index, None
+
+
+def collate_skipping(batch):
+    """(images [n,3,S,S] or None, labels [n], indices [n], [failed path notes])."""
+    good = [b for b in batch if b[0] is not None]
+    failed = [b[3] for b in batch if b[0] is None]
+    images = torch.stack([b[0] for b in good]) if good else None
+    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+    indices = torch.tensor([b[2] for b in good], dtype=torch.long)
+    return images, labels, indices, failed
+
+
+# ----------------------------------------------------------------------------- cached latents
+def shard_stem(i):
+    return f"shard-{i:05d}"
+
+
+def read_cache_index(root):
+    path = os.path.join(root, INDEX_FILE)
+    with open(path) as f:
+        index = json.load(f)
+    if index.get("format") != CACHE_FORMAT:
+        raise ValueError(f"--cached_path: {path} is not an arinar latent cache (format {index.get('format')!r})")
+    return index
+
+
+def check_cache_matches(meta, args, where):
+    """Cached latents must come from the same image size and tokenizer as this run."""
+    if meta["img_size"] != args.img_size:
+        raise ValueError(f"--cached_path {where} holds latents of {meta['img_size']}px images but --img_size is "
+                         f"{args.img_size}: pass --img_size {meta['img_size']} or re-cache with main_cache.py")
+    if meta["tokenizer"] != args.tokenizer or meta["embed_dim"] != args.vae_embed_dim:
+        raise ValueError(f"--cached_path {where} was made with tokenizer {meta['tokenizer']} "
+                         f"({meta['embed_dim']} channels) but this run uses --tokenizer {args.tokenizer} "
+                         f"({args.vae_embed_dim} channels)")
+
+
+class CachedLatents(Dataset):
+    """main_cache.py's shards -> (moments [*moments_shape] float32, label); flip chosen at random."""
+
+    def __init__(self, root, seed=0):
+        self.root, self.seed, self.epoch = root, seed, 0
+        self.meta = read_cache_index(root)
+        self.shards = self.meta["shards"]
+        counts = [s["count"] for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.labels = np.concatenate([np.load(os.path.join(root, s["labels"])) for s in self.shards]) \
+            if self.shards else np.zeros(0, np.int64)
+        self.classes = self.meta["classes"]
+        self.arrays = None  # memory maps, opened lazily in each (worker) process
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["arrays"] = None  # never pickle a memory map into a worker
+        return state
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index):
+        if self.arrays is None:
+            self.arrays = [np.load(os.path.join(self.root, s["moments"]), mmap_mode="r") for s in self.shards]
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        flip = int(flip_coin(self.seed, self.epoch, index))
+        moments = np.asarray(self.arrays[shard][index - self.offsets[shard], flip], dtype=np.float32)
+        return torch.from_numpy(moments), int(self.labels[index])
+
+
+class NpzLatentFolder(Dataset):
+    """MAR's cache: <root>/<class>/<name>.npz with `moments` and `moments_flip`."""
+
+    def __init__(self, root, seed=0):
+        self.root, self.seed, self.epoch = root, seed, 0
+        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        self.samples = []
+        for label, cls in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, cls), followlinks=True)):
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files) if f.endswith(".npz")]
+        if not self.samples:
+            raise FileNotFoundError(f"--cached_path {root}: no {INDEX_FILE} and no <class>/*.npz files")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def moments_shape(self):
+        with np.load(self.samples[0][0]) as data:
+            return tuple(data["moments"].shape)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        key = "moments_flip" if flip_coin(self.seed, self.epoch, index) else "moments"
+        with np.load(path) as data:
+            return torch.from_numpy(data[key].astype(np.float32)), label
+
+
+def build_cached_dataset(args):
+    root = args.cached_path
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"--cached_path {root!r} does not exist; create it with main_cache.py")
+    if os.path.isfile(os.path.join(root, INDEX_FILE)):
+        dataset = CachedLatents(root, seed=args.seed)
+        check_cache_matches(dataset.meta, args, root)
+        if len(dataset) == 0:
+            raise ValueError(f"--cached_path {root} holds no latents")
+        return dataset
+    dataset = NpzLatentFolder(root, seed=args.seed)
+    side = args.img_size // args.vae_stride
+    expected = (2 * args.vae_embed_dim, side, side)
+    if dataset.moments_shape() != expected:
+        got = dataset.moments_shape()
+        raise ValueError(f"--cached_path {root} holds moments of shape {got} but --img_size {args.img_size} / "
+                         f"--vae_stride {args.vae_stride} / --vae_embed_dim {args.vae_embed_dim} expect {expected}"
+                         f" (pass --img_size {got[-1] * args.vae_stride} or re-cache)")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_dataset(args, split="train"):
+    """The training set for args: cached latents, an ImageFolder, or the digits demo set.
+
+    Items are (image in [-1, 1], label), or (posterior parameters, label) with --use_cached.
+    """
+    if getattr(args, "use_cached", False):
+        return build_cached_dataset(args)
+    if args.dataset == "imagenet":
+        return ImageFolderADM(os.path.join(args.data_path, split), args.img_size, flip=True, seed=args.seed)
+    if args.dataset == "digits":
+        from util.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
+        return DigitsDataset(split, args.img_size)
+    raise ValueError(f"--dataset must be one of {DATASETS}; got {args.dataset!r}")
+
+
+# ----------------------------------------------------------------------------- sampling
+class ResumableSampler(Sampler):
+    """DistributedSampler-like: a per-epoch permutation from (seed, epoch), rank r takes every
+    world-th index (the tail that does not divide evenly is dropped, so ranks never overlap), and
+    `set_epoch(epoch, skip)` starts this rank's stream after its first `skip` indices."""
+
+    def __init__(self, num_samples, num_replicas=1, rank=0, seed=0, shuffle=True):
+        if num_samples < num_replicas:
+            raise ValueError(f"the data set has {num_samples} items, fewer than the {num_replicas} processes")
+        self.num_samples, self.num_replicas, self.rank = num_samples, num_replicas, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.per_rank = num_samples // num_replicas
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def epoch_indices(self, epoch):
+        """This rank's full index stream for `epoch`."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_samples, generator=gen)
+        else:
+            order = torch.arange(self.num_samples)
+        return order[:self.per_rank * self.num_replicas][self.rank::self.num_replicas].tolist()
+
+    def __iter__(self):
+        return iter(self.epoch_indices(self.epoch)[self.skip:])
+
+    def __len__(self):
+        return self.per_rank - self.skip
+
+
+def steps_per_epoch(sampler, batch_size):
+    return sampler.per_rank // batch_size
+

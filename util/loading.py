@@ -1,0 +1,335 @@
+"""Safe loading of model weights: our checkpoints, the ARINAR and MAR releases, and .safetensors.
+
+Pickled checkpoints are read with ``torch.load(weights_only=True)``; the releases pickle their run
+arguments as an ``argparse.Namespace``, which is allow-listed for that one call only. Loading into a
+model is strict, and a mismatch names the differing keys and the flag that most likely fixes it.
+
+Convert a checkpoint's weights to safetensors (EMA by default):
+    python -m util.loading CKPT.pth OUT.safetensors [--no_ema]
+"""
+import argparse
+import inspect
+import json
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file as save_safetensors
+
+from models.mar import MAR, MODELS
+from util.download import ASSETS
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint-last.pth"
+INNER_PREFIX = "arhead."  # ARINAR's inner model; everything else is the outer (MAR) model
+MAR_HEAD_PREFIX = "diffloss."  # MAR's diffusion head
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+MAX_LISTED = 3
+
+
+# ----------------------------------------------------------------------------- reading files
+def _fetch_hint(path):
+    """How to get a missing file: the download.py asset whose location it is, else the flags."""
+    posix = Path(path).as_posix()
+    for asset in ASSETS.values():
+        if posix.endswith(asset.relpath) or posix.rstrip("/").endswith(str(Path(asset.relpath).parent)):
+            return f"fetch it with `python util/download.py {asset.name}`"
+    return ("fetch released weights with `python util/download.py NAME` (--list shows the names) "
+            "or pass the right --resume / --ckpt / --init_outer_from path")
+
+
+def resolve_checkpoint_path(path):
+    """A checkpoint file, or a run directory holding checkpoint-last.pth."""
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise FileNotFoundError(f"no {CHECKPOINT_NAME} in directory {path}: {_fetch_hint(path)}")
+        return path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}: {_fetch_hint(path)}")
+    return path
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _why_unreadable(err):
+    """The informative part of a loader error, on one line (torch's advice to drop weights_only is left out)."""
+    text = str(err)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    if refused:
+        return (f"it pickles {refused.group(1)}, which weights-only loading refuses (only tensors, "
+                "containers, numbers, strings and argparse.Namespace are allowed)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TORCH_BOILERPLATE)]
+    detail = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+    return f"corrupt, truncated or not a torch/safetensors file ({detail})"
+
+
+def _read_safetensors(path):
+    """The tensors; with run args in the metadata (as export_safetensors writes), {"model": ..., "args": ...}."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return {"model": tensors, "args": json.loads(metadata["args"])} if "args" in metadata else tensors
+
+
+def _load(path):
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    # argparse.Namespace is allowed for this call only: the releases pickle their args with it
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        # mmap keeps the unused optimizer state of a multi-GB release file out of memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
+def read_checkpoint(path):
+    """Load a .pth/.pt/.ckpt (weights only) or .safetensors file (or a run directory's checkpoint-last.pth)."""
+    path = resolve_checkpoint_path(path)
+    try:
+        ckpt = _load(path)
+    except OSError:
+        raise
+    except Exception as err:  # every parser error means the same thing here: not a usable checkpoint
+        raise ValueError(f"{path} is not a readable checkpoint: {_why_unreadable(err)}") from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict of weights")
+    return ckpt
+
+
+def checkpoint_args(ckpt):
+    """The run arguments stored in a checkpoint as a dict ({} if none): ours are a dict, the releases' a Namespace."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(args, argparse.Namespace):
+        return dict(vars(args))
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def model_state_from_checkpoint(ckpt, use_ema=True):
+    """The state dict to load: "model_ema" (if present and use_ema), else "model", else a bare state dict."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"a checkpoint must be a dict; got {type(ckpt).__name__}")
+    if use_ema and "model_ema" in ckpt:
+        state = ckpt["model_ema"]
+    elif "model" in ckpt:
+        if use_ema:
+            logger.warning("checkpoint has no EMA weights (model_ema); using its live weights (model)")
+        state = ckpt["model"]
+    else:
+        state = ckpt
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no model weights: expected a 'model' / 'model_ema' state dict or a "
+                         f"bare state dict of tensors; found entries {list(ckpt)[:6]}")
+    return state
+
+
+# ----------------------------------------------------------------------------- names
+def unwrap_model(model):
+    """The plain module under DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Drop leading "module." (DDP) and "_orig_mod." (torch.compile) from every key."""
+    stripped = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
+# ----------------------------------------------------------------------------- mismatch reports
+def _shape(state, key):
+    return tuple(state[key].shape) if key in state else None
+
+
+def _num_blocks(state, prefix):
+    """How many blocks `prefix`.N.* a state dict holds."""
+    return len({key[len(prefix) + 1:].split(".")[0] for key in state if key.startswith(prefix + ".")})
+
+
+def _model_names_with_width(width):
+    """Model names whose outer width is `width`, found by building each on the meta device (no memory)."""
+    names = []
+    for name, factory in MODELS.items():
+        try:
+            with torch.device("meta"):
+                if factory().fake_latent.shape[-1] == width:
+                    names.append(name)
+        except Exception:  # a factory that cannot be built with defaults just is not suggested
+            continue
+    return names
+
+
+def _likely_fixes(expected, found):
+    """Flags that would make the model's keys/shapes (expected) match the file's (found)."""
+    fixes = []
+    if any(key.startswith(MAR_HEAD_PREFIX) for key in found):
+        fixes.append("this is a MAR checkpoint (diffusion head diffloss.*): initialise the outer model from it "
+                     "with --init_outer_from PATH instead (MAR-B needs --enc_dec_depth 12)")
+    width_file, width_model = _shape(found, "fake_latent"), _shape(expected, "fake_latent")
+    if width_file and width_model and width_file != width_model:
+        names = _model_names_with_width(width_file[-1])
+        fixes.append(f"--model {' or '.join(names) or '<a model of that width>'} (checkpoint width "
+                     f"{width_file[-1]}, model width {width_model[-1]})")
+    for part in ("encoder_blocks", "decoder_blocks"):
+        n_file, n_model = _num_blocks(found, part), _num_blocks(expected, part)
+        if n_file and n_file != n_model:
+            fixes.append(f"--enc_dec_depth {n_file} (checkpoint has {n_file} {part}, model {n_model})")
+            break
+    tokens_file, tokens_model = _shape(found, "z_proj.weight"), _shape(expected, "z_proj.weight")
+    if tokens_file and tokens_model and tokens_file[1] != tokens_model[1]:
+        fixes.append(f"--vae_embed_dim / --patch_size / --tokenizer (checkpoint tokens have {tokens_file[1]} "
+                     f"features, the model's {tokens_model[1]} = vae_embed_dim x patch_size^2)")
+    seq_file, seq_model = _shape(found, "diffusion_pos_embed_learned"), _shape(expected, "diffusion_pos_embed_learned")
+    if seq_file and seq_model and seq_file[1] != seq_model[1]:
+        fixes.append(f"--img_size / --vae_stride / --patch_size (checkpoint has {seq_file[1]} tokens per image, "
+                     f"the model {seq_model[1]} = (img_size / vae_stride / patch_size)^2)")
+    pos_file, pos_model = _shape(found, "encoder_pos_embed_learned"), _shape(expected, "encoder_pos_embed_learned")
+    if seq_file and seq_model and pos_file and pos_model and pos_file[1] - seq_file[1] != pos_model[1] - seq_model[1]:
+        fixes.append(f"--buffer_size {pos_file[1] - seq_file[1]}")
+    classes_file, classes_model = _shape(found, "class_emb.weight"), _shape(expected, "class_emb.weight")
+    if classes_file and classes_model and classes_file[0] != classes_model[0]:
+        fixes.append(f"--class_num {classes_file[0]}")
+    start = INNER_PREFIX + "start_token"
+    inner_file, inner_model = _shape(found, start), _shape(expected, start)
+    if inner_file and inner_model and inner_file[-1] != inner_model[-1]:
+        fixes.append(f"--inner_ar_width {inner_file[-1]}")
+    n_file, n_model = _num_blocks(found, INNER_PREFIX + "blocks"), _num_blocks(expected, INNER_PREFIX + "blocks")
+    if n_file and n_file != n_model:
+        fixes.append(f"--inner_ar_depth {n_file}")
+    head_file, head_model = _shape(found, INNER_PREFIX + "head.weight"), _shape(expected, INNER_PREFIX + "head.weight")
+    if head_file and head_model and head_file[0] != head_model[0]:
+        fixes.append(f"--num_gaussians {head_file[0] // 3} (checkpoint head {list(head_file)} = 3K x width, "
+                     f"model {list(head_model)})")
+    return fixes
+
+
+def _listed(items):
+    more = ", ..." if len(items) > MAX_LISTED else ""
+    return ", ".join(items[:MAX_LISTED]) + more
+
+
+def check_state_dict(expected, found, source="checkpoint"):
+    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {list(found[k].shape)} vs model {list(expected[k].shape)}"
+                for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    parts = [f"{len(keys)} {what} ({_listed(keys)})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("with another shape", reshaped)) if keys]
+    fixes = _likely_fixes(expected, found) or [
+        "check --model and the config flags against the run that wrote it (its stored args)"]
+    raise ValueError(f"{source} does not fit the model: {'; '.join(parts)}. Likely fix: {'; '.join(fixes)}")
+
+
+# ----------------------------------------------------------------------------- loading into models
+def load_model_weights(model, state_dict, source=""):
+    """Strictly load `state_dict` (DDP/compile prefixes stripped) into `model`, or raise a ValueError naming the fix."""
+    model = unwrap_model(model)
+    state_dict = strip_wrapper_prefixes(state_dict)
+    check_state_dict(model.state_dict(), state_dict, source or "checkpoint")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_outer_from_mar(model, path, use_ema=True):
+    """Initialise everything but the inner model (arhead.*) from a MAR checkpoint, ignoring its diffloss.* head.
+
+    An ARINAR checkpoint works too (its arhead.* is ignored). Every outer key must match strictly.
+    """
+    ckpt = read_checkpoint(path)
+    state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
+    heads = (MAR_HEAD_PREFIX, INNER_PREFIX)
+    outer = {k: v for k, v in state.items() if not k.startswith(heads)}
+    model = unwrap_model(model)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(INNER_PREFIX)}
+    check_state_dict(expected, outer, f"{path} (outer part)")
+    missing, unexpected = model.load_state_dict(outer, strict=False)
+    assert not unexpected and all(k.startswith(INNER_PREFIX) for k in missing)
+    logger.info("initialised the outer model from %s (%s, %d tensors; ignored %d head tensors)", path,
+                "EMA" if use_ema and "model_ema" in ckpt else "live weights", len(outer), len(state) - len(outer))
+
+
+def freeze_outer(model):
+    """Train only the inner model: requires_grad stays on for arhead.* alone. Returns the trainable names."""
+    trainable = []
+    for name, param in unwrap_model(model).named_parameters():
+        param.requires_grad_(name.startswith(INNER_PREFIX))
+        if param.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"the model has no {INNER_PREFIX}* parameters: nothing would be trained")
+    return trainable
+
+
+# ----------------------------------------------------------------------------- building models
+def model_config_keys(name):
+    """Constructor arguments a run's args may set for model `name` (the factory's and MAR's own)."""
+    keys = set(inspect.signature(MODELS[name]).parameters) | set(inspect.signature(MAR).parameters)
+    return keys - {"self", "kwargs"}
+
+
+def build_model_from_args(args):
+    """Build MODELS[args.model] with every constructor argument present (and not None) in args (dict or Namespace)."""
+    args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    name = args.get("model")
+    if name not in MODELS:
+        raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    config = {k: v for k, v in args.items() if k in model_config_keys(name) and v is not None}
+    return MODELS[name](**config)
+
+
+# ----------------------------------------------------------------------------- conversion
+def export_safetensors(src, dest, use_ema=True):
+    """Write a checkpoint's model weights (EMA by default) and run args to a .safetensors file, atomically."""
+    ckpt = read_checkpoint(src)
+    state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        # clone: safetensors refuses tensors that share storage
+        save_safetensors({k: v.detach().clone() for k, v in state.items()}, str(tmp),
+                         metadata={"args": json.dumps(checkpoint_args(ckpt), default=str)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a checkpoint's model weights to .safetensors")
+    parser.add_argument("src", help="checkpoint file or run directory")
+    parser.add_argument("dest", help="output .safetensors file")
+    parser.add_argument("--no_ema", action="store_true", help="export the live weights instead of the EMA")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.dest.endswith(".safetensors"):
+        parser.error(f"dest must end in .safetensors; got {args.dest}")
+    try:
+        dest = export_safetensors(args.src, args.dest, use_ema=not args.no_ema)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    logger.info("wrote %s", dest)
+
+
+if __name__ == "__main__":
+    main()
