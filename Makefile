@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test demo clean-venv
 
 setup: $(STAMP)
 
@@ -18,3 +18,14 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The CPU demo (README command 1): ARINAR on scikit-learn's 8x8 digits, pixel tokens (2x2 patches =
+# 16 tokens of 4 features), scored by a digit classifier. One intra-op thread: the model is tiny.
+DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
+	--model mar_tiny --attn_dropout 0 --proj_dropout 0 \
+	--batch_size 64 --epochs 70 --warmup_epochs 5 --lr 1e-3 --lr_schedule cosine --ema_rate 0.995 \
+	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
+	--num_images 1000 --eval_bsz 500 --num_iter 16 --cfg 3.0 --temperature 1.0
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir output_dir/demo-$$(date +%Y%m%d-%H%M%S)

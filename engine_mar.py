@@ -283,11 +283,13 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_sc
     return results
 
 
-def write_class_grid(png_paths, labels, class_num, path, max_rows=16, per_row=10):
-    """One row per class (the first `max_rows` classes), up to `per_row` samples each."""
+def write_class_grid(png_paths, labels, class_num, path, max_rows=16, per_row=10, min_cell=32):
+    """One row per class (the first `max_rows` classes), up to `per_row` samples each, cells >= `min_cell` px."""
     per_row = min(per_row, len(labels) // class_num)
     rows = []
     for c in range(min(class_num, max_rows)):
         picks = [p for p, label in zip(png_paths, labels) if label == c][:per_row]
         rows += [load_png(p) for p in picks]
-    return save_grid(np.stack(rows), per_row, path)
+    cells = np.stack(rows)
+    zoom = max(1, min_cell // cells.shape[1])  # tiny images (the 8x8 demo) are enlarged to be seen
+    return save_grid(cells.repeat(zoom, axis=1).repeat(zoom, axis=2), per_row, path)

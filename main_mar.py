@@ -80,14 +80,15 @@ def get_args_parser():
                        help="override the model's encoder/decoder depth (MAR-B: 12)")
     model.add_argument("--patch_size", default=1, type=int, help="tokenizer positions per token side")
     model.add_argument("--num_gaussians", default=4, type=int, help="mixture components per feature")
-    model.add_argument("--inner_ar_width", default=768, type=int)
-    model.add_argument("--inner_ar_depth", default=1, type=int)
-    model.add_argument("--inner_ar_heads", default=4, type=int)
+    # None = the --model factory's own default (ARINAR-B: inner 768 wide, 1 block, 4 heads; 64 buffer slots)
+    model.add_argument("--inner_ar_width", default=None, type=int)
+    model.add_argument("--inner_ar_depth", default=None, type=int)
+    model.add_argument("--inner_ar_heads", default=None, type=int)
     model.add_argument("--mask_ratio_min", default=0.7, type=float)
     model.add_argument("--label_drop_prob", default=0.1, type=float)
     model.add_argument("--attn_dropout", default=0.1, type=float)
     model.add_argument("--proj_dropout", default=0.1, type=float)
-    model.add_argument("--buffer_size", default=64, type=int)
+    model.add_argument("--buffer_size", default=None, type=int, help="class-vector buffer slots (default: the model's)")
     model.add_argument("--grad_checkpointing", action="store_true")
     model.add_argument("--init_outer_from", default=None, help="initialise the outer model from a MAR checkpoint")
     model.add_argument("--freeze_outer", action="store_true", help="train only the inner model")
@@ -300,7 +301,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
             save()
 
     logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, args.epochs - 1, steps)
-    start = time.time()
+    start, results = time.time(), []
     for epoch in range(state.epoch, args.epochs):
         state.epoch = epoch
         if hasattr(dataset, "set_epoch"):
@@ -317,10 +318,16 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
             atomic_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-            run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer)
+            results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer)
         if writer is not None:
             writer.flush()
-    logger.info("training done in %.1f min", (time.time() - start) / 60)
+    logger.info("training done in %.1f min; checkpoint %s; TensorBoard logs %s", (time.time() - start) / 60,
+                last, args.log_dir)
+    if args.online_eval and misc.is_main_process():
+        for res in results:  # the final evaluation: where to look, and its scores
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
+                               if isinstance(v, float) and k not in ("cfg", "temperature", "sec_per_image"))
+            logger.info("final samples (cfg %g): %s/grid.png; %s", res["cfg"], res["folder"], scores)
 
 
 def cli(argv=None):

@@ -160,14 +160,18 @@ class InnerAR(nn.Module):
         return gmm_nll(x, mu, logvar, logits).sum(-1)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg):
+    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg, graphs=None):
         """Sample one token per condition, feature by feature.
 
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
         is drawn from the guided target and fed to both halves. Returns float32 [n, D].
         use_cache=False recomputes the whole prefix every step (the slow reference path).
+        graphs: a models.fast_inner.GraphedInnerSampler, replayed instead on CUDA. A tensor cfg
+        (as CUDA-graph capture passes) always means guided.
         """
-        guided = cfg != 1.0
+        if graphs is not None and z.is_cuda and use_cache:
+            return graphs(z, temperature, cfg, cfg_sampler)
+        guided = torch.is_tensor(cfg) or cfg != 1.0
         rows = z.shape[0]
         n = rows // 2 if guided else rows
         mods = self.modulations(z)

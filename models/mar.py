@@ -260,8 +260,12 @@ class MAR(nn.Module):
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
-                      temperature=1.0, progress=False, use_cache=True, cfg_sampler=None):
-        """Generate latents [bsz, C, h, w] (divide by 0.2325 before the VAE decoder)."""
+                      temperature=1.0, progress=False, use_cache=True, cfg_sampler=None, inner_graphs=None):
+        """Generate latents [bsz, C, h, w] (divide by 0.2325 before the VAE decoder).
+
+        inner_graphs: a models.fast_inner.GraphedInnerSampler(self.arhead) to replay the inner
+        loop as CUDA graphs (ignored off CUDA); keep it across calls so graphs are captured once.
+        """
         if num_iter < 1:
             raise ValueError(f"num_iter must be >= 1; got {num_iter}")
         if cfg < 1:
@@ -280,6 +284,8 @@ class MAR(nn.Module):
         inner_kwargs = {"use_cache": use_cache}
         if cfg_sampler is not None:
             inner_kwargs["cfg_sampler"] = cfg_sampler
+        if inner_graphs is not None:
+            inner_kwargs["graphs"] = inner_graphs
 
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
         mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
@@ -321,4 +327,11 @@ def mar_huge(enc_dec_depth=20, **kwargs):
     return _mar(1280, 16, enc_dec_depth, **kwargs)
 
 
-MODELS = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
+def mar_tiny(enc_dec_depth=2, **kwargs):
+    """The CPU demo's size: width 128, 2+2 outer blocks, a 64-wide inner model, 4 buffer slots."""
+    kwargs.setdefault("inner_ar_width", 64)
+    kwargs.setdefault("buffer_size", 4)
+    return _mar(128, 4, enc_dec_depth, **kwargs)
+
+
+MODELS = {"mar_tiny": mar_tiny, "mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}

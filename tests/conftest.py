@@ -10,6 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO.parent / "shared" / "manifests"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster single-threaded: intra-op threads only add overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_manifest(name):
     path = MANIFESTS / name
     if not path.exists():

@@ -37,6 +37,11 @@ def tiny_flags(**overrides):
     return out
 
 
+def load(path):
+    """A checkpoint as training wrote it, read the safe way."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def make_image_folder(root, classes=2, per_class=6, seed=0, broken=()):
     """root/train/classK/imgI.png with random RGB images of varied sizes; `broken` = (class, name) pairs
     written as non-image bytes."""

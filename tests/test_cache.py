@@ -16,12 +16,7 @@ from tests.pipeline_fixtures import make_image_folder, parse
 from util.data import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cache(data, out, *extra):

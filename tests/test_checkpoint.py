@@ -10,23 +10,13 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.pipeline_fixtures import (make_image_folder, python, run_main, subprocess_env, tiny_flags,
+from tests.pipeline_fixtures import (load, make_image_folder, python, run_main, subprocess_env, tiny_flags,
                                      write_launcher)
 from util import checkpoint
 from util.checkpoint import LAST, atomic_torch_save, capture_rng_state, restore_rng_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_tensors(a, b, what):

@@ -5,13 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.pipeline_fixtures import make_image_folder, run, tiny_flags, torchrun, write_launcher
+from tests.pipeline_fixtures import load, make_image_folder, run, tiny_flags, torchrun, write_launcher
 from util.checkpoint import LAST
 from util.data import ImageFolderADM, ResumableSampler
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_sampler_splits_ranks_and_skips(tmp_path):

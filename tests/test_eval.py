@@ -138,7 +138,7 @@ def test_grey_images_grid_and_extra_score(tmp_path):
     with np.load(folder / "samples.npz") as npz:
         assert npz["arr_0"].shape == (6, 8, 8, 1)
     grid = np.asarray(Image.open(folder / "grid.png"))
-    assert grid.shape == (2 + 3 * 10, 2 + 2 * 10)  # one row per class, 2 samples each, 2px padding
+    assert grid.shape == (2 + 3 * 34, 2 + 2 * 34)  # one row per class, 2 samples each (8px shown x4), 2px padding
 
 
 def test_save_grid_places_images_row_major(tmp_path):

@@ -14,22 +14,13 @@ import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
 from models import mar
-from tests.pipeline_fixtures import make_image_folder, parse, python, run, run_main, tiny_flags
+from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
 from util.checkpoint import LAST
 from util.ema import EMA
 from util.lr_sched import lr_at
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- pure pieces

@@ -1,0 +1,128 @@
+"""The CPU demo: its data set and score (util/digits.py), and a shortened `make demo` run end to end."""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine_mar import to_uint8
+from tests.conftest import REPO
+from util.digits import DigitsDataset, GREY_LEVELS, load_split, score_samples, to_grey_levels
+from util.loading import read_checkpoint
+
+
+# ----------------------------------------------------------------------------- data set
+def test_split_is_fixed_disjoint_stratified_and_complete():
+    train_images, train_labels = load_split("train")
+    test_images, test_labels = load_split("test")
+    assert len(train_labels) + len(test_labels) == 1797
+    assert np.array_equal(load_split("test")[0], test_images)  # the same split every time
+    train_rows = {row.tobytes() for row in train_images.reshape(len(train_images), -1)}
+    shared = sum(row.tobytes() in train_rows for row in test_images.reshape(len(test_images), -1))
+    assert shared <= 2  # a couple of real digits are pixel-identical; a leaked split would share hundreds
+    for labels in (train_labels, test_labels):
+        counts = np.bincount(labels, minlength=10)
+        assert counts.min() >= 0.9 * counts.mean()
+
+
+@pytest.mark.parametrize("img_size", [8, 16])
+def test_dataset_images_are_the_grey_levels_in_minus_one_to_one(img_size):
+    dataset = DigitsDataset("train", img_size)
+    image, label = dataset[5]
+    assert image.shape == (1, img_size, img_size) and image.dtype == torch.float32
+    assert isinstance(label, int) and 0 <= label < 10
+    levels = (dataset.images + 1) * (GREY_LEVELS - 1) / 2
+    assert torch.equal(levels, levels.round()) and levels.min() == 0 and levels.max() == GREY_LEVELS - 1
+    grey, labels = load_split("train")
+    native = dataset.images[:, 0, ::img_size // 8, ::img_size // 8]
+    assert torch.equal((native + 1) * 8, torch.from_numpy(grey).float())
+    assert label == labels[5]
+
+
+def test_bad_inputs_raise_one_line_errors():
+    with pytest.raises(ValueError, match="split"):
+        DigitsDataset("val", 8)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        DigitsDataset("train", 12)
+    with pytest.raises(ValueError, match="single-channel"):
+        to_grey_levels(np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="one requested label per sample"):
+        score_samples(np.zeros((3, 8, 8, 1), np.uint8), [0, 1])
+
+
+# ----------------------------------------------------------------------------- score
+@pytest.mark.parametrize("img_size", [8, 16])
+def test_real_digits_through_the_pipeline_uint8_score_the_real_accuracy(img_size):
+    """Held-out digits turned into the demo's uint8 samples are read back exactly."""
+    dataset = DigitsDataset("test", img_size)
+    images = to_uint8(dataset.images)
+    assert np.array_equal(to_grey_levels(images), load_split("test")[0])
+    scores = score_samples(images, dataset.labels.numpy())
+    assert scores["accuracy"] == scores["real_accuracy"]
+    assert 0.9 <= scores["real_accuracy"] < 1.0
+
+
+def test_score_counts_mismatched_classes_as_wrong():
+    dataset = DigitsDataset("test", 8)
+    images, labels = to_uint8(dataset.images), dataset.labels.numpy()
+    assert score_samples(images, (labels + 1) % 10)["accuracy"] < 0.1
+    noise = np.random.default_rng(0).integers(0, 256, size=(1000, 8, 8, 1), dtype=np.uint8)
+    assert score_samples(noise, np.arange(1000) % 10)["accuracy"] < 0.2
+
+
+# ----------------------------------------------------------------------------- shortened demo
+def demo_flags():
+    """DEMO_FLAGS from the Makefile, so the test runs the demo's own recipe."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    match = re.search(r"^DEMO_FLAGS\s*:?=(.*)$", text, flags=re.MULTILINE)
+    assert match, "the Makefile must define DEMO_FLAGS (the flags `make demo` passes to main_mar.py)"
+    return shlex.split(match.group(1))
+
+
+def train_losses(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.value for e in events.Scalars("train/loss")]
+
+
+def test_shortened_demo_trains_samples_scores_and_writes_its_artefacts(tmp_path):
+    """The demo's recipe cut to 6 epochs (132 steps) and 100 images: every artefact, and the loss falls.
+
+    Class accuracy needs the full run (about 1,500 steps), so here learning is checked on the NLL.
+    """
+    out = tmp_path / "demo"
+    flags = demo_flags()
+    # later flags win: a short schedule, fewer images, and an EMA short enough for 132 steps
+    short = ["--epochs", "6", "--warmup_epochs", "1", "--ema_rate", "0.95", "--num_images", "100",
+             "--eval_bsz", "100", "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "main_mar.py", *flags, *short], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    ckpt = read_checkpoint(out / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 5 and "model" in ckpt and "model_ema" in ckpt
+    losses = train_losses(out)
+    assert len(losses) == 6 * 22
+    assert np.mean(losses[-22:]) < np.mean(losses[:22]) - 2.0  # nats per token of 4 features
+
+    cfg = float(flags[flags.index("--cfg") + 1])
+    evaluated = set()
+    for folder in out.glob("eval-*"):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        evaluated.add((metrics["epoch"], metrics["cfg"]))
+        assert metrics["num_images"] == 100 and 0.0 <= metrics["accuracy"] <= 1.0
+        assert 0.9 <= metrics["real_accuracy"] < 1.0
+        grid = np.asarray(Image.open(folder / "grid.png"))
+        assert grid.ndim == 2 and grid.shape[0] == 2 + 10 * (32 + 2)  # one row of 8x8 digits (shown x4) per class
+        assert len(list((folder / "images").glob("*.png"))) == 100
+        assert str(folder) in result.stderr  # the console names where the scores are
+    assert evaluated == {(0, 1.0), (0, cfg), (5, 1.0), (5, cfg)}  # before and after training, with and without CFG
