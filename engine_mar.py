@@ -18,6 +18,8 @@ from numpy.lib import format as npformat
 from PIL import Image
 from tqdm import tqdm
 
+from models.gmm import CFG_SAMPLERS
+
 from util import misc
 from util.checkpoint import atomic_write
 from util.lr_sched import lr_at, set_lr
@@ -119,12 +121,12 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, args, labels, cfg=None):
+def generate(model, tokenizer, args, labels, cfg=None, progress=False):
     """Sample one image per class label: uint8 numpy [N, H, W, C].
 
-    Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule, args.temperature and
-    args.precision. The transformer runs under autocast; decoding runs in fp32 so low precision
-    cannot turn into NaN or black images.
+    Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule, args.temperature,
+    args.cfg_sampler and args.precision. The transformer runs under autocast; decoding runs in fp32
+    so low precision cannot turn into NaN or black images.
     """
     device = model_device(model)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -133,7 +135,8 @@ def generate(model, tokenizer, args, labels, cfg=None):
     with autocast(args, device):
         tokens = model.sample_tokens(bsz=labels.numel(), num_iter=args.num_iter,
                                      cfg=args.cfg if cfg is None else cfg, cfg_schedule=args.cfg_schedule,
-                                     labels=labels, temperature=args.temperature)
+                                     labels=labels, temperature=args.temperature, progress=progress,
+                                     cfg_sampler=CFG_SAMPLERS[getattr(args, "cfg_sampler", "sir")])
     model.train(was_training)
     images = tokenizer.decode(tokens.float() / tokenizer.scale)
     return to_uint8(images)

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from engine_mar import PRECISIONS, generate, save_grid, save_png
+from models.gmm import CFG_SAMPLERS
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
@@ -40,6 +41,8 @@ def get_parser():
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
     parser.add_argument("--temperature", type=float, default=1.0, help="divides each Gaussian's std")
+    parser.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
+                        help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
     parser.add_argument("--num_iter", type=int, default=64, help="outer autoregressive steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="images generated at once")
@@ -124,7 +127,7 @@ def sample_images(model, tokenizer, args):
     batches = []
     with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
         for batch in labels.split(args.batch_size):
-            batches.append(generate(model, tokenizer, args, batch))
+            batches.append(generate(model, tokenizer, args, batch, progress=True))
             bar.update(batch.numel())
     return [image for batch in batches for image in batch]
 
