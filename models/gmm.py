@@ -94,36 +94,44 @@ def sample_gmm_cfg(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
     return candidates.reshape(-1, num_candidates).gather(-1, pick).reshape(candidates.shape[:-1])
 
 
+def stacked_log_probs(x, mixtures):
+    """Full log-densities of several mixtures at x, at once: [len(mixtures), ..., M] for x [..., M].
+
+    gmm_log_prob laid out for speed: components on a leading axis, so the K-way log-sum-exp is
+    elementwise over [..., M] planes rather than a reduction over a trailing axis of 4, and
+    exponents floored at -80 (CPU exp is many times slower where its result underflows; e^-80
+    vanishes next to the leading term, which is 1).
+    """
+    mu, logvar, logits = (torch.stack([m[i].float() for m in mixtures]).movedim(-1, 1).unsqueeze(-1)
+                          for i in range(3))
+    comp = F.log_softmax(logits, dim=1) - 0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
+    peak = comp.amax(dim=1)
+    return (comp - peak.unsqueeze(1)).clamp_min_(-80.0).exp_().sum(dim=1).log_().add_(peak) - 0.5 * LOG_2PI
+
+
+def _guidance(cfg, like):
+    w = torch.as_tensor(cfg, dtype=torch.float32, device=like.device)
+    return w.unsqueeze(-1) if w.dim() > 0 else w
+
+
 def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
     """sample_gmm_cfg (the release's SIR) drawing the same random numbers, laid out for speed.
 
-    Components sit on the leading axis, so the K-way sums are elementwise over [rows, candidates]
-    planes instead of reductions over a trailing axis of 4; exponents are floored at -80 before
-    exp (CPU exp is many times slower where the result underflows, and e^-80 vanishes next to the
-    leading term, which is 1); the pick is torch.multinomial's own exponential race in log form,
-    argmax(weight logit - log E), without multinomial's host-side checks, so CUDA graphs can
-    capture it. Same draws in the same order as sample_gmm_cfg; picks agree up to float ties.
+    Densities come from stacked_log_probs; the pick is torch.multinomial's own exponential race
+    in log form, argmax(weight logit - log E), without multinomial's host-side checks, so CUDA
+    graphs can capture it. Same draws in the same order as sample_gmm_cfg, so the same picks up
+    to float ties.
     """
     mu_c, lv_c, lg_c = (t.float() for t in cond)
-    num_k = mu_c.shape[-1]
     cdf = torch.softmax(lg_c, dim=-1).cumsum(dim=-1)
     u = torch.rand(mu_c.shape[:-1] + (num_candidates,), device=mu_c.device)
-    k = (u > cdf[..., :1]).long()  # index of the chosen component = count of cdf entries below u
-    for j in range(1, num_k - 1):
+    k = (u > cdf[..., :1]).long()  # chosen component = count of cdf entries below u (at most K-1)
+    for j in range(1, mu_c.shape[-1] - 1):
         k += u > cdf[..., j:j + 1]
     std = torch.exp(0.5 * tempered(lv_c, temperature))
     x = mu_c.gather(-1, k) + std.gather(-1, k) * torch.randn(u.shape, device=u.device)  # [..., M]
-
-    # log-densities of both mixtures at once: [2, K, ..., M]
-    mu, logvar, logits = (torch.stack([c.float(), uc.float()]).movedim(-1, 1).unsqueeze(-1)
-                          for c, uc in zip(cond, uncond))
-    comp = F.log_softmax(logits, dim=1) - 0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
-    peak = comp.amax(dim=1)
-    log_p = (comp - peak.unsqueeze(1)).clamp_min_(-80.0).exp_().sum(dim=1).log_().add_(peak)
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=x.device)
-    if w.dim() > 0:
-        w = w.unsqueeze(-1)
-    logit = (w - 1) * (log_p[0] - log_p[1])
+    log_p = stacked_log_probs(x, (cond, uncond))
+    logit = (_guidance(cfg, x) - 1) * (log_p[0] - log_p[1])
     race = torch.empty_like(logit).exponential_(1)
     pick = (logit - race.log_()).argmax(dim=-1, keepdim=True)
     return x.gather(-1, pick).squeeze(-1)
@@ -135,24 +143,24 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     Around every conditional component the grid holds `points_per_scale` evenly spaced points over
     +-`half_width` of two widths: its tempered std (where the proposal puts its mass) and the
     narrower std of the guided target's peak, std / sqrt(T^2 + w - 1) (guidance multiplies the
-    component by p_cond^(w-1), which sharpens it). The target exp(cfg_log_target) is taken as
+    component by p_cond^(w-1), which sharpens it). The target (cfg_log_target) is taken as
     piecewise constant on the sorted grid's cells (trapezoid masses) and inverted with one uniform
     per row; the CDF error shrinks as the square of the spacing. Fixed shapes and no host syncs,
     so it can be captured in a CUDA graph.
     """
     mu, std = cond[0].float(), torch.exp(0.5 * cond[1].float())
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=mu.device)
-    if w.dim() > 0:
-        w = w.unsqueeze(-1)
+    w = _guidance(cfg, mu)
     scales = torch.stack([std / temperature, std / torch.sqrt(temperature ** 2 + (w - 1).clamp_min(0))], dim=-1)
     offsets = torch.linspace(-half_width, half_width, points_per_scale, device=mu.device)
     grid = (mu[..., None, None] + scales[..., None] * offsets).flatten(-3).sort(dim=-1).values  # [..., G]
-    log_f = cfg_log_target(grid, cond, uncond, cfg, temperature)
-    density = torch.exp(log_f - log_f.amax(dim=-1, keepdim=True))
+    proposal = (cond[0], tempered(cond[1].float(), temperature), cond[2])
+    log_p = stacked_log_probs(grid, (proposal, cond, uncond))
+    log_f = log_p[0] + (w - 1) * (log_p[1] - log_p[2])
+    density = (log_f - log_f.amax(dim=-1, keepdim=True)).clamp_min_(-80.0).exp_()
     mass = 0.5 * (density[..., 1:] + density[..., :-1]) * grid.diff(dim=-1)  # [..., G-1]
     cdf = mass.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[:-1], device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
-    cell = (cdf < u).sum(dim=-1, keepdim=True).clamp_max(cdf.shape[-1] - 1)
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device) * cdf[..., -1:]
+    cell = torch.searchsorted(cdf, u).clamp_max_(cdf.shape[-1] - 1)  # first cell whose cdf reaches u
     cell_mass = mass.gather(-1, cell)
     left = grid.gather(-1, cell)
     # where the draw falls inside the chosen cell, reusing the same uniform

@@ -1,0 +1,167 @@
+"""Training speed: steps/s and peak memory, inner model on masked tokens only vs on every token.
+
+MAR.forward runs the inner model on the masked tokens only; the release ran it on all tokens
+and masked the loss (bench/reference.py: release_style_loss). Both are timed in this process
+on the same weights and the same random masks (same seed); the losses agree. A step is
+forward + backward + AdamW update on random latents (no data or weights needed).
+
+Peak memory: CUDA, torch.cuda.max_memory_allocated in this process; CPU, the peak resident set
+(ru_maxrss) of a fresh child process per path, so one path's peak cannot hide the other's.
+
+CPU configuration of issue 5:
+    python -m bench.bench_train --width 128 --depth 2 --heads 4 --batch_size 4 --steps 3
+"""
+import json
+import logging
+import multiprocessing
+import resource
+
+import torch
+
+from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
+                          parser, setup_runtime, synchronize, time_runs)
+from bench.reference import release_style_loss
+
+log = logging.getLogger("bench.train")
+PATHS = ("masked_only", "all_tokens")
+
+
+def parse_args(argv=None):
+    p = parser(__doc__.splitlines()[0])
+    add_model_args(p)
+    add_runtime_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=8)
+    g.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
+    g.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def make_step(args, device):
+    """(loss_of(path), step(path), parameters): a path's loss, and one forward/backward/update."""
+    model = build_model(args).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    side = model.seq_h * model.patch_size
+    gen = torch.Generator().manual_seed(args.seed)
+    latents = torch.randn(args.batch_size, model.vae_embed_dim, side, side, generator=gen).to(device)
+    labels = torch.randint(0, args.class_num, (args.batch_size,), generator=gen).to(device)
+
+    def loss_of(path):
+        with autocast(device, args.precision):
+            if path == "masked_only":
+                return model(latents, labels)
+            return release_style_loss(model, latents, labels)
+
+    def step(path):
+        loss = loss_of(path)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return loss_of, step, list(model.parameters())
+
+
+def saved_activation_mib(model_params, loss_of, path):
+    """MiB of tensors autograd keeps for the backward pass of one loss (parameters excluded).
+
+    Exact and allocator-independent: each saved storage is counted once, by address (saved
+    tensors stay alive until backward, so addresses cannot be reused meanwhile).
+    """
+    params = {p.untyped_storage().data_ptr() for p in model_params}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_of(path)
+    return sum(saved.values()) / 2 ** 20
+
+
+def peak_memory_mb(args, path):
+    """(peak MiB over `steps` training steps of one path, CPU resident MiB before the first step)."""
+    device = setup_runtime(args)
+    _, step, _ = make_step(args, device)
+    if device.type == "cuda":
+        step(path)  # optimizer state exists after the first step
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.steps):
+            step(path)
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, None
+    before = current_rss_mb()
+    for _ in range(args.steps + 1):
+        step(path)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before  # Linux reports KiB
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def peak_memory_in_child(args, path):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(peak_memory_mb, (args, path))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    device = setup_runtime(args)
+    log.info("machine: %s", machine_line(device))
+    log.info("config: %s", {k: v for k, v in vars(args).items() if k != "json"})
+    loss_of, step, params = make_step(args, device)
+    results = {"machine_before": machine_line(device), "args": vars(args)}
+
+    losses = {}
+    for path in PATHS:
+        torch.manual_seed(args.seed)  # same masks, label drops and dropout draws for both paths
+        with torch.no_grad():
+            losses[path] = loss_of(path).item()
+    results["losses"] = losses
+    log.info("losses on the same draws (should agree): %s", losses)
+    for path in PATHS:
+        torch.manual_seed(args.seed)  # the same mask for both
+        mib = saved_activation_mib(params, loss_of, path)
+        results.setdefault(path, {})["saved_activations_mib"] = mib
+        log.info("%-12s saves %.1f MiB of activations for backward (same mask for both paths)", path, mib)
+
+    for path in PATHS:
+        torch.manual_seed(args.seed + 1)
+        times = time_runs(lambda: [step(path) for _ in range(args.steps)], device, args.warmup, args.repeats)
+        per_step = [t / args.steps for t in times]
+        results[path].update(s_per_step=per_step, steps_per_s=1 / median(per_step))
+        log.info("%-12s %.3f steps/s  (median s/step of %d runs: %s)", path, 1 / median(per_step), len(per_step),
+                 ", ".join(f"{t:.3f}" for t in per_step))
+    ratio = median(results["all_tokens"]["s_per_step"]) / median(results["masked_only"]["s_per_step"])
+    results["speedup"] = ratio
+    log.info("speed-up (masked-only steps/s / all-tokens steps/s, medians): %.2fx", ratio)
+
+    if not args.no_memory:
+        for path in PATHS:
+            peak, before = peak_memory_mb(args, path) if device.type == "cuda" else peak_memory_in_child(args, path)
+            results[path]["peak_memory_mib"] = peak
+            if before is None:
+                log.info("%-12s peak memory %.0f MiB (max_memory_allocated)", path, peak)
+            else:
+                results[path]["rss_before_steps_mib"] = before
+                log.info("%-12s peak memory %.0f MiB (child peak RSS; %.0f MiB of it before the first step)",
+                         path, peak, before)
+    results["machine_after"] = machine_line(device)
+    log.info("machine after: %s", results["machine_after"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Fast paths against the references: identical where the algorithm is the same, statistically
+indistinguishable where the random draws differ; the exact CFG sampler against its target density;
+the CUDA-graph loop's padded fixed-shape form on CPU; the benchmarks' plumbing (no timing asserts)."""
+import functools
+import json
+from functools import lru_cache
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from bench import bench_sampling, bench_train
+from bench.reference import reference_inner_sample, reference_sample_tokens, release_style_loss
+from models.fast_inner import GraphedInnerSampler, bucket_rows, sample_gmm_cfg_race
+from models.gmm import CFG_SAMPLERS, cfg_log_target, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused
+from models.inner import InnerAR
+from tests.conftest import randomize_, tiny_mar
+
+D, C = 16, 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra OpenMP threads only add overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_inner(seed=0, width=32):
+    torch.manual_seed(seed)
+    return randomize_(InnerAR(token_dim=D, cond_dim=C, width=width, depth=1, num_heads=4), std=0.15, seed=seed)
+
+
+def random_mixtures(rows, seed, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(rows, 4, generator=gen) * 2 * spread
+    logvar = torch.randn(rows, 4, generator=gen) - 1.0
+    logits = torch.randn(rows, 4, generator=gen)
+    return mu, logvar, logits
+
+
+# ----------------------------------------------------------------------------- exact CFG sampler
+MIX_C = (torch.tensor([-2.0, 0.5, 1.5, 4.0]), torch.log(torch.tensor([0.3, 0.05, 1.0, 0.5]) ** 2),
+         torch.tensor([0.2, 1.0, -0.5, 0.3]))
+MIX_U = (torch.tensor([-1.0, 0.0, 2.0, 3.0]), torch.log(torch.tensor([1.0, 0.8, 1.2, 1.5]) ** 2),
+         torch.tensor([0.0, 0.5, 0.0, -0.2]))
+
+
+@lru_cache(maxsize=None)
+def target_cdf(cfg, temperature):
+    """CDF of the normalised target exp(cfg_log_target), integrated on a fine uniform grid."""
+    grid = torch.linspace(-14.0, 16.0, 150001, dtype=torch.float64)
+    log_f = cfg_log_target(grid[None].float(), [t[None] for t in MIX_C], [t[None] for t in MIX_U], cfg,
+                           temperature)[0].double()
+    density = torch.exp(log_f - log_f.max())
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), (0.5 * (density[1:] + density[:-1]) * grid.diff()).cumsum(0)])
+    cdf = (cdf / cdf[-1]).numpy()
+    return lambda x: np.interp(x, grid.numpy(), cdf)
+
+
+def draw_exact(n, cfg, temperature, seed):
+    torch.manual_seed(seed)
+    return sample_gmm_cfg_exact([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg,
+                                temperature).numpy()
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (1.5, 1.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
+def test_exact_cfg_matches_target_density(cfg, temperature):
+    samples = draw_exact(10000, cfg, temperature, seed=3)
+    assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
+
+
+def test_exact_cfg_has_power_and_uses_per_row_scales():
+    samples = draw_exact(10000, 4.5, 1.0, seed=4)
+    assert stats.kstest(samples, target_cdf(1.0, 1.0)).pvalue < 1e-6  # guidance visibly changes the law
+    # a per-row scale tensor: rows with w = 4.5 follow the w = 4.5 target
+    n = 16000
+    cfg = torch.tensor([1.0, 4.5]).repeat(n // 2)
+    torch.manual_seed(5)
+    mixed = sample_gmm_cfg_exact([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg, 1.0)
+    assert stats.kstest(mixed[1::2].numpy(), target_cdf(4.5, 1.0)).pvalue > 0.01
+    assert stats.kstest(mixed[0::2].numpy(), target_cdf(1.0, 1.0)).pvalue > 0.01
+
+
+def test_cfg_sampler_names():
+    assert CFG_SAMPLERS == {"sir": sample_gmm_cfg_fused, "exact": sample_gmm_cfg_exact}
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.5, 1.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
+def test_fused_sir_draws_what_release_sir_draws(cfg, temperature):
+    """Same random numbers, same algorithm: the same picks (float ties aside, which these seeds avoid)."""
+    cond, uncond = random_mixtures(300, seed=2), random_mixtures(300, seed=3)
+    torch.manual_seed(12)
+    release = sample_gmm_cfg(cond, uncond, cfg, temperature)
+    torch.manual_seed(12)
+    fused = sample_gmm_cfg_fused(cond, uncond, cfg, temperature)
+    assert (release == fused).float().mean() >= 0.99 and torch.isfinite(fused).all()
+    # leading dims and a per-row scale tensor
+    cond3, uncond3 = [t.view(3, 100, 4) for t in cond], [t.view(3, 100, 4) for t in uncond]
+    scales = torch.linspace(1.0, cfg, 300).view(3, 100)
+    torch.manual_seed(13)
+    release = sample_gmm_cfg(cond3, uncond3, scales, temperature)
+    torch.manual_seed(13)
+    fused = sample_gmm_cfg_fused(cond3, uncond3, scales, temperature)
+    assert fused.shape == (3, 100) and (release == fused).float().mean() >= 0.99
+
+
+# ----------------------------------------------------------------------------- inner model
+def test_race_resampling_is_multinomial_resampling():
+    """The capturable SIR draws the same random numbers as torch.multinomial: identical picks."""
+    cond, uncond = random_mixtures(64, seed=0), random_mixtures(64, seed=1)
+    torch.manual_seed(11)
+    eager = sample_gmm_cfg(cond, uncond, 3.0, 1.1)
+    torch.manual_seed(11)
+    race = sample_gmm_cfg_race(cond, uncond, 3.0, 1.1)
+    assert torch.equal(eager, race)
+
+
+def test_bucket_rows():
+    assert [bucket_rows(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
+
+
+@pytest.mark.parametrize("cfg, sampler", [(1.0, sample_gmm_cfg), (3.0, sample_gmm_cfg),
+                                          (3.0, CFG_SAMPLERS["sir"]), (3.0, CFG_SAMPLERS["exact"])])
+def test_fixed_shape_loop_equals_eager_loop(cfg, sampler):
+    """Unpadded, the loop the CUDA graph captures is the eager loop: same draws, same samples
+    (the release SIR's multinomial is swapped for its capturable twin, which draws the same)."""
+    inner = small_inner()
+    n = 8
+    z = torch.randn(2 * n if cfg != 1 else n, C)
+    torch.manual_seed(5)
+    eager = inner.sample(z, 1.2, cfg, cfg_sampler=sampler)
+    torch.manual_seed(5)
+    fixed = GraphedInnerSampler(inner, min_rows=n, capture=False)(z, 1.2, cfg, sampler)
+    assert fixed.shape == (n, D) and torch.equal(eager, fixed)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_padding_rows_do_not_touch_real_rows(cfg):
+    inner = small_inner()
+    guided = cfg != 1
+    z = torch.randn(10 if guided else 5, C)  # 5 real rows, padded to a bucket of 8
+    filler = torch.randn(16 if guided else 8, C) * 3
+    fresh, dirty = GraphedInnerSampler(inner, capture=False), GraphedInnerSampler(inner, capture=False)
+    dirty(filler, 1.0, cfg)  # leaves other rows' conditions in the padding
+    torch.manual_seed(6)
+    a = fresh(z, 1.0, cfg)
+    torch.manual_seed(6)
+    b = dirty(z, 1.0, cfg)
+    assert a.shape == (5, D) and torch.equal(a, b)
+
+
+def test_inner_graphs_are_ignored_off_cuda():
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    labels = torch.tensor([1, 2])
+    torch.manual_seed(0)
+    plain = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels)
+    torch.manual_seed(0)
+    graphs = GraphedInnerSampler(m.arhead)
+    with_graphs = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels, inner_graphs=graphs)
+    assert torch.equal(plain, with_graphs) and graphs.replays == {}
+
+
+def per_feature_ks(a, b):
+    return [stats.ks_2samp(a[:, i].numpy(), b[:, i].numpy()).pvalue for i in range(a.shape[1])]
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (3.0, 1.2)])
+def test_reference_inner_sampler_matches_fast_statistically(cfg, temperature):
+    """torch.distributions + recomputation vs the cached fused loop, on one condition repeated."""
+    inner = small_inner(width=16)
+    n = 1000
+    z = torch.randn(2, C)
+    z = torch.cat([z[:1].expand(n, -1), z[1:].expand(n, -1)]) if cfg != 1 else z[:1].expand(n, -1)
+    sir = functools.partial(sample_gmm_cfg, num_candidates=100)
+    torch.manual_seed(0)
+    fast = inner.sample(z, temperature, cfg, cfg_sampler=sir)
+    torch.manual_seed(1)
+    ref = reference_inner_sample(inner, z, temperature, cfg, num_candidates=100)
+    # 16 features: Bonferroni-style threshold
+    assert min(per_feature_ks(fast, ref)) > 0.01 / D
+    # power: a different temperature is told apart
+    torch.manual_seed(2)
+    other = reference_inner_sample(inner, z, 0.5 * temperature, cfg, num_candidates=100)
+    assert min(per_feature_ks(fast, other)) < 1e-6
+
+
+# ----------------------------------------------------------------------------- outer loop
+@pytest.mark.parametrize("cfg, schedule, num_iter", [(1.0, "linear", 4), (3.0, "linear", 5), (2.5, "constant", 3)])
+def test_reference_outer_loop_matches_sample_tokens(cfg, schedule, num_iter):
+    """The independent outer loop, driving the model's own inner sampler, gives identical latents."""
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    labels = torch.tensor([3, 7])
+    torch.manual_seed(8)
+    fast = m.sample_tokens(2, num_iter=num_iter, cfg=cfg, cfg_schedule=schedule, labels=labels, temperature=1.1)
+    torch.manual_seed(8)
+    ref = reference_sample_tokens(m, 2, num_iter, cfg=cfg, labels=labels, temperature=1.1, cfg_schedule=schedule,
+                                  inner_sample=lambda z, t, w: m.arhead.sample(z, t, w))
+    assert torch.equal(fast, ref)
+
+
+def test_sample_tokens_cache_vs_recompute_identical():
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    labels = torch.tensor([0, 5])
+    outs = []
+    for use_cache in (True, False):
+        torch.manual_seed(9)
+        outs.append(m.sample_tokens(2, num_iter=4, cfg=3.0, labels=labels, use_cache=use_cache,
+                                    cfg_sampler=sample_gmm_cfg_exact))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_reference_sample_tokens_runs_with_distributions():
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    torch.manual_seed(0)
+    out = reference_sample_tokens(m, 2, 3, cfg=2.0, labels=torch.tensor([1, 2]), num_candidates=50)
+    assert out.shape == (2, 16, 4, 4) and torch.isfinite(out).all() and (out != 0).all()
+
+
+# ----------------------------------------------------------------------------- training
+def test_masked_only_loss_equals_release_all_tokens_loss():
+    m = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(3, 16, 4, 4), torch.tensor([1, 2, 3])
+    losses, grads = [], []
+    for loss_fn in (lambda: m(latents, labels), lambda: release_style_loss(m, latents, labels)):
+        torch.manual_seed(4)  # same mask, label drops and dropout
+        loss = loss_fn()
+        m.zero_grad()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- benchmark plumbing
+TINY = ["--width", "32", "--heads", "4", "--depth", "1", "--inner_width", "32", "--img_size", "64",
+        "--class_num", "10", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--batch_size", "2"]
+
+
+def test_bench_sampling_runs(tmp_path):
+    out = tmp_path / "s.json"
+    res = bench_sampling.main(TINY + ["--num_iter", "2", "--cfg", "2.0", "--cfg_sampler", "exact", "--json", str(out)])
+    assert res["speedup"] > 0 and len(res["fast_s"]) == 1 and json.loads(out.read_text())["args"]["num_iter"] == 2
+
+
+def test_bench_train_runs():
+    res = bench_train.main(TINY + ["--steps", "1", "--no_memory"])
+    assert res["speedup"] > 0
+    losses = res["losses"]
+    assert losses["masked_only"] == pytest.approx(losses["all_tokens"], rel=1e-5)
+    # the release path also keeps the unmasked tokens' inner activations
+    assert 0 < res["masked_only"]["saved_activations_mib"] <= res["all_tokens"]["saved_activations_mib"]
+
+
+def test_bench_rejects_bad_heads():
+    with pytest.raises(ValueError, match="--heads"):
+        bench_sampling.main(["--width", "100", "--device", "cpu"])
