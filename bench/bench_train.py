@@ -5,8 +5,10 @@ and masked the loss (bench/reference.py: release_style_loss). Both are timed in 
 on the same weights and the same random masks (same seed); the losses agree. A step is
 forward + backward + AdamW update on random latents (no data or weights needed).
 
-Peak memory: CUDA, torch.cuda.max_memory_allocated in this process; CPU, the peak resident set
-(ru_maxrss) of a fresh child process per path, so one path's peak cannot hide the other's.
+Memory: the activations autograd saves for backward (exact, on the same mask for both paths);
+and the peak: on CUDA torch.cuda.max_memory_allocated in this process, on CPU the peak resident
+set (ru_maxrss) of a fresh child process per path, so one path's peak cannot hide the other's
+(the CPU allocator's high-water mark is coarse; the saved-activation figure is the precise one).
 
 CPU configuration of issue 5:
     python -m bench.bench_train --width 128 --depth 2 --heads 4 --batch_size 4 --steps 3
