@@ -83,8 +83,10 @@ def main(argv=None):
     for i in range(max(args.repeats, args.ref_repeats)):
         if i < args.repeats:
             fast_times += time_runs(fast, device, 0, 1)
+            log.info("run %d: fast %.2f s", i + 1, fast_times[-1])
         if i < args.ref_repeats:
             ref_times += time_runs(reference, device, 0, 1)
+            log.info("run %d: reference %.2f s", i + 1, ref_times[-1])
     results["fast_s"] = fast_times
     report(log, "fast", fast_times, args.batch_size, args.num_iter)
     if ref_times:
