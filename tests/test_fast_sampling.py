@@ -66,7 +66,7 @@ def draw_exact(n, cfg, temperature, seed):
                                 temperature).numpy()
 
 
-@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (1.5, 1.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
+@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (1.5, 2.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
 def test_exact_cfg_matches_target_density(cfg, temperature):
     samples = draw_exact(10000, cfg, temperature, seed=3)
     assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
@@ -206,14 +206,25 @@ def test_reference_inner_sampler_matches_fast_statistically(cfg, temperature):
 # ----------------------------------------------------------------------------- outer loop
 @pytest.mark.parametrize("cfg, schedule, num_iter", [(1.0, "linear", 4), (3.0, "linear", 5), (2.5, "constant", 3)])
 def test_reference_outer_loop_matches_sample_tokens(cfg, schedule, num_iter):
-    """The independent outer loop, driving the model's own inner sampler, gives identical latents."""
+    """The independent outer loop, driving the model's own inner sampler, asks for the same tokens
+    at the same CFG scales and gives identical latents."""
     m = randomize_(tiny_mar(), std=0.1).eval()
     labels = torch.tensor([3, 7])
+    inner_sample, calls = m.arhead.sample, {"fast": [], "reference": []}
+
+    def recorded(name):
+        def sample(z, temperature, scale, **kwargs):
+            calls[name].append((z.shape[0], float(scale)))
+            return inner_sample(z, temperature, scale, **kwargs)
+        return sample
+
+    m.arhead.sample = recorded("fast")
     torch.manual_seed(8)
     fast = m.sample_tokens(2, num_iter=num_iter, cfg=cfg, cfg_schedule=schedule, labels=labels, temperature=1.1)
     torch.manual_seed(8)
     ref = reference_sample_tokens(m, 2, num_iter, cfg=cfg, labels=labels, temperature=1.1, cfg_schedule=schedule,
-                                  inner_sample=lambda z, t, w: m.arhead.sample(z, t, w))
+                                  inner_sample=recorded("reference"))
+    assert calls["fast"] == calls["reference"] and len(calls["fast"]) == num_iter
     assert torch.equal(fast, ref)
 
 
