@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from models.gmm import gmm_log_prob, sample_gmm, sample_gmm_cfg
+from models.gmm import sample_gmm_cfg, sir_candidates
 
 
 def sample_gmm_cfg_race(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
@@ -25,14 +25,7 @@ def sample_gmm_cfg_race(cond, uncond, cfg, temperature=1.0, num_candidates=1000)
     picks argmax(p / E) with E ~ Exp(1) drawn by exponential_ on a tensor like p. Doing exactly
     that here keeps the same random stream, so on the same seed the picks are the same.
     """
-    candidates = sample_gmm(*cond, temperature=temperature, num_samples=num_candidates)
-    mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
-    mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=candidates.device)
-    if w.dim() > 0:
-        w = w.unsqueeze(-1)
-    log_ratio = gmm_log_prob(candidates, mu_c, lv_c, lg_c) - gmm_log_prob(candidates, mu_u, lv_u, lg_u)
-    probs = torch.softmax((w - 1) * log_ratio, dim=-1).reshape(-1, num_candidates)
+    candidates, probs = sir_candidates(cond, uncond, cfg, temperature, num_candidates)
     race = torch.empty_like(probs).exponential_(1)
     pick = (probs / race).argmax(dim=-1, keepdim=True)
     return candidates.reshape(-1, num_candidates).gather(-1, pick).reshape(candidates.shape[:-1])

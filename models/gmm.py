@@ -83,15 +83,21 @@ def sample_gmm_cfg(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
     Proposals come from the tempered conditional mixture; each gets weight
     softmax((w-1) * (log p_cond - log p_uncond)) and one is picked. Returns one value per row.
     """
-    candidates = sample_gmm(*cond, temperature=temperature, num_samples=num_candidates)  # [..., M]
+    candidates, probs = sir_candidates(cond, uncond, cfg, temperature, num_candidates)
+    pick = torch.multinomial(probs, 1)
+    return candidates.reshape(-1, num_candidates).gather(-1, pick).reshape(candidates.shape[:-1])
+
+
+def sir_candidates(cond, uncond, cfg, temperature, num_candidates):
+    """The SIR proposals [..., M] and their resampling probabilities, flattened to [rows, M]."""
+    candidates = sample_gmm(*cond, temperature=temperature, num_samples=num_candidates)
     mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
     mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
     w = torch.as_tensor(cfg, dtype=torch.float32, device=candidates.device)
     if w.dim() > 0:
         w = w.unsqueeze(-1)
     log_ratio = gmm_log_prob(candidates, mu_c, lv_c, lg_c) - gmm_log_prob(candidates, mu_u, lv_u, lg_u)
-    pick = torch.multinomial(torch.softmax((w - 1) * log_ratio, dim=-1).reshape(-1, num_candidates), 1)
-    return candidates.reshape(-1, num_candidates).gather(-1, pick).reshape(candidates.shape[:-1])
+    return candidates, torch.softmax((w - 1) * log_ratio, dim=-1).reshape(-1, num_candidates)
 
 
 def stacked_log_probs(x, mixtures):
