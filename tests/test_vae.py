@@ -1,24 +1,20 @@
 """Tests for models/vae.py: checkpoint layout, strict loading, shapes, posterior, numerics."""
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models.vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
+from tests.conftest import load_manifest
 
-# the shared folder sits next to the checkout (/work/main -> /work/shared)
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "kl16_vae.json"
 
 
 @pytest.fixture(scope="module")
 def manifest():
-    with open(MANIFEST) as f:
-        return json.load(f)
+    return load_manifest("kl16_vae.json")
 
 
 @pytest.fixture(scope="module")
