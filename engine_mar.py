@@ -18,6 +18,7 @@ from numpy.lib import format as npformat
 from PIL import Image
 from tqdm import tqdm
 
+from models.cuda_graphs import SamplingGraphs
 from models.gmm import CFG_SAMPLERS
 
 from util import misc
@@ -121,12 +122,13 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, args, labels, cfg=None, progress=False):
+def generate(model, tokenizer, args, labels, cfg=None, progress=False, graphs=None):
     """Sample one image per class label: uint8 numpy [N, H, W, C].
 
     Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule, args.temperature,
     args.cfg_sampler and args.precision. The transformer runs under autocast; decoding runs in fp32
-    so low precision cannot turn into NaN or black images.
+    so low precision cannot turn into NaN or black images. graphs: a SamplingGraphs to reuse
+    across calls (see sampling_graphs).
     """
     device = model_device(model)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -136,10 +138,17 @@ def generate(model, tokenizer, args, labels, cfg=None, progress=False):
         tokens = model.sample_tokens(bsz=labels.numel(), num_iter=args.num_iter,
                                      cfg=args.cfg if cfg is None else cfg, cfg_schedule=args.cfg_schedule,
                                      labels=labels, temperature=args.temperature, progress=progress,
-                                     cfg_sampler=CFG_SAMPLERS[getattr(args, "cfg_sampler", "sir")])
+                                     cfg_sampler=CFG_SAMPLERS[getattr(args, "cfg_sampler", "sir")], graphs=graphs)
     model.train(was_training)
     images = tokenizer.decode(tokens.float() / tokenizer.scale)
     return to_uint8(images)
+
+
+def sampling_graphs(model, args):
+    """CUDA-graph replays for sampling when args.cuda_graphs (default on; inert off CUDA), else None."""
+    if not getattr(args, "cuda_graphs", True):
+        return None
+    return SamplingGraphs(model, compile=getattr(args, "compile", False))
 
 
 def save_grid(images, nrow, path, pad=2):
@@ -231,12 +240,13 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_sc
     weights = ema.swapped_in(model) if args.eval_weights == "ema" else nullcontext()
     # a private RNG stream: evaluating in the middle of training must not change what training draws
     fork_devices = [device] if device.type == "cuda" else []
+    graphs = sampling_graphs(model, args)  # captured on the first batch, replayed on the rest
     with weights, torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(args.seed + 1000 + rank)
         batches = [mine[i:i + args.eval_bsz] for i in range(0, len(mine), args.eval_bsz)]
         for b, idx in enumerate(tqdm(batches, desc=f"generating (cfg {cfg:g})", disable=rank != 0)):
             start = time.time()
-            images = generate(model, tokenizer, args, labels_all[idx], cfg=cfg)
+            images = generate(model, tokenizer, args, labels_all[idx], cfg=cfg, graphs=graphs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if b > 0 or len(batches) == 1:  # the first batch pays for warm-up

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine_mar import PRECISIONS, generate, save_grid, save_png
+from engine_mar import PRECISIONS, generate, sampling_graphs, save_grid, save_png
 from models.gmm import CFG_SAMPLERS
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
@@ -50,6 +50,10 @@ def get_parser():
     parser.add_argument("--save_dir", default=None, help="also save each image here as INDEX_classID.png")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights instead of the EMA")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
+                        help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --cuda_graphs: torch.compile the outer step and SIR math (CUDA; ~1 min once)")
     parser.add_argument("--precision", default="auto", choices=("auto", *sorted(PRECISIONS)),
                         help="autocast dtype for the transformer (auto: bf16 on GPUs that support it, else fp32)")
     model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")
@@ -124,10 +128,10 @@ def sample_images(model, tokenizer, args):
     """uint8 [len(classes) * num_per_class, H, W, C], class-major, from one seeded stream."""
     labels = torch.tensor(args.classes).repeat_interleave(args.num_per_class)
     torch.manual_seed(args.seed)
-    batches = []
+    batches, graphs = [], sampling_graphs(model, args)
     with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
         for batch in labels.split(args.batch_size):
-            batches.append(generate(model, tokenizer, args, batch, progress=True))
+            batches.append(generate(model, tokenizer, args, batch, progress=True, graphs=graphs))
             bar.update(batch.numel())
     return [image for batch in batches for image in batch]
 

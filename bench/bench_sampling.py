@@ -12,12 +12,14 @@ Full ARINAR-B at batch 1:
 """
 import json
 import logging
+import time
 
 import torch
 
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, time_runs)
 from bench.reference import reference_sample_tokens
+from models.cuda_graphs import SamplingGraphs
 from models.gmm import CFG_SAMPLERS
 from models.vae import LATENT_SCALE, AutoencoderKL
 
@@ -34,7 +36,9 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=4.5)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS), help="fast path's CFG sampler")
-    g.add_argument("--cuda_graphs", action="store_true", help="replay the inner loop as CUDA graphs (CUDA only)")
+    g.add_argument("--cuda_graphs", action="store_true", help="replay the outer step and inner loop as CUDA graphs")
+    g.add_argument("--compile", action="store_true", help="with --cuda_graphs: torch.compile the outer step and SIR math")
+    g.add_argument("--breakdown", action="store_true", help="also report the fast path's outer/inner time split")
     g.add_argument("--decode", action="store_true", help="include a (random-init) KL-16 VAE decode in the time")
     g.add_argument("--ref_repeats", type=int, default=1, help="timed reference runs (0 = skip the reference)")
     g.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -48,10 +52,12 @@ def main(argv=None):
     model = build_model(args).to(device)
     labels = torch.randint(0, args.class_num, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     vae = AutoencoderKL(embed_dim=model.vae_embed_dim).to(device).eval() if args.decode else None
-    graphs = None
-    if args.cuda_graphs:
-        from models.fast_inner import GraphedInnerSampler
-        graphs = GraphedInnerSampler(model.arhead)
+    graphs = SamplingGraphs(model, compile=args.compile) if args.cuda_graphs else None
+    split = PieceTimer(device)
+    if args.breakdown:  # instance attributes shadow the methods sample_tokens looks up
+        owner = graphs if graphs is not None and graphs.applies_to(device) else None
+        split.wrap(owner or model, "outer" if owner else "condition_at", "outer")
+        split.wrap(owner or model.arhead, "inner" if owner else "sample", "inner")
 
     def finish(latents):
         if vae is not None:
@@ -62,7 +68,7 @@ def main(argv=None):
         with autocast(device, args.precision):
             finish(model.sample_tokens(args.batch_size, num_iter, cfg=args.cfg, labels=labels,
                                        temperature=args.temperature, cfg_sampler=CFG_SAMPLERS[args.cfg_sampler],
-                                       inner_graphs=graphs))
+                                       graphs=graphs))
 
     def reference(num_iter=args.num_iter):
         with autocast(device, args.precision):
@@ -82,8 +88,9 @@ def main(argv=None):
     fast_times, ref_times = [], []
     for i in range(max(args.repeats, args.ref_repeats)):
         if i < args.repeats:
+            split.reset()
             fast_times += time_runs(fast, device, 0, 1)
-            log.info("run %d: fast %.2f s", i + 1, fast_times[-1])
+            log.info("run %d: fast %.2f s%s", i + 1, fast_times[-1], split.summary())
         if i < args.ref_repeats:
             ref_times += time_runs(reference, device, 0, 1)
             log.info("run %d: reference %.2f s", i + 1, ref_times[-1])
@@ -101,6 +108,42 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+class PieceTimer:
+    """Seconds spent inside wrapped callables (CUDA events on GPU, so no extra syncs in the loop)."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, {}
+
+    def wrap(self, owner, attr, name):
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = self._mark()
+            out = fn(*args, **kwargs)
+            self.marks.setdefault(name, []).append((start, self._mark()))
+            return out
+        setattr(owner, attr, timed)
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def reset(self):
+        self.marks = {}
+
+    def seconds(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.marks.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self.marks.items()}
+
+    def summary(self):
+        return "".join(f", {k} {v:.2f} s" for k, v in self.seconds().items())
 
 
 def report(logger, name, times, batch_size, num_iter):

@@ -110,7 +110,9 @@ def stacked_log_probs(x, mixtures):
     """
     mu, logvar, logits = (torch.stack([m[i].float() for m in mixtures]).movedim(-1, 1).unsqueeze(-1)
                           for i in range(3))
-    comp = F.log_softmax(logits, dim=1) - 0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
+    # per-component constants first, so the [..., M] planes see only three passes
+    base = F.log_softmax(logits, dim=1) - 0.5 * logvar
+    comp = torch.addcmul(base, (x - mu).square_(), torch.exp(-logvar), value=-0.5)
     peak = comp.amax(dim=1)
     return (comp - peak.unsqueeze(1)).clamp_min_(-80.0).exp_().sum(dim=1).log_().add_(peak) - 0.5 * LOG_2PI
 
@@ -120,26 +122,37 @@ def _guidance(cfg, like):
     return w.unsqueeze(-1) if w.dim() > 0 else w
 
 
-def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
-    """sample_gmm_cfg (the release's SIR) drawing the same random numbers, laid out for speed.
+def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000, pick=None):
+    """sample_gmm_cfg (the release's SIR) laid out for speed: same proposals, same law of the pick.
 
-    Densities come from stacked_log_probs; the pick is torch.multinomial's own exponential race
-    in log form, argmax(weight logit - log E), without multinomial's host-side checks, so CUDA
-    graphs can capture it. Same draws in the same order as sample_gmm_cfg, so the same picks up
-    to float ties.
+    The draws are made here: the component uniforms and normals in the release's order (so on the
+    same seed the 1000 proposals are the release's own), then uniforms U for the pick.
+    Everything else is the pure function `pick` (default sir_pick), which a caller may pass
+    compiled. The pick is an exponential race, argmax(weight logit - log E) with E = -log U:
+    a draw from the softmax weights, as torch.multinomial's, without its host-side checks (so
+    CUDA graphs can capture it) and without exponential_, which is slow on CPU.
     """
+    shape = cond[0].shape[:-1] + (num_candidates,)
+    u = torch.rand(shape, device=cond[0].device)
+    eps = torch.randn(shape, device=u.device)
+    u_pick = torch.rand(shape, device=u.device)
+    return (pick or sir_pick)(cond, uncond, torch.as_tensor(cfg, dtype=torch.float32, device=u.device),
+                              temperature, u, eps, u_pick)
+
+
+def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):
+    """The arithmetic of sample_gmm_cfg_fused given its draws u, eps, u_pick [..., M]: one value per row."""
     mu_c, lv_c, lg_c = (t.float() for t in cond)
     cdf = torch.softmax(lg_c, dim=-1).cumsum(dim=-1)
-    u = torch.rand(mu_c.shape[:-1] + (num_candidates,), device=mu_c.device)
-    k = (u > cdf[..., :1]).long()  # chosen component = count of cdf entries below u (at most K-1)
-    for j in range(1, mu_c.shape[-1] - 1):
+    # chosen component = count of cdf entries below u (at most K-1)
+    k = (u > cdf[..., :1]).long()
+    for j in range(1, cdf.shape[-1] - 1):
         k += u > cdf[..., j:j + 1]
     std = torch.exp(0.5 * tempered(lv_c, temperature))
-    x = mu_c.gather(-1, k) + std.gather(-1, k) * torch.randn(u.shape, device=u.device)  # [..., M]
+    x = mu_c.gather(-1, k) + std.gather(-1, k) * eps  # [..., M]
     log_p = stacked_log_probs(x, (cond, uncond))
     logit = (_guidance(cfg, x) - 1) * (log_p[0] - log_p[1])
-    race = torch.empty_like(logit).exponential_(1)
-    pick = (logit - race.log_()).argmax(dim=-1, keepdim=True)
+    pick = (logit - u_pick.log().neg_().log_()).argmax(dim=-1, keepdim=True)  # E = -log U ~ Exp(1)
     return x.gather(-1, pick).squeeze(-1)
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
-from models.gmm import gmm_nll, sample_gmm, sample_gmm_cfg, split_gmm_params
+from models.gmm import gmm_nll, sample_gmm, sample_gmm_cfg_fused, split_gmm_params
 
 
 def layer_norm(x):
@@ -160,17 +160,15 @@ class InnerAR(nn.Module):
         return gmm_nll(x, mu, logvar, logits).sum(-1)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg, graphs=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg_fused):
         """Sample one token per condition, feature by feature.
 
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
         is drawn from the guided target and fed to both halves. Returns float32 [n, D].
-        use_cache=False recomputes the whole prefix every step (the slow reference path).
-        graphs: a models.fast_inner.GraphedInnerSampler, replayed instead on CUDA. A tensor cfg
-        (as CUDA-graph capture passes) always means guided.
+        use_cache=False recomputes the whole prefix every step (the slow reference path). A tensor
+        cfg (as CUDA-graph capture passes) always means guided. The default CFG sampler is the
+        release's 1000-candidate resampling in its fused, host-sync-free form.
         """
-        if graphs is not None and z.is_cuda and use_cache:
-            return graphs(z, temperature, cfg, cfg_sampler)
         guided = torch.is_tensor(cfg) or cfg != 1.0
         rows = z.shape[0]
         n = rows // 2 if guided else rows

@@ -5,6 +5,7 @@ replaced by a mask token in the decoder) plus the class, and emits a condition z
 token. The inner model (models/inner.py) turns z into the token's features. Parameter names
 match the released ARINAR checkpoint, and the outer part matches MAR's.
 """
+import functools
 import math
 
 import torch
@@ -29,12 +30,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def forward(self, x, queries=None):
+        """x: [B, N, C]. queries: optional [B, P] positions; only their outputs are computed."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        head_dim = c // self.num_heads
-        x = attention(q, k, v, head_dim ** -0.5, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+        if queries is None:
+            q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            w_q, w_kv = self.qkv.weight.split([c, 2 * c])
+            b_q, b_kv = self.qkv.bias.split([c, 2 * c])
+            k, v = F.linear(x, w_kv, b_kv).view(b, n, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            q = F.linear(take(x, queries), w_q, b_q).view(b, -1, self.num_heads, c // self.num_heads).transpose(1, 2)
+        x = attention(q, k, v, (c // self.num_heads) ** -0.5, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, -1, c)))
 
 
 class Mlp(nn.Module):
@@ -58,9 +65,27 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, queries=None):
+        """queries: optional [B, P] positions: the block's output there only, [B, P, C]."""
+        h = self.norm1(x)
+        if queries is not None:
+            x = take(x, queries)
+        x = x + self.attn(h, queries)
         return x + self.mlp(self.norm2(x))
+
+
+def take(x, index):
+    """x[b, index[b, p]] for [B, N, C] x and [B, P] index: [B, P, C]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def positions(flags):
+    """Positions of the True entries of a [B, L] bool with the same count per row: [B, n], ascending."""
+    counts = flags.sum(1)
+    if (counts != counts[0]).any():
+        raise ValueError(f"every row must flag the same number of tokens; got counts {counts.tolist()[:8]}")
+    # a stable sort keeps the flagged positions in their original (ascending) order
+    return flags.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :int(counts[0])]
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -219,31 +244,45 @@ class MAR(nn.Module):
         return mask.scatter_(1, orders[:, :num_masked], True)
 
     # ---------------------------------------------------------------- outer network
-    def run_blocks(self, blocks, x):
+    def run_blocks(self, blocks, x, queries=None):
         for block in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, queries, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, queries)
         return x
 
-    def condition(self, tokens, mask, class_vec):
-        """Outer encoder-decoder: tokens [B, L, Dt], mask [B, L] bool, class_vec [B, D] -> z [B, L, Dd]."""
-        b = tokens.shape[0]
-        x = self.z_proj(tokens)
-        buffer = class_vec.to(x.dtype).unsqueeze(1).expand(b, self.buffer_size, -1)
-        x = self.z_proj_ln(torch.cat([buffer, x], dim=1) + self.encoder_pos_embed_learned)
+    def condition(self, tokens, mask, class_vec, predict=None):
+        """Outer encoder-decoder: tokens [B, L, Dt], mask [B, L] bool, class_vec [B, D] -> z [B, L, Dd].
 
-        # every image masks the same number of tokens, so the kept ones reshape into a batch
-        keep = torch.cat([mask.new_zeros(b, self.buffer_size), mask], dim=1).logical_not()
-        x = x[keep].reshape(b, -1, x.shape[-1])
-        x = self.encoder_norm(self.run_blocks(self.encoder_blocks, x))
+        predict: optional [B, L] bool with the same count P in every row: z at those positions
+        only, [B, P, Dd] in the order z[predict] has (the last decoder block runs its queries there only).
+        """
+        return self.condition_at(tokens, positions(~mask), class_vec, None if predict is None else positions(predict))
+
+    def condition_at(self, tokens, keep, class_vec, predict=None):
+        """condition() on index tensors and free of host syncs (what CUDA graphs capture).
+
+        keep: [B, n] ascending positions of the unmasked tokens; predict: optional [B, P] positions.
+        """
+        b = tokens.shape[0]
+        # per-token projection and norm only where the encoder will look
+        kept = self.z_proj(take(tokens, keep))
+        slots = torch.arange(self.buffer_size, device=keep.device).expand(b, -1)
+        keep = torch.cat([slots, keep + self.buffer_size], dim=1)  # the class buffer is always kept
+        buffer = class_vec.to(kept.dtype).unsqueeze(1).expand(b, self.buffer_size, -1)
+        x = torch.cat([buffer, kept], dim=1) + take(self.encoder_pos_embed_learned.expand(b, -1, -1), keep)
+        x = self.encoder_norm(self.run_blocks(self.encoder_blocks, self.z_proj_ln(x)))
 
         x = self.decoder_embed(x)
-        full = self.mask_token.to(x.dtype).expand(b, keep.shape[1], -1).clone()
-        full[keep] = x.reshape(-1, x.shape[-1])
-        x = self.decoder_norm(self.run_blocks(self.decoder_blocks, full + self.decoder_pos_embed_learned))
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        full = self.mask_token.to(x.dtype).expand(b, self.buffer_size + self.seq_len, -1)
+        x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x) + self.decoder_pos_embed_learned
+        if predict is None:
+            x = self.decoder_norm(self.run_blocks(self.decoder_blocks, x))
+            return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
+        x = self.run_blocks(self.decoder_blocks[:-1], x)
+        x = self.decoder_norm(self.run_blocks(self.decoder_blocks[-1:], x, predict + self.buffer_size))
+        return x + take(self.diffusion_pos_embed_learned.expand(b, -1, -1), predict)
 
     # ---------------------------------------------------------------- training
     def forward(self, latents, labels, mask=None):
@@ -260,10 +299,11 @@ class MAR(nn.Module):
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
-                      temperature=1.0, progress=False, use_cache=True, cfg_sampler=None, inner_graphs=None):
+                      temperature=1.0, progress=False, use_cache=True, cfg_sampler=None, graphs=None):
         """Generate latents [bsz, C, h, w] (divide by 0.2325 before the VAE decoder).
 
-        inner_graphs: a models.fast_inner.GraphedInnerSampler(self.arhead) to replay the inner
+        cfg_sampler: a models.gmm CFG sampler (default: the release's resampling, fused).
+        graphs: a models.cuda_graphs.SamplingGraphs(self) to replay the outer step and the inner
         loop as CUDA graphs (ignored off CUDA); keep it across calls so graphs are captured once.
         """
         if num_iter < 1:
@@ -279,31 +319,32 @@ class MAR(nn.Module):
             raise ValueError("cfg > 1 needs class labels (pass labels=...) or use cfg=1.0")
         device = self.fake_latent.device
         class_vec = self.class_embedding(labels.to(device) if labels is not None else None, bsz)
+        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         if guided:
             class_vec = torch.cat([class_vec, self.fake_latent.expand(bsz, -1)])
-        inner_kwargs = {"use_cache": use_cache}
-        if cfg_sampler is not None:
-            inner_kwargs["cfg_sampler"] = cfg_sampler
-        if inner_graphs is not None:
-            inner_kwargs["graphs"] = inner_graphs
+        inner_kwargs = {} if cfg_sampler is None else {"cfg_sampler": cfg_sampler}
+        condition_at, inner_sample = self.condition_at, functools.partial(self.arhead.sample, use_cache=use_cache)
+        if graphs is not None and graphs.applies_to(device) and use_cache:
+            graphs.refresh_weights(device)
+            condition_at, inner_sample = graphs.outer, graphs.inner
 
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
-        mask = torch.ones(bsz, self.seq_len, dtype=torch.bool, device=device)
+        # the first `masked` entries of each random order are the tokens still to generate
         orders = torch.argsort(torch.rand(bsz, self.seq_len, device=device), dim=1)
+        masked = self.seq_len
         schedule = sampling_schedule(self.seq_len, num_iter, cfg, cfg_schedule)
         for step, (mask_len, cfg_scale) in enumerate(tqdm(schedule, disable=not progress, desc="sampling")):
-            both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
-            z = self.condition(both(tokens), both(mask), class_vec)
             if step == num_iter - 1:
-                to_predict = mask
-            else:
-                next_mask = self.mask_from_orders(orders, mask_len)
-                to_predict, mask = mask & ~next_mask, next_mask
-            if not to_predict.any():
+                mask_len = 0
+            if mask_len == masked:
                 continue  # possible only when num_iter > seq_len
-            features = self.arhead.sample(z[both(to_predict)], temperature, cfg_scale if guided else 1.0,
-                                          **inner_kwargs)
-            tokens[to_predict] = features
+            keep = orders[:, masked:].sort(dim=1).values
+            predict = orders[:, mask_len:masked].sort(dim=1).values
+            z = condition_at(both(tokens), both(keep), class_vec, both(predict))  # [rows, P, D]
+            features = inner_sample(z.flatten(0, 1), temperature, cfg_scale if guided else 1.0, **inner_kwargs)
+            tokens.scatter_(1, predict.unsqueeze(-1).expand(-1, -1, self.token_embed_dim),
+                            features.view(bsz, -1, self.token_embed_dim).to(tokens.dtype))
+            masked = mask_len
         return self.unpatchify(tokens)
 
 

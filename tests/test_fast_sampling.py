@@ -1,6 +1,7 @@
 """Fast paths against the references: identical where the algorithm is the same, statistically
 indistinguishable where the random draws differ; the exact CFG sampler against its target density;
 the CUDA-graph loop's padded fixed-shape form on CPU; the benchmarks' plumbing (no timing asserts)."""
+import contextlib
 import functools
 import json
 
@@ -11,8 +12,9 @@ from scipy import stats
 
 from bench import bench_sampling, bench_train
 from bench.reference import reference_inner_sample, reference_sample_tokens, release_style_loss
-from models.fast_inner import GraphedInnerSampler, bucket_rows, sample_gmm_cfg_race
-from models.gmm import CFG_SAMPLERS, cfg_log_target, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused
+from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
+from models.gmm import (CFG_SAMPLERS, cfg_log_target, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
+                        sir_candidates)
 from models.inner import InnerAR
 from tests.conftest import randomize_, tiny_mar
 
@@ -89,22 +91,34 @@ def test_cfg_sampler_names():
 
 
 @pytest.mark.parametrize("cfg, temperature", [(1.5, 1.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
-def test_fused_sir_draws_what_release_sir_draws(cfg, temperature):
-    """Same random numbers, same algorithm: the same picks (float ties aside, which these seeds avoid)."""
+def test_fused_sir_picks_among_release_proposals(cfg, temperature):
+    """Same seed: the fused SIR's 1000 proposals are the release's own, and it returns one of them."""
     cond, uncond = random_mixtures(300, seed=2), random_mixtures(300, seed=3)
     torch.manual_seed(12)
-    release = sample_gmm_cfg(cond, uncond, cfg, temperature)
+    proposals, _ = sir_candidates(cond, uncond, cfg, temperature, 1000)
     torch.manual_seed(12)
     fused = sample_gmm_cfg_fused(cond, uncond, cfg, temperature)
-    assert (release == fused).float().mean() >= 0.99 and torch.isfinite(fused).all()
+    assert torch.isfinite(fused).all() and (proposals == fused[:, None]).any(dim=1).all()
     # leading dims and a per-row scale tensor
     cond3, uncond3 = [t.view(3, 100, 4) for t in cond], [t.view(3, 100, 4) for t in uncond]
     scales = torch.linspace(1.0, cfg, 300).view(3, 100)
     torch.manual_seed(13)
-    release = sample_gmm_cfg(cond3, uncond3, scales, temperature)
+    proposals, _ = sir_candidates(cond3, uncond3, scales, temperature, 1000)
     torch.manual_seed(13)
     fused = sample_gmm_cfg_fused(cond3, uncond3, scales, temperature)
-    assert fused.shape == (3, 100) and (release == fused).float().mean() >= 0.99
+    assert fused.shape == (3, 100) and (proposals.view(300, -1) == fused.view(300, 1)).any(dim=1).all()
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.5, 1.0), (4.5, 1.0), (8.0, 0.7)])
+def test_fused_sir_draws_the_guided_target(cfg, temperature):
+    """The pick follows the resampling weights: samples match the integrated target density,
+    and guidance is visible (power check against the unguided law)."""
+    n = 20000
+    torch.manual_seed(21)
+    samples = sample_gmm_cfg_fused([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg,
+                                   temperature).numpy()
+    assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
+    assert stats.kstest(samples, target_cdf(1.0, temperature)).pvalue < 1e-6
 
 
 # ----------------------------------------------------------------------------- inner model
@@ -122,33 +136,39 @@ def test_bucket_rows():
     assert [bucket_rows(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
 
 
+def graph_model(seed=0):
+    """A tiny MAR whose inner model has D features and C-wide conditions, as small_inner."""
+    return randomize_(tiny_mar(decoder_embed_dim=C, encoder_embed_dim=C, encoder_num_heads=4,
+                               decoder_num_heads=4), std=0.15, seed=seed).eval()
+
+
 @pytest.mark.parametrize("cfg, sampler", [(1.0, sample_gmm_cfg), (3.0, sample_gmm_cfg),
                                           (3.0, CFG_SAMPLERS["sir"]), (3.0, CFG_SAMPLERS["exact"])])
 def test_fixed_shape_loop_equals_eager_loop(cfg, sampler):
     """Unpadded, the loop the CUDA graph captures is the eager loop: same draws, same samples
     (the release SIR's multinomial is swapped for its capturable twin, which draws the same)."""
-    inner = small_inner()
+    m = graph_model()
     n = 8
     z = torch.randn(2 * n if cfg != 1 else n, C)
     torch.manual_seed(5)
-    eager = inner.sample(z, 1.2, cfg, cfg_sampler=sampler)
+    eager = m.arhead.sample(z, 1.2, cfg, cfg_sampler=sampler)
     torch.manual_seed(5)
-    fixed = GraphedInnerSampler(inner, min_rows=n, capture=False)(z, 1.2, cfg, sampler)
+    fixed = SamplingGraphs(m, min_rows=n, capture=False).inner(z, 1.2, cfg, sampler)
     assert fixed.shape == (n, D) and torch.equal(eager, fixed)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_padding_rows_do_not_touch_real_rows(cfg):
-    inner = small_inner()
+    m = graph_model()
     guided = cfg != 1
     z = torch.randn(10 if guided else 5, C)  # 5 real rows, padded to a bucket of 8
     filler = torch.randn(16 if guided else 8, C) * 3
-    fresh, dirty = GraphedInnerSampler(inner, capture=False), GraphedInnerSampler(inner, capture=False)
-    dirty(filler, 1.0, cfg)  # leaves other rows' conditions in the padding
+    fresh, dirty = SamplingGraphs(m, capture=False), SamplingGraphs(m, capture=False)
+    dirty.inner(filler, 1.0, cfg)  # leaves other rows' conditions in the padding
     torch.manual_seed(6)
-    a = fresh(z, 1.0, cfg)
+    a = fresh.inner(z, 1.0, cfg)
     torch.manual_seed(6)
-    b = dirty(z, 1.0, cfg)
+    b = dirty.inner(z, 1.0, cfg)
     assert a.shape == (5, D) and torch.equal(a, b)
 
 
@@ -158,25 +178,70 @@ def test_padded_loop_pairs_each_row_with_its_own_halves():
     def deterministic(cond, uncond, cfg, temperature):
         return cond[0][..., 0] - cfg * torch.tanh(uncond[0][..., 1]) + 0.1 * cond[2][..., 2]
 
-    inner = small_inner()
+    m = graph_model()
     z = torch.randn(10, C)  # 5 real rows -> bucket 8
-    sampler = GraphedInnerSampler(inner, capture=False)
+    graphs = SamplingGraphs(m, capture=False)
     for cfg in (3.0, 1.7):  # the second call reuses the buffers with a new scale
-        eager = inner.sample(z, 1.0, cfg, cfg_sampler=deterministic)
-        padded = sampler(z, 1.0, cfg, deterministic)
+        eager = m.arhead.sample(z, 1.0, cfg, cfg_sampler=deterministic)
+        padded = graphs.inner(z, 1.0, cfg, deterministic)
         torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
-    assert list(sampler.replays) and all(key[0] == 8 for key in sampler.replays)
+    assert list(graphs.replays) and all(key[1] == 8 for key in graphs.replays)
 
 
-def test_inner_graphs_are_ignored_off_cuda():
+def test_graphs_are_ignored_off_cuda():
     m = randomize_(tiny_mar(), std=0.1).eval()
     labels = torch.tensor([1, 2])
     torch.manual_seed(0)
     plain = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels)
     torch.manual_seed(0)
-    graphs = GraphedInnerSampler(m.arhead)
-    with_graphs = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels, inner_graphs=graphs)
+    graphs = SamplingGraphs(m)
+    with_graphs = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels, graphs=graphs)
     assert torch.equal(plain, with_graphs) and graphs.replays == {}
+
+
+def deterministic_sampler(cond, uncond, cfg, temperature):
+    """A 'CFG sampler' with no random draws, so padded and unpadded inner batches must agree."""
+    return cond[0][..., 0] - cfg * torch.tanh(uncond[0][..., 1]) + 0.1 * cond[2][..., 2]
+
+
+@pytest.mark.parametrize("precision, tol", [(None, 1e-5), (torch.bfloat16, 1e-2)])
+def test_static_replays_give_the_eager_samples(precision, tol):
+    """sample_tokens through SamplingGraphs' static buffers (one replay per outer step, padded inner
+    loop, Linear weights cast once) gives the eager samples, under bf16 autocast too."""
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    labels = torch.tensor([1, 2, 7])
+    graphs = SamplingGraphs(m, capture=False)
+    cast = torch.autocast("cpu", dtype=precision) if precision else contextlib.nullcontext()
+
+    def sample(g):
+        torch.manual_seed(3)
+        with cast:
+            return m.sample_tokens(3, num_iter=5, cfg=2.5, labels=labels, cfg_sampler=deterministic_sampler, graphs=g)
+
+    eager = sample(None)
+    for _ in range(2):  # the second pass reuses the replays
+        torch.testing.assert_close(sample(graphs), eager, rtol=tol, atol=tol)
+    assert sum(key[0] == "outer" for key in graphs.replays) == 5
+    if precision:  # the replays read the cast weights, and each call casts them afresh
+        for w in graphs.lowp[precision].values():
+            w.mul_(1.5)
+        graphs.refresh_weights = lambda device: None
+        assert (sample(graphs) - eager).abs().max() > 10 * tol
+        del graphs.refresh_weights
+        torch.testing.assert_close(sample(graphs), eager, rtol=tol, atol=tol)
+
+
+def test_sample_tokens_through_static_replays_draws_the_eager_law():
+    """With random draws, padding changes which numbers each row gets, so the check is statistical."""
+    m = randomize_(tiny_mar(), std=0.1).eval()
+    labels = torch.full((400,), 3)
+    torch.manual_seed(0)
+    eager = m.sample_tokens(400, num_iter=4, cfg=2.0, labels=labels).flatten(1)
+    torch.manual_seed(1)
+    replayed = m.sample_tokens(400, num_iter=4, cfg=2.0, labels=labels,
+                               graphs=SamplingGraphs(m, capture=False)).flatten(1)
+    pvalues = [stats.ks_2samp(eager[:, i].numpy(), replayed[:, i].numpy()).pvalue for i in range(0, 256, 16)]
+    assert min(pvalues) > 0.01 / 16
 
 
 def per_feature_ks(a, b):
@@ -207,7 +272,7 @@ def test_reference_inner_sampler_matches_fast_statistically(cfg, temperature):
 @pytest.mark.parametrize("cfg, schedule, num_iter", [(1.0, "linear", 4), (3.0, "linear", 5), (2.5, "constant", 3)])
 def test_reference_outer_loop_matches_sample_tokens(cfg, schedule, num_iter):
     """The independent outer loop, driving the model's own inner sampler, asks for the same tokens
-    at the same CFG scales and gives identical latents."""
+    at the same CFG scales and gives the same latents."""
     m = randomize_(tiny_mar(), std=0.1).eval()
     labels = torch.tensor([3, 7])
     inner_sample, calls = m.arhead.sample, {"fast": [], "reference": []}
@@ -225,7 +290,8 @@ def test_reference_outer_loop_matches_sample_tokens(cfg, schedule, num_iter):
     ref = reference_sample_tokens(m, 2, num_iter, cfg=cfg, labels=labels, temperature=1.1, cfg_schedule=schedule,
                                   inner_sample=recorded("reference"))
     assert calls["fast"] == calls["reference"] and len(calls["fast"]) == num_iter
-    assert torch.equal(fast, ref)
+    # the fast loop runs the last decoder block at the predicted positions only: float rounding apart
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_sample_tokens_cache_vs_recompute_identical():

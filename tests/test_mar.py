@@ -73,6 +73,26 @@ def test_condition_matches_naive_reference():
                                    naive_condition(m, tokens, mask, class_vec), rtol=1e-4, atol=1e-4)
 
 
+def test_condition_at_predicted_positions_equals_full_condition():
+    """predict= runs the last decoder block's queries at those positions only: same z there."""
+    m = randomize_(eval_tiny(), std=0.1)
+    tokens = torch.randn(3, m.seq_len, m.token_embed_dim)
+    mask = make_mask(3, m.seq_len, 11)
+    predict = torch.zeros_like(mask)
+    for row in range(3):  # 3 of each image's masked tokens
+        predict[row, mask[row].nonzero()[:3, 0]] = True
+    class_vec = m.class_embedding(torch.tensor([1, 5, 9]), 3)
+    with torch.no_grad():
+        full = m.condition(tokens, mask, class_vec)
+        part = m.condition(tokens, mask, class_vec, predict=predict)
+    assert part.shape == (3, 3, full.shape[-1])
+    torch.testing.assert_close(part.flatten(0, 1), full[predict], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same number"):
+        bad = predict.clone()
+        bad[0, 0] = ~bad[0, 0]
+        m.condition(tokens, mask, class_vec, predict=bad)
+
+
 def test_encoder_drops_masked_tokens_and_buffer_holds_class():
     m = randomize_(eval_tiny(), std=0.1)
     seen = []
