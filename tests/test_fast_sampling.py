@@ -351,3 +351,16 @@ def test_bench_train_runs():
 def test_bench_rejects_bad_heads():
     with pytest.raises(ValueError, match="--heads"):
         bench_sampling.main(["--width", "100", "--device", "cpu"])
+
+
+def test_sampling_graphs_follow_the_flags():
+    from engine_mar import sampling_graphs
+    from main_mar import get_args_parser
+
+    m = tiny_mar().eval()
+    args = get_args_parser().parse_args([])
+    assert args.cuda_graphs and not args.compile  # graphs by default, compile on request
+    graphs = sampling_graphs(m, args)
+    assert graphs.applies_to(torch.device("cuda")) and not graphs.applies_to(torch.device("cpu"))  # inert off CUDA
+    assert graphs.sir_pick is None and sampling_graphs(m, get_args_parser().parse_args(["--compile"])).sir_pick
+    assert sampling_graphs(m, get_args_parser().parse_args(["--no-cuda_graphs"])) is None
