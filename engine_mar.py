@@ -4,6 +4,7 @@ generate() and save_grid() are the reusable pieces: they take a model, a tokeniz
 args and return uint8 images, so the demo and sample scripts produce images exactly the way
 evaluation does.
 """
+import argparse
 import json
 import logging
 import math
@@ -142,6 +143,16 @@ def generate(model, tokenizer, args, labels, cfg=None, progress=False, graphs=No
     model.train(was_training)
     images = tokenizer.decode(tokens.float() / tokenizer.scale)
     return to_uint8(images)
+
+
+def add_sampling_args(group):
+    """The sampling-method flags main_mar.py (evaluation) and sample.py share."""
+    group.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
+                       help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
+    group.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
+                       help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
+    group.add_argument("--compile", action="store_true",
+                       help="with --cuda_graphs: torch.compile the outer step and SIR math (CUDA; ~1 min once)")
 
 
 def sampling_graphs(model, args):

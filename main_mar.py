@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from engine_mar import PRECISIONS, class_balanced_labels, evaluate, fid_enabled, train_one_epoch
-from models.gmm import CFG_SAMPLERS
+from engine_mar import (PRECISIONS, add_sampling_args, class_balanced_labels, evaluate, fid_enabled,
+                        train_one_epoch)
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util import misc
@@ -128,12 +128,7 @@ def get_args_parser():
     ev.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale")
     ev.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
     ev.add_argument("--temperature", default=1.0, type=float, help="divides each Gaussian's std")
-    ev.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
-                    help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
-    ev.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
-                    help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
-    ev.add_argument("--compile", action="store_true",
-                    help="with --cuda_graphs: torch.compile the outer step and SIR math (CUDA; ~1 min once)")
+    add_sampling_args(ev)
     ev.add_argument("--eval_weights", default="ema", choices=("ema", "live"))
     ev.add_argument("--fid_stats", default=None,
                     help=f"reference statistics npz with mu, sigma (default: {DEFAULT_FID_STATS} for imagenet, "

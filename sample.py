@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine_mar import PRECISIONS, generate, sampling_graphs, save_grid, save_png
-from models.gmm import CFG_SAMPLERS
+from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_graphs, save_grid, save_png
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
@@ -41,8 +40,6 @@ def get_parser():
     parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
     parser.add_argument("--temperature", type=float, default=1.0, help="divides each Gaussian's std")
-    parser.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
-                        help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
     parser.add_argument("--num_iter", type=int, default=64, help="outer autoregressive steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64, help="images generated at once")
@@ -50,10 +47,7 @@ def get_parser():
     parser.add_argument("--save_dir", default=None, help="also save each image here as INDEX_classID.png")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights instead of the EMA")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
-                        help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
-    parser.add_argument("--compile", action="store_true",
-                        help="with --cuda_graphs: torch.compile the outer step and SIR math (CUDA; ~1 min once)")
+    add_sampling_args(parser)
     parser.add_argument("--precision", default="auto", choices=("auto", *sorted(PRECISIONS)),
                         help="autocast dtype for the transformer (auto: bf16 on GPUs that support it, else fp32)")
     model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")

@@ -8,34 +8,19 @@ at a few row counts (32 rows is one outer step's conditional rows at batch 8).
 
     python -m bench.bench_cfg --samples 50000
 """
-import json
 import logging
 
 import numpy as np
 import torch
 from scipy import stats
 
-from bench.config import median, parser, time_runs
-from models.gmm import CFG_SAMPLERS, cfg_log_target, sample_gmm_cfg
+from bench.config import median, parser, time_runs, write_json
+from bench.reference import REF_COND, REF_UNCOND, random_mixtures, target_cdf
+from models.gmm import CFG_SAMPLERS, sample_gmm_cfg
 
 log = logging.getLogger("bench.cfg")
 SAMPLERS = {"sir_release": sample_gmm_cfg, "sir_fused": CFG_SAMPLERS["sir"], "exact": CFG_SAMPLERS["exact"]}
-# a conditional mixture with one narrow component, and an unconditional one that differs from it
-COND = (torch.tensor([-2.0, 0.5, 1.5, 4.0]), torch.log(torch.tensor([0.3, 0.05, 1.0, 0.5]) ** 2),
-        torch.tensor([0.2, 1.0, -0.5, 0.3]))
-UNCOND = (torch.tensor([-1.0, 0.0, 2.0, 3.0]), torch.log(torch.tensor([1.0, 0.8, 1.2, 1.5]) ** 2),
-          torch.tensor([0.0, 0.5, 0.0, -0.2]))
 SETTINGS = ((1.5, 1.0), (3.9, 1.1), (4.5, 1.0), (8.0, 0.7))
-
-
-def target_cdf(cfg, temperature, lo=-15.0, hi=17.0, points=400001):
-    grid = torch.linspace(lo, hi, points, dtype=torch.float64)
-    log_f = cfg_log_target(grid[None].float(), [t[None] for t in COND], [t[None] for t in UNCOND], cfg,
-                           temperature)[0].double()
-    density = torch.exp(log_f - log_f.max())
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), (0.5 * (density[1:] + density[:-1]) * grid.diff()).cumsum(0)])
-    cdf = (cdf / cdf[-1]).numpy()
-    return lambda x: np.interp(x, grid.numpy(), cdf)
 
 
 def draw(sampler, n, cfg, temperature, seed, chunk=10000):
@@ -43,14 +28,9 @@ def draw(sampler, n, cfg, temperature, seed, chunk=10000):
     out = []
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        out.append(sampler([t.expand(rows, -1) for t in COND], [t.expand(rows, -1) for t in UNCOND], cfg, temperature))
+        cond, uncond = ([t.expand(rows, -1) for t in mix] for mix in (REF_COND, REF_UNCOND))
+        out.append(sampler(cond, uncond, cfg, temperature))
     return torch.cat(out).numpy()
-
-
-def random_mixtures(rows, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, 4, generator=gen) * 2, torch.randn(rows, 4, generator=gen) - 1,
-            torch.randn(rows, 4, generator=gen))
 
 
 def main(argv=None):
@@ -60,7 +40,6 @@ def main(argv=None):
     p.add_argument("--rows", type=int, nargs="+", default=[32, 512])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,9 +63,7 @@ def main(argv=None):
             ms = 1e3 * median(time_runs(lambda: fn(cond, uncond, 4.5, 1.0), device, 1, args.repeats))
             results["speed_ms"][f"{name}@{rows}"] = ms
             log.info("%-11s %5d rows: %.2f ms per call", name, rows, ms)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

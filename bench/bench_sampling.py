@@ -10,14 +10,13 @@ CPU configuration of issue 5 (inner model dominates):
 Full ARINAR-B at batch 1:
     python -m bench.bench_sampling --batch_size 1 --cfg 4.5 --num_iter 64
 """
-import json
 import logging
 import time
 
 import torch
 
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
-                          parser, setup_runtime, time_runs)
+                          parser, setup_runtime, time_runs, write_json)
 from bench.reference import reference_sample_tokens
 from models.cuda_graphs import SamplingGraphs
 from models.gmm import CFG_SAMPLERS
@@ -41,7 +40,6 @@ def parse_args(argv=None):
     g.add_argument("--breakdown", action="store_true", help="also report the fast path's outer/inner time split")
     g.add_argument("--decode", action="store_true", help="include a (random-init) KL-16 VAE decode in the time")
     g.add_argument("--ref_repeats", type=int, default=1, help="timed reference runs (0 = skip the reference)")
-    g.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
@@ -104,9 +102,7 @@ def main(argv=None):
         log.info("speed-up (fast images/s / reference images/s, medians): %.2fx", ratio)
     results["machine_after"] = machine_line(device)
     log.info("machine after: %s", results["machine_after"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

@@ -13,7 +13,6 @@ set (ru_maxrss) of a fresh child process per path, so one path's peak cannot hid
 CPU configuration of issue 5:
     python -m bench.bench_train --width 128 --depth 2 --heads 4 --batch_size 4 --steps 3
 """
-import json
 import logging
 import multiprocessing
 import resource
@@ -21,7 +20,7 @@ import resource
 import torch
 
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
-                          parser, setup_runtime, synchronize, time_runs)
+                          parser, setup_runtime, synchronize, time_runs, write_json)
 from bench.reference import release_style_loss
 
 log = logging.getLogger("bench.train")
@@ -37,7 +36,6 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
-    g.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
 
@@ -159,9 +157,7 @@ def main(argv=None):
                          path, peak, before)
     results["machine_after"] = machine_line(device)
     log.info("machine after: %s", results["machine_after"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_json(args.json, results)
     return results
 
 

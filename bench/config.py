@@ -1,6 +1,7 @@
 """What both benchmarks share: the model/runtime flags, the model they describe, and timing."""
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -113,4 +114,12 @@ def machine_line(device):
 
 
 def parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def write_json(path, results):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)

@@ -5,13 +5,42 @@ prefix for every feature, mixtures are torch.distributions objects, CFG is the r
 1000-candidate resampling, and the outer loop runs one step at a time. Only the model's modules
 and weights are reused (model.condition for the outer network, arhead.run for the inner blocks).
 `release_style_loss` is the release's training loss: the inner model on every token, loss masked.
+`target_cdf` integrates the guided 1-D target numerically, the yardstick for the CFG samplers.
 """
+import functools
 import math
 
+import numpy as np
 import torch
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
-from models.gmm import split_gmm_params
+from models.gmm import cfg_log_target, split_gmm_params
+
+# one feature's mixtures (mu, logvar, logits): a conditional one with a narrow component, and an
+# unconditional one that differs from it
+REF_COND = (torch.tensor([-2.0, 0.5, 1.5, 4.0]), torch.log(torch.tensor([0.3, 0.05, 1.0, 0.5]) ** 2),
+            torch.tensor([0.2, 1.0, -0.5, 0.3]))
+REF_UNCOND = (torch.tensor([-1.0, 0.0, 2.0, 3.0]), torch.log(torch.tensor([1.0, 0.8, 1.2, 1.5]) ** 2),
+              torch.tensor([0.0, 0.5, 0.0, -0.2]))
+
+
+@functools.lru_cache(maxsize=None)
+def target_cdf(cfg, temperature, lo=-15.0, hi=17.0, points=400001):
+    """CDF of the normalised exp(cfg_log_target) for REF_COND/REF_UNCOND, trapezoid-integrated on a grid."""
+    grid = torch.linspace(lo, hi, points, dtype=torch.float64)
+    log_f = cfg_log_target(grid[None].float(), [t[None] for t in REF_COND], [t[None] for t in REF_UNCOND], cfg,
+                           temperature)[0].double()
+    density = torch.exp(log_f - log_f.max())
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), (0.5 * (density[1:] + density[:-1]) * grid.diff()).cumsum(0)])
+    cdf = (cdf / cdf[-1]).numpy()
+    return lambda x: np.interp(x, grid.numpy(), cdf)
+
+
+def random_mixtures(rows, seed):
+    """`rows` random 4-component mixtures (mu, logvar, logits), reproducible from `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, generator=gen) * 2, torch.randn(rows, 4, generator=gen) - 1,
+            torch.randn(rows, 4, generator=gen))
 
 
 def mixture(mu, logvar, logits, temperature=1.0):

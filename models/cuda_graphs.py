@@ -1,4 +1,4 @@
-"""CUDA-graph replay of the sampling loop (opt-in; `--cuda_graphs`).
+"""CUDA-graph replay of the sampling loop (`--cuda_graphs`, on by default in main_mar.py and sample.py).
 
 At small batches a sampling step is launch-bound: the outer model is ~400 kernels and the inner
 loop 16 features x (a block + head + mixture draw), a thousand more. SamplingGraphs captures

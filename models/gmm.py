@@ -62,6 +62,12 @@ def sample_gmm(mu, logvar, logits, temperature=1.0, num_samples=None):
     return mu_k + std_k * torch.randn(shape, device=probs.device)
 
 
+def _guidance(cfg, like):
+    """The CFG scale as a float32 tensor on like's device; a per-row [...] scale broadcasts over [..., M]."""
+    w = torch.as_tensor(cfg, dtype=torch.float32, device=like.device)
+    return w.unsqueeze(-1) if w.dim() > 0 else w
+
+
 def cfg_log_target(x, cond, uncond, cfg, temperature=1.0):
     """Unnormalised log-density ARINAR's CFG sampler targets, for mixtures cond/uncond = (mu, logvar, logits).
 
@@ -70,9 +76,7 @@ def cfg_log_target(x, cond, uncond, cfg, temperature=1.0):
     """
     mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
     mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=x.device)
-    if w.dim() > 0:
-        w = w.unsqueeze(-1)
+    w = _guidance(cfg, x)
     log_q = gmm_log_prob(x, mu_c, tempered(lv_c, temperature), lg_c)
     return log_q + (w - 1) * (gmm_log_prob(x, mu_c, lv_c, lg_c) - gmm_log_prob(x, mu_u, lv_u, lg_u))
 
@@ -93,9 +97,7 @@ def sir_candidates(cond, uncond, cfg, temperature, num_candidates):
     candidates = sample_gmm(*cond, temperature=temperature, num_samples=num_candidates)
     mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
     mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=candidates.device)
-    if w.dim() > 0:
-        w = w.unsqueeze(-1)
+    w = _guidance(cfg, candidates)
     log_ratio = gmm_log_prob(candidates, mu_c, lv_c, lg_c) - gmm_log_prob(candidates, mu_u, lv_u, lg_u)
     return candidates, torch.softmax((w - 1) * log_ratio, dim=-1).reshape(-1, num_candidates)
 
@@ -115,11 +117,6 @@ def stacked_log_probs(x, mixtures):
     comp = torch.addcmul(base, (x - mu).square_(), torch.exp(-logvar), value=-0.5)
     peak = comp.amax(dim=1)
     return (comp - peak.unsqueeze(1)).clamp_min_(-80.0).exp_().sum(dim=1).log_().add_(peak) - 0.5 * LOG_2PI
-
-
-def _guidance(cfg, like):
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=like.device)
-    return w.unsqueeze(-1) if w.dim() > 0 else w
 
 
 def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000, pick=None):

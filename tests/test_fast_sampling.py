@@ -5,15 +5,15 @@ import contextlib
 import functools
 import json
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 from bench import bench_sampling, bench_train
-from bench.reference import reference_inner_sample, reference_sample_tokens, release_style_loss
+from bench.reference import (REF_COND, REF_UNCOND, random_mixtures, reference_inner_sample,
+                             reference_sample_tokens, release_style_loss, target_cdf)
 from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
-from models.gmm import (CFG_SAMPLERS, cfg_log_target, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
+from models.gmm import (CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
                         sir_candidates)
 from models.inner import InnerAR
 from tests.conftest import randomize_, tiny_mar
@@ -35,36 +35,10 @@ def small_inner(seed=0, width=32):
     return randomize_(InnerAR(token_dim=D, cond_dim=C, width=width, depth=1, num_heads=4), std=0.15, seed=seed)
 
 
-def random_mixtures(rows, seed):
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.randn(rows, 4, generator=gen) * 2
-    logvar = torch.randn(rows, 4, generator=gen) - 1.0
-    logits = torch.randn(rows, 4, generator=gen)
-    return mu, logvar, logits
-
-
 # ----------------------------------------------------------------------------- exact CFG sampler
-MIX_C = (torch.tensor([-2.0, 0.5, 1.5, 4.0]), torch.log(torch.tensor([0.3, 0.05, 1.0, 0.5]) ** 2),
-         torch.tensor([0.2, 1.0, -0.5, 0.3]))
-MIX_U = (torch.tensor([-1.0, 0.0, 2.0, 3.0]), torch.log(torch.tensor([1.0, 0.8, 1.2, 1.5]) ** 2),
-         torch.tensor([0.0, 0.5, 0.0, -0.2]))
-
-
-@functools.lru_cache(maxsize=None)
-def target_cdf(cfg, temperature):
-    """CDF of the normalised target exp(cfg_log_target), integrated on a fine uniform grid."""
-    grid = torch.linspace(-14.0, 16.0, 150001, dtype=torch.float64)
-    log_f = cfg_log_target(grid[None].float(), [t[None] for t in MIX_C], [t[None] for t in MIX_U], cfg,
-                           temperature)[0].double()
-    density = torch.exp(log_f - log_f.max())
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), (0.5 * (density[1:] + density[:-1]) * grid.diff()).cumsum(0)])
-    cdf = (cdf / cdf[-1]).numpy()
-    return lambda x: np.interp(x, grid.numpy(), cdf)
-
-
 def draw_exact(n, cfg, temperature, seed):
     torch.manual_seed(seed)
-    return sample_gmm_cfg_exact([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg,
+    return sample_gmm_cfg_exact([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg,
                                 temperature).numpy()
 
 
@@ -81,7 +55,7 @@ def test_exact_cfg_has_power_and_uses_per_row_scales():
     n = 16000
     cfg = torch.tensor([1.0, 4.5]).repeat(n // 2)
     torch.manual_seed(5)
-    mixed = sample_gmm_cfg_exact([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg, 1.0)
+    mixed = sample_gmm_cfg_exact([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg, 1.0)
     assert stats.kstest(mixed[1::2].numpy(), target_cdf(4.5, 1.0)).pvalue > 0.01
     assert stats.kstest(mixed[0::2].numpy(), target_cdf(1.0, 1.0)).pvalue > 0.01
 
@@ -115,7 +89,7 @@ def test_fused_sir_draws_the_guided_target(cfg, temperature):
     and guidance is visible (power check against the unguided law)."""
     n = 20000
     torch.manual_seed(21)
-    samples = sample_gmm_cfg_fused([t.expand(n, -1) for t in MIX_C], [t.expand(n, -1) for t in MIX_U], cfg,
+    samples = sample_gmm_cfg_fused([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg,
                                    temperature).numpy()
     assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
     assert stats.kstest(samples, target_cdf(1.0, temperature)).pvalue < 1e-6
