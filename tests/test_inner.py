@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import attention as attention_module
 from models.attention import attention
@@ -23,7 +22,6 @@ def small_inner(seed=0, **kw):
 
 def naive_forward(m, x, z):
     """The spec written out by hand: loops over heads, explicit masks, no shared helpers."""
-    n = x.shape[0]
     width = m.start_token.shape[-1]
     heads = m.blocks[0].attn.num_heads
     hd = width // heads

@@ -147,12 +147,12 @@ def _fetch_once(url: str, part: Path, size: Optional[int], chunk_size: int,
                 if total is not None and total != offset:
                     # The part is longer than the remote file, so it is not a prefix of it.
                     part.unlink()
-                    raise _Transient(f"partial file larger than remote ({offset} > {total})")
+                    raise _Transient(f"partial file larger than remote ({offset} > {total})") from e
                 logger.info("%s: server reports the partial file is complete", desc)
                 return
             # 408/429 mean "try again later", unlike the rest of 4xx.
             if e.code >= 500 or e.code in (408, 429):
-                raise _Transient(f"HTTP {e.code} {e.reason}")
+                raise _Transient(f"HTTP {e.code} {e.reason}") from e
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
 
     with resp:
