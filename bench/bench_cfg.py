@@ -15,7 +15,7 @@ import torch
 from scipy import stats
 
 from bench.config import median, parser, time_runs, write_json
-from bench.reference import REF_COND, REF_UNCOND, random_mixtures, target_cdf
+from bench.reference import random_mixtures, reference_mixtures, target_cdf
 from models.gmm import CFG_SAMPLERS, sample_gmm_cfg
 
 log = logging.getLogger("bench.cfg")
@@ -28,8 +28,7 @@ def draw(sampler, n, cfg, temperature, seed, chunk=10000):
     out = []
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
-        cond, uncond = ([t.expand(rows, -1) for t in mix] for mix in (REF_COND, REF_UNCOND))
-        out.append(sampler(cond, uncond, cfg, temperature))
+        out.append(sampler(*reference_mixtures(rows), cfg, temperature))
     return torch.cat(out).numpy()
 
 

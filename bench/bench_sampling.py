@@ -18,7 +18,7 @@ import torch
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, time_runs, write_json)
 from bench.reference import reference_sample_tokens
-from models.cuda_graphs import SamplingGraphs
+from engine_mar import add_sampling_args, sampling_graphs
 from models.gmm import CFG_SAMPLERS
 from models.vae import LATENT_SCALE, AutoencoderKL
 
@@ -34,9 +34,8 @@ def parse_args(argv=None):
     g.add_argument("--num_iter", type=int, default=64)
     g.add_argument("--cfg", type=float, default=4.5)
     g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS), help="fast path's CFG sampler")
-    g.add_argument("--cuda_graphs", action="store_true", help="replay the outer step and inner loop as CUDA graphs")
-    g.add_argument("--compile", action="store_true", help="with --cuda_graphs: torch.compile the outer step and SIR math")
+    add_sampling_args(g)  # --cfg_sampler, --cuda_graphs, --compile, as main_mar.py and sample.py
+    g.set_defaults(cuda_graphs=False)  # the benchmark times eager sampling unless asked
     g.add_argument("--breakdown", action="store_true", help="also report the fast path's outer/inner time split")
     g.add_argument("--decode", action="store_true", help="include a (random-init) KL-16 VAE decode in the time")
     g.add_argument("--ref_repeats", type=int, default=1, help="timed reference runs (0 = skip the reference)")
@@ -50,7 +49,7 @@ def main(argv=None):
     model = build_model(args).to(device)
     labels = torch.randint(0, args.class_num, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     vae = AutoencoderKL(embed_dim=model.vae_embed_dim).to(device).eval() if args.decode else None
-    graphs = SamplingGraphs(model, compile=args.compile) if args.cuda_graphs else None
+    graphs = sampling_graphs(model, args)
     split = PieceTimer(device)
     if args.breakdown:  # instance attributes shadow the methods sample_tokens looks up
         owner = graphs if graphs is not None and graphs.applies_to(device) else None

@@ -24,12 +24,16 @@ REF_UNCOND = (torch.tensor([-1.0, 0.0, 2.0, 3.0]), torch.log(torch.tensor([1.0, 
               torch.tensor([0.0, 0.5, 0.0, -0.2]))
 
 
+def reference_mixtures(rows):
+    """(cond, uncond): REF_COND and REF_UNCOND repeated over `rows` rows, as the samplers take them."""
+    return tuple(tuple(t.expand(rows, -1) for t in mix) for mix in (REF_COND, REF_UNCOND))
+
+
 @functools.lru_cache(maxsize=None)
 def target_cdf(cfg, temperature, lo=-15.0, hi=17.0, points=400001):
     """CDF of the normalised exp(cfg_log_target) for REF_COND/REF_UNCOND, trapezoid-integrated on a grid."""
     grid = torch.linspace(lo, hi, points, dtype=torch.float64)
-    log_f = cfg_log_target(grid[None].float(), [t[None] for t in REF_COND], [t[None] for t in REF_UNCOND], cfg,
-                           temperature)[0].double()
+    log_f = cfg_log_target(grid[None].float(), *reference_mixtures(1), cfg, temperature)[0].double()
     density = torch.exp(log_f - log_f.max())
     cdf = torch.cat([torch.zeros(1, dtype=torch.float64), (0.5 * (density[1:] + density[:-1]) * grid.diff()).cumsum(0)])
     cdf = (cdf / cdf[-1]).numpy()

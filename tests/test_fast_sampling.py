@@ -10,8 +10,8 @@ import torch
 from scipy import stats
 
 from bench import bench_sampling, bench_train
-from bench.reference import (REF_COND, REF_UNCOND, random_mixtures, reference_inner_sample,
-                             reference_sample_tokens, release_style_loss, target_cdf)
+from bench.reference import (random_mixtures, reference_inner_sample, reference_mixtures, reference_sample_tokens,
+                             release_style_loss, target_cdf)
 from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
 from models.gmm import (CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
                         sir_candidates)
@@ -38,8 +38,7 @@ def small_inner(seed=0, width=32):
 # ----------------------------------------------------------------------------- exact CFG sampler
 def draw_exact(n, cfg, temperature, seed):
     torch.manual_seed(seed)
-    return sample_gmm_cfg_exact([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg,
-                                temperature).numpy()
+    return sample_gmm_cfg_exact(*reference_mixtures(n), cfg, temperature).numpy()
 
 
 @pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (1.5, 2.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
@@ -55,7 +54,7 @@ def test_exact_cfg_has_power_and_uses_per_row_scales():
     n = 16000
     cfg = torch.tensor([1.0, 4.5]).repeat(n // 2)
     torch.manual_seed(5)
-    mixed = sample_gmm_cfg_exact([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg, 1.0)
+    mixed = sample_gmm_cfg_exact(*reference_mixtures(n), cfg, 1.0)
     assert stats.kstest(mixed[1::2].numpy(), target_cdf(4.5, 1.0)).pvalue > 0.01
     assert stats.kstest(mixed[0::2].numpy(), target_cdf(1.0, 1.0)).pvalue > 0.01
 
@@ -89,8 +88,7 @@ def test_fused_sir_draws_the_guided_target(cfg, temperature):
     and guidance is visible (power check against the unguided law)."""
     n = 20000
     torch.manual_seed(21)
-    samples = sample_gmm_cfg_fused([t.expand(n, -1) for t in REF_COND], [t.expand(n, -1) for t in REF_UNCOND], cfg,
-                                   temperature).numpy()
+    samples = sample_gmm_cfg_fused(*reference_mixtures(n), cfg, temperature).numpy()
     assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
     assert stats.kstest(samples, target_cdf(1.0, temperature)).pvalue < 1e-6
 
