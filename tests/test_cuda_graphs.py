@@ -45,8 +45,8 @@ def test_captured_graphs_draw_the_eager_law(compile):
     m = cuda_model()
     eager = sample(m, None, bsz=512).flatten(1).cpu()
     graphs = SamplingGraphs(m, compile=compile)
-    sample(m, graphs, bsz=512)
-    torch.manual_seed(11)
+    sample(m, graphs, bsz=512)  # captures
+    # same seed as eager: the rows differ because padding to a bucket shifts which draws each row gets
     replayed = sample(m, graphs, bsz=512).flatten(1).cpu()
     pvalues = [stats.ks_2samp(eager[:, i].numpy(), replayed[:, i].numpy()).pvalue for i in range(0, 256, 16)]
     assert min(pvalues) > 0.01 / 16

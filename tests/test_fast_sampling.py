@@ -144,18 +144,20 @@ def test_padding_rows_do_not_touch_real_rows(cfg):
     assert a.shape == (5, D) and torch.equal(a, b)
 
 
+def deterministic_sampler(cond, uncond, cfg, temperature):
+    """A 'CFG sampler' with no random draws, so padded and unpadded inner batches must agree."""
+    return cond[0][..., 0] - cfg * torch.tanh(uncond[0][..., 1]) + 0.1 * cond[2][..., 2]
+
+
 def test_padded_loop_pairs_each_row_with_its_own_halves():
     """With a deterministic 'sampler' of (cond, uncond, cfg), padding must give exactly the eager
     result: each real row sees its own conditional and unconditional outputs and the live cfg."""
-    def deterministic(cond, uncond, cfg, temperature):
-        return cond[0][..., 0] - cfg * torch.tanh(uncond[0][..., 1]) + 0.1 * cond[2][..., 2]
-
     m = graph_model()
     z = torch.randn(10, C)  # 5 real rows -> bucket 8
     graphs = SamplingGraphs(m, capture=False)
     for cfg in (3.0, 1.7):  # the second call reuses the buffers with a new scale
-        eager = m.arhead.sample(z, 1.0, cfg, cfg_sampler=deterministic)
-        padded = graphs.inner(z, 1.0, cfg, deterministic)
+        eager = m.arhead.sample(z, 1.0, cfg, cfg_sampler=deterministic_sampler)
+        padded = graphs.inner(z, 1.0, cfg, deterministic_sampler)
         torch.testing.assert_close(padded, eager, rtol=1e-5, atol=1e-5)
     assert list(graphs.replays) and all(key[1] == 8 for key in graphs.replays)
 
@@ -169,11 +171,6 @@ def test_graphs_are_ignored_off_cuda():
     graphs = SamplingGraphs(m)
     with_graphs = m.sample_tokens(2, num_iter=3, cfg=2.0, labels=labels, graphs=graphs)
     assert torch.equal(plain, with_graphs) and graphs.replays == {}
-
-
-def deterministic_sampler(cond, uncond, cfg, temperature):
-    """A 'CFG sampler' with no random draws, so padded and unpadded inner batches must agree."""
-    return cond[0][..., 0] - cfg * torch.tanh(uncond[0][..., 1]) + 0.1 * cond[2][..., 2]
 
 
 @pytest.mark.parametrize("precision, tol", [(None, 1e-5), (torch.bfloat16, 1e-2)])
