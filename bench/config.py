@@ -1,4 +1,4 @@
-"""What both benchmarks share: the model/runtime flags, the model they describe, and timing."""
+"""What the benchmarks share: the model/runtime flags, the model they describe, timing, JSON output."""
 import argparse
 import contextlib
 import json

@@ -12,6 +12,8 @@ from scipy import stats
 from bench import bench_sampling, bench_train
 from bench.reference import (random_mixtures, reference_inner_sample, reference_mixtures, reference_sample_tokens,
                              release_style_loss, target_cdf)
+from engine_mar import sampling_graphs
+from main_mar import get_args_parser
 from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
 from models.gmm import (CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
                         sir_candidates)
@@ -323,9 +325,6 @@ def test_bench_rejects_bad_heads():
 
 
 def test_sampling_graphs_follow_the_flags():
-    from engine_mar import sampling_graphs
-    from main_mar import get_args_parser
-
     m = tiny_mar().eval()
     args = get_args_parser().parse_args([])
     assert args.cuda_graphs and not args.compile  # graphs by default, compile on request
