@@ -19,6 +19,7 @@ from numpy.lib import format as npformat
 from PIL import Image
 from tqdm import tqdm
 
+from models.compiled_sampling import CompiledSampling
 from models.cuda_graphs import SamplingGraphs
 from models.gmm import CFG_SAMPLERS
 
@@ -152,14 +153,19 @@ def add_sampling_args(group):
     group.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
                        help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
     group.add_argument("--compile", action="store_true",
-                       help="with --cuda_graphs: torch.compile the outer step and SIR math (CUDA; ~1 min once)")
+                       help="torch.compile sampling math, ~1 min once: on CUDA (with --cuda_graphs) the outer "
+                            "step and SIR math; on CPU the inner loop's step and SIR math")
 
 
 def sampling_graphs(model, args):
-    """CUDA-graph replays for sampling when args.cuda_graphs (default on; inert off CUDA), else None."""
+    """The sampling accelerator for the model's device: CUDA-graph replays when args.cuda_graphs
+    (default on; inert off CUDA), CompiledSampling off CUDA with args.compile, else None."""
+    compile = getattr(args, "compile", False)
+    if compile and model.fake_latent.device.type != "cuda":
+        return CompiledSampling(model)
     if not getattr(args, "cuda_graphs", True):
         return None
-    return SamplingGraphs(model, compile=getattr(args, "compile", False))
+    return SamplingGraphs(model, compile=compile)
 
 
 def save_grid(images, nrow, path, pad=2):

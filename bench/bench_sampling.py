@@ -76,8 +76,8 @@ def main(argv=None):
     log.info("config: %s", {k: v for k, v in vars(args).items() if k != "json"})
     results = {"machine_before": machine_line(device), "args": vars(args)}
     # warm-up runs are 2 outer steps (allocator, lazy initialisation), or full runs with CUDA
-    # graphs, which are captured per row bucket on first use
-    warm_iter = args.num_iter if args.cuda_graphs else min(2, args.num_iter)
+    # graphs or --compile, which capture per row bucket or compile per shape family on first use
+    warm_iter = args.num_iter if args.cuda_graphs or args.compile else min(2, args.num_iter)
     time_runs(lambda: fast(warm_iter), device, args.warmup, 0)
     if args.ref_repeats:
         time_runs(lambda: reference(min(2, args.num_iter)), device, args.warmup, 0)

@@ -160,15 +160,17 @@ class InnerAR(nn.Module):
         return gmm_nll(x, mu, logvar, logits).sum(-1)
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg_fused):
+    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg_fused, run=None):
         """Sample one token per condition, feature by feature.
 
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
         is drawn from the guided target and fed to both halves. Returns float32 [n, D].
         use_cache=False recomputes the whole prefix every step (the slow reference path). A tensor
         cfg (as CUDA-graph capture passes) always means guided. The default CFG sampler is the
-        release's 1000-candidate resampling in its fused, host-sync-free form.
+        release's 1000-candidate resampling in its fused, host-sync-free form. run: a stand-in
+        for self.run (blocks + head), e.g. its compiled form (models/compiled_sampling.py).
         """
+        run = run or self.run
         guided = torch.is_tensor(cfg) or cfg != 1.0
         rows = z.shape[0]
         n = rows // 2 if guided else rows
@@ -184,9 +186,9 @@ class InnerAR(nn.Module):
         h, prefix = first, first
         for t in range(self.token_dim):
             if use_cache:
-                out = self.run(h, mods, kv_caches, pos=t)[:, -1]
+                out = run(h, mods, kv_caches, pos=t)[:, -1]
             else:
-                out = self.run(prefix, mods)[:, -1]
+                out = run(prefix, mods)[:, -1]
             mu, logvar, logits = split_gmm_params(out, self.num_gaussians)
             if guided:
                 x = cfg_sampler((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]),

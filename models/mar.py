@@ -305,6 +305,7 @@ class MAR(nn.Module):
         cfg_sampler: a models.gmm CFG sampler (default: the release's resampling, fused).
         graphs: a models.cuda_graphs.SamplingGraphs(self) to replay the outer step and the inner
         loop as CUDA graphs (ignored off CUDA); keep it across calls so graphs are captured once.
+        Off CUDA, a models.compiled_sampling.CompiledSampling(self) runs the inner loop compiled.
         """
         if num_iter < 1:
             raise ValueError(f"num_iter must be >= 1; got {num_iter}")

@@ -1,0 +1,37 @@
+"""`--compile` off CUDA: the inner loop's per-feature step and the SIR arithmetic through torch.compile.
+
+On CPU the inner loop is matmuls with elementwise work between them (AdaLN modulation, tanh-GELU,
+gates, the head's norm, the 1000-candidate resampling math). Inductor fuses that work into
+vectorised C++ loops and leaves the matmuls to MKL. The outer step stays eager: compiled, it ran
+slower on CPU (bench/README.md). Same math and the same random draws as eager sampling; values
+differ by float rounding only. Needs a C++ compiler; compiles on first use (~1 min).
+
+Usage: model.sample_tokens(..., graphs=CompiledSampling(model)), the hook SamplingGraphs uses.
+"""
+import functools
+
+import torch
+
+from models.gmm import sample_gmm_cfg, sample_gmm_cfg_fused, sir_pick
+
+
+class CompiledSampling:
+    def __init__(self, model):
+        self.model = model
+        # dynamic shapes: one compile serves every row count and KV-cache position
+        self.run = torch.compile(model.arhead.run, dynamic=True)
+        self.sir_pick = torch.compile(sir_pick, dynamic=True)
+
+    def applies_to(self, device):
+        return device.type != "cuda"  # on CUDA, SamplingGraphs(compile=True) is the fast path
+
+    def refresh_weights(self, device):
+        """Nothing to refresh: compiled code reads the live parameters."""
+
+    def outer(self, tokens, keep, class_vec, predict):
+        return self.model.condition_at(tokens, keep, class_vec, predict)
+
+    def inner(self, z, temperature=1.0, cfg=1.0, cfg_sampler=sample_gmm_cfg_fused):
+        if cfg_sampler in (sample_gmm_cfg, sample_gmm_cfg_fused):  # the release's draws, compiled pick
+            cfg_sampler = functools.partial(sample_gmm_cfg_fused, pick=self.sir_pick)
+        return self.model.arhead.sample(z, temperature, cfg, cfg_sampler=cfg_sampler, run=self.run)
