@@ -9,6 +9,8 @@ differ by float rounding only. Needs a C++ compiler; compiles on first use (~1 m
 Usage: model.sample_tokens(..., graphs=CompiledSampling(model)), the hook SamplingGraphs uses.
 """
 import functools
+import os
+import shutil
 
 import torch
 
@@ -17,6 +19,9 @@ from models.gmm import sample_gmm_cfg, sample_gmm_cfg_fused, sir_pick
 
 class CompiledSampling:
     def __init__(self, model):
+        if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++") if cxx):
+            raise RuntimeError("--compile off CUDA needs a C++ compiler (g++ or clang++) on PATH: "
+                               "install one, or sample without --compile")
         self.model = model
         # dynamic shapes: one compile serves every row count and KV-cache position
         self.run = torch.compile(model.arhead.run, dynamic=True)

@@ -223,12 +223,19 @@ needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                                reason="torch.compile on CPU needs a C++ compiler")
 
 
+def test_compiled_sampling_names_the_missing_compiler(monkeypatch):
+    monkeypatch.setattr("models.compiled_sampling.shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        CompiledSampling(tiny_mar())
+
+
 @needs_cxx
 def test_compiled_sampling_gives_the_eager_samples():
     """CompiledSampling: same math and draws as eager, so one seed gives the eager samples up to
     rounding. A deterministic 'sampler' isolates the compiled blocks + head; with the release SIR a
     near-tie among the 1000 proposals may flip a pick (and that row's later features), so nearly all agree."""
     m = graph_model()
+    assert isinstance(sampling_graphs(m, get_args_parser().parse_args(["--compile"])), CompiledSampling)  # CPU model
     compiled = CompiledSampling(m)
     calls, run = [], compiled.run
     compiled.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
@@ -364,5 +371,4 @@ def test_sampling_graphs_follow_the_flags():
     graphs = sampling_graphs(m, args)
     assert graphs.applies_to(torch.device("cuda")) and not graphs.applies_to(torch.device("cpu"))  # inert off CUDA
     assert graphs.sir_pick is None
-    assert isinstance(sampling_graphs(m, get_args_parser().parse_args(["--compile"])), CompiledSampling)  # CPU model
     assert sampling_graphs(m, get_args_parser().parse_args(["--no-cuda_graphs"])) is None
