@@ -4,7 +4,8 @@ On CPU the inner loop is matmuls with elementwise work between them (AdaLN modul
 gates, the head's norm, the 1000-candidate resampling math). Inductor fuses that work into
 vectorised C++ loops and leaves the matmuls to MKL. The outer step stays eager: compiled, it ran
 slower on CPU (bench/README.md). Same math and the same random draws as eager sampling; values
-differ by float rounding (which can flip a near-tied pick among the 1000 proposals). Needs a C++ compiler; compiles on first use (~1 min).
+differ by float rounding (which can flip a near-tied pick among the 1000 proposals). Needs a C++
+compiler; compiles on first use (~1 min).
 
 Usage: model.sample_tokens(..., graphs=CompiledSampling(model)), the hook SamplingGraphs uses.
 """
