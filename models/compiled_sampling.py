@@ -9,18 +9,23 @@ compiler; compiles on first use (~1 min).
 
 Usage: model.sample_tokens(..., graphs=CompiledSampling(model)), the hook SamplingGraphs uses.
 """
-import functools
 import os
 import shutil
 
 import torch
 
-from models.gmm import sample_gmm_cfg, sample_gmm_cfg_fused, sir_pick
+from models.gmm import release_sir_with_pick, sample_gmm_cfg_fused, sir_pick
+
+
+def cxx_compiler():
+    """Path of the C++ compiler Inductor would find ($CXX, g++, c++ or clang++), or None."""
+    names = (os.environ.get("CXX"), "g++", "c++", "clang++")
+    return next((path for path in map(shutil.which, filter(None, names)) if path), None)
 
 
 class CompiledSampling:
     def __init__(self, model):
-        if not any(shutil.which(cxx) for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++") if cxx):
+        if cxx_compiler() is None:
             raise RuntimeError("--compile off CUDA needs a C++ compiler (g++ or clang++) on PATH: "
                                "install one, or sample without --compile")
         self.model = model
@@ -38,6 +43,5 @@ class CompiledSampling:
         return self.model.condition_at(tokens, keep, class_vec, predict)
 
     def inner(self, z, temperature=1.0, cfg=1.0, cfg_sampler=sample_gmm_cfg_fused):
-        if cfg_sampler in (sample_gmm_cfg, sample_gmm_cfg_fused):  # the release's draws, compiled pick
-            cfg_sampler = functools.partial(sample_gmm_cfg_fused, pick=self.sir_pick)
+        cfg_sampler = release_sir_with_pick(cfg_sampler, self.sir_pick) or cfg_sampler  # compiled pick
         return self.model.arhead.sample(z, temperature, cfg, cfg_sampler=cfg_sampler, run=self.run)

@@ -16,13 +16,12 @@ across calls so graphs are captured once. Off CUDA, sample_tokens ignores it; `c
 runs the same static-buffer code eagerly on any device, which is how the CPU tests check it.
 """
 import contextlib
-import functools
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from models.gmm import sample_gmm_cfg, sample_gmm_cfg_fused, sir_candidates, sir_pick
+from models.gmm import release_sir_with_pick, sample_gmm_cfg, sample_gmm_cfg_fused, sir_candidates, sir_pick
 
 
 def sample_gmm_cfg_race(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
@@ -162,10 +161,7 @@ class SamplingGraphs:
         n = z.shape[0] // 2 if guided else z.shape[0]
         rows = bucket_rows(n, self.min_rows)
         device = z.device
-        if self.sir_pick is not None and cfg_sampler in (sample_gmm_cfg, sample_gmm_cfg_fused):
-            sampler = functools.partial(sample_gmm_cfg_fused, pick=self.sir_pick)  # the release's draws too
-        else:
-            sampler = CAPTURABLE.get(cfg_sampler, cfg_sampler)
+        sampler = release_sir_with_pick(cfg_sampler, self.sir_pick) or CAPTURABLE.get(cfg_sampler, cfg_sampler)
         key = ("inner", rows, guided, float(temperature), cfg_sampler, z.dtype, autocast_dtype(device))
 
         def make():

@@ -5,6 +5,7 @@ shape [..., K]: means `mu`, natural-log variances `logvar`, and unnormalised wei
 Everything here runs in float32 whatever the caller's autocast dtype: the transformer may run in
 bf16, but log-densities of sharp Gaussians and the CFG weights need the extra precision.
 """
+import functools
 import math
 
 import torch
@@ -135,6 +136,14 @@ def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000
     u_pick = torch.rand(shape, device=u.device)
     return (pick or sir_pick)(cond, uncond, torch.as_tensor(cfg, dtype=torch.float32, device=u.device),
                               temperature, u, eps, u_pick)
+
+
+def release_sir_with_pick(cfg_sampler, pick):
+    """sample_gmm_cfg_fused with `pick` (e.g. compiled) if cfg_sampler is the release's SIR in either
+    form (they draw the same proposals and the same law); None for any other sampler or pick=None."""
+    if pick is None or cfg_sampler not in (sample_gmm_cfg, sample_gmm_cfg_fused):
+        return None
+    return functools.partial(sample_gmm_cfg_fused, pick=pick)
 
 
 def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):

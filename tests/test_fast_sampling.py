@@ -4,7 +4,6 @@ the CUDA-graph loop's padded fixed-shape form on CPU; the benchmarks' plumbing (
 import contextlib
 import functools
 import json
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from bench.reference import (random_mixtures, reference_inner_sample, reference_
                              release_style_loss, target_cdf)
 from engine_mar import sampling_graphs
 from main_mar import get_args_parser
-from models.compiled_sampling import CompiledSampling
+from models.compiled_sampling import CompiledSampling, cxx_compiler
 from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
 from models.gmm import (CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
                         sir_candidates)
@@ -217,10 +216,8 @@ def test_sample_tokens_through_static_replays_draws_the_eager_law():
     assert min(pvalues) > 0.01 / 16
 
 
-
 # ----------------------------------------------------------------------------- --compile off CUDA
-needs_cxx = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                               reason="torch.compile on CPU needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(cxx_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 
 
 def test_compiled_sampling_names_the_missing_compiler(monkeypatch):
@@ -254,6 +251,7 @@ def test_compiled_sampling_gives_the_eager_samples():
     fast = compiled.inner(z, 1.2, 3.0)
     assert torch.isclose(fast, eager, rtol=1e-4, atol=1e-4).float().mean() > 0.95
     assert not torch.isclose(fast[:, 1:], eager[:, :-1], rtol=1e-4, atol=1e-4).all()  # power: shifted differs
+
 
 def per_feature_ks(a, b):
     return [stats.ks_2samp(a[:, i].numpy(), b[:, i].numpy()).pvalue for i in range(a.shape[1])]
