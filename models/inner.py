@@ -45,11 +45,11 @@ class CausalSelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, kv_cache=None, pos=0):
+    def forward(self, x, kv_cache=None, pos=0, linear=F.linear):
         """x: [N, L, W]. With kv_cache=(k, v) of [N, H, D, hd], x is the single position `pos`."""
         n, length, width = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
+        qkv = linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if kv_cache is None:
             out = attention(q, k, v, self.scale, causal=True)
@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
             v_cache[:, :, pos:pos + length] = v
             # the new query may see every cached key, so no mask is needed
             out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
-        return self.proj(out.transpose(1, 2).reshape(n, length, width))
+        return linear(out.transpose(1, 2).reshape(n, length, width), self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -68,8 +68,9 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x, linear=F.linear):
+        hidden = F.gelu(linear(x, self.fc1.weight, self.fc1.bias), approximate="tanh")
+        return linear(hidden, self.fc2.weight, self.fc2.bias)
 
 
 class AdaLNBlock(nn.Module):
@@ -83,10 +84,10 @@ class AdaLNBlock(nn.Module):
         """(gamma1, gamma2, scale1, scale2, shift1, shift2), each [N, 1, W]."""
         return self.ada_lin(z).unsqueeze(1).chunk(6, dim=-1)
 
-    def forward(self, x, mod, kv_cache=None, pos=0):
+    def forward(self, x, mod, kv_cache=None, pos=0, linear=F.linear):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
-        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos)
-        return x + gamma2 * self.ffn(modulate(x, scale2, shift2))
+        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos, linear)
+        return x + gamma2 * self.ffn(modulate(x, scale2, shift2), linear)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -141,12 +142,16 @@ class InnerAR(nn.Module):
     def modulations(self, z):
         return [block.modulation(z) for block in self.blocks], self.head_nm.modulation(z)
 
-    def run(self, h, mods, kv_caches=None, pos=0):
-        """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> [N, L, 3K]."""
+    def run(self, h, mods, kv_caches=None, pos=0, linear=F.linear):
+        """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> [N, L, 3K].
+
+        linear: the blocks' and head's matmul (F.linear's signature); compiled sampling on CPU
+        passes a few-row kernel (models/cpu_linear.py).
+        """
         block_mods, head_mod = mods
         for i, block in enumerate(self.blocks):
-            h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos)
-        return self.head(self.head_nm(h, head_mod))
+            h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos, linear)
+        return linear(self.head_nm(h, head_mod), self.head.weight, self.head.bias)
 
     def forward(self, x, z):
         """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D, 3K]."""

@@ -14,7 +14,8 @@ from bench.reference import (random_mixtures, reference_inner_sample, reference_
                              release_style_loss, target_cdf)
 from engine_mar import sampling_graphs
 from main_mar import get_args_parser
-from models.compiled_sampling import CompiledSampling, cxx_compiler
+from models.compiled_sampling import CompiledSampling, cxx_compiler, few_row_linear
+from models.cpu_linear import cpu_supports_kernel
 from models.cuda_graphs import SamplingGraphs, bucket_rows, sample_gmm_cfg_race
 from models.gmm import (CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sample_gmm_cfg_fused,
                         sir_candidates)
@@ -226,6 +227,15 @@ def test_compiled_sampling_names_the_missing_compiler(monkeypatch):
         CompiledSampling(tiny_mar())
 
 
+def test_a_failed_kernel_build_leaves_f_linear(monkeypatch, caplog):
+    def fail():
+        raise RuntimeError("Error building extension 'arinar_cpu_linear'")
+    monkeypatch.setattr("models.compiled_sampling.cpu_supports_kernel", lambda: True)
+    monkeypatch.setattr("models.compiled_sampling.load_small_linear", fail)
+    assert few_row_linear() is None
+    assert "did not build" in caplog.text and "keeps F.linear" in caplog.text
+
+
 @needs_cxx
 def test_compiled_sampling_gives_the_eager_samples():
     """CompiledSampling: same math and draws as eager, so one seed gives the eager samples up to
@@ -234,8 +244,10 @@ def test_compiled_sampling_gives_the_eager_samples():
     m = graph_model()
     assert isinstance(sampling_graphs(m, get_args_parser().parse_args(["--compile"])), CompiledSampling)  # CPU model
     compiled = CompiledSampling(m)
-    calls, run = [], compiled.run
-    compiled.run = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
+    # fp32 on an AVX2 CPU: the blocks' matmuls go to the few-row kernel (models/cpu_linear.py)
+    assert (compiled.run_fp32 is not compiled.run) == cpu_supports_kernel()
+    calls, run = [], compiled.run_fp32
+    compiled.run_fp32 = lambda *args, **kwargs: calls.append(1) or run(*args, **kwargs)
     labels = torch.tensor([1, 2, 7])
 
     def sample(g):
