@@ -7,9 +7,9 @@ each weight once, straight from nn.Linear's [out, in] layout: 4 weight rows stay
 input row passes by in tiles of 3, 12 AVX2 accumulators of dot products, the next 4 weight rows
 prefetched meanwhile. It gives F.linear's values up to float rounding (another summation order).
 
-Sampling only (no backward). Off the fast case (not fp32 CPU tensors, in % 8 or out % 4 not 0)
-it calls at::linear. JIT-built on first use with torch's extension builder (needs a C++ compiler and ninja,
-~30 s once, cached under TORCH_EXTENSIONS_DIR); used by CompiledSampling when the CPU has AVX2 + FMA.
+Sampling only (no backward). Off the fast case (not fp32, in % 8 or out % 4 not 0) it calls
+at::linear. JIT-built on first use with torch's extension builder (needs a C++ compiler and ninja,
+~40 s once, cached under TORCH_EXTENSIONS_DIR); used by CompiledSampling when the CPU has AVX2 + FMA.
 """
 import functools
 import os
@@ -88,7 +88,8 @@ void one_pass(const Pass& p, int64_t M) {
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
     const int64_t K = x.size(-1), N = weight.size(0);
-    const bool fast = x.device().is_cpu() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat
+    // registered for CPU only, so the device needs no check
+    const bool fast = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat
         && (!bias.has_value() || bias->scalar_type() == at::kFloat) && weight.dim() == 2 && weight.size(1) == K
         && K % 8 == 0 && N % RN == 0;
     TORCH_CHECK(!(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())),
@@ -144,5 +145,5 @@ def _put_ninja_on_path():
     try:
         import ninja
     except ImportError:
-        raise RuntimeError("building the CPU small-batch linear needs ninja: pip install ninja") from None
+        raise RuntimeError("building the few-row CPU linear needs ninja: pip install ninja") from None
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
