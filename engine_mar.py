@@ -19,9 +19,9 @@ from numpy.lib import format as npformat
 from PIL import Image
 from tqdm import tqdm
 
-from models.compiled_sampling import CompiledSampling
-from models.cuda_graphs import SamplingGraphs
 from models.gmm import CFG_SAMPLERS
+from sampling import make_backend
+from sampling.backends import PRECISIONS
 
 from util import misc
 from util.checkpoint import atomic_write
@@ -29,12 +29,9 @@ from util.lr_sched import lr_at, set_lr
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def autocast(args, device):
     """Mixed precision for the transformer; the mixture math inside the model stays fp32."""
-    if args.precision == "fp32":
+    if PRECISIONS[args.precision] is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=PRECISIONS[args.precision])
 
@@ -124,48 +121,41 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, args, labels, cfg=None, progress=False, graphs=None):
+def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=False):
     """Sample one image per class label: uint8 numpy [N, H, W, C].
 
-    Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule, args.temperature,
-    args.cfg_sampler and args.precision. The transformer runs under autocast; decoding runs in fp32
-    so low precision cannot turn into NaN or black images. graphs: a SamplingGraphs to reuse
-    across calls (see sampling_graphs).
+    Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule and args.temperature;
+    `backend` (from sampling_backend; made from args when None) sets the precision and CFG sampler;
+    pass one to reuse it (and its CUDA graphs) across calls. Decoding runs in fp32 so low precision cannot turn into NaN or black images.
     """
     device = model_device(model)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+    backend = backend or sampling_backend(model, args)
     was_training = model.training
     model.eval()
-    with autocast(args, device):
-        tokens = model.sample_tokens(bsz=labels.numel(), num_iter=args.num_iter,
-                                     cfg=args.cfg if cfg is None else cfg, cfg_schedule=args.cfg_schedule,
-                                     labels=labels, temperature=args.temperature, progress=progress,
-                                     cfg_sampler=CFG_SAMPLERS[getattr(args, "cfg_sampler", "sir")], graphs=graphs)
+    tokens = model.sample_tokens(bsz=labels.numel(), num_iter=args.num_iter, cfg=args.cfg if cfg is None else cfg,
+                                 cfg_schedule=args.cfg_schedule, labels=labels, temperature=args.temperature,
+                                 backend=backend, progress=progress)
     model.train(was_training)
     images = tokenizer.decode(tokens.float() / tokenizer.scale)
     return to_uint8(images)
 
 
 def add_sampling_args(group):
-    """The sampling-method flags main_mar.py (evaluation) and sample.py share."""
+    """The sampling-method flags main_mar.py (evaluation), sample.py and the benchmarks share."""
     group.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
                        help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
-    group.add_argument("--cuda_graphs", default=True, action=argparse.BooleanOptionalAction,
-                       help="replay each sampling step as CUDA graphs (CUDA only; same math, far fewer launches)")
+    group.add_argument("--cuda_graphs", default=None, action=argparse.BooleanOptionalAction,
+                       help="replay each sampling step as CUDA graphs (default: on with CUDA; same math, far "
+                            "fewer launches)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile sampling math, ~1 min once: on CUDA (with --cuda_graphs) the outer "
-                            "step and SIR math; on CPU the inner loop's step and SIR math")
+                       help="torch.compile the outer step inside the CUDA-graph backend (CUDA only, ~1 min once)")
 
 
-def sampling_graphs(model, args):
-    """The sampling accelerator for the model's device: CUDA-graph replays when args.cuda_graphs
-    (default on; inert off CUDA), CompiledSampling off CUDA with args.compile, else None."""
-    compile = getattr(args, "compile", False)
-    if compile and model.fake_latent.device.type != "cuda":
-        return CompiledSampling(model)
-    if not getattr(args, "cuda_graphs", True):
-        return None
-    return SamplingGraphs(model, compile=compile)
+def sampling_backend(model, args):
+    """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs."""
+    return make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile, cfg_sampler=args.cfg_sampler,
+                        precision=args.precision)
 
 
 def save_grid(images, nrow, path, pad=2):
@@ -232,7 +222,7 @@ def write_adm_npz(path, png_paths, labels, shape):
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_score=None):
+def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_score=None, backend=None):
     """Generate args.num_images (equal per class, split across ranks), save PNGs + ADM npz, score.
 
     EMA weights unless args.eval_weights == "live". FID / IS come from upstream torch-fidelity when
@@ -257,13 +247,14 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_sc
     weights = ema.swapped_in(model) if args.eval_weights == "ema" else nullcontext()
     # a private RNG stream: evaluating in the middle of training must not change what training draws
     fork_devices = [device] if device.type == "cuda" else []
-    graphs = sampling_graphs(model, args)  # captured on the first batch, replayed on the rest
+    # one backend per run (main_mar makes it): CUDA graphs captured once, replayed on every batch
+    backend = backend or sampling_backend(model, args)
     with weights, torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(args.seed + 1000 + rank)
         batches = [mine[i:i + args.eval_bsz] for i in range(0, len(mine), args.eval_bsz)]
         for b, idx in enumerate(tqdm(batches, desc=f"generating (cfg {cfg:g})", disable=rank != 0)):
             start = time.time()
-            images = generate(model, tokenizer, args, labels_all[idx], cfg=cfg, graphs=graphs)
+            images = generate(model, tokenizer, args, labels_all[idx], backend, cfg=cfg)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if b > 0 or len(batches) == 1:  # the first batch pays for warm-up

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_mar import (PRECISIONS, add_sampling_args, class_balanced_labels, evaluate, fid_enabled,
-                        train_one_epoch)
+                        sampling_backend, train_one_epoch)
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util import misc
@@ -239,6 +239,8 @@ def main(args):
     if args.freeze_outer:
         freeze_outer(model)
     ema = EMA(model, args.ema_rate)
+    # one sampling backend for the run's evaluations (flag contradictions fail here, before training)
+    backend = sampling_backend(model, args) if args.evaluate or args.online_eval else None
 
     global_batch = args.batch_size * world
     if args.lr is None:
@@ -272,21 +274,22 @@ def main(args):
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
     try:
         if args.evaluate:
-            run_evaluations(model, tokenizer, ema, args, eval_epoch, writer, [args.cfg], scorer)
+            run_evaluations(model, tokenizer, ema, args, eval_epoch, writer, [args.cfg], scorer, backend)
         else:
-            train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer)
+            train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer,
+                  backend)
     finally:
         if writer is not None:
             writer.close()
     misc.cleanup_distributed()
 
 
-def run_evaluations(model, tokenizer, ema, args, epoch, writer, cfgs, scorer):
-    return [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, writer=writer, extra_score=scorer)
+def run_evaluations(model, tokenizer, ema, args, epoch, writer, cfgs, scorer, backend):
+    return [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, writer=writer, extra_score=scorer, backend=backend)
             for cfg in dict.fromkeys(cfgs)]
 
 
-def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer):
+def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer, backend):
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if misc.is_distributed() else model
     steps = steps_per_epoch(sampler, args.batch_size)
@@ -320,7 +323,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
             atomic_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-            results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer)
+            results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer, backend)
         if writer is not None:
             writer.flush()
     logger.info("training done in %.1f min; checkpoint %s; TensorBoard logs %s", (time.time() - start) / 60,

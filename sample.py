@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_graphs, save_grid, save_png
+from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_backend, save_grid, save_png
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
@@ -122,10 +122,10 @@ def sample_images(model, tokenizer, args):
     """uint8 [len(classes) * num_per_class, H, W, C], class-major, from one seeded stream."""
     labels = torch.tensor(args.classes).repeat_interleave(args.num_per_class)
     torch.manual_seed(args.seed)
-    batches, graphs = [], sampling_graphs(model, args)
+    batches, backend = [], sampling_backend(model, args)
     with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
         for batch in labels.split(args.batch_size):
-            batches.append(generate(model, tokenizer, args, batch, progress=True, graphs=graphs))
+            batches.append(generate(model, tokenizer, args, batch, backend, progress=True))
             bar.update(batch.numel())
     return [image for batch in batches for image in batch]
 

@@ -1,26 +1,27 @@
-"""Sampling speed: images/s of MAR.sample_tokens (fast path) against the reference path.
+"""Sampling speed: images/s of our engine against the ARINAR release's cost, in one run.
 
-The reference (bench/reference.py) runs the same algorithm the straightforward way in the same
-process, on the same weights: prefix recomputation in the inner model, torch.distributions
-mixtures, the release's 1000-candidate CFG resampling. Weights are random (no downloads); speed
-does not depend on them.
+The baseline (bench/baseline.py) does per feature step what the public release does (KV cache
+grown by concatenation, AdaLN modulations recomputed every feature, torch.distributions CFG
+resampling, one outer step at a time with the full decoder), in the same process, on the same
+weights. Our side runs the backend the flags pick (sampling/backends.py: eager, or CUDA graphs
+with optional --compile). Weights are random (no downloads); speed does not depend on them.
 
-CPU configuration of issue 5 (inner model dominates):
-    python -m bench.bench_sampling --width 128 --depth 2 --heads 4 --batch_size 8 --cfg 4.5 --num_iter 64
-Full ARINAR-B at batch 1:
-    python -m bench.bench_sampling --batch_size 1 --cfg 4.5 --num_iter 64
+CPU configuration (inner model at ARINAR-B size dominates):
+    python -m bench.bench_sampling --width 128 --depth 2 --heads 4 --batch_size 8 --cfg 4.5 --num_iter 64 --threads 1
+ARINAR-B on a GPU, bf16, CUDA graphs + compile:
+    python -m bench.bench_sampling --device cuda --precision bf16 --compile --batch_size 256
 """
 import logging
 import time
 
 import torch
 
+from bench.baseline import release_sample_tokens
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, time_runs, write_json)
-from bench.reference import reference_sample_tokens
-from engine_mar import add_sampling_args, sampling_graphs
-from models.gmm import CFG_SAMPLERS
+from engine_mar import add_sampling_args
 from models.vae import LATENT_SCALE, AutoencoderKL
+from sampling import make_backend
 
 log = logging.getLogger("bench.sampling")
 
@@ -35,10 +36,9 @@ def parse_args(argv=None):
     g.add_argument("--cfg", type=float, default=4.5)
     g.add_argument("--temperature", type=float, default=1.0)
     add_sampling_args(g)  # --cfg_sampler, --cuda_graphs, --compile, as main_mar.py and sample.py
-    g.set_defaults(cuda_graphs=False)  # the benchmark times eager sampling unless asked
-    g.add_argument("--breakdown", action="store_true", help="also report the fast path's outer/inner time split")
+    g.add_argument("--breakdown", action="store_true", help="also report our outer/head time split")
     g.add_argument("--decode", action="store_true", help="include a (random-init) KL-16 VAE decode in the time")
-    g.add_argument("--ref_repeats", type=int, default=1, help="timed reference runs (0 = skip the reference)")
+    g.add_argument("--baseline_repeats", type=int, default=2, help="timed baseline runs (0 = skip the baseline)")
     return p.parse_args(argv)
 
 
@@ -49,56 +49,54 @@ def main(argv=None):
     model = build_model(args).to(device)
     labels = torch.randint(0, args.class_num, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
     vae = AutoencoderKL(embed_dim=model.vae_embed_dim).to(device).eval() if args.decode else None
-    graphs = sampling_graphs(model, args)
+    backend = make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile, cfg_sampler=args.cfg_sampler,
+                           precision=args.precision)
     split = PieceTimer(device)
-    if args.breakdown:  # instance attributes shadow the methods sample_tokens looks up
-        owner = graphs if graphs is not None and graphs.applies_to(device) else None
-        split.wrap(owner or model, "outer" if owner else "condition_at", "outer")
-        split.wrap(owner or model.arhead, "inner" if owner else "sample", "inner")
+    if args.breakdown:  # instance attributes shadow the methods the loop looks up
+        split.wrap(backend, "condition", "outer")
+        split.wrap(backend, "sample_head", "head")
 
     def finish(latents):
         if vae is not None:
             with torch.no_grad():
                 vae.decode(latents / LATENT_SCALE)
 
-    def fast(num_iter=args.num_iter):
-        with autocast(device, args.precision):
-            finish(model.sample_tokens(args.batch_size, num_iter, cfg=args.cfg, labels=labels,
-                                       temperature=args.temperature, cfg_sampler=CFG_SAMPLERS[args.cfg_sampler],
-                                       graphs=graphs))
+    def ours(num_iter=args.num_iter):  # the backend applies --precision
+        finish(model.sample_tokens(args.batch_size, num_iter, cfg=args.cfg, labels=labels,
+                                   temperature=args.temperature, backend=backend))
 
-    def reference(num_iter=args.num_iter):
+    def baseline(num_iter=args.num_iter):
         with autocast(device, args.precision):
-            finish(reference_sample_tokens(model, args.batch_size, num_iter, cfg=args.cfg, labels=labels,
-                                           temperature=args.temperature))
+            finish(release_sample_tokens(model, args.batch_size, num_iter, cfg=args.cfg, labels=labels,
+                                         temperature=args.temperature))
 
     log.info("machine: %s", machine_line(device))
     log.info("config: %s", {k: v for k, v in vars(args).items() if k != "json"})
-    results = {"machine_before": machine_line(device), "args": vars(args)}
-    # warm-up runs are 2 outer steps (allocator, lazy initialisation), or full runs with CUDA
-    # graphs or --compile, which capture per row bucket or compile per shape family on first use
-    warm_iter = args.num_iter if args.cuda_graphs or args.compile else min(2, args.num_iter)
-    time_runs(lambda: fast(warm_iter), device, args.warmup, 0)
-    if args.ref_repeats:
-        time_runs(lambda: reference(min(2, args.num_iter)), device, args.warmup, 0)
-    # timed runs alternate between the paths, so load from other users hits both alike
-    fast_times, ref_times = [], []
-    for i in range(max(args.repeats, args.ref_repeats)):
+    results = {"machine_before": machine_line(device), "args": vars(args), "backend": backend.describe()}
+    # warm-up: 2 outer steps (allocator, lazy initialisation), or full runs with CUDA graphs,
+    # which capture per schedule step and row bucket on first use (and compile with --compile)
+    warm_iter = args.num_iter if backend.name == "cuda_graphs" else min(2, args.num_iter)
+    time_runs(lambda: ours(warm_iter), device, args.warmup, 0)
+    if args.baseline_repeats:
+        time_runs(lambda: baseline(min(2, args.num_iter)), device, args.warmup, 0)
+    # timed runs alternate between the two, so load from other users hits both alike
+    our_times, base_times = [], []
+    for i in range(max(args.repeats, args.baseline_repeats)):
         if i < args.repeats:
             split.reset()
-            fast_times += time_runs(fast, device, 0, 1)
-            log.info("run %d: fast %.2f s%s", i + 1, fast_times[-1], split.summary())
-        if i < args.ref_repeats:
-            ref_times += time_runs(reference, device, 0, 1)
-            log.info("run %d: reference %.2f s", i + 1, ref_times[-1])
-    results["fast_s"] = fast_times
-    report(log, "fast", fast_times, args.batch_size, args.num_iter)
-    if ref_times:
-        results["reference_s"] = ref_times
-        report(log, "reference", ref_times, args.batch_size, args.num_iter)
-        ratio = median(ref_times) / median(fast_times)
+            our_times += time_runs(ours, device, 0, 1)
+            log.info("run %d: ours %.2f s%s", i + 1, our_times[-1], split.summary())
+        if i < args.baseline_repeats:
+            base_times += time_runs(baseline, device, 0, 1)
+            log.info("run %d: release baseline %.2f s", i + 1, base_times[-1])
+    results["ours_s"] = our_times
+    report(log, "ours", our_times, args.batch_size, args.num_iter)
+    if base_times:
+        results["baseline_s"] = base_times
+        report(log, "baseline", base_times, args.batch_size, args.num_iter)
+        ratio = median(base_times) / median(our_times)
         results["speedup"] = ratio
-        log.info("speed-up (fast images/s / reference images/s, medians): %.2fx", ratio)
+        log.info("speed-up over the release baseline (images/s ratio, medians): %.2fx", ratio)
     results["machine_after"] = machine_line(device)
     log.info("machine after: %s", results["machine_after"])
     write_json(args.json, results)

@@ -1,7 +1,7 @@
 """Training speed: steps/s and peak memory, inner model on masked tokens only vs on every token.
 
 MAR.forward runs the inner model on the masked tokens only; the release ran it on all tokens
-and masked the loss (bench/reference.py: release_style_loss). Both are timed in this process
+and masked the loss (bench/baseline.py: release_style_loss). Both are timed in this process
 on the same weights and the same random masks (same seed); the losses agree. A step is
 forward + backward + AdamW update on random latents (no data or weights needed).
 
@@ -21,7 +21,7 @@ import torch
 
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, synchronize, time_runs, write_json)
-from bench.reference import release_style_loss
+from bench.baseline import release_style_loss
 
 log = logging.getLogger("bench.train")
 PATHS = ("masked_only", "all_tokens")

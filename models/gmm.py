@@ -2,10 +2,10 @@
 
 Pure functions on tensors. A mixture over K components is given by three tensors of the same
 shape [..., K]: means `mu`, natural-log variances `logvar`, and unnormalised weight `logits`.
-Everything here runs in float32 whatever the caller's autocast dtype: the transformer may run in
-bf16, but log-densities of sharp Gaussians and the CFG weights need the extra precision.
+Everything here runs in at least float32 whatever the caller's autocast dtype (the transformer may
+run in bf16, but log-densities of sharp Gaussians and the CFG weights need the extra precision),
+and float64 inputs stay float64.
 """
-import functools
 import math
 
 import torch
@@ -14,16 +14,20 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
+def at_least_fp32(x):
+    """x in float32, or in its own dtype when that is wider (float64 is never narrowed)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def split_gmm_params(head_out, num_gaussians):
     """Split the inner head's output [..., 3K] laid out as [means | log-variances | logits]."""
-    head_out = head_out.float()
-    mu, logvar, logits = head_out.split(num_gaussians, dim=-1)
+    mu, logvar, logits = at_least_fp32(head_out).split(num_gaussians, dim=-1)
     return mu, logvar, logits
 
 
 def _component_log_probs(x, mu, logvar, logits):
     """log w_k + log N(x; mu_k, exp(logvar_k)), without the -0.5*log(2*pi) constant."""
-    x = x.float().unsqueeze(-1)
+    x = at_least_fp32(x).unsqueeze(-1)
     return F.log_softmax(logits, dim=-1) - 0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
 
 
@@ -50,22 +54,22 @@ def sample_gmm(mu, logvar, logits, temperature=1.0, num_samples=None):
 
     Component choice by inverse CDF on the weights (one uniform per draw), then mu + std*eps.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(at_least_fp32(logits), dim=-1)
     shape = probs.shape[:-1] + ((num_samples,) if num_samples else ())
     cdf = probs.cumsum(-1)
-    u = torch.rand(shape, device=probs.device)
+    u = torch.rand(shape, device=probs.device, dtype=probs.dtype)
     if num_samples:
         cdf, mu, logvar = cdf.unsqueeze(-2), mu.unsqueeze(-2), logvar.unsqueeze(-2)
     # count of cdf entries below u = chosen component; clamp guards u > cdf[-1] from rounding
     k = (cdf < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
-    mu_k = mu.float().expand(*shape, -1).gather(-1, k).squeeze(-1)
-    std_k = torch.exp(0.5 * tempered(logvar.float(), temperature)).expand(*shape, -1).gather(-1, k).squeeze(-1)
-    return mu_k + std_k * torch.randn(shape, device=probs.device)
+    mu_k = at_least_fp32(mu).expand(*shape, -1).gather(-1, k).squeeze(-1)
+    std_k = torch.exp(0.5 * tempered(at_least_fp32(logvar), temperature)).expand(*shape, -1).gather(-1, k).squeeze(-1)
+    return mu_k + std_k * torch.randn(shape, device=probs.device, dtype=probs.dtype)
 
 
 def _guidance(cfg, like):
-    """The CFG scale as a float32 tensor on like's device; a per-row [...] scale broadcasts over [..., M]."""
-    w = torch.as_tensor(cfg, dtype=torch.float32, device=like.device)
+    """The CFG scale as a tensor of like's dtype and device; a per-row [...] scale broadcasts over [..., M]."""
+    w = torch.as_tensor(cfg, device=like.device).to(like.dtype)
     return w.unsqueeze(-1) if w.dim() > 0 else w
 
 
@@ -75,32 +79,11 @@ def cfg_log_target(x, cond, uncond, cfg, temperature=1.0):
     log q_T(x) + (w-1) * (log p_cond(x) - log p_uncond(x)), q_T the tempered conditional mixture;
     at T = 1 this is p_cond^w / p_uncond^(w-1). x: [..., M], mixtures [..., K]; cfg scalar or [...].
     """
-    mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
-    mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
-    w = _guidance(cfg, x)
+    mu_c, lv_c, lg_c = (at_least_fp32(t).unsqueeze(-2) for t in cond)
+    mu_u, lv_u, lg_u = (at_least_fp32(t).unsqueeze(-2) for t in uncond)
+    w = _guidance(cfg, at_least_fp32(x))
     log_q = gmm_log_prob(x, mu_c, tempered(lv_c, temperature), lg_c)
     return log_q + (w - 1) * (gmm_log_prob(x, mu_c, lv_c, lg_c) - gmm_log_prob(x, mu_u, lv_u, lg_u))
-
-
-def sample_gmm_cfg(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
-    """The release's CFG sampler: sampling-importance-resampling with `num_candidates` proposals.
-
-    Proposals come from the tempered conditional mixture; each gets weight
-    softmax((w-1) * (log p_cond - log p_uncond)) and one is picked. Returns one value per row.
-    """
-    candidates, probs = sir_candidates(cond, uncond, cfg, temperature, num_candidates)
-    pick = torch.multinomial(probs, 1)
-    return candidates.reshape(-1, num_candidates).gather(-1, pick).reshape(candidates.shape[:-1])
-
-
-def sir_candidates(cond, uncond, cfg, temperature, num_candidates):
-    """The SIR proposals [..., M] and their resampling probabilities, flattened to [rows, M]."""
-    candidates = sample_gmm(*cond, temperature=temperature, num_samples=num_candidates)
-    mu_c, lv_c, lg_c = (t.float().unsqueeze(-2) for t in cond)
-    mu_u, lv_u, lg_u = (t.float().unsqueeze(-2) for t in uncond)
-    w = _guidance(cfg, candidates)
-    log_ratio = gmm_log_prob(candidates, mu_c, lv_c, lg_c) - gmm_log_prob(candidates, mu_u, lv_u, lg_u)
-    return candidates, torch.softmax((w - 1) * log_ratio, dim=-1).reshape(-1, num_candidates)
 
 
 def stacked_log_probs(x, mixtures):
@@ -111,7 +94,7 @@ def stacked_log_probs(x, mixtures):
     exponents floored at -80 (CPU exp is many times slower where its result underflows; e^-80
     vanishes next to the leading term, which is 1).
     """
-    mu, logvar, logits = (torch.stack([m[i].float() for m in mixtures]).movedim(-1, 1).unsqueeze(-1)
+    mu, logvar, logits = (torch.stack([at_least_fp32(m[i]) for m in mixtures]).movedim(-1, 1).unsqueeze(-1)
                           for i in range(3))
     # per-component constants first, so the [..., M] planes see only three passes
     base = F.log_softmax(logits, dim=1) - 0.5 * logvar
@@ -120,35 +103,27 @@ def stacked_log_probs(x, mixtures):
     return (comp - peak.unsqueeze(1)).clamp_min_(-80.0).exp_().sum(dim=1).log_().add_(peak) - 0.5 * LOG_2PI
 
 
-def sample_gmm_cfg_fused(cond, uncond, cfg, temperature=1.0, num_candidates=1000, pick=None):
-    """sample_gmm_cfg (the release's SIR) laid out for speed: same proposals, same law of the pick.
+def sample_gmm_cfg(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
+    """The release's CFG sampler (sampling-importance-resampling): one value per row.
 
-    The draws are made here: the component uniforms and normals in the release's order (so on the
-    same seed the 1000 proposals are the release's own), then uniforms U for the pick.
-    Everything else is the pure function `pick` (default sir_pick), which a caller may pass
-    compiled. The pick is an exponential race, argmax(weight logit - log E) with E = -log U:
-    a draw from the softmax weights, as torch.multinomial's, without its host-side checks (so
-    CUDA graphs can capture it) and without exponential_, which is slow on CPU.
+    `num_candidates` proposals come from the tempered conditional mixture; each gets the weight
+    softmax((w-1) * (log p_cond - log p_uncond)) and one is picked. The draws are made here, in the
+    release's order for the proposals (component uniforms, then normals), then uniforms U for the
+    pick; the arithmetic is the pure function sir_pick. The pick is an exponential race,
+    argmax(weight logit - log E) with E = -log U: a draw from the softmax weights, like
+    torch.multinomial, but without its host-side checks, so CUDA graphs can capture it.
     """
-    shape = cond[0].shape[:-1] + (num_candidates,)
-    u = torch.rand(shape, device=cond[0].device)
-    eps = torch.randn(shape, device=u.device)
-    u_pick = torch.rand(shape, device=u.device)
-    return (pick or sir_pick)(cond, uncond, torch.as_tensor(cfg, dtype=torch.float32, device=u.device),
-                              temperature, u, eps, u_pick)
-
-
-def release_sir_with_pick(cfg_sampler, pick):
-    """sample_gmm_cfg_fused with `pick` (e.g. compiled) if cfg_sampler is the release's SIR in either
-    form (they draw the same proposals and the same law); None for any other sampler or pick=None."""
-    if pick is None or cfg_sampler not in (sample_gmm_cfg, sample_gmm_cfg_fused):
-        return None
-    return functools.partial(sample_gmm_cfg_fused, pick=pick)
+    like = at_least_fp32(cond[0])
+    shape = like.shape[:-1] + (num_candidates,)
+    u = torch.rand(shape, device=like.device, dtype=like.dtype)
+    eps = torch.randn(shape, device=like.device, dtype=like.dtype)
+    u_pick = torch.rand(shape, device=like.device, dtype=like.dtype)
+    return sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick)
 
 
 def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):
-    """The arithmetic of sample_gmm_cfg_fused given its draws u, eps, u_pick [..., M]: one value per row."""
-    mu_c, lv_c, lg_c = (t.float() for t in cond)
+    """The arithmetic of sample_gmm_cfg given its draws u, eps, u_pick [..., M]: one value per row."""
+    mu_c, lv_c, lg_c = (at_least_fp32(t) for t in cond)
     cdf = torch.softmax(lg_c, dim=-1).cumsum(dim=-1)
     # chosen component = count of cdf entries below u (at most K-1)
     k = (u > cdf[..., :1]).long()
@@ -173,18 +148,18 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     per row; the CDF error shrinks as the square of the spacing. Fixed shapes and no host syncs,
     so it can be captured in a CUDA graph.
     """
-    mu, std = cond[0].float(), torch.exp(0.5 * cond[1].float())
+    mu, std = at_least_fp32(cond[0]), torch.exp(0.5 * at_least_fp32(cond[1]))
     w = _guidance(cfg, mu)
     scales = torch.stack([std / temperature, std / torch.sqrt(temperature ** 2 + (w - 1).clamp_min(0))], dim=-1)
-    offsets = torch.linspace(-half_width, half_width, points_per_scale, device=mu.device)
+    offsets = torch.linspace(-half_width, half_width, points_per_scale, device=mu.device, dtype=mu.dtype)
     grid = (mu[..., None, None] + scales[..., None] * offsets).flatten(-3).sort(dim=-1).values  # [..., G]
-    proposal = (cond[0], tempered(cond[1].float(), temperature), cond[2])
+    proposal = (cond[0], tempered(at_least_fp32(cond[1]), temperature), cond[2])
     log_p = stacked_log_probs(grid, (proposal, cond, uncond))
     log_f = log_p[0] + (w - 1) * (log_p[1] - log_p[2])
     density = (log_f - log_f.amax(dim=-1, keepdim=True)).clamp_min_(-80.0).exp_()
     mass = 0.5 * (density[..., 1:] + density[..., :-1]) * grid.diff(dim=-1)  # [..., G-1]
     cdf = mass.cumsum(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device) * cdf[..., -1:]
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype) * cdf[..., -1:]
     cell = torch.searchsorted(cdf, u).clamp_max_(cdf.shape[-1] - 1)  # first cell whose cdf reaches u
     cell_mass = mass.gather(-1, cell)
     left = grid.gather(-1, cell)
@@ -194,4 +169,4 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
 
 
 # --cfg_sampler choices: the release's resampling is the faithful default
-CFG_SAMPLERS = {"sir": sample_gmm_cfg_fused, "exact": sample_gmm_cfg_exact}
+CFG_SAMPLERS = {"sir": sample_gmm_cfg, "exact": sample_gmm_cfg_exact}

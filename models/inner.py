@@ -3,7 +3,8 @@
 For a token with features x_0..x_{D-1} and outer condition z, position 0 holds
 cond_proj(z) + start_token and position i (1..D-1) holds input_proj(x_{i-1}); the output at
 position i parameterises a K-Gaussian mixture for x_i. Every block is modulated by z (AdaLN).
-Parameter names follow the released checkpoint (`arhead.*` inside MAR).
+Parameter names follow the released checkpoint (`arhead.*` inside MAR). It is one of MAR's
+per-token heads: `loss(target, z)` for training, `sample(z, temperature, cfg)` for generation.
 """
 import math
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
-from models.gmm import gmm_nll, sample_gmm, sample_gmm_cfg_fused, split_gmm_params
+from models.gmm import CFG_SAMPLERS, at_least_fp32, gmm_nll, sample_gmm, split_gmm_params
 
 
 def layer_norm(x):
@@ -31,6 +32,17 @@ def activation_dtype(x):
     return x.dtype
 
 
+def full_precision_linear(x, linear):
+    """linear(x) in at least float32 even under autocast (float64 stays float64).
+
+    The mixture parameters and the fed-back features go through these layers: rounded to bf16,
+    a mean near 3 would move by up to ~0.008.
+    """
+    dtype = torch.promote_types(linear.weight.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype))
+
+
 class CausalSelfAttention(nn.Module):
     """q and v carry learned biases, k a fixed zero one (kept as a buffer for checkpoint parity)."""
 
@@ -45,11 +57,11 @@ class CausalSelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, kv_cache=None, pos=0, linear=F.linear):
+    def forward(self, x, kv_cache=None, pos=0):
         """x: [N, L, W]. With kv_cache=(k, v) of [N, H, D, hd], x is the single position `pos`."""
         n, length, width = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if kv_cache is None:
             out = attention(q, k, v, self.scale, causal=True)
@@ -59,7 +71,7 @@ class CausalSelfAttention(nn.Module):
             v_cache[:, :, pos:pos + length] = v
             # the new query may see every cached key, so no mask is needed
             out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
-        return linear(out.transpose(1, 2).reshape(n, length, width), self.proj.weight, self.proj.bias)
+        return self.proj(out.transpose(1, 2).reshape(n, length, width))
 
 
 class FeedForward(nn.Module):
@@ -68,9 +80,8 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x, linear=F.linear):
-        hidden = F.gelu(linear(x, self.fc1.weight, self.fc1.bias), approximate="tanh")
-        return linear(hidden, self.fc2.weight, self.fc2.bias)
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class AdaLNBlock(nn.Module):
@@ -84,10 +95,10 @@ class AdaLNBlock(nn.Module):
         """(gamma1, gamma2, scale1, scale2, shift1, shift2), each [N, 1, W]."""
         return self.ada_lin(z).unsqueeze(1).chunk(6, dim=-1)
 
-    def forward(self, x, mod, kv_cache=None, pos=0, linear=F.linear):
+    def forward(self, x, mod, kv_cache=None, pos=0):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
-        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos, linear)
-        return x + gamma2 * self.ffn(modulate(x, scale2, shift2), linear)
+        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos)
+        return x + gamma2 * self.ffn(modulate(x, scale2, shift2))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -104,6 +115,9 @@ class AdaLNBeforeHead(nn.Module):
 
 
 class InnerAR(nn.Module):
+    train_repeats = 1  # MAR.forward feeds each masked token once
+    cfg_samplers = tuple(CFG_SAMPLERS)
+
     def __init__(self, token_dim=16, cond_dim=768, width=768, depth=1, num_heads=4,
                  num_gaussians=4, mlp_ratio=4.0):
         super().__init__()
@@ -142,21 +156,20 @@ class InnerAR(nn.Module):
     def modulations(self, z):
         return [block.modulation(z) for block in self.blocks], self.head_nm.modulation(z)
 
-    def run(self, h, mods, kv_caches=None, pos=0, linear=F.linear):
-        """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> [N, L, 3K].
+    def embed_features(self, x):
+        """input_proj of features x [N, L] -> [N, L, W], in at least float32 (fed back unrounded)."""
+        return full_precision_linear(x[..., None], self.input_proj)
 
-        linear: the blocks' and head's matmul (F.linear's signature); compiled sampling on CPU
-        passes a few-row kernel (models/cpu_linear.py).
-        """
+    def run(self, h, mods, kv_caches=None, pos=0):
+        """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> mixture parameters [N, L, 3K]."""
         block_mods, head_mod = mods
         for i, block in enumerate(self.blocks):
-            h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos, linear)
-        return linear(self.head_nm(h, head_mod), self.head.weight, self.head.bias)
+            h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos)
+        return full_precision_linear(self.head_nm(h, head_mod), self.head)
 
     def forward(self, x, z):
         """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D, 3K]."""
-        h = torch.cat([self.cond_proj(z).unsqueeze(1) + self.start_token,
-                       self.input_proj(x[:, :-1, None].to(z.dtype))], dim=1)
+        h = torch.cat([self.cond_proj(z).unsqueeze(1) + self.start_token, self.embed_features(x[:, :-1])], dim=1)
         return self.run(h + self.pos_embedding, self.modulations(z))
 
     def nll(self, x, z):
@@ -164,46 +177,37 @@ class InnerAR(nn.Module):
         mu, logvar, logits = split_gmm_params(self(x, z), self.num_gaussians)
         return gmm_nll(x, mu, logvar, logits).sum(-1)
 
+    def loss(self, target, z):
+        """The head's training loss per token: the mixture NLL summed over features, [N]."""
+        return self.nll(target, z)
+
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, use_cache=True, cfg_sampler=sample_gmm_cfg_fused, run=None):
-        """Sample one token per condition, feature by feature.
+    def sample(self, z, temperature=1.0, cfg=1.0, cfg_sampler="sir"):
+        """Sample one token per condition, feature by feature, with a KV cache.
 
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
-        is drawn from the guided target and fed to both halves. Returns float32 [n, D].
-        use_cache=False recomputes the whole prefix every step (the slow reference path). A tensor
-        cfg (as CUDA-graph capture passes) always means guided. The default CFG sampler is the
-        release's 1000-candidate resampling in its fused, host-sync-free form. run: a stand-in
-        for self.run (blocks + head), e.g. its compiled form (models/compiled_sampling.py).
+        is drawn from the guided target by `cfg_sampler` (a name in models.gmm.CFG_SAMPLERS) and
+        fed to both halves. A tensor cfg (as CUDA-graph capture passes) always means guided.
+        Returns [n, D] in at least float32.
         """
-        run = run or self.run
+        draw_guided = CFG_SAMPLERS[cfg_sampler]
         guided = torch.is_tensor(cfg) or cfg != 1.0
         rows = z.shape[0]
         n = rows // 2 if guided else rows
         mods = self.modulations(z)
-        first = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
-        kv_caches = None
-        if use_cache:
-            heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
-            shape = (rows, heads, self.token_dim, width // heads)
-            dtype = activation_dtype(z)
-            kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
-        features = torch.empty(n, self.token_dim, device=z.device)
-        h, prefix = first, first
+        h = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
+        heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
+        shape = (rows, heads, self.token_dim, width // heads)
+        dtype = activation_dtype(z)
+        kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
+        features = z.new_empty(n, self.token_dim, dtype=at_least_fp32(self.head.weight).dtype)
         for t in range(self.token_dim):
-            if use_cache:
-                out = run(h, mods, kv_caches, pos=t)[:, -1]
-            else:
-                out = run(prefix, mods)[:, -1]
-            mu, logvar, logits = split_gmm_params(out, self.num_gaussians)
+            mu, logvar, logits = split_gmm_params(self.run(h, mods, kv_caches, pos=t)[:, -1], self.num_gaussians)
             if guided:
-                x = cfg_sampler((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]),
-                                cfg, temperature)
+                x = draw_guided((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]), cfg, temperature)
             else:
                 x = sample_gmm(mu, logvar, logits, temperature)
             features[:, t] = x
             if t + 1 < self.token_dim:
-                x_in = torch.cat([x, x]) if guided else x
-                h = self.input_proj(x_in[:, None, None].to(first.dtype)) + self.pos_embedding[:, t + 1:t + 2]
-                if not use_cache:
-                    prefix = torch.cat([prefix, h], dim=1)
+                h = self.embed_features((torch.cat([x, x]) if guided else x)[:, None]) + self.pos_embedding[:, t + 1:t + 2]
         return features

@@ -1,18 +1,18 @@
-"""ARINAR: MAR's masked encoder-decoder (outer model) with an inner feature-by-feature AR head.
+"""ARINAR: MAR's masked encoder-decoder (outer model) with a per-token head.
 
 The outer model sees the tokens generated so far (masked ones are dropped in the encoder and
 replaced by a mask token in the decoder) plus the class, and emits a condition z for every
-token. The inner model (models/inner.py) turns z into the token's features. Parameter names
-match the released ARINAR checkpoint, and the outer part matches MAR's.
+token. A per-token head turns z into the token's features: ARINAR's inner feature-by-feature
+AR model (models/inner.py). Every head offers `loss(target, z)` and `sample(z, temperature,
+cfg)`; the outer model never looks inside it. Parameter names match the released ARINAR
+checkpoint, and the outer part matches MAR's.
 """
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from models.attention import attention
 from models.inner import InnerAR
@@ -56,7 +56,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm ViT block (timm's layout and key names)."""
+    """Pre-norm ViT block (the layout and key names of timm's Block, which MAR used)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
@@ -97,16 +97,19 @@ def sample_mask_ratio(min_ratio=0.7, mean=1.0, std=0.25):
     return float((mean + std * torch.special.ndtri(u)).clamp(min_ratio, 1.0))
 
 
-def sampling_schedule(seq_len, num_iter, cfg=1.0, cfg_schedule="linear"):
+def sampling_schedule(num_unknown, num_iter, cfg=1.0, cfg_schedule="linear", seq_len=None):
     """[(tokens still masked after step s, cfg scale of step s)] for the cosine schedule.
 
-    The count is clamped so every step but the last unmasks at least one token and at least one
-    stays masked until the last step (which predicts all that remain). The linear CFG scale grows
-    with the number of tokens already unmasked, using that clamped count (>= 1).
+    The cosine schedule spans the `num_unknown` tokens to generate (all seq_len of them unless
+    part of the canvas is given). The count is clamped so every step but the last unmasks at least
+    one token and at least one stays masked until the last step (which predicts all that remain).
+    The linear CFG scale grows with the share of the seq_len tokens the outer model sees, using
+    that clamped count (>= 1).
     """
-    steps, masked = [], seq_len
+    seq_len = num_unknown if seq_len is None else seq_len
+    steps, masked = [], num_unknown
     for s in range(num_iter):
-        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        mask_len = math.floor(num_unknown * math.cos(math.pi / 2 * (s + 1) / num_iter))
         mask_len = max(1, min(masked - 1, mask_len))
         scale = 1 + (cfg - 1) * (seq_len - mask_len) / seq_len if cfg_schedule == "linear" else cfg
         steps.append((mask_len, scale))
@@ -161,10 +164,16 @@ class MAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.initialize_weights()
 
-        # created after the outer init, which must not touch it
+        # created after the outer init, which must not touch it; registered under the release's key name
+        self.head_attr = "arhead"
         self.arhead = InnerAR(token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim,
                               width=inner_ar_width, depth=inner_ar_depth, num_heads=inner_ar_heads,
                               num_gaussians=num_gaussians)
+
+    @property
+    def head(self):
+        """The per-token head (ARINAR's inner model)."""
+        return getattr(self, self.head_attr)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -286,67 +295,31 @@ class MAR(nn.Module):
 
     # ---------------------------------------------------------------- training
     def forward(self, latents, labels, mask=None):
-        """Mean mixture NLL over masked tokens (summed over each token's features)."""
+        """The head's loss averaged over masked tokens (ARINAR: mixture NLL summed over features)."""
         self.check_latents(latents)
         tokens = self.patchify(latents)
         b = tokens.shape[0]
         mask = self.random_mask(b, tokens.device) if mask is None else self.check_mask(mask, b)
         class_vec = self.class_embedding(labels, b, drop_labels=self.training)
         z = self.condition(tokens, mask, class_vec)
-        # the inner model runs on masked tokens only; the mean equals the release's masked mean
-        return self.arhead.nll(tokens[mask], z[mask]).mean()
+        # the head runs on masked tokens only (each `train_repeats` times, as MAR's diffusion loss
+        # repeats them); the mean equals the release's masked mean
+        repeats = self.head.train_repeats
+        return self.head.loss(tokens[mask].repeat(repeats, 1), z[mask].repeat(repeats, 1)).mean()
 
     # ---------------------------------------------------------------- sampling
-    @torch.no_grad()
-    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None,
-                      temperature=1.0, progress=False, use_cache=True, cfg_sampler=None, graphs=None):
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      known=None, keep=None, backend=None, progress=False):
         """Generate latents [bsz, C, h, w] (divide by 0.2325 before the VAE decoder).
 
-        cfg_sampler: a models.gmm CFG sampler (default: the release's resampling, fused).
-        graphs: a models.cuda_graphs.SamplingGraphs(self) to replay the outer step and the inner
-        loop as CUDA graphs (ignored off CUDA); keep it across calls so graphs are captured once.
-        Off CUDA, a models.compiled_sampling.CompiledSampling(self) runs the inner loop compiled.
+        known [bsz, C, h, w] latents and keep [bsz, seq_len] bool (True = keep that token) fill
+        part of the canvas; only the other tokens are generated. backend: a sampling backend from
+        sampling.make_backend (default: eager, the caller's autocast). See sampling/loop.py.
         """
-        if num_iter < 1:
-            raise ValueError(f"num_iter must be >= 1; got {num_iter}")
-        if cfg < 1:
-            raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {cfg}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (it divides each Gaussian's std); got {temperature}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}; got {cfg_schedule!r}")
-        guided = cfg != 1.0
-        if guided and labels is None:
-            raise ValueError("cfg > 1 needs class labels (pass labels=...) or use cfg=1.0")
-        device = self.fake_latent.device
-        class_vec = self.class_embedding(labels.to(device) if labels is not None else None, bsz)
-        both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
-        if guided:
-            class_vec = torch.cat([class_vec, self.fake_latent.expand(bsz, -1)])
-        inner_kwargs = {} if cfg_sampler is None else {"cfg_sampler": cfg_sampler}
-        condition_at, inner_sample = self.condition_at, functools.partial(self.arhead.sample, use_cache=use_cache)
-        if graphs is not None and graphs.applies_to(device) and use_cache:
-            graphs.refresh_weights(device)
-            condition_at, inner_sample = graphs.outer, graphs.inner
-
-        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
-        # the first `masked` entries of each random order are the tokens still to generate
-        orders = torch.argsort(torch.rand(bsz, self.seq_len, device=device), dim=1)
-        masked = self.seq_len
-        schedule = sampling_schedule(self.seq_len, num_iter, cfg, cfg_schedule)
-        for step, (mask_len, cfg_scale) in enumerate(tqdm(schedule, disable=not progress, desc="sampling")):
-            if step == num_iter - 1:
-                mask_len = 0
-            if mask_len == masked:
-                continue  # possible only when num_iter > seq_len
-            keep = orders[:, masked:].sort(dim=1).values
-            predict = orders[:, mask_len:masked].sort(dim=1).values
-            z = condition_at(both(tokens), both(keep), class_vec, both(predict))  # [rows, P, D]
-            features = inner_sample(z.flatten(0, 1), temperature, cfg_scale if guided else 1.0, **inner_kwargs)
-            tokens.scatter_(1, predict.unsqueeze(-1).expand(-1, -1, self.token_embed_dim),
-                            features.view(bsz, -1, self.token_embed_dim).to(tokens.dtype))
-            masked = mask_len
-        return self.unpatchify(tokens)
+        from sampling import EagerBackend, sample_tokens  # the sampler drives the network, not the reverse
+        return sample_tokens(self, backend or EagerBackend(self), bsz, num_iter=num_iter, cfg=cfg,
+                             cfg_schedule=cfg_schedule, labels=labels, temperature=temperature, known=known,
+                             keep=keep, progress=progress)
 
 
 # ----------------------------------------------------------------------------- factories

@@ -110,18 +110,6 @@ def test_attention_causal_mask_flash(dtype):  # pragma: no cover - GPU only
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("cfg", [1.0, 3.0])
-def test_kv_cache_matches_recompute(cfg):
-    m = randomize_(small_inner(), std=0.1)
-    z = torch.randn(12 if cfg != 1 else 6, C)
-    torch.manual_seed(7)
-    cached = m.sample(z, temperature=1.1, cfg=cfg, use_cache=True)
-    torch.manual_seed(7)
-    recomputed = m.sample(z, temperature=1.1, cfg=cfg, use_cache=False)
-    assert cached.shape == (6, D)
-    torch.testing.assert_close(cached, recomputed, rtol=1e-4, atol=1e-4)
-
-
 def test_sampled_features_follow_head_layout():
     """With a constant head, the sample must come from [means | log-variances | logits]."""
     m = small_inner()
@@ -159,7 +147,7 @@ def test_mixture_math_is_fp32_under_bf16_autocast():
     m = randomize_(small_inner(), std=0.05)
     x, z = torch.randn(4, D), torch.randn(4, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m(x, z).dtype == torch.bfloat16
+        assert m(x, z).dtype == torch.float32  # the head Linear runs in fp32 (tests/test_engine.py)
         nll = m.nll(x, z)
         samples = m.sample(torch.cat([z, z]), cfg=2.0)
     assert nll.dtype == torch.float32 and samples.dtype == torch.float32

@@ -1,0 +1,164 @@
+"""The CUDA-graph backend: each outer step and each head call replayed as a captured graph.
+
+At small batches a sampling step is launch-bound: the outer model is ~400 kernels and ARINAR's
+inner loop 16 features x (a block + head + mixture draw), a thousand more. This backend
+captures both fixed-shape pieces once and replays them:
+- the outer step, MAR.condition_at: its shapes depend only on the step of the schedule (how
+  many tokens are visible and predicted), so there is one graph per step;
+- the head's sample: its row count varies, so rows are padded to a power-of-two bucket (every op
+  in a head's sampler is per row: padding rows never touch real ones), one graph each.
+The math and the random draws are the eager backend's. Under autocast, the Linear layers read
+weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
+otherwise re-cast every weight on every replay. The values are autocast's own casts.
+--compile runs the outer step through torch.compile (fusing the elementwise work between its
+matmuls; about a minute, once per shape family).
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from sampling.backends import EagerBackend
+
+
+def bucket_rows(n, min_rows=8):
+    """Padded row count for n real rows: the next power of two, at least min_rows."""
+    return max(min_rows, 1 << (n - 1).bit_length())
+
+
+def pad_rows(z, n, rows, guided):
+    """z's n real rows (or [cond n; uncond n] when guided) at the front of a zero bucket of `rows` (x2)."""
+    padded = z.new_zeros((2 * rows if guided else rows, z.shape[1]))
+    padded[:n] = z[:n]
+    if guided:  # each half goes to the front of its padded half
+        padded[rows:rows + n] = z[n:]
+    return padded
+
+
+def autocast_dtype(device):
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+class _Replay:
+    """fn() over static buffers the caller fills: run eagerly once (the warm-up, whose result is
+    returned), then captured; later calls replay."""
+
+    def __init__(self, fn, device, pool):
+        self.fn, self.device, self.pool = fn, device, pool
+        self.graph = self.out = None
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out.clone()
+        dtype = autocast_dtype(self.device)
+        # autocast's weight-cast cache must be off while capturing; the warm-up runs the same way,
+        # so torch.compile (which guards on autocast state) compiles there and not mid-capture
+        cast = (torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype is not None
+                else contextlib.nullcontext())
+        # warm up on a side stream (lazy cuBLAS/attention initialisation must not be captured)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with cast, torch.cuda.stream(stream):
+            result = self.fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with cast, torch.cuda.graph(self.graph, pool=self.pool):
+            self.out = self.fn()
+        return result
+
+
+class _Method(nn.Module):
+    """module.<name>(*args) as a module's forward, so torch.func.functional_call can swap weights in."""
+
+    def __init__(self, module, name, compile=False):
+        super().__init__()
+        self.module = module
+        self.fn = torch.compile(getattr(module, name), dynamic=True) if compile else getattr(module, name)
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class CudaGraphsBackend(EagerBackend):
+    name = "cuda_graphs"
+
+    def __init__(self, model, cfg_sampler="sir", precision=None, compile=False, min_rows=8):
+        super().__init__(model, cfg_sampler, precision)
+        self.compile, self.min_rows = compile, min_rows
+        self.condition_at = _Method(model, "condition_at", compile)
+        self.head_sample = _Method(model.head, "sample")
+        self.head_prefix = model.head_attr + "."
+        self.replays = {}
+        self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
+        self.pool = None
+
+    def describe(self):
+        return super().describe().replace("compile off", f"compile {'on' if self.compile else 'off'}")
+
+    @contextlib.contextmanager
+    def autocast(self):
+        with super().autocast():
+            self.refresh_weights()
+            yield
+
+    def refresh_weights(self):
+        """Cast the Linear weights to this call's autocast dtype, in place (captured graphs read them)."""
+        dtype = autocast_dtype(self.device)
+        if dtype is None:
+            return
+        names = {f"{name}.{p}" for name, m in self.model.named_modules() if isinstance(m, nn.Linear)
+                 for p in ("weight", "bias")}
+        params = {n: p for n, p in self.model.named_parameters() if n in names}
+        cast = self.lowp.setdefault(dtype, {n: torch.empty_like(p, dtype=dtype) for n, p in params.items()})
+        with torch.no_grad():
+            for n, p in params.items():
+                cast[n].copy_(p)
+
+    def _weights(self, prefix):
+        """The cast weights as functional_call wants them for a _Method over model<prefix>."""
+        cast = self.lowp.get(autocast_dtype(self.device), {})
+        return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
+
+    def _replay(self, key, make_fn):
+        if key not in self.replays:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()  # one pool: replays never overlap
+            static, fn = make_fn()
+            self.replays[key] = (static, _Replay(fn, self.device, self.pool))
+        return self.replays[key]
+
+    def condition(self, tokens, visible, class_vec, predict):
+        key = ("outer", tuple(tokens.shape), visible.shape[1], predict.shape[1], tokens.dtype,
+               autocast_dtype(self.device))
+
+        def make():
+            static = [t.clone() for t in (tokens, visible, class_vec, predict)]
+            weights = self._weights("")
+            return static, lambda: functional_call(self.condition_at, weights, tuple(static), strict=False)
+
+        static, replay = self._replay(key, make)
+        for buffer, t in zip(static, (tokens, visible, class_vec, predict)):
+            buffer.copy_(t)
+        return replay()
+
+    def sample_head(self, z, temperature, cfg):
+        guided = torch.is_tensor(cfg) or cfg != 1.0
+        n = z.shape[0] // 2 if guided else z.shape[0]
+        rows = bucket_rows(n, self.min_rows)
+        key = ("head", rows, guided, float(temperature), z.dtype, autocast_dtype(self.device))
+
+        def make():
+            static_z = pad_rows(z, n, rows, guided)
+            static_cfg = torch.ones((), device=self.device)
+            weights = self._weights(self.head_prefix)
+            args = (static_z, float(temperature), static_cfg if guided else 1.0)
+            return (static_z, static_cfg), lambda: functional_call(
+                self.head_sample, weights, args, {"cfg_sampler": self.cfg_sampler}, strict=False)
+
+        (static_z, static_cfg), replay = self._replay(key, make)
+        static_z.copy_(pad_rows(z, n, rows, guided))
+        if guided:
+            static_cfg.fill_(cfg)
+        return replay()[:n]

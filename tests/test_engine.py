@@ -1,0 +1,361 @@
+"""The sampling engine (sampling/): the backend decision, the outer loop against the release's own
+loop, partial canvases, the CFG samplers against their target density, the mixture numerics
+(float64 kept, fp32 under bf16 autocast), and the benchmarks' plumbing (no timing asserts)."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from bench import bench_sampling, bench_train
+from bench.baseline import release_inner_sample, release_sample_tokens, release_style_loss
+from bench.config import median
+from engine_mar import sampling_backend
+from main_mar import get_args_parser, resolve_args
+from models import inner as inner_module
+from models.gmm import CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sir_pick
+from models.inner import InnerAR
+from models.mar import sampling_schedule
+from sampling import EagerBackend, make_backend
+from sampling.cuda_graphs import bucket_rows, pad_rows
+from tests.conftest import randomize_, tiny_mar
+from tests.reference import random_mixtures, reference_mixtures, target_cdf
+from tests.test_inner import naive_forward
+
+D, C = 16, 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra OpenMP threads only add overhead on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_inner(seed=0, width=32, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = InnerAR(token_dim=D, cond_dim=C, width=width, depth=1, num_heads=4).to(dtype)
+    return randomize_(m, std=0.15, seed=seed)
+
+
+def tiny(seed=0):
+    return randomize_(tiny_mar(), std=0.1, seed=seed).eval()
+
+
+# ----------------------------------------------------------------------------- CFG samplers
+def test_cfg_sampler_names():
+    assert CFG_SAMPLERS == {"sir": sample_gmm_cfg, "exact": sample_gmm_cfg_exact}
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (1.5, 2.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
+def test_exact_cfg_matches_target_density(cfg, temperature):
+    torch.manual_seed(3)
+    samples = sample_gmm_cfg_exact(*reference_mixtures(10000), cfg, temperature).numpy()
+    assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
+
+
+def test_exact_cfg_has_power_and_uses_per_row_scales():
+    torch.manual_seed(4)
+    samples = sample_gmm_cfg_exact(*reference_mixtures(10000), 4.5, 1.0).numpy()
+    assert stats.kstest(samples, target_cdf(1.0, 1.0)).pvalue < 1e-6  # guidance visibly changes the law
+    n = 16000
+    torch.manual_seed(5)
+    mixed = sample_gmm_cfg_exact(*reference_mixtures(n), torch.tensor([1.0, 4.5]).repeat(n // 2), 1.0)
+    assert stats.kstest(mixed[1::2].numpy(), target_cdf(4.5, 1.0)).pvalue > 0.01
+    assert stats.kstest(mixed[0::2].numpy(), target_cdf(1.0, 1.0)).pvalue > 0.01
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.5, 1.0), (4.5, 1.0), (3.9, 1.1), (8.0, 0.7)])
+def test_sir_draws_the_guided_target(cfg, temperature):
+    """The release's resampling: samples match the integrated target density, and guidance is
+    visible (power check against the unguided law)."""
+    torch.manual_seed(21)
+    samples = sample_gmm_cfg(*reference_mixtures(20000), cfg, temperature).numpy()
+    assert stats.kstest(samples, target_cdf(cfg, temperature)).pvalue > 0.01
+    assert stats.kstest(samples, target_cdf(1.0, temperature)).pvalue < 1e-6
+
+
+def test_sir_pick_is_a_draw_from_the_softmax_weights():
+    """With the proposals fixed (u, eps fixed), the exponential race picks proposal j with probability
+    softmax((w-1) * log-ratio)_j: chi-square over many pick uniforms."""
+    cond, uncond = random_mixtures(1, seed=0), random_mixtures(1, seed=1)
+    m, trials, w = 6, 30000, 2.5
+    gen = torch.Generator().manual_seed(7)
+    u, eps = torch.rand(1, m, generator=gen), torch.randn(1, m, generator=gen)
+    expand = lambda mix: tuple(t.expand(trials, -1) for t in mix)  # noqa: E731
+    picks = sir_pick(expand(cond), expand(uncond), w, 1.0, u.expand(trials, -1), eps.expand(trials, -1),
+                     torch.rand(trials, m, generator=gen))
+    # the proposals, and their weights, computed independently with scipy
+    mu, logvar, logits = (t[0].double().numpy() for t in cond)
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    k = np.searchsorted(np.cumsum(probs), u[0].double().numpy())
+    proposals = mu[k] + np.exp(0.5 * logvar[k]) * eps[0].double().numpy()
+
+    def pdf(x, mix):
+        mu, logvar, logits = (t[0].double().numpy() for t in mix)
+        p = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        return sum(p[j] * stats.norm.pdf(x, mu[j], np.exp(0.5 * logvar[j])) for j in range(4))
+
+    logit = (w - 1) * (np.log(pdf(proposals, cond)) - np.log(pdf(proposals, uncond)))
+    expected = np.exp(logit - logit.max()) / np.exp(logit - logit.max()).sum()
+    index = np.abs(picks.double().numpy()[:, None] - proposals[None]).argmin(1)
+    counts = np.bincount(index, minlength=m)
+    assert stats.chisquare(counts, expected * trials).pvalue > 0.001
+    assert stats.chisquare(counts, np.full(m, trials / m)).pvalue < 1e-6  # power: not uniform
+
+
+# ----------------------------------------------------------------------------- numerics
+def test_float64_model_keeps_float64_mixture_math():
+    """A float64 model: head output and loss match a float64 re-implementation to 1e-10 relative."""
+    m = small_inner(dtype=torch.float64)
+    x, z = torch.randn(6, D, dtype=torch.float64), torch.randn(6, C, dtype=torch.float64)
+    out = m(x, z)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_forward(m, x, z), rtol=1e-10, atol=1e-12)
+    mu, logvar, logits = out.split(4, dim=-1)
+    weights = torch.softmax(logits, -1)  # float64 throughout: the release's loss, constant omitted
+    dens = (weights * torch.exp(-0.5 * (x[..., None] - mu) ** 2 / torch.exp(logvar) - 0.5 * logvar)).sum(-1)
+    expected = -torch.log(dens).sum(-1)
+    loss = m.loss(x, z)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=0)
+    features = m.sample(z, 1.0, 2.0)  # sampling keeps float64 too
+    assert features.dtype == torch.float64
+
+
+def test_mixture_parameters_are_fp32_matmuls_under_bf16_autocast():
+    m = small_inner()
+    x, z = torch.randn(5, D), torch.randn(5, C)
+    seen = {}
+    m.head_nm.register_forward_hook(lambda mod, args, out: seen.update(h=out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, z)
+        lowp = m.head(seen["h"])  # what plain autocast would have given
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.linear(seen["h"].float(), m.head.weight, m.head.bias), rtol=0, atol=0)
+    assert lowp.dtype == torch.bfloat16 and not torch.equal(lowp.float(), out)  # power: bf16 differs
+
+
+def test_sampled_features_are_fed_back_in_fp32_under_bf16_autocast(monkeypatch):
+    m = small_inner()
+    fed = []
+    embed = m.embed_features
+    monkeypatch.setattr(m, "embed_features", lambda x: fed.append(x) or embed(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = m.sample(torch.randn(8, C), 1.0, 1.0)
+    assert features.dtype == torch.float32 and len(fed) == D - 1
+    assert all(f.dtype == torch.float32 for f in fed)
+    torch.testing.assert_close(torch.cat(fed, 1), features[:, :-1], rtol=0, atol=0)
+    assert (features.bfloat16().float() != features).any()  # they carry more than bf16's 8 bits
+
+
+# ----------------------------------------------------------------------------- the inner sampler
+def test_kv_cache_sampling_equals_teacher_forcing(monkeypatch):
+    """With a draw-free 'sampler' (the mixture mean), the cached feature-by-feature loop must give
+    what teacher forcing on its own output gives at every position."""
+    m = small_inner()
+    mean = lambda mu, logvar, logits, temperature=1.0: (torch.softmax(logits, -1) * mu).sum(-1)  # noqa: E731
+    monkeypatch.setattr(inner_module, "sample_gmm", mean)
+    z = torch.randn(7, C)
+    features = m.sample(z, 1.0, 1.0)
+    mu, logvar, logits = m(features, z).split(4, dim=-1)
+    torch.testing.assert_close(features, mean(mu, logvar, logits), rtol=1e-5, atol=1e-5)
+
+
+def per_feature_ks(a, b):
+    return [stats.ks_2samp(a[:, i].numpy(), b[:, i].numpy()).pvalue for i in range(a.shape[1])]
+
+
+@pytest.mark.parametrize("cfg, temperature", [(1.0, 1.0), (3.0, 1.2)])
+def test_release_inner_sampler_matches_ours_statistically(cfg, temperature):
+    """The release's way (concatenated cache, modulations per feature, torch.distributions) and our
+    cached loop, on one condition repeated: the same law per feature."""
+    inner = small_inner(width=16)
+    n = 1000
+    z = torch.randn(2, C)
+    z = torch.cat([z[:1].expand(n, -1), z[1:].expand(n, -1)]) if cfg != 1 else z[:1].expand(n, -1)
+    torch.manual_seed(0)
+    ours = inner.sample(z, temperature, cfg)
+    torch.manual_seed(1)
+    release = release_inner_sample(inner, z, temperature, cfg)
+    assert min(per_feature_ks(ours, release)) > 0.01 / D  # 16 features: Bonferroni
+    torch.manual_seed(2)
+    other = release_inner_sample(inner, z, 0.5 * temperature, cfg)
+    assert min(per_feature_ks(ours, other)) < 1e-6  # power: another temperature is told apart
+
+
+# ----------------------------------------------------------------------------- the outer loop
+def recorder(calls, fn):
+    def recorded(z, temperature, scale, **kwargs):
+        calls.append((z.shape[0], round(float(scale), 6)))
+        return fn(z, temperature, scale, **kwargs)
+    return recorded
+
+
+@pytest.mark.parametrize("cfg, schedule, num_iter", [(1.0, "linear", 4), (3.0, "linear", 5), (2.5, "constant", 3)])
+def test_engine_loop_equals_the_release_loop(cfg, schedule, num_iter):
+    """The release's outer loop (full decoder, boolean masks), driving our head sampler, asks for the
+    same tokens at the same CFG scales and gives the same latents."""
+    m = tiny()
+    labels = torch.tensor([3, 7])
+    head_sample, ours, release = m.arhead.sample, [], []
+    m.arhead.sample = recorder(ours, head_sample)
+    torch.manual_seed(8)
+    engine = m.sample_tokens(2, num_iter=num_iter, cfg=cfg, cfg_schedule=schedule, labels=labels, temperature=1.1)
+    torch.manual_seed(8)
+    ref = release_sample_tokens(m, 2, num_iter, cfg=cfg, labels=labels, temperature=1.1, cfg_schedule=schedule,
+                                inner_sample=recorder(release, head_sample))
+    assert ours == release and len(ours) == num_iter
+    # our loop runs the last decoder block at the predicted positions only: float rounding apart
+    torch.testing.assert_close(engine, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_each_image_gets_its_own_random_order():
+    """Every token is predicted exactly once, in an order that differs between images."""
+    m = tiny()
+    predicted = []
+    condition = m.condition_at
+    m.condition_at = lambda tokens, visible, class_vec, predict: predicted.append(predict.clone()) or condition(
+        tokens, visible, class_vec, predict)
+    torch.manual_seed(0)
+    m.sample_tokens(4, num_iter=16, cfg=1.0)
+    order = torch.cat(predicted, dim=1)  # [4, 16]: the tokens in the order they were generated
+    assert all(sorted(row.tolist()) == list(range(16)) for row in order)
+    assert len({tuple(row.tolist()) for row in order}) == 4
+
+
+def test_partial_canvas_keeps_tokens_and_schedules_the_rest():
+    """Kept tokens come back bit for bit; rows keeping different numbers of tokens each follow the
+    cosine schedule over their own unknown tokens (counted here from the loop's calls)."""
+    m = tiny()
+    keep = torch.zeros(3, 16, dtype=torch.bool)
+    keep[0, :4] = True
+    keep[1, 5:15] = True  # 6 unknown
+    keep[2, :4] = True
+    known = torch.randn(3, 16, 4, 4)
+    predicted = []
+    condition = m.condition_at
+    m.condition_at = lambda tokens, visible, class_vec, predict: predicted.append(
+        (predict.shape[0], visible.shape[1], predict.shape[1])) or condition(tokens, visible, class_vec, predict)
+    torch.manual_seed(1)
+    out = m.sample_tokens(3, num_iter=4, cfg=2.0, labels=torch.tensor([1, 2, 3]), known=known, keep=keep)
+    tokens, given = m.patchify(out), m.patchify(known)
+    assert torch.equal(tokens[keep], given[keep]) and (tokens[~keep] != 0).all()
+    # group of 6 unknown tokens (row 1), then 12 (rows 0 and 2): [rows x2 for CFG, visible, predicted]
+    for unknown, rows in ((6, 1), (12, 2)):
+        steps = [p for p in predicted if p[0] == 2 * rows]
+        masked, expected = unknown, []
+        for s in range(4):  # the spec's count, clamped, over the unknown tokens only
+            left = 0 if s == 3 else max(1, min(masked - 1, int(np.floor(unknown * np.cos(np.pi / 2 * (s + 1) / 4)))))
+            expected.append((2 * rows, 16 - masked, masked - left))
+            masked = left
+        assert steps == expected
+
+
+def test_keep_everything_or_bad_keep():
+    m = tiny()
+    known = torch.randn(2, 16, 4, 4)
+    out = m.sample_tokens(2, num_iter=4, known=known, keep=torch.ones(2, 16, dtype=torch.bool))
+    assert torch.equal(out, known)
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        m.sample_tokens(2, num_iter=4, known=known, keep=torch.ones(2, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="known=LATENTS"):
+        m.sample_tokens(2, num_iter=4, keep=torch.ones(2, 16, dtype=torch.bool))
+
+
+def test_cfg_ramp_counts_the_visible_share_of_the_canvas():
+    """Literal numbers from the spec: the last step of w = 4.5 over 256 tokens uses 4.4863."""
+    assert sampling_schedule(256, 64, 4.5)[-1][1] == pytest.approx(1 + 3.5 * 255 / 256)
+    assert round(sampling_schedule(256, 64, 4.5)[-1][1], 4) == 4.4863
+    # 64 of 256 tokens to generate: after the first step 192 + (64 - left) of 256 are visible
+    first = sampling_schedule(64, 8, 3.0, seq_len=256)[0]
+    left = int(np.floor(64 * np.cos(np.pi / 16)))
+    assert first == (left, pytest.approx(1 + 2.0 * (256 - left) / 256))
+
+
+# ----------------------------------------------------------------------------- backends
+def test_backend_choice_follows_the_flags(caplog):
+    m = tiny()
+    with caplog.at_level(logging.INFO, logger="sampling.backends"):
+        backend = sampling_backend(m, resolve_args(get_args_parser().parse_args(["--dataset", "digits"])))
+    assert type(backend) is EagerBackend and backend.cfg_sampler == "sir"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sampling backend:")]
+    assert lines == ["sampling backend: eager, compile off, cfg sampler sir, precision fp32 (mixture math fp32), "
+                     "device cpu"]
+    assert make_backend(m, cfg_sampler="exact").cfg_sampler == "exact"
+    for flags, match in ((["--cuda_graphs"], "--cuda_graphs needs a CUDA device"),
+                         (["--compile"], "--compile compiles inside the CUDA-graph backend"),
+                         (["--compile", "--no-cuda_graphs"], "--compile compiles inside")):
+        with pytest.raises(ValueError, match=match):
+            sampling_backend(m, get_args_parser().parse_args(flags))
+
+
+def test_backend_precision_and_sampler_reach_the_head(monkeypatch):
+    m = tiny()
+    seen = []
+    sample = m.arhead.sample
+    monkeypatch.setattr(m.arhead, "sample", lambda z, t, w, cfg_sampler: seen.append(
+        (cfg_sampler, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+        or sample(z, t, w, cfg_sampler=cfg_sampler))
+    m.sample_tokens(2, num_iter=2, cfg=2.0, labels=torch.tensor([0, 1]),
+                    backend=make_backend(m, cfg_sampler="exact", precision="bf16"))
+    assert seen == [("exact", torch.bfloat16)] * 2
+
+
+def test_cuda_graph_padding_layout():
+    assert [bucket_rows(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
+    z = torch.arange(10.0)[:, None].expand(-1, 3)  # rows [cond 0..4; uncond 5..9]
+    padded = pad_rows(z, 5, 8, guided=True)
+    assert padded.shape == (16, 3)
+    assert padded[:5, 0].tolist() == [0, 1, 2, 3, 4] and padded[8:13, 0].tolist() == [5, 6, 7, 8, 9]
+    assert (padded[5:8] == 0).all() and (padded[13:] == 0).all()
+    assert torch.equal(pad_rows(z[:5], 5, 8, guided=False)[:5], z[:5])
+
+
+# ----------------------------------------------------------------------------- training
+def test_masked_only_loss_equals_release_all_tokens_loss():
+    m = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(3, 16, 4, 4), torch.tensor([1, 2, 3])
+    losses, grads = [], []
+    for loss_fn in (lambda: m(latents, labels), lambda: release_style_loss(m, latents, labels)):
+        torch.manual_seed(4)  # same mask, label drops and dropout
+        loss = loss_fn()
+        m.zero_grad()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- benchmark plumbing
+TINY = ["--width", "32", "--heads", "4", "--depth", "1", "--inner_width", "32", "--img_size", "64",
+        "--class_num", "10", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--batch_size", "2"]
+
+
+def test_bench_sampling_reports_both_sides_and_their_ratio(tmp_path):
+    out = tmp_path / "s.json"
+    res = bench_sampling.main(TINY + ["--num_iter", "2", "--cfg", "2.0", "--cfg_sampler", "exact",
+                                      "--baseline_repeats", "1", "--json", str(out)])
+    assert len(res["ours_s"]) == 1 and len(res["baseline_s"]) == 1
+    assert res["speedup"] == pytest.approx(median(res["baseline_s"]) / median(res["ours_s"]))
+    assert res["backend"].startswith("eager") and "cfg sampler exact" in res["backend"]
+    assert json.loads(out.read_text())["args"]["num_iter"] == 2
+
+
+def test_bench_train_runs():
+    res = bench_train.main(TINY + ["--steps", "1", "--no_memory"])
+    losses = res["losses"]
+    assert losses["masked_only"] == pytest.approx(losses["all_tokens"], rel=1e-5)
+    assert res["speedup"] == pytest.approx(median(res["all_tokens"]["s_per_step"]) /
+                                           median(res["masked_only"]["s_per_step"]))
+
+
+def test_bench_rejects_bad_heads():
+    with pytest.raises(ValueError, match="--heads"):
+        bench_sampling.main(["--width", "100", "--device", "cpu"])
