@@ -21,14 +21,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from engine_mar import (PRECISIONS, add_sampling_args, class_balanced_labels, evaluate, fid_enabled,
                         sampling_backend, train_one_epoch)
-from models.mar import CFG_SCHEDULES, MODELS
+from models.mar import CFG_SCHEDULES, HEADS, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
 from util import misc
 from util.checkpoint import (LAST, TrainState, atomic_copy, checkpoint_path, load_weights_and_ema, resume_training,
                              save_training_checkpoint)
 from util.data import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
 from util.ema import EMA
-from util.loading import build_model_from_args, freeze_outer, load_outer_from_mar, read_checkpoint
+from util.loading import (build_model_from_args, checkpoint_args, config_from_state, freeze_outer,
+                          load_outer_from_mar, model_state_from_checkpoint, read_checkpoint)
 from util.lr_sched import LR_SCHEDULES
 
 logger = logging.getLogger("main_mar")
@@ -85,6 +86,14 @@ def get_args_parser():
     model.add_argument("--inner_ar_width", default=None, type=int)
     model.add_argument("--inner_ar_depth", default=None, type=int)
     model.add_argument("--inner_ar_heads", default=None, type=int)
+    model.add_argument("--head", default="arinar", choices=sorted(HEADS),
+                       help="per-token head: arinar (inner feature-by-feature AR), diffloss (MAR's diffusion MLP), "
+                            "gmm (one mixture over the whole token)")
+    model.add_argument("--diffloss_d", default=3, type=int, help="blocks of the MLP heads (diffloss, gmm); MAR-B: 6")
+    model.add_argument("--diffloss_w", default=1024, type=int, help="width of the MLP heads (diffloss, gmm)")
+    model.add_argument("--num_sampling_steps", default=100, type=int, help="diffloss: diffusion steps when sampling")
+    model.add_argument("--diffusion_batch_mul", default=4, type=int,
+                       help="diffloss: noise draws per masked token in training")
     model.add_argument("--mask_ratio_min", default=0.7, type=float)
     model.add_argument("--label_drop_prob", default=0.1, type=float)
     model.add_argument("--attn_dropout", default=0.1, type=float)
@@ -187,13 +196,31 @@ def check_args(args, ckpt_file):
         raise ValueError("--use_cached needs --cached_path (latents written by main_cache.py)")
 
 
+HEAD_CONFIG = ("head", "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul", "enc_dec_depth")
+
+
+def adopt_head_config(args, ckpt_file):
+    """--evaluate: the head settings (and outer depth) come from the checkpoint unless given on the command line."""
+    ckpt = read_checkpoint(ckpt_file)
+    stored = {**checkpoint_args(ckpt), **config_from_state(model_state_from_checkpoint(ckpt, use_ema=False))}
+    defaults = get_args_parser()
+    adopted = {k: stored[k] for k in HEAD_CONFIG
+               if stored.get(k) is not None and getattr(args, k) == defaults.get_default(k) != stored[k]}
+    for key, value in adopted.items():
+        setattr(args, key, type(defaults.get_default(key) or value)(value))
+    if adopted:
+        logger.info("from %s: %s", ckpt_file, " ".join(f"--{k} {v}" for k, v in adopted.items()))
+
+
 def param_groups(model, weight_decay):
-    """[no decay, decay] in named_parameters order: no decay on biases, norms, 1-D params and the inner model."""
+    """[no decay, decay] in named_parameters order: no decay on biases, norms, 1-D params, and none on the
+    head when it says so (ARINAR's inner model; MAR decays its diffusion MLP like the outer model)."""
+    exempt = model.head_attr + "." if getattr(model.head, "no_weight_decay", False) else None
     no_decay, decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name.startswith("arhead."):
+        if param.ndim <= 1 or name.endswith(".bias") or (exempt and name.startswith(exempt)):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -216,6 +243,8 @@ def main(args):
     rank, world = misc.get_rank(), misc.get_world_size()
     ckpt_file = checkpoint_path(args.resume)
     check_args(args, ckpt_file)
+    if args.evaluate:
+        adopt_head_config(args, ckpt_file)
     scorer = extra_scorer(args) if args.evaluate or args.online_eval else None
 
     dataset = sampler = None

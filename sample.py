@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_backend, save_grid, save_png
-from models.mar import CFG_SCHEDULES, MODELS
+from models.mar import CFG_SCHEDULES, HEADS, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
-from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
+from util.loading import (build_model_from_args, checkpoint_args, config_from_state, load_model_weights,
                           model_state_from_checkpoint, read_checkpoint)
 
 logger = logging.getLogger("sample")
@@ -26,7 +26,8 @@ logger = logging.getLogger("sample")
 GRID_PADDING = 2  # pixels between (and around) the images of the grid
 DEFAULT_VAE = "pretrained_models/vae/kl16.ckpt"
 # model flags: default None = the checkpoint's stored value, else the model's own default
-MODEL_FLAGS = {"num_gaussians": int, "enc_dec_depth": int, "img_size": int, "vae_stride": int, "patch_size": int,
+MODEL_FLAGS = {"head": str, "diffloss_d": int, "diffloss_w": int, "num_sampling_steps": int,
+               "diffusion_batch_mul": int, "num_gaussians": int, "enc_dec_depth": int, "img_size": int, "vae_stride": int, "patch_size": int,
                "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
                "inner_ar_depth": int, "inner_ar_heads": int, "img_channels": int}
 FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}  # the release's, when nothing says
@@ -53,16 +54,17 @@ def get_parser():
     model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")
     model.add_argument("--model", default=None, choices=sorted(MODELS))
     for flag, kind in MODEL_FLAGS.items():
-        model.add_argument(f"--{flag}", type=kind, default=None)
+        model.add_argument(f"--{flag}", type=kind, default=None, **({"choices": sorted(HEADS)} if flag == "head" else {}))
     model.add_argument("--tokenizer", default=None, choices=TOKENIZERS)
     model.add_argument("--vae_path", default=DEFAULT_VAE, help="KL-16 VAE checkpoint (for --tokenizer kl16)")
     return parser
 
 
-def resolve_config(args, stored):
-    """Model/tokenizer config: command-line flags over the checkpoint's stored args over the release's."""
+def resolve_config(args, stored, from_state=None):
+    """Model/tokenizer config: command-line flags over what the weights show (head, depth) over the
+    checkpoint's stored args over the release's."""
     given = {k: getattr(args, k) for k in ("model", "tokenizer", *MODEL_FLAGS) if getattr(args, k) is not None}
-    config = {**FALLBACKS, **{k: v for k, v in stored.items() if v is not None}, **given}
+    config = {**FALLBACKS, **{k: v for k, v in stored.items() if v is not None}, **(from_state or {}), **given}
     if config["tokenizer"] == "pixel":  # pixels: one position per pixel, one feature per channel
         for key, value in (("vae_stride", 1), ("vae_embed_dim", config["img_channels"])):
             if given.get(key, value) != value:
@@ -98,13 +100,14 @@ def check_sampling_args(args):
 def load_everything(args, device):
     """(model, tokenizer) on `device`, ready to sample; raises FileNotFoundError/ValueError one-liners."""
     ckpt = read_checkpoint(args.ckpt)
-    config = resolve_config(args, checkpoint_args(ckpt))
+    state = model_state_from_checkpoint(ckpt, use_ema=not args.no_ema)
+    config = resolve_config(args, checkpoint_args(ckpt), config_from_state(state))
     model = build_model_from_args(config)
     bad = [c for c in args.classes if not 0 <= c < model.class_num]
     if bad:
         raise ValueError(f"--classes {' '.join(map(str, bad))} out of range: the model has {model.class_num} "
                          f"classes (0..{model.class_num - 1})")
-    load_model_weights(model, model_state_from_checkpoint(ckpt, use_ema=not args.no_ema), source=str(args.ckpt))
+    load_model_weights(model, state, source=str(args.ckpt))
     weights = "EMA" if "model_ema" in ckpt and not args.no_ema else "non-EMA"
     del ckpt
     tokenizer = build_tokenizer(config["tokenizer"], vae_path=args.vae_path, vae_embed_dim=model.vae_embed_dim,
@@ -113,8 +116,9 @@ def load_everything(args, device):
         raise ValueError(f"--tokenizer {config['tokenizer']} gives stride {tokenizer.stride} and {tokenizer.embed_dim} "
                          f"channels but the model expects --vae_stride {model.vae_stride} and --vae_embed_dim "
                          f"{model.vae_embed_dim}")
-    logger.info("loaded %s (%s weights): %s, %.1fM parameters, tokenizer %s", args.ckpt, weights, config["model"],
-                sum(p.numel() for p in model.parameters()) / 1e6, config["tokenizer"])
+    logger.info("loaded %s (%s weights): %s with the %s head, %.1fM parameters, tokenizer %s", args.ckpt, weights,
+                config["model"], model.head_name, sum(p.numel() for p in model.parameters()) / 1e6,
+                config["tokenizer"])
     return model.to(device).eval(), tokenizer
 
 

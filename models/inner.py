@@ -116,6 +116,7 @@ class AdaLNBeforeHead(nn.Module):
 
 class InnerAR(nn.Module):
     train_repeats = 1  # MAR.forward feeds each masked token once
+    no_weight_decay = True  # the release decays none of the inner model
     cfg_samplers = tuple(CFG_SAMPLERS)
 
     def __init__(self, token_dim=16, cond_dim=768, width=768, depth=1, num_heads=4,

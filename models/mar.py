@@ -88,6 +88,25 @@ def positions(flags):
     return flags.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :int(counts[0])]
 
 
+# ----------------------------------------------------------------------------- per-token heads
+# --head name -> the attribute (and state-dict prefix) the releases use for it
+HEADS = {"arinar": "arhead", "diffloss": "diffloss", "gmm": "gmmhead"}
+
+
+def build_head(name, token_dim, cond_dim, num_gaussians, inner_ar_width, inner_ar_depth, inner_ar_heads,
+               diffloss_d, diffloss_w, num_sampling_steps, diffusion_batch_mul):
+    """The per-token head `name` for tokens of token_dim features and conditions of cond_dim."""
+    if name == "arinar":
+        return InnerAR(token_dim=token_dim, cond_dim=cond_dim, width=inner_ar_width, depth=inner_ar_depth,
+                       num_heads=inner_ar_heads, num_gaussians=num_gaussians)
+    if name == "diffloss":
+        from models.diffloss import DiffLoss
+        return DiffLoss(token_dim, cond_dim, width=diffloss_w, depth=diffloss_d,
+                        num_sampling_steps=int(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul)
+    from models.token_gmm import TokenGMM
+    return TokenGMM(token_dim, cond_dim, width=diffloss_w, depth=diffloss_d, num_gaussians=num_gaussians)
+
+
 # ----------------------------------------------------------------------------- schedules
 def sample_mask_ratio(min_ratio=0.7, mean=1.0, std=0.25):
     """One mask ratio from a normal(mean, std) truncated to [min_ratio, 1], by inverse CDF."""
@@ -125,6 +144,7 @@ class MAR(nn.Module):
                  mlp_ratio=4., vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1,
                  class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  num_gaussians=4, inner_ar_width=768, inner_ar_depth=1, inner_ar_heads=4,
+                 head="arinar", diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
                  grad_checkpointing=False):
         super().__init__()
         if img_size % (vae_stride * patch_size):
@@ -165,14 +185,18 @@ class MAR(nn.Module):
         self.initialize_weights()
 
         # created after the outer init, which must not touch it; registered under the release's key name
-        self.head_attr = "arhead"
-        self.arhead = InnerAR(token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim,
-                              width=inner_ar_width, depth=inner_ar_depth, num_heads=inner_ar_heads,
-                              num_gaussians=num_gaussians)
+        if head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}; got {head!r}")
+        self.head_name, self.head_attr = head, HEADS[head]
+        setattr(self, self.head_attr, build_head(
+            head, token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim, num_gaussians=num_gaussians,
+            inner_ar_width=inner_ar_width, inner_ar_depth=inner_ar_depth, inner_ar_heads=inner_ar_heads,
+            diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
+            diffusion_batch_mul=diffusion_batch_mul))
 
     @property
     def head(self):
-        """The per-token head (ARINAR's inner model)."""
+        """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
         return getattr(self, self.head_attr)
 
     @torch.no_grad()

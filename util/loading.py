@@ -21,14 +21,14 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file as save_safetensors
 
-from models.mar import MAR, MODELS
+from models.mar import HEADS, MAR, MODELS
 from util.download import ASSETS
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 INNER_PREFIX = "arhead."  # ARINAR's inner model; everything else is the outer (MAR) model
-MAR_HEAD_PREFIX = "diffloss."  # MAR's diffusion head
+HEAD_PREFIXES = {attr + ".": name for name, attr in HEADS.items()}  # state-dict prefix -> --head
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 MAX_LISTED = 3
 
@@ -173,12 +173,24 @@ def _model_names_with_width(width):
     return names
 
 
+def head_of(state):
+    """The --head whose keys a state dict carries (None if it has no head)."""
+    return next((name for prefix, name in HEAD_PREFIXES.items() if any(k.startswith(prefix) for k in state)), None)
+
+
+def head_prefix(model):
+    """The state-dict prefix of the model's per-token head ("arhead." for ARINAR); None for other modules."""
+    attr = getattr(unwrap_model(model), "head_attr", None)
+    return None if attr is None else attr + "."
+
+
 def _likely_fixes(expected, found):
     """Flags that would make the model's keys/shapes (expected) match the file's (found)."""
     fixes = []
-    if any(key.startswith(MAR_HEAD_PREFIX) for key in found):
-        fixes.append("this is a MAR checkpoint (diffusion head diffloss.*): initialise the outer model from it "
-                     "with --init_outer_from PATH instead (MAR-B needs --enc_dec_depth 12)")
+    carried, built = head_of(found), head_of(expected)
+    if carried and carried != built:
+        fixes.append(f"--head {carried} (the checkpoint carries the {carried} head, the model the {built} "
+                     f"one; or keep --head {built} and take only the outer model with --init_outer_from PATH)")
     width_file, width_model = _shape(found, "fake_latent"), _shape(expected, "fake_latent")
     if width_file and width_model and width_file != width_model:
         names = _model_names_with_width(width_file[-1])
@@ -248,32 +260,34 @@ def load_model_weights(model, state_dict, source=""):
 
 
 def load_outer_from_mar(model, path, use_ema=True):
-    """Initialise everything but the inner model (arhead.*) from a MAR checkpoint, ignoring its diffloss.* head.
+    """Initialise everything but the per-token head from a MAR (or ARINAR, ...) checkpoint, ignoring its head.
 
-    An ARINAR checkpoint works too (its arhead.* is ignored). Every outer key must match strictly.
+    Every outer key must match strictly.
     """
     ckpt = read_checkpoint(path)
     state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
-    heads = (MAR_HEAD_PREFIX, INNER_PREFIX)
+    heads = tuple(HEAD_PREFIXES)
     outer = {k: v for k, v in state.items() if not k.startswith(heads)}
     model = unwrap_model(model)
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(INNER_PREFIX)}
+    own = head_prefix(model)
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
     check_state_dict(expected, outer, f"{path} (outer part)")
     missing, unexpected = model.load_state_dict(outer, strict=False)
-    assert not unexpected and all(k.startswith(INNER_PREFIX) for k in missing)
+    assert not unexpected and all(k.startswith(own) for k in missing)
     logger.info("initialised the outer model from %s (%s, %d tensors; ignored %d head tensors)", path,
                 "EMA" if use_ema and "model_ema" in ckpt else "live weights", len(outer), len(state) - len(outer))
 
 
 def freeze_outer(model):
-    """Train only the inner model: requires_grad stays on for arhead.* alone. Returns the trainable names."""
+    """Train only the per-token head: requires_grad stays on for its parameters alone. Returns the trainable names."""
+    own = head_prefix(model)
     trainable = []
     for name, param in unwrap_model(model).named_parameters():
-        param.requires_grad_(name.startswith(INNER_PREFIX))
+        param.requires_grad_(own is not None and name.startswith(own))
         if param.requires_grad:
             trainable.append(name)
     if not trainable:
-        raise ValueError(f"the model has no {INNER_PREFIX}* parameters: nothing would be trained")
+        raise ValueError(f"the model has no per-token head parameters ({own or 'no head'}): nothing would be trained")
     return trainable
 
 
@@ -282,6 +296,16 @@ def model_config_keys(name):
     """Constructor arguments a run's args may set for model `name` (the factory's and MAR's own)."""
     keys = set(inspect.signature(MODELS[name]).parameters) | set(inspect.signature(MAR).parameters)
     return keys - {"self", "kwargs"}
+
+
+def config_from_state(state):
+    """What a state dict itself says about the model: its head and outer depth (for checkpoints whose
+    stored args do not, like MAR's releases, whose mar_base has 12+12 blocks where ours has 14+14)."""
+    config = {"head": head_of(state)}
+    depth = _num_blocks(state, "encoder_blocks")
+    if depth:
+        config["enc_dec_depth"] = depth
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def build_model_from_args(args):
