@@ -57,3 +57,18 @@ def no_host_sync(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy", "multinomial"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     monkeypatch.setattr(torch, "multinomial", refuse("torch.multinomial"))
+
+
+def host_sync_calls(*objects):
+    """Names of host-synchronising tensor methods that the code (not docstrings) of objects calls."""
+    import ast
+    import inspect
+    import textwrap
+
+    names = {"item", "tolist", "cpu", "numpy", "multinomial", "nonzero"}
+    found = set()
+    for obj in objects:
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(obj)))):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                found.add(node.attr)
+    return found
