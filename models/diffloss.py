@@ -104,11 +104,12 @@ class DiffLoss(nn.Module):
         n = rows // 2 if guided else rows
         schedule, c = self.sample_schedule, self.token_dim
         x = torch.randn(n, c, device=z.device, dtype=compute_dtype(z))
+        w = guidance_scale(cfg, x[:, 0]) if guided else None
         for i in reversed(range(len(schedule))):
             t = torch.full((rows,), int(schedule.timesteps[i]), device=z.device)
             out = self.net(torch.cat([x, x]) if guided else x, t, z).to(x.dtype)
             eps, v = out[:n, :c], out[:n, c:]
             if guided:
-                eps = out[n:, :c] + guidance_scale(cfg, eps) * (eps - out[n:, :c])
+                eps = out[n:, :c] + w * (eps - out[n:, :c])
             x = p_sample_step(schedule, eps, v, x, i, torch.randn_like(x), temperature)
         return x.float()

@@ -75,7 +75,7 @@ def compute_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def at(table, t, like):
+def table_at(table, t, like):
     """table[t] ready to broadcast against like [N, C]: a Python float for an int step, else [N, 1]."""
     if isinstance(t, int):
         return float(table[t])
@@ -84,13 +84,15 @@ def at(table, t, like):
 
 def q_sample(schedule, x0, t, noise):
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-    return at(schedule.sqrt_alpha_bar, t, x0) * x0 + at(schedule.sqrt_one_minus_alpha_bar, t, x0) * noise
+    return (table_at(schedule.sqrt_alpha_bar, t, x0) * x0
+            + table_at(schedule.sqrt_one_minus_alpha_bar, t, x0) * noise)
 
 
 def q_posterior(schedule, x0, x_t, t):
     """Mean and (t=0-borrowed) log variance of q(x_{t-1} | x_t, x_0)."""
-    mean = at(schedule.posterior_coef_x0, t, x_t) * x0 + at(schedule.posterior_coef_xt, t, x_t) * x_t
-    return mean, at(schedule.posterior_log_variance, t, x_t)
+    mean = (table_at(schedule.posterior_coef_x0, t, x_t) * x0
+            + table_at(schedule.posterior_coef_xt, t, x_t) * x_t)
+    return mean, table_at(schedule.posterior_log_variance, t, x_t)
 
 
 def p_mean_variance(schedule, eps, v, x_t, t):
@@ -99,8 +101,10 @@ def p_mean_variance(schedule, eps, v, x_t, t):
     log var = frac * log beta_t + (1 - frac) * log posterior variance, frac = (v + 1) / 2.
     """
     frac = (v + 1) / 2
-    log_var = frac * at(schedule.log_betas, t, x_t) + (1 - frac) * at(schedule.posterior_log_variance, t, x_t)
-    x0 = at(schedule.sqrt_recip_alpha_bar, t, x_t) * x_t - at(schedule.sqrt_recipm1_alpha_bar, t, x_t) * eps
+    log_var = (frac * table_at(schedule.log_betas, t, x_t)
+               + (1 - frac) * table_at(schedule.posterior_log_variance, t, x_t))
+    x0 = (table_at(schedule.sqrt_recip_alpha_bar, t, x_t) * x_t
+          - table_at(schedule.sqrt_recipm1_alpha_bar, t, x_t) * eps)
     mean, _ = q_posterior(schedule, x0, x_t, t)
     return mean, log_var
 

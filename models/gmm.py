@@ -4,8 +4,9 @@ Pure functions on tensors. A mixture over K components is given by three tensors
 shape [..., K]: means `mu`, natural-log variances `logvar`, and unnormalised weight `logits`.
 A diagonal mixture over C-dim vectors (the `diag_*` functions) has mu, logvar [..., K, C] and
 logits [..., K].
-Everything here runs in float32 whatever the caller's autocast dtype: the transformer may run in
-bf16, but log-densities of sharp Gaussians and the CFG weights need the extra precision.
+Everything here runs in at least float32 whatever the caller's autocast dtype (diag_gmm_log_prob keeps
+float64): the transformer may run in bf16, but log-densities of sharp Gaussians and the CFG weights
+need the extra precision.
 """
 import functools
 import math

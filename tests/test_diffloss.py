@@ -121,7 +121,8 @@ def numpy_loss(x0, t, noise, out):
     frac = (v + 1) / 2
     log_var = frac * np.log(beta) + (1 - frac) * np.log(post_var)
     mean, true_mean = post_mean(x0_pred), post_mean(x0)
-    kl = 0.5 * (-1 + log_var - np.log(post_var) + post_var / np.exp(log_var) + (true_mean - mean) ** 2 / np.exp(log_var))
+    kl = 0.5 * (-1 + log_var - np.log(post_var)
+                + (post_var + (true_mean - mean) ** 2) / np.exp(log_var))
     cdf = lambda u: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # noqa: E731  ADM's approximation
     std = np.exp(0.5 * log_var)
     mass = cdf((x0 - mean + 1 / 255) / std) - cdf((x0 - mean - 1 / 255) / std)
@@ -313,7 +314,7 @@ def test_sample_source_has_no_sync_calls():
     from models import diffloss, diffusion
     assert host_sync_calls(diffloss.DiffLoss.sample, diffloss.DenoiserMLP, diffloss.timestep_embedding,
                            diffusion.p_sample_step, diffusion.p_mean_variance, diffusion.q_posterior,
-                           diffusion.at) == set()
+                           diffusion.table_at) == set()
 
 
 def test_exact_cfg_sampler_refused():

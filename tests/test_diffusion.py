@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from models.diffusion import (Schedule, at, cosine_betas, discretized_gaussian_log_likelihood, normal_kl,
-                              p_mean_variance, q_posterior, q_sample, space_timesteps)
+from models.diffusion import (Schedule, cosine_betas, discretized_gaussian_log_likelihood, normal_kl, p_mean_variance,
+                              q_posterior, q_sample, space_timesteps, table_at)
 
 
 def numpy_cosine_alpha_bar(steps=1000):
@@ -85,11 +85,11 @@ def test_p_mean_variance_learned_range():
     np.testing.assert_allclose(log_var[:, 0].numpy(), expected, rtol=1e-12)
 
 
-def test_at_keeps_dtype_and_gives_floats_for_int_steps():
+def test_table_at_keeps_dtype_and_gives_floats_for_int_steps():
     table = np.array([0.1, 0.2, 0.3])
-    assert isinstance(at(table, 2, torch.zeros(1)), float)
-    assert at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).dtype == torch.float64
-    assert at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).item() == 0.2
+    assert isinstance(table_at(table, 2, torch.zeros(1)), float)
+    assert table_at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).dtype == torch.float64
+    assert table_at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).item() == 0.2
 
 
 def test_normal_kl_closed_form():

@@ -67,11 +67,12 @@ def test_nll_matches_scipy_mixture():
     assert loss.shape == (6,) and loss.dtype == torch.float64
     y = head.cond_embed(z)
     out = head.final_layer(run_blocks(head, y), y).detach().numpy()  # the raw output, split here
-    means, var, logits = out[:, :80].reshape(6, 5, 16), F.softplus(torch.from_numpy(out[:, 80:160])).numpy(), out[:, 160:]
-    var = np.maximum(var, 1e-6).reshape(6, 5, 16)
+    means, logits = out[:, :80].reshape(6, 5, 16), out[:, 160:]
+    var = np.maximum(F.softplus(torch.from_numpy(out[:, 80:160])).numpy(), 1e-6).reshape(6, 5, 16)
     for i in range(6):
         log_w = logits[i] - logsumexp(logits[i])
-        comp = [log_w[k] + stats.multivariate_normal(means[i, k], np.diag(var[i, k])).logpdf(x[i].numpy()) for k in range(5)]
+        comp = [log_w[k] + stats.multivariate_normal(means[i, k], np.diag(var[i, k])).logpdf(x[i].numpy())
+                for k in range(5)]
         assert loss[i].item() == pytest.approx(-logsumexp(comp), rel=1e-10)
     loss.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
