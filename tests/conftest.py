@@ -1,4 +1,7 @@
+import ast
+import inspect
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -61,10 +64,6 @@ def no_host_sync(monkeypatch):
 
 def host_sync_calls(*objects):
     """Names of host-synchronising tensor methods that the code (not docstrings) of objects calls."""
-    import ast
-    import inspect
-    import textwrap
-
     names = {"item", "tolist", "cpu", "numpy", "multinomial", "nonzero"}
     found = set()
     for obj in objects:
