@@ -2,9 +2,10 @@
 
 Pure functions on tensors. A mixture over K components is given by three tensors of the same
 shape [..., K]: means `mu`, natural-log variances `logvar`, and unnormalised weight `logits`.
-Everything here runs in at least float32 whatever the caller's autocast dtype (the transformer may
-run in bf16, but log-densities of sharp Gaussians and the CFG weights need the extra precision),
-and float64 inputs stay float64.
+A diagonal mixture over C-dim vectors (the `diag_*` functions) has mu, logvar [..., K, C] and
+logits [..., K]. Everything here runs in at least float32 whatever the caller's autocast dtype (the
+transformer may run in bf16, but log-densities of sharp Gaussians and the CFG weights need the extra
+precision), and float64 inputs stay float64.
 """
 import math
 
@@ -25,10 +26,14 @@ def split_gmm_params(head_out, num_gaussians):
     return mu, logvar, logits
 
 
+def _log_kernel(x, mu, logvar):
+    """log N(x; mu, exp(logvar)) without the -0.5*log(2*pi) constant, elementwise."""
+    return -0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
+
+
 def _component_log_probs(x, mu, logvar, logits):
     """log w_k + log N(x; mu_k, exp(logvar_k)), without the -0.5*log(2*pi) constant."""
-    x = at_least_fp32(x).unsqueeze(-1)
-    return F.log_softmax(logits, dim=-1) - 0.5 * ((x - mu) ** 2 * torch.exp(-logvar) + logvar)
+    return F.log_softmax(logits, dim=-1) + _log_kernel(at_least_fp32(x).unsqueeze(-1), mu, logvar)
 
 
 def gmm_nll(x, mu, logvar, logits):
@@ -56,18 +61,37 @@ def sample_gmm(mu, logvar, logits, temperature=1.0, num_samples=None):
     """
     probs = torch.softmax(at_least_fp32(logits), dim=-1)
     shape = probs.shape[:-1] + ((num_samples,) if num_samples else ())
-    cdf = probs.cumsum(-1)
     u = torch.rand(shape, device=probs.device, dtype=probs.dtype)
     if num_samples:
-        cdf, mu, logvar = cdf.unsqueeze(-2), mu.unsqueeze(-2), logvar.unsqueeze(-2)
-    # count of cdf entries below u = chosen component; clamp guards u > cdf[-1] from rounding
-    k = (cdf < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+        probs, mu, logvar = probs.unsqueeze(-2), mu.unsqueeze(-2), logvar.unsqueeze(-2)
+    k = inverse_cdf_pick(probs, u)
     mu_k = at_least_fp32(mu).expand(*shape, -1).gather(-1, k).squeeze(-1)
     std_k = torch.exp(0.5 * tempered(at_least_fp32(logvar), temperature)).expand(*shape, -1).gather(-1, k).squeeze(-1)
     return mu_k + std_k * torch.randn(shape, device=probs.device, dtype=probs.dtype)
 
 
-def _guidance(cfg, like):
+def inverse_cdf_pick(probs, u):
+    """Component index [..., 1] drawn from probs [..., K] with one uniform u [...] per draw."""
+    # count of cdf entries below u = chosen component; clamp guards u > cdf[-1] from rounding
+    return (probs.cumsum(-1) < u.unsqueeze(-1)).sum(-1, keepdim=True).clamp_max(probs.shape[-1] - 1)
+
+
+def race_pick(logit, u):
+    """Index [..., 1] drawn from softmax(logit) over the last axis, given uniforms u of logit's shape.
+
+    An exponential race, argmax(logit - log E) with E = -log U ~ Exp(1): the law of
+    torch.multinomial on the softmax without its host-side checks, so CUDA graphs can capture it
+    (and without exponential_, which is slow on CPU).
+    """
+    return (logit - u.log().neg_().log_()).argmax(dim=-1, keepdim=True)
+
+
+def is_guided(cfg):
+    """Whether a head's rows come as [cond; uncond]: cfg != 1, or any tensor cfg (CUDA-graph capture)."""
+    return torch.is_tensor(cfg) or cfg != 1.0
+
+
+def guidance_scale(cfg, like):
     """The CFG scale as a tensor of like's dtype and device; a per-row [...] scale broadcasts over [..., M]."""
     w = torch.as_tensor(cfg, device=like.device).to(like.dtype)
     return w.unsqueeze(-1) if w.dim() > 0 else w
@@ -81,7 +105,7 @@ def cfg_log_target(x, cond, uncond, cfg, temperature=1.0):
     """
     mu_c, lv_c, lg_c = (at_least_fp32(t).unsqueeze(-2) for t in cond)
     mu_u, lv_u, lg_u = (at_least_fp32(t).unsqueeze(-2) for t in uncond)
-    w = _guidance(cfg, at_least_fp32(x))
+    w = guidance_scale(cfg, at_least_fp32(x))
     log_q = gmm_log_prob(x, mu_c, tempered(lv_c, temperature), lg_c)
     return log_q + (w - 1) * (gmm_log_prob(x, mu_c, lv_c, lg_c) - gmm_log_prob(x, mu_u, lv_u, lg_u))
 
@@ -132,9 +156,8 @@ def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):
     std = torch.exp(0.5 * tempered(lv_c, temperature))
     x = mu_c.gather(-1, k) + std.gather(-1, k) * eps  # [..., M]
     log_p = stacked_log_probs(x, (cond, uncond))
-    logit = (_guidance(cfg, x) - 1) * (log_p[0] - log_p[1])
-    pick = (logit - u_pick.log().neg_().log_()).argmax(dim=-1, keepdim=True)  # E = -log U ~ Exp(1)
-    return x.gather(-1, pick).squeeze(-1)
+    logit = (guidance_scale(cfg, x) - 1) * (log_p[0] - log_p[1])
+    return x.gather(-1, race_pick(logit, u_pick)).squeeze(-1)
 
 
 def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64, half_width=8.0):
@@ -149,7 +172,7 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     so it can be captured in a CUDA graph.
     """
     mu, std = at_least_fp32(cond[0]), torch.exp(0.5 * at_least_fp32(cond[1]))
-    w = _guidance(cfg, mu)
+    w = guidance_scale(cfg, mu)
     scales = torch.stack([std / temperature, std / torch.sqrt(temperature ** 2 + (w - 1).clamp_min(0))], dim=-1)
     offsets = torch.linspace(-half_width, half_width, points_per_scale, device=mu.device, dtype=mu.dtype)
     grid = (mu[..., None, None] + scales[..., None] * offsets).flatten(-3).sort(dim=-1).values  # [..., G]
@@ -166,6 +189,46 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     # where the draw falls inside the chosen cell, reusing the same uniform
     frac = (u - cdf.gather(-1, cell) + cell_mass) / cell_mass.clamp_min(torch.finfo(mass.dtype).tiny)
     return (left + frac.clamp(0.0, 1.0) * (grid.gather(-1, cell + 1) - left)).squeeze(-1)
+
+
+def diag_gmm_log_prob(x, mu, logvar, logits):
+    """Full log-density of x [..., C] under a diagonal mixture (mu, logvar [..., K, C], logits [..., K])."""
+    x, mu, logvar = (at_least_fp32(t) for t in (x, mu, logvar))
+    comp = F.log_softmax(logits.to(mu.dtype), dim=-1) + _log_kernel(x.unsqueeze(-2), mu, logvar).sum(-1)
+    return torch.logsumexp(comp, dim=-1) - 0.5 * x.shape[-1] * LOG_2PI
+
+
+def sample_diag_gmm(mu, logvar, logits, temperature=1.0, num_samples=None):
+    """Whole vectors [..., C] (or [..., num_samples, C]) from a diagonal mixture whose stds are divided
+    by the temperature: one component per vector (so features share it), then mu + std * N(0, I)."""
+    probs = torch.softmax(at_least_fp32(logits), dim=-1)
+    if num_samples:
+        probs, mu, logvar = probs.unsqueeze(-2), mu.unsqueeze(-3), logvar.unsqueeze(-3)
+    shape = probs.shape[:-1] if not num_samples else probs.shape[:-2] + (num_samples,)
+    k = inverse_cdf_pick(probs, torch.rand(shape, device=probs.device, dtype=probs.dtype))  # [..., 1]
+    index = k.unsqueeze(-1).expand(*shape, 1, mu.shape[-1])
+    mu_k = at_least_fp32(mu).expand(*shape, -1, -1).gather(-2, index).squeeze(-2)
+    logvar_k = tempered(at_least_fp32(logvar), temperature).expand(*shape, -1, -1).gather(-2, index).squeeze(-2)
+    return mu_k + torch.exp(0.5 * logvar_k) * torch.randn(mu_k.shape, device=mu_k.device, dtype=mu_k.dtype)
+
+
+def sample_diag_gmm_cfg(cond, uncond, cfg, temperature=1.0, num_candidates=1000):
+    """The release's resampling CFG sampler over whole vectors: target p_cond^w / p_uncond^(w-1).
+
+    `num_candidates` proposals [..., M, C] from the tempered conditional mixture, weights
+    softmax((w-1) * (log p_cond - log p_uncond)) over the whole vector, one pick by an exponential
+    race (no host sync). cond/uncond = (mu, logvar, logits); cfg scalar, 0-d or per-row [...].
+    """
+    candidates = sample_diag_gmm(*cond, temperature=temperature, num_samples=num_candidates)
+
+    def log_prob(mixture):
+        mu, logvar, logits = mixture
+        return diag_gmm_log_prob(candidates, mu.unsqueeze(-3), logvar.unsqueeze(-3), logits.unsqueeze(-2))
+
+    log_ratio = log_prob(cond) - log_prob(uncond)  # [..., M]
+    logit = (guidance_scale(cfg, log_ratio) - 1) * log_ratio
+    pick = race_pick(logit, torch.rand_like(logit))
+    return candidates.gather(-2, pick.unsqueeze(-1).expand(*pick.shape, candidates.shape[-1])).squeeze(-2)
 
 
 # --cfg_sampler choices: the release's resampling is the faithful default

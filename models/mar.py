@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import attention
+from models.diffloss import DiffLoss
 from models.inner import InnerAR
+from models.token_gmm import TokenGMM
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -100,10 +102,8 @@ def build_head(name, token_dim, cond_dim, num_gaussians, inner_ar_width, inner_a
         return InnerAR(token_dim=token_dim, cond_dim=cond_dim, width=inner_ar_width, depth=inner_ar_depth,
                        num_heads=inner_ar_heads, num_gaussians=num_gaussians)
     if name == "diffloss":
-        from models.diffloss import DiffLoss
         return DiffLoss(token_dim, cond_dim, width=diffloss_w, depth=diffloss_d,
                         num_sampling_steps=int(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul)
-    from models.token_gmm import TokenGMM
     return TokenGMM(token_dim, cond_dim, width=diffloss_w, depth=diffloss_d, num_gaussians=num_gaussians)
 
 

@@ -1,4 +1,7 @@
+import ast
+import inspect
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,28 @@ def randomize_(module, std=0.2, seed=0):
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return module
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """Make the Python-level tensor reads that synchronise with the host (as CUDA-graph capture
+    forbids) raise while the test runs: .item(), bool(), int(), .tolist(), .cpu(), multinomial."""
+    def refuse(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host sync via {name}")
+        return fail
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy", "multinomial"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    monkeypatch.setattr(torch, "multinomial", refuse("torch.multinomial"))
+
+
+def host_sync_calls(*objects):
+    """Names of host-synchronising tensor methods that the code (not docstrings) of objects calls."""
+    names = {"item", "tolist", "cpu", "numpy", "multinomial", "nonzero"}
+    found = set()
+    for obj in objects:
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(obj)))):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                found.add(node.attr)
+    return found

@@ -192,11 +192,21 @@ def test_cli_url_override(server, tmp_path):
 
 
 def test_cli_manual_asset_exits_2(tmp_path, caplog):
-    assert ASSETS["mar_base"].url is None
+    assert ASSETS["arinar_b"].url is None
     with caplog.at_level(logging.INFO, logger="util.download"):
-        rc = main(["mar_base", "--dest-root", str(tmp_path)])
+        rc = main(["arinar_b", "--dest-root", str(tmp_path)])
     assert rc == 2
-    expected = tmp_path / "pretrained_models" / "mar" / "mar_base" / "checkpoint-last.pth"
+    expected = tmp_path / "pretrained_models" / "arinar" / "arinar_b" / "checkpoint-last.pth"
     assert str(expected) in caplog.text
-    assert "github.com/LTH14/mar" in caplog.text
+    assert "github.com/Qinyu-Allen-Zhao/Arinar" in caplog.text
     assert not expected.exists()
+
+
+def test_mar_release_links():
+    links = {"base": "f6dpuyjb7fudzxcyhvrhk/checkpoint-last.pth?rlkey=a6i4bo71vhfo4anp33n9ukujb",
+             "large": "pxacc5b2mrt3ifw4cah6k/checkpoint-last.pth?rlkey=m48ovo6g7ivcbosrbdaz0ehqt",
+             "huge": "1qmfx6fpy3k7j9vcjjs3s/checkpoint-last.pth?rlkey=4lae281yzxb406atp32vzc83o"}
+    for size, link in links.items():
+        asset = ASSETS[f"mar_{size}"]
+        assert asset.url == f"https://www.dropbox.com/scl/fi/{link}&dl=1"
+        assert asset.relpath == f"pretrained_models/mar/mar_{size}/checkpoint-last.pth"

@@ -27,7 +27,6 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "arinar-download/1.0"
-MAR_README = "https://github.com/LTH14/mar"
 ARINAR_README = "https://github.com/Qinyu-Allen-Zhao/Arinar"
 
 
@@ -71,15 +70,23 @@ ASSETS = {a.name: a for a in (
         "fid_stats/adm_in256_stats.npz",
         note="ADM ImageNet-256 FID reference statistics (keys mu, sigma), from MAR's repo",
     ),
+    # MAR's released checkpoints (MAR's README links, dl=1 for the file itself); sizes and checksums
+    # are not published, so only the transfer's own length is checked
     *(
         Asset(
             f"mar_{size}",
-            None,
+            url,
             f"pretrained_models/mar/mar_{size}/checkpoint-last.pth",
-            note=_manual_note(MAR_README, "the 'Pre-trained Models' links in the MAR README",
-                              f"pretrained_models/mar/mar_{size}/checkpoint-last.pth"),
+            note=f"MAR-{size[0].upper()} with its diffusion head, about {gb} GB",
         )
-        for size in ("base", "large", "huge")
+        for size, gb, url in (
+            ("base", 1.6, "https://www.dropbox.com/scl/fi/f6dpuyjb7fudzxcyhvrhk/checkpoint-last.pth"
+                          "?rlkey=a6i4bo71vhfo4anp33n9ukujb&dl=1"),
+            ("large", 3.7, "https://www.dropbox.com/scl/fi/pxacc5b2mrt3ifw4cah6k/checkpoint-last.pth"
+                           "?rlkey=m48ovo6g7ivcbosrbdaz0ehqt&dl=1"),
+            ("huge", 7.2, "https://www.dropbox.com/scl/fi/1qmfx6fpy3k7j9vcjjs3s/checkpoint-last.pth"
+                          "?rlkey=4lae281yzxb406atp32vzc83o&dl=1"),
+        )
     ),
     Asset(
         "arinar_b",

@@ -1,0 +1,324 @@
+"""MAR's diffusion head (models/diffloss.py): layout, network, loss, and the sampler's law."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy import stats
+
+from models.diffloss import DiffLoss, timestep_embedding
+from tests.conftest import host_sync_calls, load_manifest, randomize_
+
+C = 16
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: extra threads only add overhead
+
+
+def numpy_alpha_bar(steps=1000):
+    """alpha_bar after each step of the clamped cosine schedule, computed here in numpy float64."""
+    s = np.arange(steps + 1, dtype=np.float64) / steps
+    f = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
+    return np.cumprod(1 - np.minimum(1 - f[1:] / f[:-1], 0.999))
+
+
+# ---------------------------------------------------------------- layout and network
+
+def test_state_dict_matches_mar_b_manifest():
+    manifest = load_manifest("mar_b_official.json")
+    expected = [(e["key"], e["shape"]) for e in manifest["state_dict"] if e["key"].startswith("diffloss.")]
+    with torch.device("meta"):
+        head = DiffLoss(token_dim=16, cond_dim=768, width=1024, depth=6)
+    got = [("diffloss." + k, list(v.shape)) for k, v in head.state_dict().items()]
+    assert got == expected
+    assert sum(p.numel() for p in head.parameters()) == manifest["inner_head_params"]
+    assert head.train_repeats == 4 and head.token_dim == 16
+
+
+def test_init_outputs_zero_and_release_zeros():
+    head = DiffLoss(4, 8, 32, 2)
+    out = head.net(torch.randn(5, 4), torch.arange(5), torch.randn(5, 8))
+    assert out.shape == (5, 8) and torch.equal(out, torch.zeros_like(out))
+    for block in head.net.res_blocks:
+        assert not block.adaLN_modulation[1].weight.any() and block.in_ln.weight.eq(1).all()
+        assert block.mlp[0].bias.eq(0).all() and block.mlp[0].weight.std() > 0.05  # Xavier, not 0.02
+    assert head.net.time_embed.mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_timestep_embedding_cos_first():
+    emb = timestep_embedding(torch.tensor([0, 7]), dtype=torch.float64)
+    assert emb[0].tolist() == [1.0] * 128 + [0.0] * 128
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    np.testing.assert_allclose(emb[1].numpy(), np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]), rtol=1e-12)
+
+
+def numpy_net(sd, x, t, c):
+    """MAR's SimpleMLPAdaLN written out in numpy float64 from a state_dict."""
+    p = {k: v.numpy() for k, v in sd.items()}
+    lin = lambda h, name: h @ p[name + ".weight"].T + p[name + ".bias"]  # noqa: E731
+    silu = lambda h: h / (1 + np.exp(-h))  # noqa: E731
+
+    def ln(h):
+        return (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    t_freq = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], -1)
+    y = lin(silu(lin(t_freq, "time_embed.mlp.0")), "time_embed.mlp.2") + lin(c, "cond_embed")
+    h = lin(x, "input_proj")
+    i = 0
+    while f"res_blocks.{i}.in_ln.weight" in p:
+        b = f"res_blocks.{i}."
+        shift, scale, gate = np.split(lin(silu(y), b + "adaLN_modulation.1"), 3, -1)
+        hn = ln(h) * p[b + "in_ln.weight"] + p[b + "in_ln.bias"]
+        h = h + gate * lin(silu(lin(hn * (1 + scale) + shift, b + "mlp.0")), b + "mlp.2")
+        i += 1
+    shift, scale = np.split(lin(silu(y), "final_layer.adaLN_modulation.1"), 2, -1)
+    return lin(ln(h) * (1 + scale) + shift, "final_layer.linear")
+
+
+def small_random_head(seed=0):
+    head = DiffLoss(C, 8, 32, 2).double()
+    randomize_(head, std=0.3, seed=seed)
+    return head
+
+
+def test_net_matches_numpy_forward():
+    head = small_random_head()
+    gen = torch.Generator().manual_seed(3)
+    x, c = torch.randn(6, C, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 1, 17, 256, 640, 999])
+    expected = numpy_net(head.net.state_dict(), x.numpy(), t.numpy().astype(np.float64), c.numpy())
+    np.testing.assert_allclose(head.net(x, t, c).detach().numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- loss
+
+def numpy_x_t(x0, t, noise):
+    a = numpy_alpha_bar()[t][:, None]
+    return np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+
+
+def numpy_loss(x0, t, noise, out):
+    """MAR's per-row loss given the net output at x_t, re-derived in numpy float64."""
+    ab = numpy_alpha_bar()
+    ab_prev = np.append(1.0, ab[:-1])
+    a, ap = ab[t][:, None], ab_prev[t][:, None]
+    beta = 1 - a / ap
+    x_t = numpy_x_t(x0, t, noise)
+    eps, v = out[:, :C], out[:, C:]
+    x0_pred = (x_t - np.sqrt(1 - a) * eps) / np.sqrt(a)
+    # posterior by Bayes: N(sqrt(ap) x0, 1 - ap) prior on x_{t-1}, N(sqrt(1 - beta) x_{t-1}, beta) likelihood;
+    # at t = 0 (ap = 1) it is a point mass at x0
+    ap_safe = np.where(t[:, None] == 0, 0.5, ap)
+    precision = 1 / (1 - ap_safe) + (1 - beta) / beta
+
+    def post_mean(x0_):
+        return np.where(t[:, None] == 0, x0_,
+                        (np.sqrt(ap_safe) * x0_ / (1 - ap_safe) + np.sqrt(1 - beta) * x_t / beta) / precision)
+
+    ab1, ab0 = ab[1], ab[0]
+    var1 = (1 - ab1 / ab0) * (1 - ab0) / (1 - ab1)  # step 1's posterior variance stands in at t = 0
+    post_var = np.where(t[:, None] == 0, var1, 1 / precision)
+    frac = (v + 1) / 2
+    log_var = frac * np.log(beta) + (1 - frac) * np.log(post_var)
+    mean, true_mean = post_mean(x0_pred), post_mean(x0)
+    kl = 0.5 * (-1 + log_var - np.log(post_var)
+                + (post_var + (true_mean - mean) ** 2) / np.exp(log_var))
+    cdf = lambda u: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # noqa: E731  ADM's approximation
+    std = np.exp(0.5 * log_var)
+    mass = cdf((x0 - mean + 1 / 255) / std) - cdf((x0 - mean - 1 / 255) / std)
+    decoder_nll = -np.log(np.maximum(mass, 1e-12))
+    vb = np.where(t == 0, decoder_nll.mean(-1), kl.mean(-1)) / np.log(2)
+    return ((noise - eps) ** 2).mean(-1) + vb
+
+
+def test_loss_matches_numpy_float64():
+    head = small_random_head(seed=1)
+    gen = torch.Generator().manual_seed(4)
+    n = 40
+    x0 = (torch.rand(n, C, generator=gen, dtype=torch.float64) * 1.6 - 0.8)
+    z = torch.randn(n, 8, generator=gen, dtype=torch.float64)
+    noise = torch.randn(n, C, generator=gen, dtype=torch.float64)
+    t = torch.cat([torch.tensor([0, 0, 0, 1, 2, 999]), torch.randint(0, 1000, (n - 6,), generator=gen)])
+    got = head.loss(x0, z, t=t, noise=noise)
+    assert got.shape == (n,) and got.dtype == torch.float64
+    x_t = torch.from_numpy(numpy_x_t(x0.numpy(), t.numpy(), noise.numpy()))
+    expected = numpy_loss(x0.numpy(), t.numpy(), noise.numpy(), head.net(x_t, t, z).detach().numpy())
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-10)
+    # deterministic given t and noise; fresh noise changes it
+    assert torch.equal(head.loss(x0, z, t=t, noise=noise), got)
+    assert not torch.allclose(head.loss(x0, z, t=t, noise=-noise), got)
+
+
+def test_loss_at_t0_is_decoder_nll_in_bits():
+    head = DiffLoss(C, 8, 32, 1).double()
+    x0 = torch.full((2, C), 0.25, dtype=torch.float64)
+    noise = torch.zeros(2, C, dtype=torch.float64)
+    # output eps = 0 and v = -1 + 2 * frac: the model's t = 0 Gaussian is N(x_0, exp(log_var))
+    with torch.no_grad():
+        head.net.final_layer.linear.bias[C:] = -1.0
+    loss = head.loss(x0, torch.zeros(2, 8, dtype=torch.float64), t=torch.tensor([0, 5]), noise=noise)
+    ab = numpy_alpha_bar()
+    var1 = (1 - ab[1] / ab[0]) * (1 - ab[0]) / (1 - ab[1])
+    std = math.sqrt(var1)
+    mass = stats.norm.cdf(1 / 255, 0, std) - stats.norm.cdf(-1 / 255, 0, std)
+    assert loss[0].item() == pytest.approx(-math.log(mass) / math.log(2), rel=1e-3)
+    # at t = 5 the model is exact (eps = noise = 0, posterior variance): the KL is 0
+    assert loss[1].item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_loss_float32_and_gradients():
+    head = DiffLoss(C, 8, 32, 2)
+    randomize_(head, std=0.1)
+    loss = head.loss(torch.rand(8, C) * 2 - 1, torch.randn(8, 8))
+    assert loss.dtype == torch.float32 and loss.shape == (8,) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_bad_sampling_steps_one_line_error():
+    with pytest.raises(ValueError, match="--num_sampling_steps") as err:
+        DiffLoss(C, 8, 32, 1, num_sampling_steps=1)
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the sampler where the answer is known
+
+class GaussianOracle(nn.Module):
+    """The optimal eps predictor for data N(m, s^2), with (m, s, v) read per row from the condition:
+    eps*(x_t, t) = sqrt(1 - ab_t) (x_t - sqrt(ab_t) m) / (ab_t s^2 + 1 - ab_t), ab_t at the ORIGINAL t."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_bar = torch.from_numpy(numpy_alpha_bar())
+        self.timesteps = []
+
+    def forward(self, x, t, c):
+        self.timesteps.append(t.clone())
+        ab = self.alpha_bar[t].to(x.dtype)[:, None]
+        m, s, v = c[:, :1], c[:, 1:2], c[:, 2:3]
+        eps = (1 - ab).sqrt() * (x - ab.sqrt() * m) / (ab * s ** 2 + 1 - ab)
+        return torch.cat([eps, v.expand_as(x)], dim=-1)
+
+
+def sampler_law(cond, uncond=None, w=1.0, temperature=1.0, steps=100):
+    """Exact mean and variance of the sampler's output with the oracle: every step is linear-Gaussian,
+    so the law propagates in closed form (numpy float64, 1000 -> `steps` respacing done here)."""
+    kept = np.round(np.linspace(0, 999, steps)).astype(int)
+    ab = numpy_alpha_bar()[kept]
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1 - ab / ab_prev
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    post_var[0] = post_var[1]
+    mean, var = 0.0, 1.0
+    for i in reversed(range(steps)):
+        a = ab[i]
+
+        def eps_coefs(m, s):  # eps(x) = e1 x + e0
+            e1 = math.sqrt(1 - a) / (a * s ** 2 + 1 - a)
+            return e1, -e1 * math.sqrt(a) * m
+
+        e1, e0 = eps_coefs(*cond[:2])
+        if uncond is not None:
+            u1, u0 = eps_coefs(*uncond[:2])
+            e1, e0 = u1 + w * (e1 - u1), u0 + w * (e0 - u0)
+        # x0_pred = (x - sqrt(1 - a) eps(x)) / sqrt(a)
+        p1, p0 = (1 - math.sqrt(1 - a) * e1) / math.sqrt(a), -math.sqrt(1 - a) * e0 / math.sqrt(a)
+        if i == 0:
+            mean, var = p1 * mean + p0, p1 ** 2 * var
+            break
+        precision = 1 / (1 - ab_prev[i]) + (1 - beta[i]) / beta[i]
+        k0 = math.sqrt(ab_prev[i]) / (1 - ab_prev[i]) / precision
+        kt = math.sqrt(1 - beta[i]) / beta[i] / precision
+        frac = (cond[2] + 1) / 2  # the conditional half's variance values
+        step_var = math.exp(frac * math.log(beta[i]) + (1 - frac) * math.log(post_var[i]))
+        a1, a0 = k0 * p1 + kt, k0 * p0
+        mean, var = a1 * mean + a0, a1 ** 2 * var + temperature ** 2 * step_var
+    return mean, var
+
+
+def oracle_head():
+    head = DiffLoss(4, 3, 8, 1, num_sampling_steps=100)
+    head.net = GaussianOracle()
+    return head
+
+
+def rows(n, m, s, v):
+    return torch.tensor([[m, s, v]], dtype=torch.float64).expand(n, 3)
+
+
+def ks_pvalue(x, mean, var):
+    return stats.kstest(x.flatten().numpy(), stats.norm(mean, math.sqrt(var)).cdf).pvalue
+
+
+def test_sampler_draws_the_data_law_with_the_optimal_predictor():
+    torch.manual_seed(0)
+    head = oracle_head()
+    m, s = 0.7, 0.3
+    x = head.sample(rows(5000, m, s, -1.0))
+    assert x.shape == (5000, 4) and x.dtype == torch.float64  # float64 conditions are never narrowed
+    mean, var = sampler_law((m, s, -1.0))
+    # the optimal predictor with posterior variances (which leave out Var(x_0 | x_t)) gives the data
+    # mean and a slightly smaller spread...
+    assert mean == pytest.approx(m, abs=1e-6) and math.sqrt(var) == pytest.approx(s, rel=0.1)
+    assert ks_pvalue(x, mean, var) > 0.01
+    # ...with the network called on the 100 kept ORIGINAL timesteps, last to first
+    called = [t[0].item() for t in head.net.timesteps]
+    assert called == np.round(np.linspace(0, 999, 100)).astype(int)[::-1].tolist()
+    assert all((t == t[0]).all() for t in head.net.timesteps)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.0])
+def test_temperature_scales_injected_noise_only(temperature):
+    torch.manual_seed(1)
+    head = oracle_head()
+    m, s = -0.4, 0.8
+    x = head.sample(rows(5000, m, s, -1.0), temperature=temperature)
+    mean, var = sampler_law((m, s, -1.0), temperature=temperature)
+    assert ks_pvalue(x, mean, var) > 0.01
+    # the law differs clearly from temperature 1's, so the check has power
+    assert math.sqrt(var) < 0.9 * math.sqrt(sampler_law((m, s, -1.0))[1])
+
+
+def test_cfg_law_between_two_gaussians():
+    torch.manual_seed(2)
+    head = oracle_head()
+    cond, uncond, w = (1.0, 0.5, -1.0), (0.0, 1.0, 1.0), 3.0
+    n = 5000
+    z = torch.cat([rows(n, *cond), rows(n, *uncond)])
+    x = head.sample(z, cfg=w)
+    assert x.shape == (n, 4)
+    mean, var = sampler_law(cond, uncond, w)
+    assert ks_pvalue(x, mean, var) > 0.01
+    # the guided law is far from the conditional one, and taking the unconditional half's variance
+    # values (log beta) would be detected
+    assert abs(mean - cond[0]) > 0.2
+    assert ks_pvalue(x, *sampler_law(cond[:2] + (1.0,), uncond, w)) < 1e-6
+    # a 0-d tensor cfg (as CUDA-graph capture passes) and a per-row one give the same draws
+    torch.manual_seed(3)
+    ref = head.sample(z, cfg=w)
+    for cfg in (torch.tensor(w), torch.full((n,), w)):
+        torch.manual_seed(3)
+        assert torch.equal(head.sample(z, cfg=cfg), ref)
+
+
+def test_sample_has_no_host_sync(no_host_sync):
+    head = DiffLoss(C, 8, 32, 2, num_sampling_steps=5)
+    randomize_(head, std=0.1)
+    z = torch.randn(6, 8)
+    assert head.sample(z, temperature=0.9, cfg=torch.tensor(2.5)).shape == (3, C)
+    assert head.sample(z, cfg=torch.tensor(1.0)).shape == (3, C)  # a tensor cfg always means guided
+
+
+def test_sample_source_has_no_sync_calls():
+    """A supplement to the run above: the code paths it did not take are clean too."""
+    from models import diffloss, diffusion
+    assert host_sync_calls(diffloss.DiffLoss.sample, diffloss.DenoiserMLP, diffloss.timestep_embedding,
+                           diffusion.p_sample_step, diffusion.p_mean_variance, diffusion.q_posterior,
+                           diffusion.table_at) == set()
+
+
+def test_exact_cfg_sampler_refused():
+    head = DiffLoss(C, 8, 32, 1, num_sampling_steps=5)
+    with pytest.raises(ValueError, match="--cfg_sampler") as err:
+        head.sample(torch.randn(4, 8), cfg=2.0, cfg_sampler="exact")
+    assert "\n" not in str(err.value)
