@@ -89,6 +89,8 @@ def get_args_parser():
     model.add_argument("--head", default="arinar", choices=sorted(HEADS),
                        help="per-token head: arinar (inner feature-by-feature AR), diffloss (MAR's diffusion MLP), "
                             "gmm (one mixture over the whole token)")
+    model.add_argument("--feature_group", default=1, type=int,
+                       help="arinar: features the inner model writes per step (a divisor of the token's features)")
     model.add_argument("--diffloss_d", default=3, type=int, help="blocks of the MLP heads (diffloss, gmm); MAR-B: 6")
     model.add_argument("--diffloss_w", default=1024, type=int, help="width of the MLP heads (diffloss, gmm)")
     model.add_argument("--num_sampling_steps", default=100, type=int, help="diffloss: diffusion steps when sampling")
@@ -196,7 +198,8 @@ def check_args(args, ckpt_file):
         raise ValueError("--use_cached needs --cached_path (latents written by main_cache.py)")
 
 
-HEAD_CONFIG = ("head", "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul", "enc_dec_depth")
+HEAD_CONFIG = ("head", "feature_group", "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul",
+               "enc_dec_depth")
 
 
 def adopt_head_config(args, ckpt_file):

@@ -26,7 +26,7 @@ logger = logging.getLogger("sample")
 GRID_PADDING = 2  # pixels between (and around) the images of the grid
 DEFAULT_VAE = "pretrained_models/vae/kl16.ckpt"
 # model flags: default None = the checkpoint's stored value, else the model's own default
-MODEL_FLAGS = {"head": str, "diffloss_d": int, "diffloss_w": int, "num_sampling_steps": int,
+MODEL_FLAGS = {"head": str, "feature_group": int, "diffloss_d": int, "diffloss_w": int, "num_sampling_steps": int,
                "diffusion_batch_mul": int, "num_gaussians": int, "enc_dec_depth": int, "img_size": int, "vae_stride": int, "patch_size": int,
                "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
                "inner_ar_depth": int, "inner_ar_heads": int, "img_channels": int}

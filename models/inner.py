@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
-from models.gmm import CFG_SAMPLERS, at_least_fp32, gmm_nll, sample_gmm, split_gmm_params
+from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, sample_diag_gmm,
+                        sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 
 
 def layer_norm(x):
@@ -117,23 +118,32 @@ class AdaLNBeforeHead(nn.Module):
 class InnerAR(nn.Module):
     train_repeats = 1  # MAR.forward feeds each masked token once
     no_weight_decay = True  # the release decays none of the inner model
-    cfg_samplers = tuple(CFG_SAMPLERS)
 
     def __init__(self, token_dim=16, cond_dim=768, width=768, depth=1, num_heads=4,
-                 num_gaussians=4, mlp_ratio=4.0):
+                 num_gaussians=4, mlp_ratio=4.0, feature_group=1):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"inner_ar_width {width} must be divisible by inner_ar_heads {num_heads}")
+        if feature_group < 1 or token_dim % feature_group:
+            raise ValueError(f"--feature_group {feature_group} must divide the token's {token_dim} features")
         self.token_dim = token_dim
         self.num_gaussians = num_gaussians
+        # g features per inner step: 16/g steps, each a g-dim diagonal mixture with shared weights
+        self.feature_group = feature_group
+        self.num_steps = token_dim // feature_group
         self.start_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embedding = nn.Parameter(torch.zeros(1, token_dim, width))
-        self.input_proj = nn.Linear(1, width)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, self.num_steps, width))
+        self.input_proj = nn.Linear(feature_group, width)
         self.cond_proj = nn.Linear(cond_dim, width)
         self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, cond_dim, mlp_ratio) for _ in range(depth))
         self.head_nm = AdaLNBeforeHead(width, cond_dim)
-        self.head = nn.Linear(width, 3 * num_gaussians)
+        self.head = nn.Linear(width, (2 * feature_group + 1) * num_gaussians)
         self.initialize_weights()
+
+    @property
+    def cfg_samplers(self):
+        """The exact sampler inverts a 1-D CDF: feature groups of g > 1 use the resampling only."""
+        return tuple(CFG_SAMPLERS) if self.feature_group == 1 else ("sir",)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -158,8 +168,17 @@ class InnerAR(nn.Module):
         return [block.modulation(z) for block in self.blocks], self.head_nm.modulation(z)
 
     def embed_features(self, x):
-        """input_proj of features x [N, L] -> [N, L, W], in at least float32 (fed back unrounded)."""
-        return full_precision_linear(x[..., None], self.input_proj)
+        """input_proj of feature groups x [N, L, g] -> [N, L, W], in at least float32 (fed back unrounded)."""
+        return full_precision_linear(x, self.input_proj)
+
+    def mixture(self, out):
+        """Head output [..., K(2g+1)] -> (mu, logvar, logits): [..., K] each for g = 1, else
+        mu and logvar [..., K, g] laid out component-major, logits [..., K]."""
+        g, k = self.feature_group, self.num_gaussians
+        if g == 1:
+            return split_gmm_params(out, k)
+        mu, logvar, logits = at_least_fp32(out).split([k * g, k * g, k], dim=-1)
+        return mu.unflatten(-1, (k, g)), logvar.unflatten(-1, (k, g)), logits
 
     def run(self, h, mods, kv_caches=None, pos=0):
         """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> mixture parameters [N, L, 3K]."""
@@ -169,14 +188,18 @@ class InnerAR(nn.Module):
         return full_precision_linear(self.head_nm(h, head_mod), self.head)
 
     def forward(self, x, z):
-        """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D, 3K]."""
-        h = torch.cat([self.cond_proj(z).unsqueeze(1) + self.start_token, self.embed_features(x[:, :-1])], dim=1)
+        """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D/g, K(2g+1)]."""
+        groups = x.view(x.shape[0], self.num_steps, self.feature_group)
+        h = torch.cat([self.cond_proj(z).unsqueeze(1) + self.start_token, self.embed_features(groups[:, :-1])], dim=1)
         return self.run(h + self.pos_embedding, self.modulations(z))
 
     def nll(self, x, z):
-        """Per-token mixture NLL summed over the D features: [N]."""
-        mu, logvar, logits = split_gmm_params(self(x, z), self.num_gaussians)
-        return gmm_nll(x, mu, logvar, logits).sum(-1)
+        """Per-token mixture NLL summed over the D features (without the log(2*pi)/2 constants): [N]."""
+        mu, logvar, logits = self.mixture(self(x, z))
+        if self.feature_group == 1:
+            return gmm_nll(x, mu, logvar, logits).sum(-1)
+        groups = x.view(x.shape[0], self.num_steps, self.feature_group)
+        return -(diag_gmm_log_prob(groups, mu, logvar, logits) + 0.5 * self.feature_group * LOG_2PI).sum(-1)
 
     def loss(self, target, z):
         """The head's training loss per token: the mixture NLL summed over features, [N]."""
@@ -187,28 +210,33 @@ class InnerAR(nn.Module):
         """Sample one token per condition, feature by feature, with a KV cache.
 
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
-        is drawn from the guided target by `cfg_sampler` (a name in models.gmm.CFG_SAMPLERS) and
-        fed to both halves. A tensor cfg (as CUDA-graph capture passes) always means guided.
-        Returns [n, D] in at least float32.
+        (or group of g) is drawn from the guided target by `cfg_sampler` (a name in
+        models.gmm.CFG_SAMPLERS) and fed to both halves. A tensor cfg (as CUDA-graph capture
+        passes) always means guided. Returns [n, D] in at least float32.
         """
-        draw_guided = CFG_SAMPLERS[cfg_sampler]
+        if cfg_sampler not in self.cfg_samplers:
+            raise ValueError(f"--cfg_sampler {cfg_sampler} is not available with --feature_group {self.feature_group}")
+        g = self.feature_group
+        draw, draw_guided = (sample_gmm, CFG_SAMPLERS[cfg_sampler]) if g == 1 else (sample_diag_gmm,
+                                                                                    sample_diag_gmm_cfg)
         guided = torch.is_tensor(cfg) or cfg != 1.0
         rows = z.shape[0]
         n = rows // 2 if guided else rows
         mods = self.modulations(z)
         h = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
         heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
-        shape = (rows, heads, self.token_dim, width // heads)
+        shape = (rows, heads, self.num_steps, width // heads)
         dtype = activation_dtype(z)
         kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
         features = z.new_empty(n, self.token_dim, dtype=at_least_fp32(self.head.weight).dtype)
-        for t in range(self.token_dim):
-            mu, logvar, logits = split_gmm_params(self.run(h, mods, kv_caches, pos=t)[:, -1], self.num_gaussians)
+        for t in range(self.num_steps):
+            mu, logvar, logits = self.mixture(self.run(h, mods, kv_caches, pos=t)[:, -1])
             if guided:
                 x = draw_guided((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]), cfg, temperature)
             else:
-                x = sample_gmm(mu, logvar, logits, temperature)
-            features[:, t] = x
-            if t + 1 < self.token_dim:
-                h = self.embed_features((torch.cat([x, x]) if guided else x)[:, None]) + self.pos_embedding[:, t + 1:t + 2]
+                x = draw(mu, logvar, logits, temperature)
+            x = x.reshape(n, 1, g)
+            features[:, t * g:(t + 1) * g] = x[:, 0]
+            if t + 1 < self.num_steps:
+                h = self.embed_features(torch.cat([x, x]) if guided else x) + self.pos_embedding[:, t + 1:t + 2]
         return features

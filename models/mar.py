@@ -96,11 +96,11 @@ HEADS = {"arinar": "arhead", "diffloss": "diffloss", "gmm": "gmmhead"}
 
 
 def build_head(name, token_dim, cond_dim, num_gaussians, inner_ar_width, inner_ar_depth, inner_ar_heads,
-               diffloss_d, diffloss_w, num_sampling_steps, diffusion_batch_mul):
+               feature_group, diffloss_d, diffloss_w, num_sampling_steps, diffusion_batch_mul):
     """The per-token head `name` for tokens of token_dim features and conditions of cond_dim."""
     if name == "arinar":
         return InnerAR(token_dim=token_dim, cond_dim=cond_dim, width=inner_ar_width, depth=inner_ar_depth,
-                       num_heads=inner_ar_heads, num_gaussians=num_gaussians)
+                       num_heads=inner_ar_heads, num_gaussians=num_gaussians, feature_group=feature_group)
     if name == "diffloss":
         return DiffLoss(token_dim, cond_dim, width=diffloss_w, depth=diffloss_d,
                         num_sampling_steps=int(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul)
@@ -144,7 +144,8 @@ class MAR(nn.Module):
                  mlp_ratio=4., vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1,
                  class_num=1000, attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  num_gaussians=4, inner_ar_width=768, inner_ar_depth=1, inner_ar_heads=4,
-                 head="arinar", diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
+                 head="arinar", feature_group=1, diffloss_d=3, diffloss_w=1024, num_sampling_steps=100,
+                 diffusion_batch_mul=4,
                  grad_checkpointing=False):
         super().__init__()
         if img_size % (vae_stride * patch_size):
@@ -191,7 +192,7 @@ class MAR(nn.Module):
         setattr(self, self.head_attr, build_head(
             head, token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim, num_gaussians=num_gaussians,
             inner_ar_width=inner_ar_width, inner_ar_depth=inner_ar_depth, inner_ar_heads=inner_ar_heads,
-            diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
+            feature_group=feature_group, diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
             diffusion_batch_mul=diffusion_batch_mul))
 
     @property
