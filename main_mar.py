@@ -8,6 +8,7 @@ All command-line flags are defined here (get_args_parser); main_cache.py reuses 
 and data groups below.
 """
 import argparse
+import contextlib
 import errno
 import logging
 import math
@@ -178,8 +179,6 @@ def check_flag_ranges(args):
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"--{name} must be {rule}; got {value}")
-    if args.pixel_levels == 1 or args.pixel_levels < 0:
-        raise ValueError(f"--pixel_levels must be >= 2 (or 0 for no dequantisation); got {args.pixel_levels}")
     grid = args.vae_stride * args.patch_size
     if args.img_size % grid:
         raise ValueError(f"--img_size {args.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
@@ -322,16 +321,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
     last = os.path.join(args.output_dir, LAST)
 
     def save():
-        try:
+        with storage_reported(last, args.output_dir):
             save_training_checkpoint(last, model, ema, optimizer, scaler, args, state, sampler)
-        except Exception as err:
-            cause = storage_error(err)
-            if cause is None:
-                raise
-            raise OSError(cause.errno, f"could not write {last}: {os.strerror(cause.errno)} "
-                                       f"({errno.errorcode.get(cause.errno, cause.errno)}); the previous {LAST} is "
-                                       f"intact: free space or fix --output_dir {args.output_dir}, then continue "
-                                       f"with --resume {args.output_dir}") from err
         logger.info("saved %s (epoch %d, step %d, global step %d)", last, state.epoch, state.step_in_epoch,
                     state.global_step)
 
@@ -356,7 +347,9 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
             save()
         if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
-            atomic_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+            with storage_reported(copy, args.output_dir):
+                atomic_copy(last, copy)
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
             results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer)
         if writer is not None:
@@ -382,6 +375,22 @@ def storage_error(err):
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+@contextlib.contextmanager
+def storage_reported(path, output_dir):
+    """A storage failure while writing checkpoint `path` becomes one OSError line saying what to do
+    (the atomic write has left any previous file as it was)."""
+    try:
+        yield
+    except Exception as err:
+        cause = storage_error(err)
+        if cause is None:
+            raise
+        code = errno.errorcode.get(cause.errno, cause.errno)
+        raise OSError(cause.errno, f"could not write {path}: {os.strerror(cause.errno)} ({code}); no existing "
+                                   f"checkpoint was changed: free space or fix --output_dir {output_dir}, then "
+                                   f"continue with --resume {output_dir}") from err
 
 
 def cli(argv=None):

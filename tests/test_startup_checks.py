@@ -18,16 +18,16 @@ BAD = [("num_gaussians", 0), ("warmup_epochs", -1), ("mask_ratio_min", 1.5), ("l
        ("inner_ar_heads", 0), ("buffer_size", 0), ("class_num", 0), ("img_size", 0), ("vae_stride", 0),
        ("vae_embed_dim", 0), ("log_freq", 0), ("save_last_freq", 0), ("save_copy_freq", -1),
        ("save_every_steps", -2), ("eval_freq", 0), ("eval_bsz", 0), ("num_iter", 0), ("num_images", 0),
-       ("seed", -1), ("pixel_levels", 1), ("pixel_levels", -3)]
+       ("seed", -1)]
 
 # the edges of each range, which must still be accepted
 GOOD = dict(mask_ratio_min=1.0, label_drop_prob=0, attn_dropout=0, proj_dropout=1, ema_rate=0, grad_clip=0,
             epochs=0, warmup_epochs=0, min_lr=0, weight_decay=0, num_workers=0, seed=0, save_copy_freq=0,
-            save_every_steps=0, pixel_levels=0)
+            save_every_steps=0)
 
 
 def checked(tmp_path, **overrides):
-    flags = dict(output_dir=tmp_path / "out", pixel_levels=256)
+    flags = dict(output_dir=tmp_path / "out")
     flags.update(overrides)
     if {"vae_stride", "vae_embed_dim"} & set(overrides):  # the pixel tokenizer sets these itself
         flags.update(tokenizer="kl16", img_size=16)

@@ -51,6 +51,7 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path
     lines = [line for line in log.splitlines() if line.strip()]
     errors = [line for line in lines if "could not write" in line]
     assert errors == [lines[-1]] and expected in errors[0] and f"--resume {run}" in errors[0], log
+    assert "no existing checkpoint was changed" in errors[0]
     assert "Traceback" not in log and "unexpected pos" not in log
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr and expected in stderr
