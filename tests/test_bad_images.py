@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
+from tests.pipeline_fixtures import load, make_image_folder, run_main, run_main_killed_after_saves, tiny_flags
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
-from util import checkpoint
 from util.checkpoint import LAST
 from util.data import ImageFolderADM, to_rgb
 
@@ -94,19 +93,7 @@ def test_bad_images_are_skipped_logged_once_and_resume_bit_identically(tmp_path,
     whole = load(tmp_path / "whole" / LAST)
     assert whole["train_state"]["global_step"] == 14  # every batch full: bad files were replaced, not dropped
 
-    saves = {"n": 0}
-    real_save = checkpoint.atomic_torch_save
-
-    def crash_in_second_epoch(obj, path):
-        real_save(obj, path)
-        saves["n"] += 1
-        if saves["n"] == 10:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(tiny_flags(output_dir=tmp_path / "killed", **flags))
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
+    run_main_killed_after_saves(monkeypatch, 10, tiny_flags(output_dir=tmp_path / "killed", **flags))  # epoch 1
     run_main(tiny_flags(output_dir=tmp_path / "killed", resume=tmp_path / "killed", **flags))
     resumed = load(tmp_path / "killed" / LAST)
     assert resumed["train_state"]["global_step"] == 14
