@@ -368,8 +368,8 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.E
 
 
 def storage_error(err):
-    """The storage OSError behind `err`, else None. torch's checkpoint writer reports a failed write as a
-    RuntimeError ("unexpected pos ...") whose context is the OSError, so the whole chain is searched."""
+    """The storage OSError behind `err`, else None. A failed write inside torch.save surfaces next to a
+    RuntimeError from torch's zip writer ("unexpected pos ..."), either way round, so the chain is searched."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
             return err
