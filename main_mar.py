@@ -8,7 +8,10 @@ All command-line flags are defined here (get_args_parser); main_cache.py reuses 
 and data groups below.
 """
 import argparse
+import contextlib
+import errno
 import logging
+import math
 import os
 import random
 import sys
@@ -165,15 +168,40 @@ def resolve_args(args):
     return args
 
 
+# the allowed range of every numeric training/model flag; None (unset: the model's default) always passes
+FLAG_RANGES = (
+    (("img_size", "vae_embed_dim", "vae_stride", "batch_size", "class_num", "patch_size", "num_gaussians",
+      "enc_dec_depth", "inner_ar_width", "inner_ar_depth", "inner_ar_heads", "buffer_size", "log_freq",
+      "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter"), ">= 1", lambda v: v >= 1),
+    (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
+      "grad_clip"), ">= 0", lambda v: v >= 0),
+    (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
+    (("lr", "blr"), "> 0", lambda v: v > 0),
+    (("label_drop_prob", "attn_dropout", "proj_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("mask_ratio_min",), "in (0, 1]", lambda v: 0 < v <= 1),
+    (("ema_rate",), "in [0, 1)", lambda v: 0 <= v < 1),
+)
+
+
+def check_flag_ranges(args):
+    """One line naming the first numeric flag outside its range (nan and inf are outside every range)."""
+    for names, rule, ok in FLAG_RANGES:
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                raise ValueError(f"--{name} must be {rule}; got {value}")
+    grid = args.vae_stride * args.patch_size
+    if args.img_size % grid:
+        raise ValueError(f"--img_size {args.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
+    if args.inner_ar_width is not None and args.inner_ar_heads is not None \
+            and args.inner_ar_width % args.inner_ar_heads:
+        raise ValueError(f"--inner_ar_width {args.inner_ar_width} must be a multiple of --inner_ar_heads "
+                         f"{args.inner_ar_heads}")
+
+
 def check_args(args, ckpt_file):
     """Everything that can be wrong before any heavy object is built: one clear line each."""
-    positive = ("batch_size", "eval_bsz", "num_iter", "log_freq", "save_last_freq", "class_num", "img_size")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    for name in ("save_every_steps", "save_copy_freq", "num_workers", "epochs"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    check_flag_ranges(args)
     if args.evaluate and ckpt_file is None:
         raise ValueError(f"--evaluate needs a checkpoint: --resume {args.resume or 'RUN_DIR'} holds no {LAST}")
     evaluating = args.evaluate or args.online_eval
@@ -328,7 +356,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
     last = os.path.join(args.output_dir, LAST)
 
     def save():
-        save_training_checkpoint(last, model, ema, optimizer, scaler, args, state, sampler)
+        with storage_reported(last, args.output_dir):
+            save_training_checkpoint(last, model, ema, optimizer, scaler, args, state, sampler)
         logger.info("saved %s (epoch %d, step %d, global step %d)", last, state.epoch, state.step_in_epoch,
                     state.global_step)
 
@@ -353,7 +382,9 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
             save()
         if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
-            atomic_copy(last, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+            copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+            with storage_reported(copy, args.output_dir):
+                atomic_copy(last, copy)
         if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
             results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer, backend)
         if writer is not None:
@@ -367,13 +398,48 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
             logger.info("final samples (cfg %g): %s/grid.png; %s", res["cfg"], res["folder"], scores)
 
 
+# full disk or quota, read-only file system, no permission: the user's storage to fix, not a bug
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def storage_error(err):
+    """The storage OSError behind `err`, else None. A failed write inside torch.save surfaces next to a
+    RuntimeError from torch's zip writer ("unexpected pos ..."), either way round, so the chain is searched."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_reported(path, output_dir):
+    """A storage failure while writing checkpoint `path` becomes one OSError line saying what to do
+    (the atomic write has left any previous file as it was)."""
+    try:
+        yield
+    except Exception as err:
+        cause = storage_error(err)
+        if cause is None:
+            raise
+        code = errno.errorcode.get(cause.errno, cause.errno)
+        raise OSError(cause.errno, f"could not write {path}: {os.strerror(cause.errno)} ({code}); no existing "
+                                   f"checkpoint was changed: free space or fix --output_dir {output_dir}, then "
+                                   f"continue with --resume {output_dir}") from err
+
+
 def cli(argv=None):
-    """Entry point: a bad flag or input ends the run with one line naming the fix."""
+    """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         logger.error("%s", err)
+        sys.exit(1)
+    except OSError as err:
+        if storage_error(err) is None:
+            raise
+        logger.error("%s", f"{err.filename}: {err.strerror}" if err.filename else err.strerror)
         sys.exit(1)
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.safe_load import load_weights_only
+
 # MAR multiplies the posterior sample by this so that latents have roughly unit variance;
 # generated tokens are divided by it before decoding.
 LATENT_SCALE = 0.2325
@@ -232,7 +234,7 @@ class AutoencoderKL(nn.Module):
                 raise ImportError(f"loading {path} needs the safetensors package (pip install safetensors)") from None
             sd = load_file(path, device="cpu")
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = load_weights_only(path, "--vae_path")
         if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
             sd = sd["model"]
         if not isinstance(sd, dict):

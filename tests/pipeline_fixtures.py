@@ -7,6 +7,7 @@ import textwrap
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -110,6 +111,23 @@ def run_main(flags):
         args = main_mar.get_args_parser().parse_args(flags)
         main_mar.main(args)
     return args
+
+
+def run_main_killed_after_saves(monkeypatch, saves, flags):
+    """run_main(flags), killed (KeyboardInterrupt) right after its `saves`-th checkpoint write."""
+    from util import checkpoint
+    real_save, done = checkpoint.atomic_torch_save, []
+
+    def save_then_maybe_die(obj, path):
+        real_save(obj, path)
+        done.append(path)
+        if len(done) == saves:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", save_then_maybe_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(flags)
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
 
 
 def random_inception_weights(path, seed=0):

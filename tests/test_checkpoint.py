@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from tests.pipeline_fixtures import (load, make_image_folder, python, run_main, subprocess_env, tiny_flags,
-                                     write_launcher)
+from tests.pipeline_fixtures import (load, make_image_folder, python, run_main, run_main_killed_after_saves,
+                                     subprocess_env, tiny_flags, write_launcher)
 from util import checkpoint
 from util.checkpoint import LAST, atomic_torch_save, capture_rng_state, restore_rng_state
 
@@ -101,19 +101,7 @@ def test_resume_mid_epoch_is_bit_identical_in_process(tmp_path, monkeypatch):
     flags = dict(data_path=data, epochs=2, save_every_steps=1, label_drop_prob=0.5)
     run_main(tiny_flags(output_dir=tmp_path / "whole", **flags))
 
-    saves = {"n": 0}
-    real_save = checkpoint.atomic_torch_save
-
-    def crash_after_fourth(obj, path):
-        real_save(obj, path)
-        saves["n"] += 1
-        if saves["n"] == 4:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", crash_after_fourth)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(tiny_flags(output_dir=tmp_path / "broken", **flags))
-    monkeypatch.setattr(checkpoint, "atomic_torch_save", real_save)
+    run_main_killed_after_saves(monkeypatch, 4, tiny_flags(output_dir=tmp_path / "broken", **flags))
     partial = load(tmp_path / "broken" / LAST)
     assert partial["train_state"]["step_in_epoch"] == 4 and partial["epoch"] == -1
 

@@ -218,7 +218,7 @@ def test_empty_class_folder(tmp_path):
 def test_wrong_vae_path(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     expect_startup_error(tmp_path, FileNotFoundError, "--vae_path", data_path=data, tokenizer="kl16",
-                         img_size=16, vae_path=tmp_path / "kl16.ckpt")
+                         img_size=16, patch_size=1, vae_path=tmp_path / "kl16.ckpt")
 
 
 def test_cache_from_another_image_size(tmp_path):

@@ -9,9 +9,12 @@
 - The digits demo set (util/digits.py).
 
 Every random choice made here (flip or not) is a pure function of (seed, epoch, index), so the
-data a step sees does not depend on worker processes or on where a run was resumed.
+data a step sees does not depend on worker processes or on where a run was resumed. An image that
+cannot be decoded is replaced by the next readable one in folder order (and its path logged), which
+keeps batches full and the same on resume.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -20,6 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
+
+logger = logging.getLogger(__name__)
 
 DATASETS = ("imagenet", "digits")
 INDEX_FILE = "index.json"
@@ -38,6 +43,33 @@ def center_crop_arr(pil_image, image_size):
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older Pillows open 16-bit PNGs
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(pil_image):
+    """Any PIL mode -> 8-bit RGB.
+
+    PIL's own convert("RGB") clips 16-bit grey values at 255 (an almost white image), so 16-bit
+    and 32-bit integer grey is scaled by 255/65535 (= 1/257) and float grey ("F") is taken on PIL's
+    0-255 scale; both are rounded and clipped. Transparent pixels store arbitrary colours (often
+    black), so images with alpha (or a palette with transparency) are composited over white, as a
+    viewer shows them.
+    """
+    mode = pil_image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "F":
+        grey = np.nan_to_num(np.asarray(pil_image, dtype=np.float64))
+        if mode != "F":
+            grey = grey / 257.0
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in pil_image.info):
+        rgba = pil_image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return pil_image.convert("RGB")
 
 
 def to_model_range(pil_image):
@@ -81,6 +113,7 @@ class ImageFolderADM(ImageFolder):
         check_image_folder(root)
         super().__init__(root)
         self.img_size, self.flip, self.seed, self.epoch = img_size, flip, seed, 0
+        self.unreadable = set()  # indices this process found unreadable (each logged once)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -88,11 +121,32 @@ class ImageFolderADM(ImageFolder):
     def load(self, index):
         path, label = self.samples[index]
         with open(path, "rb") as f:
-            image = center_crop_arr(Image.open(f).convert("RGB"), self.img_size)
+            image = center_crop_arr(to_rgb(Image.open(f)), self.img_size)
         return to_model_range(image), label
 
+    def load_readable(self, index):
+        """load(index), or for an image that cannot be decoded the next readable one in folder order: a
+        pure function of the files, so batches stay full and identical on resume."""
+        count = len(self.samples)
+        for offset in range(count):
+            candidate = (index + offset) % count
+            if candidate in self.unreadable:
+                continue
+            try:
+                return self.load(candidate)
+            except Exception as err:  # PIL raises many types for broken files; all mean "use another one"
+                self.unreadable.add(candidate)
+                logger.warning("skipping unreadable image %s; the next readable image is used instead",
+                               self.unreadable_note(candidate, err))
+        raise ValueError(f"--data_path {self.root}: none of its {count} images can be read")
+
+    def unreadable_note(self, index, err):
+        """"PATH (ErrorType: first line of the message)" for a log line."""
+        reason = (str(err).splitlines() or [""])[0][:200]
+        return f"{self.samples[index][0]} ({type(err).__name__}: {reason})"
+
     def __getitem__(self, index):
-        image, label = self.load(index)
+        image, label = self.load_readable(index)
         if self.flip and flip_coin(self.seed, self.epoch, index):
             image = image.flip(-1)
         return image, label
@@ -112,7 +166,7 @@ class SkipUnreadable(Dataset):
         try:
             image, label = self.folder.load(index)
         except Exception as err:  # PIL raises many types for broken files; all mean "skip this one"
-            return None, -1, index, f"{self.folder.samples[index][0]} ({type(err).__name__}: {err})"
+            return None, -1, index, self.folder.unreadable_note(index, err)
         return image, label, index, None
 
 

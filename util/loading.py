@@ -12,7 +12,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import zipfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file as save_safetensors
 
 from models.mar import HEADS, MAR, MODELS
 from util.download import ASSETS
+from util.safe_load import why_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +56,6 @@ def resolve_checkpoint_path(path):
     return path
 
 
-_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
-
-
-def _why_unreadable(err):
-    """The informative part of a loader error, on one line (torch's advice to drop weights_only is left out)."""
-    text = str(err)
-    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
-    if refused:
-        return (f"it pickles {refused.group(1)}, which weights-only loading refuses (only tensors, "
-                "containers, numbers, strings and argparse.Namespace are allowed)")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TORCH_BOILERPLATE)]
-    detail = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
-    return f"corrupt, truncated or not a torch/safetensors file ({detail})"
-
-
 def _read_safetensors(path):
     """The tensors; with run args in the metadata (as export_safetensors writes), {"model": ..., "args": ...}."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -96,7 +81,7 @@ def read_checkpoint(path):
     except OSError:
         raise
     except Exception as err:  # every parser error means the same thing here: not a usable checkpoint
-        raise ValueError(f"{path} is not a readable checkpoint: {_why_unreadable(err)}") from err
+        raise ValueError(f"{path} is not a readable checkpoint: {why_unreadable(err)}") from err
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(ckpt).__name__}, not a dict of weights")
     return ckpt

@@ -3,9 +3,10 @@
 Features come from torch-fidelity's own InceptionV3 (the TF-ported network ADM and MAR use): the
 2048-d pool features for FID and the 1008-d unbiased logits for IS. FID compares the generated
 features' Gaussian with reference statistics (`mu`, `sigma`) through torch-fidelity's
-`fid_statistics_to_metric`. Without a weights path torch-fidelity downloads its Inception file
-into the torch hub cache.
+`fid_statistics_to_metric`. Without a weights path torch-fidelity's Inception file is downloaded
+into the torch hub cache; either way it is read weights-only (util/inception_weights.py).
 """
+import io
 import os
 
 import numpy as np
@@ -15,30 +16,22 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
-from util import misc
+from util.inception_weights import read_inception_state
 
 POOL, LOGITS = "2048", "logits_unbiased"
 
 
 def build_inception(weights_path=None, device="cpu"):
-    """torch-fidelity's InceptionV3 feature extractor on `device`.
-
-    torch-fidelity reads `weights_path` with a full unpickler, so the file is first checked with
-    weights-only loading: anything but a plain state dict of tensors is refused before that.
-    """
-    if weights_path is not None:
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"--inception_path {weights_path}: no such file")
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise ValueError(f"--inception_path {weights_path} is not a state dict of InceptionV3 tensors")
-    elif misc.get_world_size() > 1:
-        # let rank 0 download into the shared cache first
-        if misc.is_main_process():
-            FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS])
-        misc.barrier()
+    """torch-fidelity's InceptionV3 feature extractor on `device`, its weights read weights-only
+    (util/inception_weights.py) from `weights_path` or torch-fidelity's cached download."""
+    state = read_inception_state(weights_path)
+    # torch-fidelity unpickles whatever its weights path names with weights_only=False; handing it an
+    # in-memory copy of the tensors read above means it only ever unpickles bytes written here
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
     extractor = FeatureExtractorInceptionV3("inception-v3-compat", [POOL, LOGITS],
-                                            feature_extractor_weights_path=weights_path)
+                                            feature_extractor_weights_path=buffer)
     return extractor.to(device).eval()
 
 

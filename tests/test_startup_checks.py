@@ -1,0 +1,89 @@
+"""Start-up validation: every bad training/model flag is one line naming it, before anything is built;
+a bad --vae_path file is one line without torch's advice to unpickle it fully."""
+import pickle
+
+import pytest
+import torch
+
+from main_mar import check_args, cli, resolve_args
+from models.tokenizer import build_tokenizer
+from tests.pipeline_fixtures import parse, tiny_flags
+
+# (flag, a value outside its range); the issue's own examples first
+BAD = [("num_gaussians", 0), ("warmup_epochs", -1), ("mask_ratio_min", 1.5), ("label_drop_prob", 2),
+       ("mask_ratio_min", 0), ("label_drop_prob", -0.1), ("attn_dropout", 1.5), ("proj_dropout", "nan"),
+       ("ema_rate", 1), ("ema_rate", -0.5), ("lr", 0), ("lr", "inf"), ("blr", -1e-4), ("min_lr", -1),
+       ("weight_decay", -0.01), ("grad_clip", -1), ("epochs", -1), ("batch_size", 0), ("num_workers", -1),
+       ("patch_size", 0), ("enc_dec_depth", 0), ("inner_ar_width", 0), ("inner_ar_depth", 0),
+       ("inner_ar_heads", 0), ("buffer_size", 0), ("class_num", 0), ("img_size", 0), ("vae_stride", 0),
+       ("vae_embed_dim", 0), ("log_freq", 0), ("save_last_freq", 0), ("save_copy_freq", -1),
+       ("save_every_steps", -2), ("eval_freq", 0), ("eval_bsz", 0), ("num_iter", 0), ("num_images", 0),
+       ("seed", -1)]
+
+# the edges of each range, which must still be accepted
+GOOD = dict(mask_ratio_min=1.0, label_drop_prob=0, attn_dropout=0, proj_dropout=1, ema_rate=0, grad_clip=0,
+            epochs=0, warmup_epochs=0, min_lr=0, weight_decay=0, num_workers=0, seed=0, save_copy_freq=0,
+            save_every_steps=0)
+
+
+def checked(tmp_path, **overrides):
+    flags = dict(output_dir=tmp_path / "out")
+    flags.update(overrides)
+    if {"vae_stride", "vae_embed_dim"} & set(overrides):  # the pixel tokenizer sets these itself
+        flags.update(tokenizer="kl16", img_size=16)
+    check_args(resolve_args(parse(tiny_flags(**flags))), None)
+
+
+@pytest.mark.parametrize("flag,value", BAD)
+def test_each_bad_flag_is_one_line_naming_it(tmp_path, flag, value):
+    with pytest.raises(ValueError) as err:
+        checked(tmp_path, **{flag: value})
+    message = str(err.value)
+    assert message.startswith(f"--{flag} must be") and "\n" not in message, message
+
+
+def test_range_edges_are_accepted(tmp_path):
+    checked(tmp_path, **GOOD)
+
+
+def test_grid_and_head_divisibility(tmp_path):
+    with pytest.raises(ValueError, match=r"^--img_size 9 must be a multiple of --vae_stride x --patch_size = 2"):
+        checked(tmp_path, img_size=9, patch_size=2)
+    with pytest.raises(ValueError, match=r"^--inner_ar_width 30 must be a multiple of --inner_ar_heads 4"):
+        checked(tmp_path, inner_ar_width=30, inner_ar_heads=4)
+
+
+def test_cli_bad_flag_is_one_line_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli(["--tokenizer", "pixel", "--num_gaussians", "0", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert stop.value.code == 1 and len(lines) == 1 and "--num_gaussians must be >= 1" in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+class Plant:
+    """Unpickling this with full pickle would create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickle", "plant"])
+def test_bad_vae_file_is_one_line_without_weights_only_advice(tmp_path, content):
+    path, marker = tmp_path / "kl16.ckpt", tmp_path / "marker"
+    if content == "garbage":
+        path.write_bytes(b"\x00not a checkpoint at all")
+    elif content == "pickle":
+        path.write_bytes(pickle.dumps({"model": 3}))
+    else:
+        torch.save({"model": Plant(marker)}, path)
+    with pytest.raises(ValueError) as err, torch.device("meta"):  # meta: the file is refused before any weight counts
+        build_tokenizer("kl16", vae_path=str(path))
+    message = str(err.value)
+    assert message.startswith(f"--vae_path {path}") and "\n" not in message, message
+    assert "weights_only" not in message and "file an issue" not in message, message
+    assert not marker.exists()

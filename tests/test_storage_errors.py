@@ -1,0 +1,57 @@
+"""A checkpoint write that fails for lack of space or permission ends the run with one line, in
+log.txt too, and the previous checkpoint stays as it was."""
+import errno
+import os
+import tempfile
+from unittest import mock
+
+import pytest
+
+import main_mar
+from models import mar
+from tests.pipeline_fixtures import TINY, make_image_folder, tiny_factory, tiny_flags
+from util import checkpoint
+from util.checkpoint import LAST
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def full_disk(folder):
+    """A real ENOSPC from the kernel: the temp file is /dev/full (torch's writer then fails mid-file)."""
+    return os.open("/dev/full", os.O_WRONLY), os.path.join(folder, "never-created.tmp")
+
+
+def read_only(folder):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+
+@pytest.mark.parametrize("fail,code", [(full_disk, "ENOSPC"), (read_only, "EROFS")])
+def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys, fail, code):
+    if fail is full_disk and not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run = tmp_path / "run"
+    real_mkstemp, seen = tempfile.mkstemp, {}
+
+    def mkstemp(*args, dir=None, **kwargs):  # the first save (epoch 0) works, the second (epoch 1) fails
+        if (run / LAST).exists():
+            seen["before"] = (run / LAST).read_bytes()
+            return fail(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
+    with mock.patch.dict(mar.MODELS, {TINY: tiny_factory}), pytest.raises(SystemExit) as stop:
+        main_mar.cli([str(a) for a in tiny_flags(data_path=data, output_dir=run, epochs=2, save_last_freq=1)])
+    assert stop.value.code == 1
+    assert (run / LAST).read_bytes() == seen["before"]
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+
+    expected = f"could not write {run / LAST}: {os.strerror(getattr(errno, code))} ({code})"
+    log = (run / "log.txt").read_text()
+    lines = [line for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "could not write" in line]
+    assert errors == [lines[-1]] and expected in errors[0] and f"--resume {run}" in errors[0], log
+    assert "no existing checkpoint was changed" in errors[0]
+    assert "Traceback" not in log and "unexpected pos" not in log
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and expected in stderr

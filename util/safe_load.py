@@ -1,0 +1,35 @@
+"""Weights-only reading of torch weight files, with one-line errors.
+
+Full unpickling runs whatever code a file names, so a planted file in a shared cache or a wrong
+path would execute it. Every weight file is read with ``torch.load(weights_only=True)``; when
+that refuses a file, the error says why in one line (torch's own advice is to retry with
+``weights_only=False``, which is exactly what must not be done with an untrusted file).
+"""
+import re
+
+import torch
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def why_unreadable(err):
+    """The informative part of a loader error, on one line (torch's advice to drop weights_only is left out)."""
+    text = str(err)
+    refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+    if refused:
+        return (f"it pickles {refused.group(1)}, which weights-only loading refuses (only tensors, "
+                "containers, numbers, strings and argparse.Namespace are allowed)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(_TORCH_BOILERPLATE)]
+    detail = f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+    return f"corrupt, truncated or not a torch/safetensors file ({detail})"
+
+
+def load_weights_only(path, what):
+    """torch.load(path) with weights_only=True on the CPU; a file it cannot read is a one-line ValueError
+    starting with `what` (the flag or file role to fix)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # every parser error means the same thing here: not a usable weight file
+        raise ValueError(f"{what} {path} is not a readable weight file: {why_unreadable(err)}") from err
