@@ -172,7 +172,9 @@ def resolve_args(args):
 FLAG_RANGES = (
     (("img_size", "vae_embed_dim", "vae_stride", "batch_size", "class_num", "patch_size", "num_gaussians",
       "enc_dec_depth", "inner_ar_width", "inner_ar_depth", "inner_ar_heads", "buffer_size", "log_freq",
-      "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter"), ">= 1", lambda v: v >= 1),
+      "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter", "feature_group", "diffloss_d",
+      "diffloss_w", "diffusion_batch_mul"), ">= 1", lambda v: v >= 1),
+    (("num_sampling_steps",), "in [2, 1000]", lambda v: 2 <= v <= 1000),
     (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
       "grad_clip"), ">= 0", lambda v: v >= 0),
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
@@ -193,6 +195,10 @@ def check_flag_ranges(args):
     grid = args.vae_stride * args.patch_size
     if args.img_size % grid:
         raise ValueError(f"--img_size {args.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
+    token_dim = args.vae_embed_dim * args.patch_size ** 2
+    if token_dim % args.feature_group:
+        raise ValueError(f"--feature_group {args.feature_group} must divide the token's {token_dim} features "
+                         "(vae_embed_dim x patch_size^2)")
     if args.inner_ar_width is not None and args.inner_ar_heads is not None \
             and args.inner_ar_width % args.inner_ar_heads:
         raise ValueError(f"--inner_ar_width {args.inner_ar_width} must be a multiple of --inner_ar_heads "
