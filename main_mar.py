@@ -351,11 +351,13 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                     results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer)
                 if writer is not None:
                     writer.flush()
+                if epoch + 1 < args.epochs and stop.agree(device):  # signalled during the save or evaluation
+                    break
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}; {on_disk()}") from None
-    if stop.agreed:
-        if saved["step"] != state.global_step:  # not saved by this very step already
+        if stop.agreed and saved["step"] != state.global_step:  # inside: a repeated signal must not cut it short
             save()
+    if stop.agreed:
         logger.info("%s: stopped after global step %d with %s saved; exiting with code %d (run the same "
                     "command with --resume %s to continue)", stop.name, state.global_step, last, REQUEUE_EXIT,
                     args.output_dir)

@@ -14,6 +14,7 @@ from tests.conftest import REPO
 from tests.pipeline_fixtures import (TINY, load, make_image_folder, subprocess_env, tiny_factory, tiny_flags,
                                      torchrun)
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
+from util import checkpoint
 from util.checkpoint import LAST
 from util.preemption import REQUEUE_EXIT
 
@@ -67,6 +68,23 @@ def test_sigint_saves_at_the_step_and_resume_is_bit_identical(tmp_path, monkeypa
 
 # One torchrun launch runs the three jobs in turn (starting torchrun costs far more than these steps):
 # the uninterrupted run, a run whose rank 1 alone gets SIGTERM during step 2, and its --resume.
+def test_a_signal_during_the_epoch_end_save_stops_before_the_next_epoch(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", per_class=5)  # 5 steps per epoch
+    real, saves = checkpoint.atomic_torch_save, []
+
+    def save_then_signal(obj, path):
+        saves.append(obj["train_state"]["global_step"])
+        real(obj, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", save_then_signal)
+    assert main_exit_code(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=3), monkeypatch) == \
+        REQUEUE_EXIT
+    assert saves == [5]  # not one more step, and no second save of the same step
+    state = load(tmp_path / "run" / LAST)["train_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+
+
 LAUNCHER = textwrap.dedent(f"""
     import os, signal, sys
     sys.path.insert(0, {str(REPO)!r})

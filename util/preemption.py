@@ -8,6 +8,10 @@ and torchrun forwards it once more), so the save is never cut short by the signa
 """
 import signal
 
+import torch
+
+from util import misc
+
 # EX_TEMPFAIL from sysexits.h, "temporary failure, try again": distinct from an error (1), a timeout(1)
 # kill (124) and a death by signal (128 + n), so a job script can tell "saved, requeue me" apart.
 REQUEUE_EXIT = 75
@@ -29,6 +33,12 @@ class StopRequest:
     @property
     def name(self):
         return signal.Signals(self.signal).name if self.requested else "a stop signal on another rank"
+
+    def agree(self, device):
+        """Collective: whether any rank was signalled (sets `agreed` on every rank alike)."""
+        flag = misc.all_reduce_sum(torch.tensor(float(self.requested), device=device))
+        self.agreed = bool(flag.item())
+        return self.agreed
 
     def _handle(self, signum, frame):
         if self.signal is None:
