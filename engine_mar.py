@@ -49,11 +49,13 @@ def to_latents(tokenizer, batch, use_cached):
 
 # ----------------------------------------------------------------------------- training
 def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, args, steps_in_epoch,
-                    writer=None, on_step=None):
+                    writer=None, on_step=None, stop=None):
     """Run the remaining steps of epoch `state.epoch`; `on_step(state)` is called after each step.
 
-    `model` may be DDP-wrapped; `ema` tracks the unwrapped model. Raises FloatingPointError (on every
-    rank) as soon as the loss is not finite, before the bad step touches the weights.
+    `model` may be DDP-wrapped; `ema` tracks the unwrapped model. One all-reduce per step makes every
+    rank take the same decisions: a non-finite loss raises FloatingPointError before the weights change;
+    a non-finite gradient skips the step (see skip_step); a stop request (`stop`, a StopRequest) on any
+    rank sets stop.agreed and ends the epoch after this step.
     """
     model.train()
     unwrapped = model.module if hasattr(model, "module") else model
@@ -73,33 +75,39 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
 
         with autocast(args, device):
             loss = model(latents, labels)
-
-        # every rank learns whether any rank's loss is bad, so they all stop together
-        stats = misc.all_reduce_sum(torch.stack([loss.detach().float(),
-                                                 (~torch.isfinite(loss.detach())).float()]))
-        loss_mean, bad = stats[0].item() / world, stats[1].item()
-        if bad:
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {state.global_step + 1} (epoch {state.epoch}, iteration "
-                f"{state.step_in_epoch + 1}); stopped before updating the weights, the last checkpoint in "
-                f"{args.output_dir} is the last good one")
-
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-        scaler.step(optimizer)
-        scaler.update()
+
+        loss = loss.detach().float()
+        stop_here = float(stop is not None and stop.requested)
+        stats = misc.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(),
+                                                 (~torch.isfinite(grad_norm)).float(),
+                                                 torch.tensor(stop_here, device=device)]))
+        loss_sum, bad_loss, bad_grad, stopping = stats.tolist()
+        if bad_loss:
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {state.global_step + 1} (epoch {state.epoch}, iteration "
+                f"{state.step_in_epoch + 1}); stopped before updating the weights")
+        if bad_grad:
+            skip_step(scaler, state, args, grad_norm)
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            ema.update(unwrapped)
+            state.skips_in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
-        ema.update(unwrapped)
 
         state.step_in_epoch += 1
         state.global_step += 1
+        loss_mean = loss_sum / world
         window_loss += loss_mean
         window_steps += 1
         if writer is not None:
             writer.add_scalar("train/loss", loss_mean, state.global_step)
             writer.add_scalar("train/lr", lr, state.global_step)
             writer.add_scalar("train/grad_norm", grad_norm.item(), state.global_step)
+            writer.add_scalar("train/skipped_steps", state.skipped_steps, state.global_step)
         if state.step_in_epoch % args.log_freq == 0 or state.step_in_epoch == steps_in_epoch:
             elapsed = max(time.time() - window_start, 1e-9)
             images_per_s = window_steps * args.batch_size * world / elapsed
@@ -111,6 +119,27 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
             window_loss, window_steps, window_start = 0.0, 0, time.time()
         if on_step is not None:
             on_step(state)
+        if stopping:
+            stop.agreed = True
+            return
+
+
+def skip_step(scaler, state, args, grad_norm):
+    """A non-finite gradient: leave the weights, optimizer and EMA as they are and count the step as
+    skipped; args.max_skipped_steps in a row raise FloatingPointError. (Under fp16 this is also how
+    the GradScaler backs off: update() lowers the scale after the overflow unscale_ found.)"""
+    scaler.update()
+    state.skipped_steps += 1
+    state.skips_in_a_row += 1
+    step = state.global_step + 1
+    if state.skips_in_a_row >= args.max_skipped_steps:
+        raise FloatingPointError(
+            f"the gradient was not finite at {state.skips_in_a_row} steps in a row (steps "
+            f"{step - state.skips_in_a_row + 1}-{step}, --max_skipped_steps {args.max_skipped_steps}); "
+            "training stopped, the weights were never updated with them")
+    logger.warning("step %d (epoch %d, iteration %d): gradient norm %s, step skipped: weights, optimizer and EMA "
+                   "unchanged (%d in a row, %d in all)", step, state.epoch, state.step_in_epoch + 1,
+                   grad_norm.item(), state.skips_in_a_row, state.skipped_steps)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -34,6 +34,8 @@ from util.ema import EMA
 from util.loading import (build_model_from_args, checkpoint_args, config_from_state, freeze_outer,
                           load_outer_from_mar, model_state_from_checkpoint, read_checkpoint)
 from util.lr_sched import LR_SCHEDULES
+from util.preemption import REQUEUE_EXIT, StopRequest
+from util.run_folder import FolderInUse, claim_run_folder
 
 logger = logging.getLogger("main_mar")
 
@@ -120,6 +122,8 @@ def get_args_parser():
     train.add_argument("--ema_rate", default=0.9999, type=float)
     train.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
                        help="autocast dtype (default: bf16 on GPUs that support it, else fp32)")
+    train.add_argument("--max_skipped_steps", default=10, type=int,
+                       help="stop after this many steps in a row skipped for a non-finite gradient")
     train.add_argument("--log_freq", default=20, type=int, help="steps between progress lines")
 
     ckpt = parser.add_argument_group("checkpoints and logs")
@@ -173,7 +177,7 @@ FLAG_RANGES = (
     (("img_size", "vae_embed_dim", "vae_stride", "batch_size", "class_num", "patch_size", "num_gaussians",
       "enc_dec_depth", "inner_ar_width", "inner_ar_depth", "inner_ar_heads", "buffer_size", "log_freq",
       "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter", "feature_group", "diffloss_d",
-      "diffloss_w", "diffusion_batch_mul"), ">= 1", lambda v: v >= 1),
+      "diffloss_w", "diffusion_batch_mul", "max_skipped_steps"), ">= 1", lambda v: v >= 1),
     (("num_sampling_steps",), "in [2, 1000]", lambda v: 2 <= v <= 1000),
     (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
       "grad_clip"), ">= 0", lambda v: v >= 0),
@@ -278,8 +282,10 @@ def main(args):
     misc.setup_logging()
     resolve_args(args)
     rank, world = misc.get_rank(), misc.get_world_size()
-    ckpt_file = checkpoint_path(args.resume)
+    ckpt_file = checkpoint_path(args.resume, args.output_dir)
     check_args(args, ckpt_file)
+    if args.resume and ckpt_file is None and not args.evaluate:
+        logger.info("--resume %s holds no %s yet: starting a fresh run", args.resume, LAST)
     if args.evaluate:
         adopt_head_config(args, ckpt_file)
     scorer = extra_scorer(args) if args.evaluate or args.online_eval else None
@@ -329,6 +335,7 @@ def main(args):
             logger.info("resuming %s at epoch %d step %d", ckpt_file, state.epoch, state.step_in_epoch)
 
     # start-up checks passed: from here on files are written
+    lock = None if args.evaluate else claim_run_folder(args.output_dir)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         logging.getLogger().addHandler(logging.FileHandler(os.path.join(args.output_dir, "log.txt")))
@@ -338,16 +345,22 @@ def main(args):
                     args.model, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, world,
                     args.batch_size, args.lr, args.precision)
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
+    exit_code = 0
     try:
         if args.evaluate:
             run_evaluations(model, tokenizer, ema, args, eval_epoch, writer, [args.cfg], scorer, backend)
         else:
-            train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer,
-                  backend)
+            in_place = ckpt_file is not None and os.path.isfile(os.path.join(args.output_dir, LAST)) and \
+                os.path.samefile(ckpt_file, os.path.join(args.output_dir, LAST))
+            exit_code = train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device,
+                              writer, scorer, backend, saved_step=state.global_step if in_place else None)
     finally:
         if writer is not None:
             writer.close()
+        if lock is not None:
+            lock.release()
     misc.cleanup_distributed()
+    return exit_code
 
 
 def run_evaluations(model, tokenizer, ema, args, epoch, writer, cfgs, scorer, backend):
@@ -355,17 +368,26 @@ def run_evaluations(model, tokenizer, ema, args, epoch, writer, cfgs, scorer, ba
             for cfg in dict.fromkeys(cfgs)]
 
 
-def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer, backend):
+def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer, backend,
+          saved_step=None):
+    """Train to args.epochs; returns 0, or REQUEUE_EXIT when a stop signal ended the run early (after a
+    step-granular save). saved_step: the global step of the checkpoint already in --output_dir, if any."""
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if misc.is_distributed() else model
     steps = steps_per_epoch(sampler, args.batch_size)
     last = os.path.join(args.output_dir, LAST)
+    saved = {"step": saved_step}
 
     def save():
         with storage_reported(last, args.output_dir):
             save_training_checkpoint(last, model, ema, optimizer, scaler, args, state, sampler)
+        saved["step"] = state.global_step
         logger.info("saved %s (epoch %d, step %d, global step %d)", last, state.epoch, state.step_in_epoch,
                     state.global_step)
+
+    def on_disk():
+        return f"the last checkpoint, {last}, is the last good one" if saved["step"] is not None else \
+            "no checkpoint has been written yet"
 
     def on_step(state):
         if args.save_every_steps and state.global_step % args.save_every_steps == 0 \
@@ -374,34 +396,52 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
 
     logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, args.epochs - 1, steps)
     start, results = time.time(), []
-    for epoch in range(state.epoch, args.epochs):
-        state.epoch = epoch
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, skip=state.step_in_epoch * args.batch_size)
-        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                            pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
-        train_one_epoch(ddp, tokenizer, loader, optimizer, scaler, ema, state, args, steps, writer, on_step)
-
-        state.epoch, state.step_in_epoch = epoch + 1, 0
-        if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
+    with StopRequest() as stop:
+        try:
+            for epoch in range(state.epoch, args.epochs):
+                state.epoch = epoch
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch(epoch)
+                sampler.set_epoch(epoch, skip=state.step_in_epoch * args.batch_size)
+                loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                    num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
+                                    drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch))
+                train_one_epoch(ddp, tokenizer, loader, optimizer, scaler, ema, state, args, steps, writer, on_step,
+                                stop)
+                if stop.agreed:
+                    break
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
+                    save()
+                if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
+                    copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+                    with storage_reported(copy, args.output_dir):
+                        atomic_copy(last, copy)
+                if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
+                    results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer,
+                                              backend)
+                if writer is not None:
+                    writer.flush()
+                if epoch + 1 < args.epochs and stop.agree(device):  # signalled during the save or evaluation
+                    break
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}; {on_disk()}") from None
+        if stop.agreed and saved["step"] != state.global_step:  # inside: a repeated signal must not cut it short
             save()
-        if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
-            copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
-            with storage_reported(copy, args.output_dir):
-                atomic_copy(last, copy)
-        if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-            results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer, backend)
-        if writer is not None:
-            writer.flush()
-    logger.info("training done in %.1f min; checkpoint %s; TensorBoard logs %s", (time.time() - start) / 60,
-                last, args.log_dir)
+    if stop.agreed:
+        logger.info("%s: stopped after global step %d with %s saved; exiting with code %d (run the same "
+                    "command with --resume %s to continue)", stop.name, state.global_step, last, REQUEUE_EXIT,
+                    args.output_dir)
+        return REQUEUE_EXIT
+    logger.info("training done in %.1f min; %s; TensorBoard logs %s", (time.time() - start) / 60,
+                f"checkpoint {last}" if saved["step"] is not None else
+                f"no checkpoint was written (no epoch left to train with --epochs {args.epochs})", args.log_dir)
     if args.online_eval and misc.is_main_process():
         for res in results:  # the final evaluation: where to look, and its scores
             scores = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                if isinstance(v, float) and k not in ("cfg", "temperature", "sec_per_image"))
             logger.info("final samples (cfg %g): %s/grid.png; %s", res["cfg"], res["folder"], scores)
+    return 0
 
 
 # full disk or quota, read-only file system, no permission: the user's storage to fix, not a bug
@@ -438,8 +478,8 @@ def cli(argv=None):
     """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        exit_code = main(args)
+    except (ValueError, FileNotFoundError, FloatingPointError, FolderInUse) as err:
         logger.error("%s", err)
         sys.exit(1)
     except OSError as err:
@@ -447,6 +487,8 @@ def cli(argv=None):
             raise
         logger.error("%s", f"{err.filename}: {err.strerror}" if err.filename else err.strerror)
         sys.exit(1)
+    if exit_code:
+        sys.exit(exit_code)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,10 @@ def test_rng_state_round_trip():
 
 def test_checkpoint_path_semantics(tmp_path):
     assert checkpoint.checkpoint_path("") is None
-    assert checkpoint.checkpoint_path(tmp_path / "new_run") is None  # first launch of a requeued job
+    # first launch of a job always started with --resume OUTPUT_DIR; any other missing path is a typo
+    assert checkpoint.checkpoint_path(tmp_path / "new_run", output_dir=tmp_path / "new_run") is None
+    with pytest.raises(FileNotFoundError, match="--resume .*new_rnu"):
+        checkpoint.checkpoint_path(tmp_path / "new_rnu", output_dir=tmp_path / "new_run")
     assert checkpoint.checkpoint_path(tmp_path) is None  # folder without a checkpoint
     with pytest.raises(FileNotFoundError, match="--resume"):
         checkpoint.checkpoint_path(tmp_path / "missing.pth")

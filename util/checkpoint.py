@@ -10,6 +10,7 @@ the previous checkpoint or the new one, never a truncated file.
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from util.loading import load_model_weights, model_state_from_checkpoint
 logger = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
+# atomic_write's temp names: the target's name, a dot, mkstemp's 8 random characters, ".tmp"
+TEMP_NAME = re.compile(r".+\.[a-z0-9_]{8}\.tmp")
+# settings a resumed run may change on purpose, but never silently
+TRAINING_SETTINGS = ("lr", "min_lr", "lr_schedule", "warmup_epochs", "epochs", "weight_decay", "grad_clip",
+                     "ema_rate", "label_drop_prob", "mask_ratio_min", "attn_dropout", "proj_dropout", "precision")
 
 
 @dataclass
@@ -30,7 +36,9 @@ class TrainState:
     """Where training is in the data stream."""
     epoch: int = 0          # the epoch in progress
     step_in_epoch: int = 0  # optimizer steps already done in that epoch
-    global_step: int = 0    # optimizer steps since the start of training
+    global_step: int = 0    # optimizer steps since the start of training (skipped ones included)
+    skipped_steps: int = 0  # steps skipped for a non-finite gradient, in all
+    skips_in_a_row: int = 0  # ... and since the last applied step
 
 
 def atomic_write(path, write):
@@ -43,6 +51,7 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a team shares runs and caches
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -53,6 +62,25 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     fsync_dir(folder)
+
+
+def current_umask():
+    # Python < 3.13 can only read the umask by setting it; it is put back at once
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(folder):
+    """Delete atomic_write temp files (of a run killed while saving) directly in `folder`; returns their names.
+
+    Only call it while holding the folder's run lock: a live writer's temp file looks the same.
+    """
+    names = sorted(n for n in os.listdir(folder) if TEMP_NAME.fullmatch(n)
+                   and os.path.isfile(os.path.join(folder, n)))
+    for name in names:
+        os.remove(os.path.join(folder, name))
+    return names
 
 
 def atomic_torch_save(obj, path):
@@ -137,19 +165,21 @@ def build_checkpoint(model, ema, optimizer, scaler, epoch, args, train_state=Non
     return ckpt
 
 
-def checkpoint_path(resume):
-    """--resume may name a folder (its checkpoint-last.pth) or a file. None when nothing to resume."""
+def checkpoint_path(resume, output_dir=None):
+    """--resume may name a folder (its checkpoint-last.pth) or a file. None when there is nothing to resume:
+    an existing folder without a checkpoint, or --resume equal to --output_dir before the first save (the
+    first launch of a job always started with --resume OUTPUT_DIR). Any other missing path is a typo."""
     if not resume:
         return None
     resume = os.fspath(resume)
     if os.path.isfile(resume):
         return resume
-    if os.path.isdir(resume):
-        candidate = os.path.join(resume, LAST)
-        return candidate if os.path.isfile(candidate) else None
-    if resume.endswith((".pth", ".pt", ".safetensors", ".ckpt")):
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file")
-    return None  # a run folder that does not exist yet: the requeue-friendly first launch
+    candidate = os.path.join(resume, LAST)
+    if os.path.isfile(candidate):
+        return candidate
+    if os.path.isdir(resume) or (output_dir and os.path.realpath(resume) == os.path.realpath(output_dir)):
+        return None
+    raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or run folder")
 
 
 def optimizer_groups_match(optimizer, state):
@@ -167,6 +197,23 @@ def last_batch_indices(sampler, state, batch_size):
     return sampler.epoch_indices(epoch)[(step - 1) * batch_size:step * batch_size]
 
 
+@torch.no_grad()
+def check_finite(path, model, ema, optimizer, state):
+    """Collective: refuse (on every rank) to write `path` when any rank's weights, EMA or optimizer state
+    hold a NaN or inf, so a bad step can never replace the last good checkpoint."""
+    device = next(model.parameters()).device
+    tensors = list(model.state_dict().values()) + list(ema.params) + \
+        [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    bad = torch.zeros((), device=device)
+    for t in tensors:
+        if t.is_floating_point():
+            bad += (~torch.isfinite(t)).sum().to(device)
+    if misc.all_reduce_sum(bad).item():
+        raise FloatingPointError(f"refusing to write {path}: the weights, EMA or optimizer state hold "
+                                 f"{int(bad.item())} non-finite values at step {state.global_step}; "
+                                 "the checkpoint on disk is left as it was")
+
+
 def save_training_checkpoint(path, model, ema, optimizer, scaler, args, state, sampler):
     """Collective: every rank contributes its RNG state, last batch and weight fingerprint; rank 0 writes.
 
@@ -174,6 +221,7 @@ def save_training_checkpoint(path, model, ema, optimizer, scaler, args, state, s
     `sampler` the training ResumableSampler. `epoch` in the file is the last *finished* epoch, as in
     the release, so MAR-style loaders resume at epoch + 1.
     """
+    check_finite(path, model, ema, optimizer, state)
     last_batch = last_batch_indices(sampler, state, args.batch_size)
     fingerprints = misc.check_replicas_in_sync(model)
     per_rank = misc.all_gather_object({"rng": capture_rng_state(), "last_batch": last_batch})
@@ -181,6 +229,7 @@ def save_training_checkpoint(path, model, ema, optimizer, scaler, args, state, s
         return
     train_state = {
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
+        "skipped_steps": state.skipped_steps, "skips_in_a_row": state.skips_in_a_row,
         "data_order": {"seed": args.seed, "world_size": misc.get_world_size(), "batch_size": args.batch_size,
                        "num_samples": sampler.num_samples,
                        "last_batch_indices": [r["last_batch"] for r in per_rank]},
@@ -200,6 +249,15 @@ def load_weights_and_ema(ckpt, source, model, ema):
         ema.load_state_dict(model.state_dict(), source)
 
 
+def warn_changed_settings(saved_args, args, source):
+    """One warning naming every training setting that differs from the checkpoint's stored arguments."""
+    saved = saved_args if isinstance(saved_args, dict) else vars(saved_args)
+    changed = [f"--{key} {getattr(args, key)} (was {saved[key]})" for key in TRAINING_SETTINGS
+               if key in saved and hasattr(args, key) and saved[key] != getattr(args, key)]
+    if changed:
+        logger.warning("%s: resuming with changed training settings: %s", source, ", ".join(changed))
+
+
 def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     """Restore weights, EMA, optimizer, scaler and (when saved) the exact data/RNG position.
 
@@ -207,6 +265,8 @@ def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     release file) restores the weights only and starts at epoch 0.
     """
     load_weights_and_ema(ckpt, source, model, ema)
+    if "args" in ckpt:
+        warn_changed_settings(ckpt["args"], args, source)
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         return TrainState()
     if not optimizer_groups_match(optimizer, ckpt["optimizer"]):
@@ -220,7 +280,8 @@ def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     if saved is None:
         return TrainState(epoch=int(ckpt["epoch"]) + 1)
 
-    state = TrainState(saved["epoch"], saved["step_in_epoch"], saved["global_step"])
+    state = TrainState(saved["epoch"], saved["step_in_epoch"], saved["global_step"],
+                       saved.get("skipped_steps", 0), saved.get("skips_in_a_row", 0))
     order = saved["data_order"]
     world, rank = misc.get_world_size(), misc.get_rank()
     if state.step_in_epoch > 0:

@@ -1,0 +1,124 @@
+"""Preemption: a stop signal on any rank -> every rank finishes the step, one step-granular checkpoint,
+exit code REQUEUE_EXIT; the same command with --resume continues bit-identically."""
+import os
+import signal
+import subprocess
+import textwrap
+
+import pytest
+
+import engine_mar
+import main_mar
+from models import mar
+from tests.conftest import REPO
+from tests.pipeline_fixtures import (TINY, load, make_image_folder, subprocess_env, tiny_factory, tiny_flags,
+                                     torchrun)
+from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
+from util import checkpoint
+from util.checkpoint import LAST
+from util.preemption import REQUEUE_EXIT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def signal_self_at(step, signum):
+    """A to_latents that sends `signum` to this process in the middle of optimizer step `step` (1-based)."""
+    real, calls = engine_mar.to_latents, {"n": 0}
+
+    def to_latents(*args):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real(*args)
+    return to_latents
+
+
+def main_exit_code(flags, monkeypatch):
+    monkeypatch.setitem(mar.MODELS, TINY, tiny_factory)
+    return main_mar.main(main_mar.get_args_parser().parse_args(flags))
+
+
+def assert_same_run(a, b):
+    assert a["train_state"]["global_step"] == b["train_state"]["global_step"]
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["model_ema"], b["model_ema"], "model_ema")
+    assert_same_optimizer(a["optimizer"], b["optimizer"])
+
+
+def test_sigint_saves_at_the_step_and_resume_is_bit_identical(tmp_path, monkeypatch, capsys):
+    data = make_image_folder(tmp_path / "data", per_class=5)  # 10 images / batch 2 = 5 steps per epoch
+    common = dict(data_path=data, epochs=2, label_drop_prob=0.5)
+    assert main_exit_code(tiny_flags(output_dir=tmp_path / "whole", **common), monkeypatch) == 0
+    handler = signal.getsignal(signal.SIGINT)
+
+    run = tmp_path / "run"
+    flags = tiny_flags(output_dir=run, resume=run, **common)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_mar, "to_latents", signal_self_at(7, signal.SIGINT))
+        assert main_exit_code(flags, monkeypatch) == REQUEUE_EXIT
+    stopped = load(run / LAST)["train_state"]
+    assert (stopped["global_step"], stopped["epoch"], stopped["step_in_epoch"]) == (7, 1, 2)
+    assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
+    lines = [line for line in capsys.readouterr().err.splitlines() if "SIGINT" in line]
+    assert len(lines) == 1 and f"stopped after global step 7 with {run / LAST} saved; exiting with code 75" in lines[0]
+
+    assert main_exit_code(flags, monkeypatch) == 0
+    assert_same_run(load(tmp_path / "whole" / LAST), load(run / LAST))
+
+
+# One torchrun launch runs the three jobs in turn (starting torchrun costs far more than these steps):
+# the uninterrupted run, a run whose rank 1 alone gets SIGTERM during step 2, and its --resume.
+def test_a_signal_during_the_epoch_end_save_stops_before_the_next_epoch(tmp_path, monkeypatch):
+    data = make_image_folder(tmp_path / "data", per_class=5)  # 5 steps per epoch
+    real, saves = checkpoint.atomic_torch_save, []
+
+    def save_then_signal(obj, path):
+        saves.append(obj["train_state"]["global_step"])
+        real(obj, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", save_then_signal)
+    assert main_exit_code(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=3), monkeypatch) == \
+        REQUEUE_EXIT
+    assert saves == [5]  # not one more step, and no second save of the same step
+    state = load(tmp_path / "run" / LAST)["train_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
+
+
+LAUNCHER = textwrap.dedent(f"""
+    import os, signal, sys
+    sys.path.insert(0, {str(REPO)!r})
+    from tests.pipeline_fixtures import TINY, tiny_factory
+    from tests.test_preemption import signal_self_at
+    from models import mar
+    mar.MODELS[TINY] = tiny_factory
+    import engine_mar, main_mar
+    from util import misc
+    misc.cleanup_distributed = misc.barrier  # one process group for the three jobs
+    real = engine_mar.to_latents
+    codes = []
+    for job, flags in zip(("whole", "stopped", "resumed"), sys.argv[1].split(" -- ")):
+        signalled = job == "stopped" and os.environ["RANK"] == "1"
+        engine_mar.to_latents = signal_self_at(2, signal.SIGTERM) if signalled else real
+        codes.append(str(main_mar.main(main_mar.get_args_parser().parse_args(flags.split()))))
+    with open(os.path.join(sys.argv[2], "exit-codes-rank" + os.environ["RANK"]), "w") as f:
+        f.write(" ".join(codes))
+""")
+
+
+def test_sigterm_on_one_rank_of_two_stops_both_and_resume_is_bit_identical(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=6)  # 12 images / (2 x batch 2) = 3 steps per epoch
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER)
+    jobs = [" ".join(tiny_flags(data_path=data, epochs=2, label_drop_prob=0.5, output_dir=out, resume=out))
+            for out in (tmp_path / "whole", tmp_path / "run", tmp_path / "run")]
+    result = subprocess.run(torchrun() + ["--standalone", "--nproc_per_node=2", str(launcher), " -- ".join(jobs),
+                                          str(tmp_path)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # rank 0 was not signalled, yet it stopped with rank 1 (else the two would hang or diverge)
+    for rank in (0, 1):
+        assert (tmp_path / f"exit-codes-rank{rank}").read_text() == f"0 {REQUEUE_EXIT} 0"
+    assert "a stop signal on another rank: stopped after global step 2" in result.stderr
+    assert f"resuming {tmp_path / 'run' / LAST} at epoch 0 step 2" in result.stderr
+    assert_same_run(load(tmp_path / "whole" / LAST), load(tmp_path / "run" / LAST))
