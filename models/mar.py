@@ -148,6 +148,8 @@ class MAR(nn.Module):
                  diffusion_batch_mul=4,
                  grad_checkpointing=False):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}; got {head!r}")
         if img_size % (vae_stride * patch_size):
             raise ValueError(f"img_size {img_size} must be divisible by vae_stride*patch_size "
                              f"= {vae_stride * patch_size}")
@@ -186,8 +188,6 @@ class MAR(nn.Module):
         self.initialize_weights()
 
         # created after the outer init, which must not touch it; registered under the release's key name
-        if head not in HEADS:
-            raise ValueError(f"--head must be one of {', '.join(HEADS)}; got {head!r}")
         self.head_name, self.head_attr = head, HEADS[head]
         setattr(self, self.head_attr, build_head(
             head, token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim, num_gaussians=num_gaussians,
