@@ -158,7 +158,7 @@ def iter_npz_rows(path, key="arr_0", rows=500):
         read_npy_header(f)
         for start in range(0, shape[0], rows):
             n = min(rows, shape[0] - start)
-            yield np.frombuffer(f.read(n * row_bytes), dtype=dtype).reshape((n,) + tuple(shape[1:]))
+            yield np.frombuffer(bytearray(f.read(n * row_bytes)), dtype=dtype).reshape((n,) + tuple(shape[1:]))
 
 
 def check_ref_batch(path, img_size, channels):
