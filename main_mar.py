@@ -124,7 +124,8 @@ def get_args_parser():
     ev.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs")
     ev.add_argument("--eval_freq", default=40, type=int)
     ev.add_argument("--num_images", default=50000, type=int, help="images to generate (equal per class)")
-    ev.add_argument("--eval_bsz", default=64, type=int, help="generation batch per process")
+    ev.add_argument("--eval_bsz", default=64, type=int,
+                    help="generation batch per process (batch b is drawn from its own seed: images depend on it)")
     ev.add_argument("--num_iter", default=64, type=int, help="outer autoregressive steps")
     ev.add_argument("--cfg", default=[1.0], type=float, nargs="+", dest="cfg_list", metavar="CFG",
                     help="classifier-free guidance scale(s) >= 1; --evaluate sweeps every cfg x temperature, "

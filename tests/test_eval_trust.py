@@ -2,30 +2,20 @@
 resumable folders, cfg x temperature sweeps, and one-line errors for bad evaluation input."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from threadpoolctl import threadpool_limits
 
 import engine_mar
 import main_mar
 from engine_mar import evaluate
 from tests.eval_fixtures import cheap_features, use_cheap_inception, write_cheap_launcher
-from tests.pipeline_fixtures import eval_setup, make_image_folder, python, run, run_main, tiny_flags, torchrun
+from tests.pipeline_fixtures import eval_setup, make_image_folder, run, run_main, tiny_flags, torchrun
+from tests.test_eval import one_thread  # noqa: F401 (autouse: one thread for torch and BLAS)
 from util import eval_folder, metrics, sweep
 from util.checkpoint import LAST
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -251,19 +241,21 @@ def test_sweep_ranking_and_plot_work_with_whatever_metrics_exist(tmp_path):
 
 
 # ----------------------------------------------------------------------------- processes
-def test_one_and_two_processes_draw_identical_images_and_scores(tmp_path, trained, fid_stats):
-    flags = tiny_flags(resume=trained, evaluate=True, num_images=6, eval_bsz=2, num_iter=2, fid_stats=fid_stats,
+def test_one_and_two_processes_draw_identical_images_and_scores(tmp_path, trained, fid_stats, monkeypatch):
+    """6 batches of 2: rank 0 draws batches 0, 2, 4, rank 1 batches 1, 3, 5; one process draws them all.
+    IS (splits of a fixed shuffle) sees the order of the features: they must be gathered in image order."""
+    flags = tiny_flags(resume=trained, evaluate=True, num_images=12, eval_bsz=2, num_iter=2, fid_stats=fid_stats,
                        ref_batch=ref_batch(tmp_path / "ref.npz"))
+    use_cheap_inception(monkeypatch)
+    run_main(flags + ["--output_dir", str(tmp_path / "one")])
     launcher = write_cheap_launcher(tmp_path)
-    one = run([python(), str(launcher), *flags, "--output_dir", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr[-3000:]
     two = run(torchrun() + ["--standalone", "--nproc_per_node=2", str(launcher), *flags, "--output_dir",
                             str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     (folder_one,) = (tmp_path / "one").glob("eval-*")
     (folder_two,) = (tmp_path / "two").glob("eval-*")
     assert folder_one.name == folder_two.name  # the process count is not a setting
-    assert len(png_bytes(folder_one)) == 6 and png_bytes(folder_one) == png_bytes(folder_two)
+    assert len(png_bytes(folder_one)) == 12 and png_bytes(folder_one) == png_bytes(folder_two)
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (folder_one, folder_two))
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     for key in ("fid", "inception_score", "precision", "recall"):

@@ -66,8 +66,8 @@ def open_folder(output_dir, epoch, settings):
         if found != json.loads(json.dumps(settings)):
             raise ValueError(f"{folder} holds another evaluation's images ({SETTINGS} differs): move it away")
     else:
-        os.makedirs(os.path.join(folder, "images"), exist_ok=True)
         atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     return folder
 
 
