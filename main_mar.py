@@ -211,8 +211,8 @@ def check_eval_args(args):
 
 
 def sweep_points(args):
-    """Every (cfg, temperature) of --cfg x --temperature, in the order given, without repeats."""
-    return list(dict.fromkeys(itertools.product(args.cfg_list, args.temperature_list)))
+    """Every (cfg, temperature) of --cfg x --temperature, in the order given."""
+    return list(itertools.product(args.cfg_list, args.temperature_list))
 
 
 def param_groups(model, weight_decay):
@@ -310,17 +310,20 @@ def main(args):
 
 
 def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer):
-    """Evaluate each (cfg, temperature) point with one sampling accelerator; for several points also
-    write the sweep's table and plot (output_dir/sweep-ep<E>-<weights>.{csv,json,png}) and log its best."""
+    """Evaluate each (cfg, temperature) point with one sampling accelerator; then, when the sweep table
+    (output_dir/sweep-ep<E>-iter<I>-n<N>-<weights>.{csv,json,png}) holds several points, write its table
+    and plot and log its best point. Points already in the table from an earlier run stay in it."""
     graphs = sampling_graphs(model, args)
     results = [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, temperature=t, writer=writer,
                         extra_score=scorer, graphs=graphs) for cfg, t in dict.fromkeys(points)]
-    if len(results) > 1 and misc.is_main_process():
-        prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-{args.eval_weights}")
-        csv_path, _ = sweep.write_tables(results, prefix)
-        plotted = sweep.plot(results, f"{prefix}.png", title=f"epoch {epoch}, {args.eval_weights} weights, "
-                                                             f"{args.num_images} images, {args.num_iter} steps")
-        best = sweep.best_point(results)
+    prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-iter{args.num_iter}-n{args.num_images}-"
+                                           f"{args.eval_weights}")
+    rows = sweep.merge_rows(sweep.read_rows(f"{prefix}.json"), results) if misc.is_main_process() else []
+    if len(rows) > 1:
+        csv_path, _ = sweep.write_tables(rows, prefix)
+        plotted = sweep.plot(rows, f"{prefix}.png", title=f"epoch {epoch}, {args.eval_weights} weights, "
+                                                          f"{args.num_images} images, {args.num_iter} steps")
+        best = sweep.best_point(rows)
         if best is not None:
             row, key, lower = best
             logger.info("sweep best point (%s %s): cfg %g, temperature %g: %s %.4f -> %s", "lowest" if lower

@@ -208,11 +208,11 @@ def test_sweep_evaluates_every_point_once_and_tables_plots_and_ranks_them(tmp_pa
     run_main(tiny_flags(output_dir=out, resume=trained, evaluate=True, num_images=2, eval_bsz=2, num_iter=2,
                         fid_stats=fid_stats) + ["--cfg", "1.0", "2.5", "--temperature", "1.0", "0.5"])
     assert len(built) == 1  # one sampling accelerator for the whole sweep
-    with open(out / "sweep-ep0-ema.csv") as f:
+    with open(out / "sweep-ep0-iter2-n2-ema.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(float(r["cfg"]), float(r["temperature"])) for r in rows] == [(1.0, 1.0), (1.0, 0.5), (2.5, 1.0),
                                                                            (2.5, 0.5)]
-    table = json.loads((out / "sweep-ep0-ema.json").read_text())
+    table = json.loads((out / "sweep-ep0-iter2-n2-ema.json").read_text())
     for row, saved in zip(rows, table):
         metrics_json = json.loads((tmp_path / "sweep" / saved["folder"] / "metrics.json").read_text())
         assert float(row["fid"]) == saved["fid"] == metrics_json["fid"]
@@ -222,8 +222,14 @@ def test_sweep_evaluates_every_point_once_and_tables_plots_and_ranks_them(tmp_pa
     log = (out / "log.txt").read_text()
     assert (f"sweep best point (lowest fid): cfg {best['cfg']:g}, temperature {best['temperature']:g}: "
             f"fid {best['fid']:.4f}") in log
-    plot = Image.open(out / "sweep-ep0-ema.png")
+    plot = Image.open(out / "sweep-ep0-iter2-n2-ema.png")
     assert plot.size[0] >= 2 * plot.size[1] > 400  # fid and IS panels side by side
+
+    # a later run at another temperature adds its point to the same table
+    run_main(tiny_flags(output_dir=out, resume=trained, evaluate=True, num_images=2, eval_bsz=2, num_iter=2,
+                        fid_stats=fid_stats) + ["--cfg", "2.5", "--temperature", "0.8"])
+    merged = json.loads((out / "sweep-ep0-iter2-n2-ema.json").read_text())
+    assert merged[:4] == table and [(r["cfg"], r["temperature"]) for r in merged[4:]] == [(2.5, 0.8)]
 
 
 def test_sweep_ranking_and_plot_work_with_whatever_metrics_exist(tmp_path):
@@ -236,6 +242,8 @@ def test_sweep_ranking_and_plot_work_with_whatever_metrics_exist(tmp_path):
     with_fid = [dict(r, fid=f, inception_score_std=1.0) for r, f in zip(digits, [9.0, 3.0, 2.0, 5.0])]
     assert sweep.best_point(with_fid)[0]["folder"] == "f1.00.8"  # FID decides when present
     assert sweep.metric_keys(with_fid) == ["accuracy", "real_accuracy", "fid"]  # stds are not plotted
+    again = dict(digits[1], accuracy=0.1)
+    assert sweep.merge_rows(digits, [again]) == [digits[0], digits[2], digits[3], again]
     assert sweep.best_point([{"cfg": 1.0, "temperature": 1.0}]) is None
     assert sweep.plot([{"cfg": 1.0, "temperature": 1.0, "folder": "f"}], tmp_path / "none.png") is None
 

@@ -1,6 +1,7 @@
 """A cfg x temperature sweep's results: one table (CSV and JSON), one plot, and its best point.
 
-Rows are the metrics dicts evaluate() returns. Metrics are the numeric values that are not
+Rows are the metrics dicts evaluate() returns; a later sweep of the same checkpoint and sizes adds
+its points to the table (e.g. temperature 1.1 beside 1.0). Metrics are the numeric values that are not
 settings or bookkeeping, so FID, IS, precision, recall and any extra score (the digits demo's
 classifier accuracy) are tabled and plotted alike.
 """
@@ -35,6 +36,21 @@ def best_point(rows):
             pick = min if lower else max
             return pick(scored, key=lambda r: r[key]), key, lower
     return None
+
+
+def read_rows(path):
+    """The rows of an earlier sweep table (JSON), or [] if there is none."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return []
+
+
+def merge_rows(old, new):
+    """old's rows with new's added; a point (cfg, temperature) evaluated again takes its new row."""
+    fresh = {(r["cfg"], r["temperature"]) for r in new}
+    return [r for r in old if (r["cfg"], r["temperature"]) not in fresh] + list(new)
 
 
 def write_tables(rows, prefix):
