@@ -297,12 +297,17 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
 
     weights = ema.swapped_in(model) if args.eval_weights == "ema" else nullcontext()
     with weights:
-        folder = None
+        folder = refused = None
         if rank == 0:
             settings = eval_folder.eval_settings(args, cfg, temperature, eval_folder.weights_digest(model),
                                                  device.type)
-            folder = eval_folder.open_folder(args.output_dir, epoch, settings)
-        folder = misc.broadcast_object(folder)
+            try:
+                folder = eval_folder.open_folder(args.output_dir, epoch, settings)
+            except ValueError as err:
+                refused = str(err)
+        folder, refused = misc.broadcast_object((folder, refused))  # every rank stops, not only rank 0
+        if refused:
+            raise ValueError(refused)
         drawn, kept, sec_per_image = draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder,
                                                            graphs=graphs, on_batch=features)
     counts = misc.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
@@ -343,7 +348,8 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
         scores = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
                            if isinstance(v, float) and k not in ("cfg", "temperature"))
         logger.info("evaluation (epoch %d, cfg %g, temperature %g, %s weights; %d images drawn, %d kept): %s -> %s",
-                    epoch, cfg, temperature, args.eval_weights, drawn, kept, scores, folder)
+                    epoch, cfg, temperature, args.eval_weights, results["images_drawn"], results["images_kept"],
+                    scores, folder)
     misc.barrier()
     return results
 

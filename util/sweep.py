@@ -19,13 +19,15 @@ RANK_BY = (("fid", True), ("accuracy", False))
 
 
 def metric_keys(rows):
-    """Numeric metrics present in any row, in first-seen order (standard deviations are tabled, not plotted)."""
+    """Numeric metrics present in any row, in first-seen order. Standard deviations are tabled, not
+    plotted, and "real_<metric>" (the score of real data, e.g. the digits demo's real_accuracy) is drawn
+    as a reference line in <metric>'s panel."""
     keys = {}
     for row in rows:
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_METRICS:
                 keys.setdefault(key)
-    return [k for k in keys if not k.endswith("_std")]
+    return [k for k in keys if not k.endswith("_std") and not (k.startswith("real_") and k[5:] in keys)]
 
 
 def best_point(rows):
@@ -76,11 +78,14 @@ def plot(rows, path, title=""):
         return None
     best = best_point(rows)
     temperatures = sorted({r["temperature"] for r in rows})
-    fig = Figure(figsize=(4.2 * len(keys), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(4.2 * len(keys), 6.0), 3.6), layout="constrained")
     for ax, key in zip(fig.subplots(1, len(keys), squeeze=False)[0], keys):
         for t in temperatures:
             line = sorted((r["cfg"], r[key]) for r in rows if r["temperature"] == t and key in r)
             ax.plot([c for c, _ in line], [v for _, v in line], marker="o", label=f"temperature {t:g}")
+        real = [r[f"real_{key}"] for r in rows if f"real_{key}" in r]
+        if real:
+            ax.axhline(real[0], color="grey", linestyle="--", label=f"real data {real[0]:.3g}")
         if best is not None and best[1] == key:
             ax.scatter([best[0]["cfg"]], [best[0][key]], s=160, facecolors="none", edgecolors="black",
                        label=f"best: cfg {best[0]['cfg']:g}, T {best[0]['temperature']:g}", zorder=3)
