@@ -236,8 +236,9 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, grap
         for b in tqdm(mine, desc=f"generating (cfg {cfg:g}, temperature {temperature:g})", disable=rank != 0):
             idx = all_batches[b]
             paths = [eval_folder.png_path(image_dir, i) for i in idx]
-            if all(eval_folder.png_complete(p, shape) for p in paths):
-                images = np.stack([load_png(p) for p in paths])
+            found = [eval_folder.read_complete_png(p, shape) for p in paths]
+            if all(image is not None for image in found):
+                images = np.stack(found)
                 kept += len(idx)
             else:
                 start = time.time()

@@ -114,18 +114,22 @@ def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path,
 
 
 # ----------------------------------------------------------------------------- resumable folders
-def test_png_complete_rejects_missing_truncated_and_wrong_images(tmp_path):
+def test_complete_pngs_are_read_back_and_others_refused(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     good = tmp_path / "good.png"
     eval_folder.save_png(image, str(good))
-    assert eval_folder.png_complete(good, (8, 8, 3)) and not list(tmp_path.glob("*.tmp"))
-    assert not eval_folder.png_complete(good, (8, 8, 1))  # RGB where grey is expected
-    assert not eval_folder.png_complete(good, (16, 16, 3))
+    assert np.array_equal(eval_folder.read_complete_png(good, (8, 8, 3)), image)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert eval_folder.read_complete_png(good, (8, 8, 1)) is None  # RGB where grey is expected
+    assert eval_folder.read_complete_png(good, (16, 16, 3)) is None
+    grey = tmp_path / "grey.png"
+    eval_folder.save_png(image[..., :1], str(grey))
+    assert np.array_equal(eval_folder.read_complete_png(grey, (8, 8, 1)), image[..., :1])
     data = good.read_bytes()
     for name, content in (("cut.png", data[:len(data) // 2]), ("tail.png", data[:-12]), ("junk.png", b"x" * 40)):
         (tmp_path / name).write_bytes(content)
-        assert not eval_folder.png_complete(tmp_path / name, (8, 8, 3)), name
-    assert not eval_folder.png_complete(tmp_path / "missing.png", (8, 8, 3))
+        assert eval_folder.read_complete_png(tmp_path / name, (8, 8, 3)) is None, name
+    assert eval_folder.read_complete_png(tmp_path / "missing.png", (8, 8, 3)) is None
 
 
 def ref_batch(path, n=8, seed=5):

@@ -87,13 +87,16 @@ def load_png(path):
     return image[..., None] if image.ndim == 2 else image
 
 
-def png_complete(path, shape):
-    """True if `path` is a whole PNG of uint8 [H, W, C] = shape."""
+def read_complete_png(path, shape):
+    """uint8 [H, W, C] from `path` if it is a whole PNG of that shape, else None (missing, cut short, other size)."""
     h, w, c = shape
     try:
         with Image.open(path) as image:
-            image.verify()  # checks the chunks' CRCs through the end of the file
+            image.verify()  # checks every chunk's CRC through the end of the file
         with Image.open(path) as image:
-            return image.size == (w, h) and image.mode == ("L" if c == 1 else "RGB") and image.load() is not None
+            if image.size != (w, h) or image.mode != ("L" if c == 1 else "RGB"):
+                return None
+            pixels = np.asarray(image)
     except (OSError, SyntaxError, ValueError):
-        return False
+        return None
+    return pixels[..., None] if pixels.ndim == 2 else pixels
