@@ -23,8 +23,9 @@ from models.gmm import CFG_SAMPLERS
 from sampling import make_backend
 from sampling.backends import PRECISIONS
 
-from util import misc
+from util import eval_folder, misc
 from util.checkpoint import atomic_write
+from util.eval_folder import load_png, save_png
 from util.lr_sched import lr_at, set_lr
 
 logger = logging.getLogger(__name__)
@@ -201,15 +202,6 @@ def save_grid(images, nrow, path, pad=2):
     return path
 
 
-def save_png(image, path):
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-
-
-def load_png(path):
-    image = np.asarray(Image.open(path))
-    return image[..., None] if image.ndim == 2 else image
-
-
 # ----------------------------------------------------------------------------- evaluation
 def class_balanced_labels(num_images, class_num):
     """[0]*k + [1]*k + ... with k = num_images / class_num images per class."""
@@ -223,16 +215,8 @@ def fid_enabled(args):
     return args.fid_stats not in (None, "", "none")
 
 
-def eval_folder(args, epoch, cfg, weights):
-    """A fresh folder per evaluation; an existing one is never reused or overwritten."""
-    name = (f"eval-ep{epoch}-iter{args.num_iter}-cfg{cfg:g}-{args.cfg_schedule}-temp{args.temperature:g}"
-            f"-n{args.num_images}-{weights}")
-    base = os.path.join(args.output_dir, name)
-    folder, run = base, 1
-    while os.path.exists(folder):
-        run += 1
-        folder = f"{base}-run{run}"
-    return folder
+def ref_batch_enabled(args):
+    return getattr(args, "ref_batch", None) not in (None, "", "none")
 
 
 def write_adm_npz(path, png_paths, labels, shape):
@@ -250,67 +234,123 @@ def write_adm_npz(path, png_paths, labels, shape):
     atomic_write(path, write)
 
 
-@torch.no_grad()
-def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_score=None, backend=None):
-    """Generate args.num_images (equal per class, split across ranks), save PNGs + ADM npz, score.
+def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, backend=None, on_batch=None):
+    """Make sure this rank's batches (round-robin over ranks) exist as PNGs in folder/images.
 
-    EMA weights unless args.eval_weights == "live". FID / IS come from upstream torch-fidelity when
-    args.fid_stats is set; `extra_score(images uint8 [N,H,W,C], labels) -> dict` adds scores of its
-    own (computed on rank 0). Returns the metrics dict (complete on rank 0).
+    A batch whose PNGs are all complete is kept; any other is drawn from its own seed. on_batch(b, idx,
+    images uint8) is called for every batch of this rank, drawn or read back. Returns (images drawn,
+    images kept, seconds per drawn image after the first drawn batch's warm-up or None).
+    """
+    rank, world = misc.get_rank(), misc.get_world_size()
+    device = model_device(model)
+    labels_all = class_balanced_labels(args.num_images, args.class_num)
+    image_dir = os.path.join(folder, "images")
+    shape = (args.img_size, args.img_size, args.img_channels)
+    point = argparse.Namespace(**{**vars(args), "cfg": cfg, "temperature": temperature})
+    all_batches = eval_folder.batches(args.num_images, args.eval_bsz)
+    mine = range(rank, len(all_batches), world)
+    times, drawn, kept = [], 0, 0
+    # a private RNG stream: evaluating in the middle of training must not change what training draws
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for b in tqdm(mine, desc=f"generating (cfg {cfg:g}, temperature {temperature:g})", disable=rank != 0):
+            idx = all_batches[b]
+            paths = [eval_folder.png_path(image_dir, i) for i in idx]
+            found = [eval_folder.read_complete_png(p, shape) for p in paths]
+            if all(image is not None for image in found):
+                images = np.stack(found)
+                kept += len(idx)
+            else:
+                start = time.time()
+                torch.manual_seed(eval_folder.batch_seed(args.seed, b))
+                images = generate(model, tokenizer, point, labels_all[idx], backend, cfg=cfg)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append((time.time() - start, len(idx)))
+                for image, path in zip(images, paths):
+                    save_png(image, path)
+                drawn += len(idx)
+            if on_batch is not None:
+                on_batch(b, idx, images)
+    timed = times[1:] or times  # the first drawn batch pays for warm-up
+    sec_per_image = sum(t for t, _ in timed) / sum(n for _, n in timed) if timed else None
+    return drawn, kept, sec_per_image
+
+
+def gather_in_index_order(rows, indices, dim):
+    """All ranks' feature rows, ordered by image index, so the metrics do not depend on the process count."""
+    rows = torch.cat(rows) if rows else torch.zeros(0, dim)
+    indices = torch.as_tensor(np.concatenate(indices) if indices else np.zeros(0), dtype=torch.long)
+    rows, indices = misc.all_gather_rows(rows.cpu()), misc.all_gather_rows(indices)
+    return rows[torch.argsort(indices)]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, writer=None, extra_score=None,
+             backend=None):
+    """Generate args.num_images (equal per class) at one (cfg, temperature), save PNGs + ADM npz, score.
+
+    EMA weights unless args.eval_weights == "live". Re-running with the same weights and settings
+    resumes the same folder (see util/eval_folder.py); the images do not depend on the number of
+    processes. FID / IS come from upstream torch-fidelity when args.fid_stats is set, precision /
+    recall against args.ref_batch's images when that is set; `extra_score(images uint8 [N,H,W,C],
+    labels) -> dict` adds scores of its own (computed on rank 0). backend: the run's sampling backend,
+    reused across calls (default: one from args, see sampling_backend). Returns the metrics dict (complete on rank 0).
     """
     from util import metrics  # torch-fidelity is only needed when evaluating
 
     cfg = args.cfg if cfg is None else cfg
+    temperature = args.temperature if temperature is None else temperature
     rank, world = misc.get_rank(), misc.get_world_size()
     device = model_device(model)
     labels_all = class_balanced_labels(args.num_images, args.class_num)
-    mine = np.arange(rank, args.num_images, world)
-    folder = misc.broadcast_object(eval_folder(args, epoch, cfg, args.eval_weights) if rank == 0 else None)
-    image_dir = os.path.join(folder, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    use_fid = fid_enabled(args)
-    extractor = metrics.build_inception(args.inception_path, device) if use_fid else None
+    use_fid, use_pr = fid_enabled(args), ref_batch_enabled(args)
+    extractor = metrics.build_inception(args.inception_path, device) if use_fid or use_pr else None
+    backend = sampling_backend(model, args) if backend is None else backend
+    pool_feats, logit_feats, feat_index = [], [], []
 
-    pool_feats, logit_feats = [], []
-    gen_time, gen_count = 0.0, 0
+    def features(b, idx, images):
+        if extractor is not None:
+            pool, logits = metrics.inception_features(extractor, images, device)
+            pool_feats.append(pool.cpu())
+            logit_feats.append(logits.cpu())
+            feat_index.append(idx)
+
     weights = ema.swapped_in(model) if args.eval_weights == "ema" else nullcontext()
-    # a private RNG stream: evaluating in the middle of training must not change what training draws
-    fork_devices = [device] if device.type == "cuda" else []
-    # one backend per run (main_mar makes it): CUDA graphs captured once, replayed on every batch
-    backend = backend or sampling_backend(model, args)
-    with weights, torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(args.seed + 1000 + rank)
-        batches = [mine[i:i + args.eval_bsz] for i in range(0, len(mine), args.eval_bsz)]
-        for b, idx in enumerate(tqdm(batches, desc=f"generating (cfg {cfg:g})", disable=rank != 0)):
-            start = time.time()
-            images = generate(model, tokenizer, args, labels_all[idx], backend, cfg=cfg)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if b > 0 or len(batches) == 1:  # the first batch pays for warm-up
-                gen_time += time.time() - start
-                gen_count += len(idx)
-            for i, image in zip(idx, images):
-                save_png(image, os.path.join(image_dir, f"{i:06d}.png"))
-            if use_fid:
-                pool, logits = metrics.inception_features(extractor, images, device)
-                pool_feats.append(pool)
-                logit_feats.append(logits)
+    with weights:
+        folder = refused = None
+        if rank == 0:
+            settings = eval_folder.eval_settings(args, cfg, temperature, eval_folder.weights_digest(model),
+                                                 device.type)
+            try:
+                folder = eval_folder.open_folder(args.output_dir, epoch, settings)
+            except ValueError as err:
+                refused = str(err)
+        folder, refused = misc.broadcast_object((folder, refused))  # every rank stops, not only rank 0
+        if refused:
+            raise ValueError(refused)
+        drawn, kept, sec_per_image = draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder,
+                                                           backend=backend, on_batch=features)
+    counts = misc.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
 
     results = {"epoch": epoch, "num_images": args.num_images, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
-               "temperature": args.temperature, "num_iter": args.num_iter, "weights": args.eval_weights,
-               "sec_per_image": gen_time / max(gen_count, 1), "world_size": world}
-    if use_fid:
-        dim_pool, dim_logits = 2048, 1008
-        pool = torch.cat(pool_feats) if pool_feats else torch.zeros(0, dim_pool, device=device)
-        logits = torch.cat(logit_feats) if logit_feats else torch.zeros(0, dim_logits, device=device)
-        pool, logits = misc.all_gather_rows(pool).cpu(), misc.all_gather_rows(logits).cpu()
+               "temperature": temperature, "num_iter": args.num_iter, "weights": args.eval_weights,
+               "sec_per_image": sec_per_image, "images_drawn": int(counts[0]), "images_kept": int(counts[1]),
+               "world_size": world}
+    if extractor is not None:
+        pool = gather_in_index_order(pool_feats, feat_index, 2048)
+        logits = gather_in_index_order(logit_feats, feat_index, 1008)
         if rank == 0:
-            results["fid"] = metrics.fid_from_features(pool, metrics.load_fid_stats(args.fid_stats))
-            results.update(metrics.inception_score(logits))
+            if use_fid:
+                results["fid"] = metrics.fid_from_features(pool, metrics.load_fid_stats(args.fid_stats))
+                results.update(metrics.inception_score(logits))
+            if use_pr:
+                reference = metrics.reference_features(args.ref_batch, extractor, device, args.inception_path)
+                results.update(metrics.precision_recall(pool.to(device), reference.to(device)))
     misc.barrier()
 
     if rank == 0:
-        png_paths = [os.path.join(image_dir, f"{i:06d}.png") for i in range(args.num_images)]
+        image_dir = os.path.join(folder, "images")
+        png_paths = [eval_folder.png_path(image_dir, i) for i in range(args.num_images)]
         shape = load_png(png_paths[0]).shape
         write_adm_npz(os.path.join(folder, "samples.npz"), png_paths, labels_all, shape)
         write_class_grid(png_paths, labels_all, args.class_num, os.path.join(folder, "grid.png"))
@@ -320,15 +360,16 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, writer=None, extra_sc
         results["folder"] = folder
         atomic_write(os.path.join(folder, "metrics.json"), lambda f: f.write(json.dumps(results, indent=2).encode()))
         if writer is not None:
-            tag = f"eval_cfg{cfg:g}_{args.eval_weights}"
+            tag = f"eval_cfg{cfg:g}_temp{temperature:g}_{args.eval_weights}"
             for key, value in results.items():
                 if isinstance(value, float) and key not in ("cfg", "temperature"):
                     writer.add_scalar(f"{tag}/{key}", value, epoch)
             writer.flush()
         scores = ", ".join(f"{k} {v:.4f}" for k, v in results.items()
                            if isinstance(v, float) and k not in ("cfg", "temperature"))
-        logger.info("evaluation (epoch %d, cfg %g, %s weights): %s -> %s", epoch, cfg, args.eval_weights, scores,
-                    folder)
+        logger.info("evaluation (epoch %d, cfg %g, temperature %g, %s weights; %d images drawn, %d kept): %s -> %s",
+                    epoch, cfg, temperature, args.eval_weights, results["images_drawn"], results["images_kept"],
+                    scores, folder)
     misc.barrier()
     return results
 

@@ -10,6 +10,7 @@ and data groups below.
 import argparse
 import contextlib
 import errno
+import itertools
 import logging
 import math
 import os
@@ -23,10 +24,10 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_mar import (PRECISIONS, add_sampling_args, class_balanced_labels, evaluate, fid_enabled,
-                        sampling_backend, train_one_epoch)
+                        ref_batch_enabled, sampling_backend, train_one_epoch)
 from models.mar import CFG_SCHEDULES, HEADS, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
-from util import misc
+from util import misc, sweep
 from util.checkpoint import (LAST, TrainState, atomic_copy, checkpoint_path, load_weights_and_ema, resume_training,
                              save_training_checkpoint)
 from util.data import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
@@ -141,16 +142,23 @@ def get_args_parser():
     ev.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs")
     ev.add_argument("--eval_freq", default=40, type=int)
     ev.add_argument("--num_images", default=50000, type=int, help="images to generate (equal per class)")
-    ev.add_argument("--eval_bsz", default=64, type=int, help="generation batch per process")
+    ev.add_argument("--eval_bsz", default=64, type=int,
+                    help="generation batch per process (batch b is drawn from its own seed: images depend on it)")
     ev.add_argument("--num_iter", default=64, type=int, help="outer autoregressive steps")
-    ev.add_argument("--cfg", default=1.0, type=float, help="classifier-free guidance scale")
+    ev.add_argument("--cfg", default=[1.0], type=float, nargs="+", dest="cfg_list", metavar="CFG",
+                    help="classifier-free guidance scale(s) >= 1; --evaluate sweeps every cfg x temperature, "
+                         "--online_eval uses 1 and the first value")
     ev.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
-    ev.add_argument("--temperature", default=1.0, type=float, help="divides each Gaussian's std")
+    ev.add_argument("--temperature", default=[1.0], type=float, nargs="+", dest="temperature_list",
+                    metavar="TEMPERATURE", help="divides each Gaussian's std (> 0); several values: a sweep")
     add_sampling_args(ev)
     ev.add_argument("--eval_weights", default="ema", choices=("ema", "live"))
     ev.add_argument("--fid_stats", default=None,
                     help=f"reference statistics npz with mu, sigma (default: {DEFAULT_FID_STATS} for imagenet, "
                          "none for digits); 'none' skips FID/IS")
+    ev.add_argument("--ref_batch", default=None,
+                    help="ADM reference batch npz (arr_0 = uint8 images, e.g. VIRTUAL_imagenet256_labeled.npz): "
+                         "adds precision and recall (k = 3); its Inception features are cached beside it")
     ev.add_argument("--inception_path", default=None,
                     help="torch-fidelity InceptionV3 weights (default: torch-fidelity downloads them)")
     return parser
@@ -169,6 +177,8 @@ def resolve_args(args):
     if args.tokenizer == "pixel":
         args.vae_stride, args.vae_embed_dim = 1, args.img_channels
     args.log_dir = args.log_dir or args.output_dir
+    # the point generate() draws at; evaluation and sweeps pass each point's values explicitly
+    args.cfg, args.temperature = args.cfg_list[0], args.temperature_list[0]
     return args
 
 
@@ -214,17 +224,8 @@ def check_args(args, ckpt_file):
     check_flag_ranges(args)
     if args.evaluate and ckpt_file is None:
         raise ValueError(f"--evaluate needs a checkpoint: --resume {args.resume or 'RUN_DIR'} holds no {LAST}")
-    evaluating = args.evaluate or args.online_eval
-    if evaluating:
-        class_balanced_labels(args.num_images, args.class_num)
-        if fid_enabled(args):
-            from util.metrics import load_fid_stats
-            if args.fid_stats == DEFAULT_FID_STATS and args.img_size != 256:
-                raise ValueError(f"{DEFAULT_FID_STATS} is for 256px images; pass --fid_stats for --img_size "
-                                 f"{args.img_size} (or --fid_stats none)")
-            load_fid_stats(args.fid_stats)
-            if args.inception_path is not None and not os.path.isfile(args.inception_path):
-                raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
+    if args.evaluate or args.online_eval:
+        check_eval_args(args)
     if not args.evaluate:
         existing = os.path.join(args.output_dir, LAST)
         if os.path.isfile(existing) and (ckpt_file is None or not os.path.samefile(existing, ckpt_file)):
@@ -251,6 +252,33 @@ def adopt_head_config(args, ckpt_file):
         setattr(args, key, type(defaults.get_default(key) or value)(value))
     if adopted:
         logger.info("from %s: %s", ckpt_file, " ".join(f"--{k} {v}" for k, v in adopted.items()))
+
+
+def check_eval_args(args):
+    """The evaluation flags and files, checked before any image is generated."""
+    bad_cfg = [c for c in args.cfg_list if not c >= 1.0]
+    if bad_cfg:
+        raise ValueError(f"--cfg values must be >= 1 (1 = no guidance); got {bad_cfg[0]:g}")
+    bad_temperature = [t for t in args.temperature_list if not 0.0 < t < float("inf")]
+    if bad_temperature:
+        raise ValueError(f"--temperature values must be > 0; got {bad_temperature[0]:g}")
+    class_balanced_labels(args.num_images, args.class_num)
+    from util import metrics
+    if fid_enabled(args):
+        if args.fid_stats == DEFAULT_FID_STATS and args.img_size != 256:
+            raise ValueError(f"{DEFAULT_FID_STATS} is for 256px images; pass --fid_stats for --img_size "
+                             f"{args.img_size} (or --fid_stats none)")
+        metrics.load_fid_stats(args.fid_stats)
+    if ref_batch_enabled(args):
+        metrics.check_ref_batch(args.ref_batch, args.img_size, args.img_channels)
+    if (fid_enabled(args) or ref_batch_enabled(args)) and args.inception_path is not None \
+            and not os.path.isfile(args.inception_path):
+        raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
+
+
+def sweep_points(args):
+    """Every (cfg, temperature) of --cfg x --temperature, in the order given."""
+    return list(itertools.product(args.cfg_list, args.temperature_list))
 
 
 def param_groups(model, weight_decay):
@@ -348,7 +376,7 @@ def main(args):
     exit_code = 0
     try:
         if args.evaluate:
-            run_evaluations(model, tokenizer, ema, args, eval_epoch, writer, [args.cfg], scorer, backend)
+            run_evaluations(model, tokenizer, ema, args, eval_epoch, writer, sweep_points(args), scorer, backend)
         else:
             in_place = ckpt_file is not None and os.path.isfile(os.path.join(args.output_dir, LAST)) and \
                 os.path.samefile(ckpt_file, os.path.join(args.output_dir, LAST))
@@ -363,9 +391,26 @@ def main(args):
     return exit_code
 
 
-def run_evaluations(model, tokenizer, ema, args, epoch, writer, cfgs, scorer, backend):
-    return [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, writer=writer, extra_score=scorer, backend=backend)
-            for cfg in dict.fromkeys(cfgs)]
+def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer, backend):
+    """Evaluate each (cfg, temperature) point with the run's sampling backend; then, when the sweep table
+    (output_dir/sweep-ep<E>-iter<I>-n<N>-<weights>.{csv,json,png}) holds several points, write its table
+    and plot and log its best point. Points already in the table from an earlier run stay in it."""
+    results = [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, temperature=t, writer=writer,
+                        extra_score=scorer, backend=backend) for cfg, t in dict.fromkeys(points)]
+    prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-iter{args.num_iter}-n{args.num_images}-"
+                                           f"{args.eval_weights}")
+    rows = sweep.merge_rows(sweep.read_rows(f"{prefix}.json"), results) if misc.is_main_process() else []
+    if len(rows) > 1:
+        csv_path, _ = sweep.write_tables(rows, prefix)
+        plotted = sweep.plot(rows, f"{prefix}.png", title=f"epoch {epoch}, {args.eval_weights} weights, "
+                                                          f"{args.num_images} images, {args.num_iter} steps")
+        best = sweep.best_point(rows)
+        if best is not None:
+            row, key, lower = best
+            logger.info("sweep best point (%s %s): cfg %g, temperature %g: %s %.4f -> %s", "lowest" if lower
+                        else "highest", key, row["cfg"], row["temperature"], key, row[key], row["folder"])
+        logger.info("sweep table %s, plot %s", csv_path, plotted)
+    return results
 
 
 def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer, backend,
@@ -418,7 +463,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                     with storage_reported(copy, args.output_dir):
                         atomic_copy(last, copy)
                 if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
-                    results = run_evaluations(model, tokenizer, ema, args, epoch, writer, [1.0, args.cfg], scorer,
+                    results = run_evaluations(model, tokenizer, ema, args, epoch, writer,
+                                              [(1.0, args.temperature), (args.cfg, args.temperature)], scorer,
                                               backend)
                 if writer is not None:
                     writer.flush()
@@ -440,7 +486,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         for res in results:  # the final evaluation: where to look, and its scores
             scores = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                if isinstance(v, float) and k not in ("cfg", "temperature", "sec_per_image"))
-            logger.info("final samples (cfg %g): %s/grid.png; %s", res["cfg"], res["folder"], scores)
+            logger.info("final samples (cfg %g, temperature %g): %s/grid.png; %s", res["cfg"], res["temperature"],
+                        res["folder"], scores)
     return 0
 
 

@@ -76,7 +76,7 @@ def test_evaluate_writes_everything_and_its_fid_matches_scipy(tmp_path, inceptio
     results = evaluate(model, tokenizer, ema, args, epoch=7, writer=writer)
     writer.close()
 
-    folder = tmp_path / "run" / "eval-ep7-iter4-cfg1-linear-temp1-n4-ema"
+    (folder,) = (tmp_path / "run").glob("eval-ep7-iter4-cfg1-linear-temp1-n4-ema-*")
     assert results["folder"] == str(folder)
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["fid"] == results["fid"] and saved["sec_per_image"] > 0 and "inception_score" in saved
@@ -92,7 +92,7 @@ def test_evaluate_writes_everything_and_its_fid_matches_scipy(tmp_path, inceptio
     independent = metrics.frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), ref["mu"], ref["sigma"])
     assert results["fid"] == pytest.approx(independent, rel=1e-4)
     tags = EventAccumulator(str(tmp_path / "tb")).Reload().Tags()["scalars"]
-    assert "eval_cfg1_ema/fid" in tags and "eval_cfg1_ema/sec_per_image" in tags
+    assert "eval_cfg1_temp1_ema/fid" in tags and "eval_cfg1_temp1_ema/sec_per_image" in tags
 
 
 def test_evaluation_uses_ema_weights_and_restores_live_ones(tmp_path):
@@ -102,24 +102,21 @@ def test_evaluation_uses_ema_weights_and_restores_live_ones(tmp_path):
     shadow = eval_setup(tmp_path)[1]
     randomize_(shadow, std=0.3, seed=2)
     ema.load_state_dict(shadow.state_dict())
-    evaluate(model, tokenizer, ema, args, epoch=0)
+    first = evaluate(model, tokenizer, ema, args, epoch=0)
     assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
 
     args.eval_weights = "live"
-    evaluate(shadow, tokenizer, ema, args, epoch=0)  # the EMA's weights as live weights
+    live_shadow = evaluate(shadow, tokenizer, ema, args, epoch=0)  # the EMA's weights as live weights
     args.eval_weights = "ema"
-    evaluate(model, tokenizer, ema, args, epoch=0)  # again: a new folder, the first is untouched
-    folders = sorted((tmp_path / "run").glob("eval-*"))
-    by_name = {f.name: read_pngs(f) for f in folders}
-    ema_a = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-ema"]
-    ema_b = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-ema-run2"]
-    live_shadow = by_name["eval-ep0-iter4-cfg1-linear-temp1-n4-live"]
-    assert all(np.array_equal(a, b) for a, b in zip(ema_a, live_shadow))
-    assert all(np.array_equal(a, b) for a, b in zip(ema_a, ema_b))
+    again = evaluate(model, tokenizer, ema, args, epoch=0)  # the same weights and settings: the same folder
+    assert again["folder"] == first["folder"] and again["images_kept"] == 4 and again["images_drawn"] == 0
+    ema_a = read_pngs(tmp_path / "run" / first["folder"])
+    assert live_shadow["folder"] != first["folder"] and "-live-" in live_shadow["folder"]
+    assert all(np.array_equal(a, b) for a, b in zip(ema_a, read_pngs(tmp_path / "run" / live_shadow["folder"])))
     args.eval_weights = "live"
-    evaluate(model, tokenizer, ema, args, epoch=0)
-    live_model = read_pngs(tmp_path / "run" / "eval-ep0-iter4-cfg1-linear-temp1-n4-live-run2")
-    assert not all(np.array_equal(a, b) for a, b in zip(ema_a, live_model))
+    live_model = evaluate(model, tokenizer, ema, args, epoch=0)  # other weights: another folder
+    assert live_model["folder"] not in (first["folder"], live_shadow["folder"]) and live_model["images_drawn"] == 4
+    assert not all(np.array_equal(a, b) for a, b in zip(ema_a, read_pngs(tmp_path / "run" / live_model["folder"])))
 
 
 def test_grey_images_grid_and_extra_score(tmp_path):
@@ -133,7 +130,7 @@ def test_grey_images_grid_and_extra_score(tmp_path):
 
     results = evaluate(model, tokenizer, ema, args, epoch=1, cfg=2.0, extra_score=score)
     assert calls == [((6, 8, 8, 1), np.uint8, [0, 0, 1, 1, 2, 2])]
-    folder = tmp_path / "run" / "eval-ep1-iter4-cfg2-linear-temp1-n6-ema"
+    (folder,) = (tmp_path / "run").glob("eval-ep1-iter4-cfg2-linear-temp1-n6-ema-*")
     assert json.loads((folder / "metrics.json").read_text())["digit_accuracy"] == 0.5 and "fid" not in results
     with np.load(folder / "samples.npz") as npz:
         assert npz["arr_0"].shape == (6, 8, 8, 1)
@@ -169,7 +166,7 @@ def test_main_evaluate_flag_loads_ema_from_a_checkpoint(tmp_path):
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
     run_main(tiny_flags(output_dir=tmp_path / "run", resume=tmp_path / "run" / LAST, evaluate=True,
                         num_images=2, eval_bsz=2, num_iter=2, fid_stats="none"))
-    (folder,) = (tmp_path / "run").glob("eval-ep0-*-ema")
+    (folder,) = (tmp_path / "run").glob("eval-ep0-*-ema-*")
     assert len(read_pngs(folder)) == 2 and (folder / "metrics.json").is_file()
 
 

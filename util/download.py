@@ -1,4 +1,4 @@
-"""Fetch pretrained weights and FID reference statistics.
+"""Fetch pretrained weights, FID reference statistics and ADM's reference batch.
 
 Usage: python util/download.py [names...] [--dest-root DIR] [--url URL] [--list]
 
@@ -69,6 +69,14 @@ ASSETS = {a.name: a for a in (
         "https://github.com/LTH14/mar/raw/main/fid_stats/adm_in256_stats.npz",
         "fid_stats/adm_in256_stats.npz",
         note="ADM ImageNet-256 FID reference statistics (keys mu, sigma), from MAR's repo",
+    ),
+    Asset(
+        "adm_in256_ref_batch",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+        "VIRTUAL_imagenet256_labeled.npz",
+        "fid_stats/VIRTUAL_imagenet256_labeled.npz",
+        note="ADM's ImageNet-256 reference batch (arr_0 = 10,000 uint8 images, about 2 GB) from OpenAI's "
+             "guided-diffusion evaluation suite: --ref_batch for precision and recall",
     ),
     # MAR's released checkpoints (MAR's README links, dl=1 for the file itself); sizes and checksums
     # are not published, so only the transfer's own length is checked

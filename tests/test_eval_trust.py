@@ -1,0 +1,274 @@
+"""Evaluation a researcher can trust: precision/recall, images independent of the process count,
+resumable folders, cfg x temperature sweeps, and one-line errors for bad evaluation input."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import engine_mar
+import main_mar
+from engine_mar import evaluate
+from tests.eval_fixtures import cheap_features, use_cheap_inception, write_cheap_launcher
+from tests.pipeline_fixtures import eval_setup, make_image_folder, run, run_main, tiny_flags, torchrun
+from tests.test_eval import one_thread  # noqa: F401 (autouse: one thread for torch and BLAS)
+from util import eval_folder, metrics, sweep
+from util.checkpoint import LAST
+
+
+@pytest.fixture(scope="module")
+def fid_stats(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("stats") / "stats.npz"
+    b = rng.standard_normal((2048, 64)) * 0.05
+    np.savez(path, mu=rng.standard_normal(2048) * 0.1, sigma=b @ b.T + 1e-3 * np.eye(2048))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch tiny checkpoint to evaluate."""
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_image_folder(tmp / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp / "run", epochs=1))
+    return tmp / "run" / LAST
+
+
+def png_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+
+
+# ----------------------------------------------------------------------------- precision and recall
+def naive_precision_recall(gen, ref, k=3):
+    """The k-NN manifold rule written out point by point (ADM's evaluator's definition)."""
+    def radii(x):
+        return [sorted(np.linalg.norm(x - p, axis=1))[k] for p in x]  # index 0 is the point itself
+    r_gen, r_ref = radii(gen), radii(ref)
+    precision = np.mean([any(np.linalg.norm(g - q) <= r for q, r in zip(ref, r_ref)) for g in gen])
+    recall = np.mean([any(np.linalg.norm(q - g) <= r for g, r in zip(gen, r_gen)) for q in ref])
+    return precision, recall
+
+
+def test_precision_recall_known_answers():
+    ref = np.array([[0.0], [1.0], [2.0], [3.0], [4.0]])  # 3rd-neighbour radii 3, 2, 2, 2, 3
+    # 2.5 and -2.9 fall inside a reference ball, 10 and 7.5 do not; the wide generated balls cover all of ref
+    assert metrics.precision_recall([[2.5], [10.0], [-2.9], [7.5]], ref) == pytest.approx({"precision": 0.5, "recall": 1.0})
+    # a tight generated cluster (radii 1.5, 1, 1, 1.5): reference 3 sits exactly on a radius (counts), 4 outside
+    assert metrics.precision_recall([[0.0], [0.5], [1.0], [1.5]], ref) == pytest.approx({"precision": 1.0, "recall": 0.8})
+
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((120, 8))
+    assert metrics.precision_recall(feats, feats) == {"precision": 1.0, "recall": 1.0}
+    assert metrics.precision_recall(feats + 100.0, feats) == {"precision": 0.0, "recall": 0.0}
+    shifted = rng.standard_normal((90, 8)) * 1.3 + 1.2
+    got = metrics.precision_recall(shifted, feats)
+    expected = naive_precision_recall(shifted, feats)
+    assert 0.05 < got["precision"] < 0.95 and 0.05 < got["recall"] < 0.95
+    assert (got["precision"], got["recall"]) == pytest.approx(expected, abs=1e-6)  # fp32 means of 0/1
+    with pytest.raises(ValueError, match="more than 3"):
+        metrics.precision_recall(feats[:3], feats)
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"arr_0": np.zeros((6, 8, 8, 3), np.float32)}, "uint8"),
+    ({"arr_0": np.zeros((6, 8, 8), np.uint8)}, r"\[6, 8, 8\]"),
+    ({"arr_0": np.zeros((6, 16, 16, 3), np.uint8)}, "uint8 \\[N, 8, 8, 3\\]"),
+    ({"arr_0": np.zeros((3, 8, 8, 3), np.uint8)}, "N > 3"),
+    ({"mu": np.zeros(3)}, "not an npz holding arr_0"),
+])
+def test_ref_batch_shape_and_dtype_are_checked_from_the_header(tmp_path, arrays, message):
+    np.savez(tmp_path / "ref.npz", **arrays)
+    with pytest.raises(ValueError, match="--ref_batch .*" + message) as err:
+        metrics.check_ref_batch(tmp_path / "ref.npz", 8, 3)
+    assert "\n" not in str(err.value)
+    np.savez(tmp_path / "good.npz", arr_0=np.zeros((6, 8, 8, 3), np.uint8))
+    assert metrics.check_ref_batch(tmp_path / "good.npz", 8, 3) == (6, 8, 8, 3)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_rows_stream_in_blocks(tmp_path, save):
+    images = np.random.default_rng(3).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    save(tmp_path / "x.npz", arr_0=images)
+    blocks = list(metrics.iter_npz_rows(tmp_path / "x.npz", rows=3))
+    assert [len(b) for b in blocks] == [3, 3, 1] and np.array_equal(np.concatenate(blocks), images)
+
+
+def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path, monkeypatch):
+    images = np.random.default_rng(2).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images, arr_1=np.arange(5))
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights a")  # only the file's bytes enter the cache name
+    calls = []
+    monkeypatch.setattr(metrics, "inception_features", lambda *a: calls.append(len(a[1])) or cheap_features(*a))
+    first = metrics.reference_features(tmp_path / "ref.npz", "net", "cpu", weights)
+    assert calls == [5] and torch.equal(first, cheap_features(None, images, "cpu")[0])
+    (cached,) = tmp_path.glob("ref.npz.pool-*.npy")
+    again = metrics.reference_features(tmp_path / "ref.npz", "net", "cpu", weights)
+    assert calls == [5] and torch.equal(again, first)  # read back, not recomputed
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"weights b")
+    assert metrics.reference_features_path(tmp_path / "ref.npz", other) != str(cached)
+    assert metrics.reference_features_path(tmp_path / "ref.npz", None) != str(cached)
+
+
+# ----------------------------------------------------------------------------- resumable folders
+def test_complete_pngs_are_read_back_and_others_refused(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    good = tmp_path / "good.png"
+    eval_folder.save_png(image, str(good))
+    assert np.array_equal(eval_folder.read_complete_png(good, (8, 8, 3)), image)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert eval_folder.read_complete_png(good, (8, 8, 1)) is None  # RGB where grey is expected
+    assert eval_folder.read_complete_png(good, (16, 16, 3)) is None
+    grey = tmp_path / "grey.png"
+    eval_folder.save_png(image[..., :1], str(grey))
+    assert np.array_equal(eval_folder.read_complete_png(grey, (8, 8, 1)), image[..., :1])
+    data = good.read_bytes()
+    for name, content in (("cut.png", data[:len(data) // 2]), ("tail.png", data[:-12]), ("junk.png", b"x" * 40)):
+        (tmp_path / name).write_bytes(content)
+        assert eval_folder.read_complete_png(tmp_path / name, (8, 8, 3)) is None, name
+    assert eval_folder.read_complete_png(tmp_path / "missing.png", (8, 8, 3)) is None
+
+
+def ref_batch(path, n=8, seed=5):
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8))
+    return path
+
+
+def test_a_killed_evaluation_resumes_its_folder_and_gives_the_same_metrics(tmp_path, fid_stats, monkeypatch):
+    use_cheap_inception(monkeypatch)
+    args, model, tokenizer, ema = eval_setup(tmp_path, num_images=6, eval_bsz=2, fid_stats=fid_stats,
+                                             ref_batch=ref_batch(tmp_path / "ref.npz"))
+    drawn = []
+    real = engine_mar.generate
+    monkeypatch.setattr(engine_mar, "generate", lambda *a, **k: drawn.append(list(a[3])) or real(*a, **k))
+    first = evaluate(model, tokenizer, ema, args, epoch=2)
+    folder = tmp_path / "run" / first["folder"]
+    assert drawn == [[0, 0], [0, 1], [1, 1]] and first["images_drawn"] == 6
+    assert {"fid", "inception_score", "precision", "recall"} <= set(first)
+    before = png_bytes(folder)
+
+    # a kill: one PNG never written, one cut short, a temporary file left behind
+    (folder / "images" / "000001.png").unlink()
+    cut = folder / "images" / "000004.png"
+    cut.write_bytes(before["000004.png"][:30])
+    (folder / "images" / "000005.png.tmp").write_bytes(b"partial")
+    drawn.clear()
+    again = evaluate(model, tokenizer, ema, args, epoch=2)
+    assert again["folder"] == first["folder"]
+    assert drawn == [[0, 0], [1, 1]]  # batches 0 and 2 drawn again, batch 1 kept
+    assert again["images_drawn"] == 4 and again["images_kept"] == 2
+    assert png_bytes(folder) == before  # each batch's own seed gives back the same images
+    for key in ("fid", "inception_score", "inception_score_std", "precision", "recall"):
+        assert again[key] == first[key], key
+    with np.load(folder / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], np.stack([eval_folder.load_png(folder / "images" / n) for n in before]))
+
+    # a different setting never reuses the folder
+    other = evaluate(model, tokenizer, ema, args, epoch=2, temperature=0.5)
+    assert other["folder"] != first["folder"] and other["images_drawn"] == 6
+    assert png_bytes(tmp_path / "run" / other["folder"]) != before
+    # a folder of the same name whose settings.json differs is refused, not overwritten
+    settings = json.loads((folder / "settings.json").read_text())
+    (folder / "settings.json").write_text(json.dumps({**settings, "seed": 99}))
+    with pytest.raises(ValueError, match="settings.json differs"):
+        evaluate(model, tokenizer, ema, args, epoch=2)
+    assert png_bytes(folder) == before
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "1.0", "0.5"], r"--cfg values must be >= 1 \(1 = no guidance\); got 0.5"),
+    (["--temperature", "1.0", "0"], "--temperature values must be > 0; got 0"),
+    (["--temperature", "-1"], "--temperature values must be > 0"),
+    (["--num_images", "5"], "--num_images 5 must be a multiple of --class_num 2"),
+    (["--fid_stats", "STATS_WITHOUT_MU"], "--fid_stats .* must hold arrays 'mu' and 'sigma'"),
+    (["--ref_batch", "FLOAT_BATCH"], "--ref_batch .*arr_0 must be uint8"),
+    (["--ref_batch", "MISSING"], "--ref_batch .*no such file"),
+])
+def test_bad_evaluation_input_is_one_line_before_anything_is_written(tmp_path, extra, message):
+    np.savez(tmp_path / "nomu.npz", mean=np.zeros(3))
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((6, 8, 8, 3), np.float32))
+    names = {"STATS_WITHOUT_MU": tmp_path / "nomu.npz", "FLOAT_BATCH": tmp_path / "float.npz",
+             "MISSING": tmp_path / "missing.npz"}
+    extra = [str(names.get(e, e)) for e in extra]
+    flags = tiny_flags(data_path=tmp_path / "no-data", output_dir=tmp_path / "run", online_eval=True,
+                       num_images=4, fid_stats="none") + extra
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        run_main(flags)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- sweeps
+def test_sweep_evaluates_every_point_once_and_tables_plots_and_ranks_them(tmp_path, trained, fid_stats, monkeypatch):
+    use_cheap_inception(monkeypatch)
+    built = []
+    real = main_mar.sampling_graphs
+    monkeypatch.setattr(main_mar, "sampling_graphs", lambda *a: built.append(1) or real(*a))
+    out = tmp_path / "sweep"
+    run_main(tiny_flags(output_dir=out, resume=trained, evaluate=True, num_images=2, eval_bsz=2, num_iter=2,
+                        fid_stats=fid_stats) + ["--cfg", "1.0", "2.5", "--temperature", "1.0", "0.5"])
+    assert len(built) == 1  # one sampling accelerator for the whole sweep
+    with open(out / "sweep-ep0-iter2-n2-ema.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["cfg"]), float(r["temperature"])) for r in rows] == [(1.0, 1.0), (1.0, 0.5), (2.5, 1.0),
+                                                                           (2.5, 0.5)]
+    table = json.loads((out / "sweep-ep0-iter2-n2-ema.json").read_text())
+    for row, saved in zip(rows, table):
+        metrics_json = json.loads((tmp_path / "sweep" / saved["folder"] / "metrics.json").read_text())
+        assert float(row["fid"]) == saved["fid"] == metrics_json["fid"]
+        assert metrics_json["cfg"] == saved["cfg"] and metrics_json["temperature"] == saved["temperature"]
+    assert len({r["fid"] for r in rows}) == 4  # four different image sets
+    best = min(table, key=lambda r: r["fid"])
+    log = (out / "log.txt").read_text()
+    assert (f"sweep best point (lowest fid): cfg {best['cfg']:g}, temperature {best['temperature']:g}: "
+            f"fid {best['fid']:.4f}") in log
+    plot = Image.open(out / "sweep-ep0-iter2-n2-ema.png")
+    assert plot.size[0] >= 2 * plot.size[1] > 400  # fid and IS panels side by side
+
+    # a later run at another temperature adds its point to the same table
+    run_main(tiny_flags(output_dir=out, resume=trained, evaluate=True, num_images=2, eval_bsz=2, num_iter=2,
+                        fid_stats=fid_stats) + ["--cfg", "2.5", "--temperature", "0.8"])
+    merged = json.loads((out / "sweep-ep0-iter2-n2-ema.json").read_text())
+    assert merged[:4] == table and [(r["cfg"], r["temperature"]) for r in merged[4:]] == [(2.5, 0.8)]
+
+
+def test_sweep_ranking_and_plot_work_with_whatever_metrics_exist(tmp_path):
+    digits = [{"cfg": c, "temperature": t, "accuracy": a, "real_accuracy": 0.97, "sec_per_image": 0.1,
+               "folder": f"f{c}{t}"} for c, t, a in [(1.0, 1.0, 0.4), (3.0, 1.0, 0.9), (1.0, 0.8, 0.5), (3.0, 0.8, 0.7)]]
+    row, key, lower = sweep.best_point(digits)
+    assert (row["cfg"], row["temperature"], key, lower) == (3.0, 1.0, "accuracy", False)
+    assert sweep.metric_keys(digits) == ["accuracy"]  # real_accuracy: a reference line in its panel
+    assert Image.open(sweep.plot(digits, tmp_path / "digits.png")).size[0] > 300
+    with_fid = [dict(r, fid=f, inception_score_std=1.0) for r, f in zip(digits, [9.0, 3.0, 2.0, 5.0])]
+    assert sweep.best_point(with_fid)[0]["folder"] == "f1.00.8"  # FID decides when present
+    assert sweep.metric_keys(with_fid) == ["accuracy", "fid"]  # stds are not plotted
+    again = dict(digits[1], accuracy=0.1)
+    assert sweep.merge_rows(digits, [again]) == [digits[0], digits[2], digits[3], again]
+    assert sweep.best_point([{"cfg": 1.0, "temperature": 1.0}]) is None
+    assert sweep.plot([{"cfg": 1.0, "temperature": 1.0, "folder": "f"}], tmp_path / "none.png") is None
+
+
+# ----------------------------------------------------------------------------- processes
+def test_one_and_two_processes_draw_identical_images_and_scores(tmp_path, trained, fid_stats, monkeypatch):
+    """6 batches of 2: rank 0 draws batches 0, 2, 4, rank 1 batches 1, 3, 5; one process draws them all.
+    IS (splits of a fixed shuffle) sees the order of the features: they must be gathered in image order."""
+    flags = tiny_flags(resume=trained, evaluate=True, num_images=12, eval_bsz=2, num_iter=2, fid_stats=fid_stats,
+                       ref_batch=ref_batch(tmp_path / "ref.npz"))
+    use_cheap_inception(monkeypatch)
+    run_main(flags + ["--output_dir", str(tmp_path / "one")])
+    launcher = write_cheap_launcher(tmp_path)
+    two = run(torchrun() + ["--standalone", "--nproc_per_node=2", str(launcher), *flags, "--output_dir",
+                            str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    (folder_one,) = (tmp_path / "one").glob("eval-*")
+    (folder_two,) = (tmp_path / "two").glob("eval-*")
+    assert folder_one.name == folder_two.name  # the process count is not a setting
+    assert len(png_bytes(folder_one)) == 12 and png_bytes(folder_one) == png_bytes(folder_two)
+    m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (folder_one, folder_two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    for key in ("fid", "inception_score", "precision", "recall"):
+        assert m1[key] == m2[key], key
