@@ -47,8 +47,9 @@ def factory_defaults(name):
     return block.norm1.normalized_shape[0], block.attn.num_heads, len(model.encoder_blocks)
 
 
-def build_model(args):
-    """The MAR the flags describe, randomly initialised (benchmarks need no weights), in eval mode."""
+def build_model(args, **head):
+    """The MAR the flags describe, randomly initialised (benchmarks need no weights), in eval mode.
+    head: MAR's head arguments (head="diffloss", diffloss_d=..., ...); ARINAR's inner AR by default."""
     width, heads, depth = factory_defaults(args.model)
     if args.width is not None and args.heads is None and args.width % heads:
         raise ValueError(f"--width {args.width} is not divisible by {args.model}'s {heads} heads; pass --heads")
@@ -58,7 +59,7 @@ def build_model(args):
     return MAR(img_size=args.img_size, encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
                decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads, mlp_ratio=4,
                class_num=args.class_num, num_gaussians=args.num_gaussians, inner_ar_width=args.inner_width,
-               inner_ar_depth=args.inner_depth, inner_ar_heads=args.inner_heads).eval()
+               inner_ar_depth=args.inner_depth, inner_ar_heads=args.inner_heads, **head).eval()
 
 
 def setup_runtime(args):

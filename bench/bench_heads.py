@@ -1,0 +1,96 @@
+"""The paper's speed table in one command: per-token heads on the same outer model, same device, same batch.
+
+Times ARINAR's inner AR (64 outer steps, cfg 4.5), MAR's diffusion head (100 diffusion steps; 256
+outer steps at cfg 2.9 as MAR evaluates, and 64 steps), and the whole-token mixture head (64 steps,
+cfg 4.5), each through the engine's backend for this device (eager; CUDA graphs on CUDA, --compile
+to add torch.compile), at every --batch_sizes, and prints images/s and each head's time relative
+to ARINAR's. Random weights (speed does not depend on them). The paper (one A100, 100 images one
+by one): MAR-B 65.69 s / ARINAR-B 11.57 s = 5.7x.
+
+    python -m bench.bench_heads --device cuda --precision bf16 --batch_sizes 1 256     # ARINAR-B size
+    python -m bench.bench_heads --width 128 --depth 2 --heads 4 --inner_width 128 --diffloss_w 256 \\
+        --batch_sizes 1 8 --threads 1                                                   # a CPU-sized run
+"""
+import logging
+
+import torch
+
+from bench.config import (add_model_args, add_runtime_args, build_model, machine_line, median, parser,
+                          setup_runtime, time_runs, write_json)
+from engine_mar import add_sampling_args
+from sampling import make_backend
+
+log = logging.getLogger("bench.heads")
+PAPER_RATIO = 65.69 / 11.57  # MAR-B / ARINAR-B seconds per image at batch 1 (ARINAR paper, A100)
+# (name, head, outer steps, cfg): the paper's settings for each
+SETTINGS = (("arinar", "arinar", 64, 4.5), ("mar_256", "diffloss", 256, 2.9), ("mar_64", "diffloss", 64, 2.9),
+            ("gmm", "gmm", 64, 4.5))
+
+
+def parse_args(argv=None):
+    p = parser(__doc__.splitlines()[0])
+    add_model_args(p)
+    add_runtime_args(p)
+    g = p.add_argument_group("heads and sampling")
+    g.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 256])
+    g.add_argument("--diffloss_d", type=int, default=6, help="MAR's diffusion MLP blocks (MAR-B: 6)")
+    g.add_argument("--diffloss_w", type=int, default=1024, help="MAR's diffusion MLP width (MAR-B: 1024)")
+    g.add_argument("--num_sampling_steps", type=int, default=100)
+    g.add_argument("--only", nargs="+", default=[s[0] for s in SETTINGS], choices=[s[0] for s in SETTINGS],
+                   help="time these settings only")
+    add_sampling_args(g)
+    p.set_defaults(repeats=2)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    device = setup_runtime(args)
+    head_args = {"arinar": {}, "gmm": {"head": "gmm", "diffloss_d": args.diffloss_d, "diffloss_w": args.diffloss_w},
+                 "diffloss": {"head": "diffloss", "diffloss_d": args.diffloss_d, "diffloss_w": args.diffloss_w,
+                              "num_sampling_steps": args.num_sampling_steps}}
+    log.info("machine: %s", machine_line(device))
+    results = {"machine_before": machine_line(device), "args": vars(args), "rows": []}
+    models = {}
+    for name, head, num_iter, cfg in (s for s in SETTINGS if s[0] in args.only):
+        if head not in models:
+            torch.manual_seed(args.seed)
+            model = build_model(args, **head_args[head]).to(device)
+            models[head] = (model, make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile,
+                                                precision=args.precision))
+        model, backend = models[head]
+        for batch in args.batch_sizes:
+            labels = torch.randint(0, args.class_num, (batch,), generator=torch.Generator().manual_seed(args.seed))
+
+            def run():
+                model.sample_tokens(batch, num_iter, cfg=cfg, labels=labels, backend=backend)
+            # warm-up: CUDA graphs capture each schedule step and row bucket on first use
+            times = time_runs(run, device, args.warmup, args.repeats)
+            row = {"setting": name, "head": head, "num_iter": num_iter, "cfg": cfg, "batch_size": batch,
+                   "seconds": times, "images_per_s": batch / median(times)}
+            results["rows"].append(row)
+            log.info("%-8s batch %4d  %8.3f images/s  %8.3f s/image  (runs: %s s)", name, batch,
+                     row["images_per_s"], median(times) / batch, ", ".join(f"{t:.2f}" for t in times))
+    results["ratios"] = ratios(results["rows"])
+    for batch, row in results["ratios"].items():
+        log.info("batch %d, seconds per image relative to ARINAR: %s", batch,
+                 ", ".join(f"{k} {v:.2f}x" for k, v in row.items()))
+    log.info("the paper's MAR-B / ARINAR-B at batch 1 (A100): %.1fx", PAPER_RATIO)
+    results["machine_after"] = machine_line(device)
+    write_json(args.json, results)
+    return results
+
+
+def ratios(rows):
+    """{batch: {setting: its seconds per image / ARINAR's}} for batches where ARINAR was timed."""
+    out = {}
+    for batch in sorted({r["batch_size"] for r in rows}):
+        at = {r["setting"]: r["images_per_s"] for r in rows if r["batch_size"] == batch}
+        if "arinar" in at:
+            out[batch] = {k: at["arinar"] / v for k, v in at.items() if k != "arinar"}
+    return out
+
+
+if __name__ == "__main__":
+    main()
