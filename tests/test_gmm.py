@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from scipy import special, stats
 
 from models.gmm import (cfg_log_target, gmm_log_prob, gmm_nll, sample_gmm, sample_gmm_cfg,
                         split_gmm_params, tempered)
@@ -71,24 +71,40 @@ def test_num_samples_shape_and_distribution():
     assert stats.kstest(samples[2].numpy(), mixture_cdf(MU, LOGVAR, LOGITS)).pvalue > 0.01
 
 
+def mixture_logpdf(x, mu, logvar, logits, temperature=1.0):
+    """log of sum_k w_k N(x; mu_k, (std_k / T)^2) with scipy, in float64; x [N] -> [N]."""
+    w = torch.softmax(logits.double(), -1).numpy()
+    sd = (torch.exp(0.5 * logvar.double()) / temperature).numpy()
+    return special.logsumexp(np.log(w) + stats.norm.logpdf(np.asarray(x, np.float64)[:, None], mu.numpy(), sd), axis=-1)
+
+
+def log_target(x, cfg, temperature):
+    """The spec's guided target, unnormalised: log q_T(x) + (w - 1) (log p_cond(x) - log p_uncond(x)),
+    q_T the conditional mixture with every std divided by T (= p_cond^w / p_uncond^(w-1) at T = 1)."""
+    return (mixture_logpdf(x, MU, LOGVAR, LOGITS, temperature)
+            + (cfg - 1) * (mixture_logpdf(x, MU, LOGVAR, LOGITS) - mixture_logpdf(x, MU_U, LOGVAR_U, LOGITS_U)))
+
+
 def target_cdf(cfg, temperature):
     """Normalised CFG target by numerical integration on a fine grid."""
-    grid = torch.linspace(-12, 14, 200001)
-    cond = [t[None] for t in (MU, LOGVAR, LOGITS)]
-    uncond = [t[None] for t in (MU_U, LOGVAR_U, LOGITS_U)]
-    log_t = cfg_log_target(grid[None], cond, uncond, cfg, temperature)[0].double()
-    dens = torch.exp(log_t - log_t.max())
-    cdf = torch.cumulative_trapezoid(dens, grid.double(), dim=0)
-    cdf = torch.cat([torch.zeros(1, dtype=cdf.dtype), cdf]) / cdf[-1]
-    return grid.numpy(), cdf.numpy(), (dens / torch.trapezoid(dens, grid.double())).numpy()
+    grid = np.linspace(-12, 14, 200001)
+    log_t = log_target(grid, cfg, temperature)
+    dens = np.exp(log_t - log_t.max())
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(grid))])
+    return grid, cdf / cdf[-1], dens / cdf[-1]
 
 
-def test_cfg_target_is_p_cond_pow_w_over_p_uncond_pow_w_minus_1():
-    x = torch.linspace(-3, 5, 50)[None]
+@pytest.mark.parametrize("temperature", [1.0, 1.1])
+def test_cfg_log_target_matches_scipy(temperature):
+    x = torch.linspace(-3, 5, 50)
     cond = [t[None] for t in (MU, LOGVAR, LOGITS)]
     uncond = [t[None] for t in (MU_U, LOGVAR_U, LOGITS_U)]
-    expected = 3.0 * gmm_log_prob(x, *cond) - 2.0 * gmm_log_prob(x, *uncond)
-    torch.testing.assert_close(cfg_log_target(x, cond, uncond, 3.0, 1.0), expected)
+    got = cfg_log_target(x[None], cond, uncond, 3.0, temperature)[0]
+    np.testing.assert_allclose(got.numpy(), log_target(x.numpy(), 3.0, temperature), rtol=1e-5, atol=1e-4)
+    if temperature == 1.0:  # p_cond^3 / p_uncond^2
+        expected = 3 * mixture_logpdf(x.numpy(), MU, LOGVAR, LOGITS) - 2 * mixture_logpdf(x.numpy(), MU_U, LOGVAR_U,
+                                                                                          LOGITS_U)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("cfg,temperature", [(1.5, 1.0), (3.0, 1.0), (4.5, 1.0), (3.9, 1.1), (2.0, 0.8)])

@@ -155,16 +155,26 @@ def test_label_drop_in_training_only():
 
 
 def test_forward_applies_label_drop_in_train_mode_not_eval():
-    m = randomize_(tiny_mar(label_drop_prob=1.0, attn_dropout=0.0, proj_dropout=0.0), std=0.1)
-    lat, mask = torch.randn(2, 16, 4, 4), make_mask(2, 16, 9)
+    # weights at std 0.3 and seeded latents: the class moves the loss by a fixed, clearly measurable amount
+    m = randomize_(tiny_mar(label_drop_prob=1.0, attn_dropout=0.0, proj_dropout=0.0), std=0.3)
+    lat, mask = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0)), make_mask(2, 16, 9)
     labels = torch.tensor([1, 2])
-    m.train()
-    train_loss = m(lat, labels, mask)
-    uncond = m(lat, None, mask)
-    m.eval()
-    eval_loss = m(lat, labels, mask)
-    torch.testing.assert_close(train_loss, uncond)
-    assert abs(eval_loss.item() - uncond.item()) > 1e-5
+    tokens = m.patchify(lat)
+
+    def loss_with(class_vec):  # the loss written out for given class vectors
+        z = m.condition(tokens, mask, class_vec)
+        return m.arhead.nll(tokens[mask], z[mask]).mean()
+
+    with torch.no_grad():
+        m.train()
+        train_loss = m(lat, labels, mask)
+        m.eval()
+        eval_loss = m(lat, labels, mask)
+        uncond = loss_with(m.fake_latent.expand(2, -1))
+        cond = loss_with(m.class_emb(labels))
+    torch.testing.assert_close(train_loss, uncond, rtol=1e-6, atol=0)  # every label dropped
+    torch.testing.assert_close(eval_loss, cond, rtol=1e-6, atol=0)     # none dropped
+    assert abs(cond - uncond) > 1e-4 * abs(uncond)  # the two really are told apart
 
 
 def test_mask_ratio_is_truncated_normal():
@@ -241,23 +251,52 @@ def test_cosine_schedule_release_facts():
     assert all(s == 4.5 for _, s in sampling_schedule(256, 64, 4.5, "constant"))
 
 
-def test_sampling_predicts_the_scheduled_tokens():
-    m = eval_tiny()
-    counts, scales = [], []
-    original = m.arhead.sample
+def test_cosine_schedule_small_case_literal():
+    """16 tokens, 5 steps, cfg 3: floor(16 cos(pi/2 s/5)) = 15, 12, 9, 4, 0 -> clamped to 1 at the last step;
+    linear cfg 1 + 2 (16 - masked) / 16."""
+    steps = sampling_schedule(16, 5, cfg=3.0)
+    assert [masked for masked, _ in steps] == [15, 12, 9, 4, 1]
+    assert [scale for _, scale in steps] == pytest.approx([1.125, 1.5, 1.875, 2.5, 2.875], abs=1e-12)
+    # more steps than tokens: one token per step until one is left, the rest at the last step
+    assert [masked for masked, _ in sampling_schedule(4, 6)] == [3, 2, 1, 1, 1, 1]
 
-    def spy(z, temperature, cfg, **kw):
+
+def test_cosine_schedule_matches_the_spec_formula_step_by_step():
+    """The spec's formula, evaluated with numpy: floor(256 cos(pi/2 s/64)), at least one token unmasked per
+    step and one still masked until the last."""
+    masked, expected = 256, []
+    for s in range(1, 65):
+        value = int(np.floor(256 * np.cos(np.pi / 2 * s / 64)))
+        masked = max(1, min(masked - 1, value))
+        expected.append(masked)
+    steps = sampling_schedule(256, 64, cfg=4.5)
+    assert [m for m, _ in steps] == expected
+    assert [w for _, w in steps] == pytest.approx([1 + 3.5 * (256 - m) / 256 for m in expected], abs=1e-12)
+
+
+def test_sampling_predicts_the_scheduled_tokens():
+    """Counts and scales seen by the inner sampler, against the literal schedule of the 16-token, 5-step case."""
+    m = eval_tiny()
+    counts, scales, positions_seen = [], [], []
+    sample, condition_at = m.arhead.sample, m.condition_at
+
+    def spy_sample(z, temperature, cfg, **kw):
         counts.append(z.shape[0])
         scales.append(cfg)
-        return original(z, temperature, cfg, **kw)
+        return sample(z, temperature, cfg, **kw)
 
-    m.arhead.sample = spy
+    def spy_condition(tokens, keep, class_vec, predict=None):
+        positions_seen.append((keep, predict))
+        return condition_at(tokens, keep, class_vec, predict)
+
+    m.arhead.sample, m.condition_at = spy_sample, spy_condition
     torch.manual_seed(0)
     out = m.sample_tokens(2, num_iter=5, cfg=3.0, labels=torch.tensor([1, 2]))
-    sched = sampling_schedule(16, 5, 3.0)
-    masked = [16] + [s for s, _ in sched]
-    expected = [2 * 2 * (masked[i] - masked[i + 1]) for i in range(4)] + [2 * 2 * masked[4]]
-    assert counts == expected and scales == [s for _, s in sched]
+    # tokens predicted per step: 16-15, 15-12, 12-9, 9-4, and the last 4; x 2 images x 2 (cfg doubles the rows)
+    assert counts == [4 * n for n in (1, 3, 3, 5, 4)]
+    assert scales == pytest.approx([1.125, 1.5, 1.875, 2.5, 2.875], abs=1e-12)
+    for keep, predict in positions_seen:  # the class and the unconditional rows see the same positions
+        assert torch.equal(keep[:2], keep[2:]) and torch.equal(predict[:2], predict[2:])
     assert out.shape == (2, 16, 4, 4) and torch.isfinite(out).all() and (out != 0).all()
 
 

@@ -1,0 +1,163 @@
+"""The training step, piece by piece: every part of it (latent scale, lr, scaler, clipping, optimizer
+step, zero_grad, EMA, label drop) must leave a trace that a hand-written step reproduces.
+
+The expectations are independent of the code under test: the learning rates are literal numbers
+worked out from the schedule's formula, and the reference step is plain tensor arithmetic.
+"""
+import math
+import types
+
+import pytest
+import torch
+from scipy import stats
+
+from engine_mar import train_one_epoch
+from models.tokenizer import PixelTokenizer
+from tests.conftest import randomize_, tiny_mar
+from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
+from util.checkpoint import LAST, TrainState
+from util.ema import EMA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, BATCH, CLIP, EMA_RATE, LATENT_SCALE = 4, 8, 0.5, 0.75, 0.5
+# base lr 0.1, warmup 2 epochs, cosine to 0 at epoch 4: lr(e) = 0.05 e in warmup, else 0.05 (1 + cos(pi (e-2) / 2))
+LR_EPOCH_1 = [0.05, 0.0625, 0.075, 0.0875]                      # e = 1, 1.25, 1.5, 1.75
+LR_EPOCH_2 = [0.1, 0.09619398, 0.08535534, 0.06913417]          # e = 2, 2.25, 2.5, 2.75
+LR_EPOCH_3_FROM_STEP_2 = [0.01464466, 0.00380602]               # e = 3.5, 3.75 (a resumed epoch)
+
+
+def step_args(tmp_path):
+    return types.SimpleNamespace(grad_clip=CLIP, lr=0.1, min_lr=0.0, warmup_epochs=2, epochs=4, lr_schedule="cosine",
+                                 use_cached=False, precision="fp32", output_dir=str(tmp_path), log_freq=100,
+                                 batch_size=BATCH)
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Plain SGD (its update is linear in the gradient, so a skipped clip or unscale shows) that
+    records the learning rate of every step it takes."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.lrs = []
+
+    def step(self, closure=None):
+        self.lrs.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def batches(count, seed, batch=BATCH, classes=10):
+    """(images, labels): 16-channel 4x4 "images" that a pixel tokenizer hands to tiny_mar as latents."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 16, 4, 4, generator=gen), torch.randint(0, classes, (batch,), generator=gen))
+            for _ in range(count)]
+
+
+def scaled_pixel_tokenizer():
+    tokenizer = PixelTokenizer(img_channels=16, levels=None)
+    tokenizer.scale = LATENT_SCALE  # a scale other than 1, so a step that forgets it shows
+    return tokenizer
+
+
+def reference_steps(model, ema, data, lrs):
+    """What one training step is, written out: loss on scaled latents, gradient, clip to CLIP by the
+    global norm, p -= lr * g, ema = rate * ema + (1 - rate) * p. Returns the gradient norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    model.train()
+    for (images, labels), lr in zip(data, lrs):
+        loss = model(images * LATENT_SCALE, labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        norms.append(norm)
+        factor = min(1.0, CLIP / (norm + 1e-6))
+        with torch.no_grad():
+            for p, g, e in zip(params, grads, ema):
+                p.sub_(lr * factor * g)
+                e.mul_(EMA_RATE).add_((1 - EMA_RATE) * p)
+    return norms
+
+
+def test_train_one_epoch_matches_a_hand_written_step(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1)
+    reference = randomize_(tiny_mar(), std=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+    ema = EMA(model, EMA_RATE)
+    ref_ema = [p.detach().clone() for p in reference.parameters()]
+    initial = [p.detach().clone() for p in model.parameters()]
+
+    args = step_args(tmp_path)
+    optimizer = RecordingSGD(model.parameters(), lr=123.0)  # the loop must set every step's lr itself
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
+    tokenizer = scaled_pixel_tokenizer()
+    epochs = [(1, 0, batches(STEPS, 1), LR_EPOCH_1), (2, 0, batches(STEPS, 2), LR_EPOCH_2),
+              (3, 2, batches(2, 3), LR_EPOCH_3_FROM_STEP_2)]
+    state, norms = TrainState(), []
+    for epoch, start, data, lrs in epochs:
+        state.epoch, state.step_in_epoch = epoch, start
+        model.eval()  # the loop must put the model in training mode (dropout, label drop) itself
+        torch.manual_seed(10 + epoch)
+        # (clones: to_latents scales a pixel batch in place)
+        train_one_epoch(model, tokenizer, [(x.clone(), y) for x, y in data], optimizer, scaler, ema, state, args, STEPS)
+        torch.manual_seed(10 + epoch)  # the same masks, dropout and label drops as the loop drew
+        norms += reference_steps(reference, ref_ema, data, lrs)
+
+    expected_lrs = LR_EPOCH_1 + LR_EPOCH_2 + LR_EPOCH_3_FROM_STEP_2
+    assert optimizer.lrs == pytest.approx(expected_lrs, rel=1e-6, abs=1e-12)
+    assert (state.epoch, state.step_in_epoch, state.global_step) == (3, 4, 10)
+    assert min(norms) > 2 * CLIP  # every step was clipped, so the clip matters to the result
+    for (name, p), ref, start in zip(model.named_parameters(), reference.parameters(), initial):
+        assert not torch.equal(p, start) or name == "mask_token", name
+        torch.testing.assert_close(p, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for name, value, ref in zip(ema.names, ema.params, ref_ema):
+        torch.testing.assert_close(value, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"EMA {name}: {m}")
+    assert all(p.grad is None for p in model.parameters())  # gradients cleared after the step
+    assert model.training
+
+
+def test_training_drops_labels_at_the_configured_rate(tmp_path, monkeypatch):
+    """The class vectors the outer model sees during training: the fake class at rate label_drop_prob."""
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(label_drop_prob=0.5), std=0.1)
+    seen = []
+    real = model.condition
+
+    def spy(tokens, mask, class_vec, *args, **kwargs):  # what the class rows are, against the weights of the moment
+        seen.append((class_vec.detach().clone(), model.fake_latent.detach().clone(),
+                     model.class_emb.weight.detach().clone()))
+        return real(tokens, mask, class_vec, *args, **kwargs)
+
+    monkeypatch.setattr(model, "condition", spy)
+    data = batches(4, 5, batch=40)
+    model.eval()
+    train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
+                    torch.optim.SGD(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False),
+                    EMA(model, 0.9), TrainState(), step_args(tmp_path), len(data))
+    assert len(seen) == len(data)
+    dropped = 0
+    for (class_vec, fake, table), (_, labels) in zip(seen, data):
+        is_fake = (class_vec == fake).all(-1)
+        assert torch.equal(class_vec[~is_fake], table[labels[~is_fake]])  # kept rows: their own class
+        dropped += int(is_fake.sum())
+    assert stats.binomtest(dropped, 160, 0.5).pvalue > 1e-4, dropped
+
+
+def test_run_logs_per_iteration_lr_and_keeps_the_ema(tmp_path):
+    """End to end through main_mar: the logged lr per step is the schedule at epoch + k / steps, and
+    with --ema_rate 0 the saved EMA is exactly the final live weights (it was updated after every step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_image_folder(tmp_path / "data", per_class=4)  # 8 images, batch 2: 4 steps per epoch
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, lr_schedule="cosine", ema_rate=0.0))
+    lr = 1e-2 * 2 / 256  # blr x batch / 256
+    # epoch 0 warms up linearly; epoch 1 is the cosine half-cycle 0.5 (1 + cos(pi k / 4))
+    expected = [0.0, 0.25, 0.5, 0.75, 1.0, 0.85355339, 0.5, 0.14644661]
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    logged = [s.value for s in events.Scalars("train/lr")]
+    assert logged == pytest.approx([lr * f for f in expected], rel=1e-6, abs=1e-12)
+
+    ckpt = load(tmp_path / "run" / LAST)
+    for key, value in ckpt["model"].items():
+        torch.testing.assert_close(ckpt["model_ema"][key], value, rtol=0, atol=0, msg=key)
