@@ -45,7 +45,7 @@ def model_device(model):
 def to_latents(tokenizer, batch, use_cached):
     """Images (or cached posterior parameters) -> posterior sample x tokenizer.scale, in fp32."""
     posterior = tokenizer.posterior(batch) if use_cached else tokenizer.encode(batch)
-    return posterior.sample().float().mul_(tokenizer.scale)
+    return posterior.sample().float() * tokenizer.scale  # not in place: the sample may be the batch itself
 
 
 # ----------------------------------------------------------------------------- training

@@ -206,12 +206,12 @@ def test_bad_evaluation_input_is_one_line_before_anything_is_written(tmp_path, e
 def test_sweep_evaluates_every_point_once_and_tables_plots_and_ranks_them(tmp_path, trained, fid_stats, monkeypatch):
     use_cheap_inception(monkeypatch)
     built = []
-    real = main_mar.sampling_graphs
-    monkeypatch.setattr(main_mar, "sampling_graphs", lambda *a: built.append(1) or real(*a))
+    real = main_mar.sampling_backend
+    monkeypatch.setattr(main_mar, "sampling_backend", lambda *a: built.append(1) or real(*a))
     out = tmp_path / "sweep"
     run_main(tiny_flags(output_dir=out, resume=trained, evaluate=True, num_images=2, eval_bsz=2, num_iter=2,
                         fid_stats=fid_stats) + ["--cfg", "1.0", "2.5", "--temperature", "1.0", "0.5"])
-    assert len(built) == 1  # one sampling accelerator for the whole sweep
+    assert len(built) == 1  # one sampling backend for the whole sweep
     with open(out / "sweep-ep0-iter2-n2-ema.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(float(r["cfg"]), float(r["temperature"])) for r in rows] == [(1.0, 1.0), (1.0, 0.5), (2.5, 1.0),
