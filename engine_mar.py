@@ -183,9 +183,10 @@ def add_sampling_args(group):
 
 
 def sampling_backend(model, args):
-    """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs."""
-    return make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile, cfg_sampler=args.cfg_sampler,
-                        precision=args.precision)
+    """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs.
+    Flags args lacks (a namespace built by hand) take their command-line defaults."""
+    return make_backend(model, cuda_graphs=getattr(args, "cuda_graphs", None), compile=getattr(args, "compile", False),
+                        cfg_sampler=getattr(args, "cfg_sampler", "sir"), precision=getattr(args, "precision", None))
 
 
 def save_grid(images, nrow, path, pad=2):
