@@ -1,6 +1,7 @@
 """Masked editing: the pure pieces of util/editing.py against literal answers, the partial-canvas
 draw against the head's own law, kept tokens bit for bit, and sample.py --edit end to end with
 its one-line refusals."""
+import json
 import logging
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+import demo_edit
 import sample
 from sampling import make_backend
 from tests.conftest import randomize_, tiny_mar
@@ -274,3 +276,34 @@ def test_edit_flags_need_edit(pixel_run, tmp_path, capsys):  # noqa: F811
     with pytest.raises(SystemExit):
         run(pixel_run, tmp_path / "x.png", "--box", "0", "0", "4", "4")
     assert "add --edit IMAGE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the digits demo
+def test_demo_edit_scores_completed_and_repainted_digits(pixel_run, tmp_path):  # noqa: F811
+    """demo_edit.py on a tiny digits-shaped run: every artefact, and the kept top halves are the real ones."""
+    run_dir = tmp_path / "runs" / "demo-1"
+    run_dir.mkdir(parents=True)
+    ckpt = torch.load(pixel_run / "checkpoint-last.pth", weights_only=True)
+    ckpt["args"].update(dataset="digits", cfg=2.0, num_iter=16, temperature=1.0, cfg_schedule="linear")
+    torch.save(ckpt, run_dir / "checkpoint-last.pth")
+    metrics = demo_edit.main(["--runs", str(tmp_path / "runs"), "--num_iter", "2"])
+    saved = json.loads((run_dir / "edit-demo" / "edit_metrics.json").read_text())
+    assert saved == metrics and metrics["num_iter"] == 2 and metrics["cfg"] == 2.0 and metrics["num_digits"] == 360
+    assert 0.9 <= metrics["real_accuracy"] < 1.0
+    for key in ("completion_accuracy", "top_half_only_accuracy", "class_edit_share", "class_edit_still_old_class"):
+        assert 0.0 <= metrics[key] <= 1.0
+    grid = np.asarray(Image.open(run_dir / "edit-demo" / "edit_grid.png"))
+    cell = 8 * demo_edit.ZOOM
+    assert grid.shape == (PAD + 10 * (cell + PAD), PAD + 4 * (cell + PAD))
+    for row in range(10):
+        real, top, completed, repainted = (grid[PAD + row * (cell + PAD):][:cell, PAD + c * (cell + PAD):][:, :cell]
+                                           for c in range(4))
+        half = cell // 2
+        assert np.array_equal(top[:half], real[:half]) and (top[half:] == 0).all()
+        assert np.array_equal(completed[:half], real[:half]) and np.array_equal(repainted[:half], real[:half])
+
+
+def test_demo_edit_without_a_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo_edit.main(["--runs", str(tmp_path)])
+    assert "run `make demo` first" in capsys.readouterr().err
