@@ -14,7 +14,7 @@ import demo_edit
 import sample
 from sampling import make_backend
 from tests.conftest import randomize_, tiny_mar
-from tests.test_sample import pixel_run, run, tiny_model_name  # noqa: F401  (fixtures: a tiny pixel checkpoint)
+from tests.test_sample import kl16_run, pixel_run, run, tiny_model_name  # noqa: F401  (tiny checkpoints)
 from util.editing import box_to_tokens, fill_canvas, mask_to_tokens, outpaint_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -307,3 +307,17 @@ def test_demo_edit_without_a_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_edit.main(["--runs", str(tmp_path)])
     assert "run `make demo` first" in capsys.readouterr().err
+
+
+def test_kl16_edit_and_outpaint_shapes(kl16_run, tmp_path):  # noqa: F811
+    """The VAE path: RGB crop, encode, a 2x2-token canvas edited, then widened by one token (16 px)."""
+    photo = np.random.default_rng(0).integers(0, 256, (40, 32, 3), dtype=np.uint8)  # taller: crop rows 4..35
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    vae = ["--vae_path", kl16_run / "kl16.ckpt", "--num_per_class", "2"]
+    out = run(kl16_run, tmp_path / "k.png", "--edit", tmp_path / "photo.png", "--box", "0", "0", "16", "16", *vae)
+    original, mask, *results = (np.asarray(Image.open(out))[PAD:PAD + 32, PAD + c * 34:PAD + c * 34 + 32]
+                                for c in range(4))
+    assert np.array_equal(original, photo[4:36]) and (mask[:16, :16] == 255).all() and (mask[16:] == 0).all()
+    assert len(results) == 2 and results[0].shape == (32, 32, 3)
+    out = run(kl16_run, tmp_path / "w.png", "--edit", tmp_path / "photo.png", "--outpaint", "left", "16", *vae)
+    assert np.asarray(Image.open(tmp_path / "w-1.png")).shape == (32, 48, 3)

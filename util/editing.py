@@ -151,13 +151,14 @@ def fill_canvas(model, canvas, filled, windows, labels, sampling, backend=None, 
     """
     canvas, filled = canvas.clone(), torch.as_tensor(filled, dtype=torch.bool).clone()
     g, p, n = model.seq_h, model.patch_size, canvas.shape[0]
-    for row, col in tqdm(windows, desc="windows", disable=not progress or len(windows) == 1):
+    several = len(windows) > 1  # one bar over the windows, else one over the outer steps
+    for row, col in tqdm(windows, desc="windows", disable=not (progress and several)):
         if filled[row:row + g, col:col + g].all():
             continue
         latents = canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p]
         keep = filled[row:row + g, col:col + g].reshape(1, -1).expand(n, -1).to(canvas.device)
         out = model.sample_tokens(n, known=latents, keep=keep, labels=labels, backend=backend,
-                                  progress=progress, **sampling)
+                                  progress=progress and not several, **sampling)
         canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p] = out.to(canvas.dtype)
         filled[row:row + g, col:col + g] = True
     return canvas
