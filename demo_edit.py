@@ -21,18 +21,18 @@ import sample
 from engine_mar import decode_images, sampling_backend, save_grid, to_uint8
 from util.checkpoint import atomic_write
 from util.digits import DigitsDataset, score_samples
-from util.editing import box_to_tokens, fill_canvas, upsample_tokens
+from util.editing import SAMPLING_SETTINGS, box_to_tokens, fill_canvas, sampling_settings, upsample_tokens
 from util.loading import checkpoint_args, read_checkpoint
 
 logger = logging.getLogger("demo_edit")
 
-SAMPLING = ("num_iter", "cfg", "cfg_schedule", "temperature")
 ZOOM = 4  # 8x8 digits are shown 32x32 in the grid
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Complete and repaint held-out digits with a digits demo model.")
-    parser.add_argument("--ckpt", default=None, help="demo checkpoint (default: the newest RUNS/demo-*/checkpoint-last.pth)")
+    parser.add_argument("--ckpt", default=None,
+                        help="demo checkpoint (default: the newest RUNS/demo-*/checkpoint-last.pth)")
     parser.add_argument("--runs", default="output_dir", help="where `make demo` writes its runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_iter", type=int, default=None, help="outer steps (default: the run's own)")
@@ -53,7 +53,7 @@ def sample_args(demo):
     stored = checkpoint_args(read_checkpoint(demo.ckpt))
     if stored.get("dataset") != "digits":
         raise ValueError(f"--ckpt {demo.ckpt} was not trained with --dataset digits (the demo's data)")
-    settings = {key: stored[key] for key in SAMPLING}
+    settings = {key: stored[key] for key in SAMPLING_SETTINGS}
     settings.update({key: getattr(demo, key) for key in ("num_iter", "cfg") if getattr(demo, key) is not None})
     flags = ["--ckpt", str(demo.ckpt), "--device", "cpu", "--precision", "fp32", "--seed", str(demo.seed),
              "--classes", *map(str, range(10))]
@@ -65,8 +65,8 @@ def sample_args(demo):
 def regenerate_bottom(model, tokenizer, images, labels, keep, args, backend):
     """uint8 digits: `images` [N, 1, S, S] with every token outside `keep` regenerated for `labels`."""
     latents = tokenizer.encode(images).mode() * tokenizer.scale
-    sampling = {key: getattr(args, key) for key in SAMPLING}
-    return decode_images(tokenizer, fill_canvas(model, latents, keep, ((0, 0),), labels, sampling, backend))
+    out = fill_canvas(model, latents, keep, ((0, 0),), labels, sampling_settings(args), backend)
+    return decode_images(tokenizer, out)
 
 
 def write_grid(columns, labels, path):
@@ -110,7 +110,7 @@ def main(argv=None):
         "class_edit_still_old_class": score_samples(repainted, labels.numpy())["accuracy"],
         "num_digits": len(labels), "kept": f"top {side // 2} of {side} pixel rows", "seed": args.seed,
         "sec_per_image": seconds / (2 * len(labels)), "checkpoint": str(demo.ckpt),
-        **{key: getattr(args, key) for key in SAMPLING},
+        **sampling_settings(args),
     }
     folder = demo.ckpt.parent / "edit-demo"
     folder.mkdir(exist_ok=True)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_backend, save_grid, save_png
 from models.mar import CFG_SCHEDULES, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
-from util.editing import DIRECTIONS, prepare_edit, run_edit
+from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
 from util.loading import (build_model_from_args, checkpoint_args, load_model_weights,
                           model_state_from_checkpoint, read_checkpoint)
 
@@ -205,9 +205,8 @@ def main(argv=None):
 def edit(model, tokenizer, job, args):
     """Run the edit; write the grid row (original | mask | results) to --out and each result beside it."""
     torch.manual_seed(args.seed)
-    sampling = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature")}
-    results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, sampling, args.batch_size,
-                       sampling_backend(model, args))
+    results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, sampling_settings(args),
+                       args.batch_size, sampling_backend(model, args))
     save_grid([job.original, job.mask, *results], 2 + len(results), args.out, pad=GRID_PADDING)
     out = Path(args.out)
     for i, image in enumerate(results):

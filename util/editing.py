@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("left", "right", "up", "down")
 WHITE = 128  # a mask pixel at or above this grey level asks for regeneration
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios still taken as the same shape
+SAMPLING_SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature")  # what fill_canvas passes on
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -162,6 +163,11 @@ def fill_canvas(model, canvas, filled, windows, labels, sampling, backend=None, 
         canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p] = out.to(canvas.dtype)
         filled[row:row + g, col:col + g] = True
     return canvas
+
+
+def sampling_settings(args):
+    """The outer loop's settings from a run's or a CLI's arguments, as fill_canvas takes them."""
+    return {key: getattr(args, key) for key in SAMPLING_SETTINGS}
 
 
 def upsample_tokens(grid, stride):
