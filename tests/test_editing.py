@@ -136,20 +136,26 @@ def test_single_unknown_token_follows_the_heads_conditional_law(cfg, temperature
 
 
 HEADS = {"arinar": lambda: randomize_(tiny_mar(), std=0.1, seed=5).eval()}
+# the CUDA-graph backend exists on CUDA only (skipped elsewhere); it runs bf16 as evaluation does
+BACKENDS = {"eager-fp32": ("cpu", False, None), "eager-bf16": ("cpu", False, "bf16"),
+            "cuda_graphs-bf16": ("cuda", True, "bf16")}
 
 
-@pytest.mark.parametrize("precision", [None, "bf16"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("head", sorted(HEADS))
-def test_kept_tokens_are_bit_identical_with_the_eager_backend(head, precision):
+def test_kept_tokens_are_bit_identical(head, backend):
     """Under low-precision autocast too: the kept tokens are copied, never recomputed or re-cast."""
-    m = HEADS[head]()
-    known = torch.randn(3, 16, 4, 4, dtype=torch.float32) * 1.2345678
+    device, cuda_graphs, precision = BACKENDS[backend]
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("the CUDA-graph backend needs a CUDA device")
+    m = HEADS[head]().to(device)
+    known = (torch.randn(3, 16, 4, 4, dtype=torch.float32) * 1.2345678).to(device)
     keep = torch.rand(3, 16, generator=torch.Generator().manual_seed(6)) < 0.5
     keep[0] = False
     keep[0, 0] = True
-    backend = make_backend(m, precision=precision)
-    out = m.sample_tokens(3, num_iter=3, cfg=2.0, labels=torch.tensor([1, 2, 3]), known=known, keep=keep,
-                          backend=backend)
+    keep = keep.to(device)
+    out = m.sample_tokens(3, num_iter=3, cfg=2.0, labels=torch.tensor([1, 2, 3], device=device), known=known,
+                          keep=keep, backend=make_backend(m, cuda_graphs=cuda_graphs, precision=precision))
     tokens, given = m.patchify(out), m.patchify(known)
     assert out.dtype == torch.float32
     assert torch.equal(tokens[keep], given[keep])
