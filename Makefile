@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test demo demo-edit clean-venv
 
 setup: $(STAMP)
 
@@ -27,5 +27,13 @@ DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 
 	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
 	--num_images 1000 --eval_bsz 500 --num_iter 16 --cfg 3.0 --temperature 1.0
 
+# Training and scoring, then the editing check (demo_edit.py) on the new run.
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir output_dir/demo-$$(date +%Y%m%d-%H%M%S)
+	run=output_dir/demo-$$(date +%Y%m%d-%H%M%S) && \
+	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run && \
+	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
+
+# The editing check alone, on the newest output_dir/demo-*/checkpoint-last.pth: held-out digits keep their
+# top half, the bottom half is regenerated with the true class and as (label + 1) % 10, and both are scored.
+demo-edit: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) demo_edit.py

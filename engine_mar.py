@@ -167,8 +167,12 @@ def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=Fa
                                  cfg_schedule=args.cfg_schedule, labels=labels, temperature=args.temperature,
                                  backend=backend, progress=progress)
     model.train(was_training)
-    images = tokenizer.decode(tokens.float() / tokenizer.scale)
-    return to_uint8(images)
+    return decode_images(tokenizer, tokens)
+
+
+def decode_images(tokenizer, latents):
+    """Latents (x tokenizer.scale) -> uint8 numpy [N, H, W, C], decoded in fp32."""
+    return to_uint8(tokenizer.decode(latents.float() / tokenizer.scale))
 
 
 def add_sampling_args(group):

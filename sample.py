@@ -3,6 +3,11 @@
     python sample.py --ckpt pretrained_models/arinar/arinar_b/checkpoint-last.pth \
         --classes 207 360 387 974 --num_per_class 4 --cfg 4.5 --temperature 1.0 --out samples.png
 
+Or edit an image (util/editing.py): regenerate a region, repaint it as another class, or extend it:
+
+    python sample.py --ckpt CKPT --edit photo.jpg (--mask mask.png | --box X0 Y0 X1 Y1 |
+        --outpaint {left,right,up,down} PIXELS) [--class N] --out edit.png
+
 Model flags (--model, --num_gaussians, --img_size, ...) default to the values stored in the
 checkpoint's `args`; pass them only to override. EMA weights unless --no_ema; CUDA when present.
 The same --seed gives the same images on the same device.
@@ -18,6 +23,7 @@ from tqdm import tqdm
 from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_backend, save_grid, save_png
 from models.mar import CFG_SCHEDULES, HEADS, MODELS
 from models.tokenizer import TOKENIZERS, build_tokenizer
+from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
 from util.loading import (build_model_from_args, checkpoint_args, config_from_state, load_model_weights,
                           model_state_from_checkpoint, read_checkpoint)
 
@@ -48,6 +54,7 @@ def get_parser():
     parser.add_argument("--save_dir", default=None, help="also save each image here as INDEX_classID.png")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights instead of the EMA")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_editing_args(parser)
     add_sampling_args(parser)
     parser.add_argument("--precision", default="auto", choices=("auto", *sorted(PRECISIONS)),
                         help="autocast dtype for the transformer (auto: bf16 on GPUs that support it, else fp32)")
@@ -58,6 +65,43 @@ def get_parser():
     model.add_argument("--tokenizer", default=None, choices=TOKENIZERS)
     model.add_argument("--vae_path", default=DEFAULT_VAE, help="KL-16 VAE checkpoint (for --tokenizer kl16)")
     return parser
+
+
+def add_editing_args(parser):
+    edit = parser.add_argument_group(
+        "editing (one row in --out: original | mask | --num_per_class results; each result also as OUT-i.png)")
+    edit.add_argument("--edit", metavar="IMAGE", help="image to edit (ADM centre crop to the model's size)")
+    region = edit.add_mutually_exclusive_group()
+    region.add_argument("--mask", metavar="MASK.png", help="white = regenerate (a token is regenerated if any of "
+                        "its pixels is white); same aspect ratio as the image")
+    region.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"),
+                        help="regenerate the tokens this box touches (pixels of the cropped, model-sized image; "
+                             "X1, Y1 exclusive)")
+    region.add_argument("--outpaint", nargs=2, metavar=("{" + ",".join(DIRECTIONS) + "}", "PIXELS"),
+                        help="extend the image by PIXELS (a multiple of vae_stride x patch_size), sliding the "
+                             "model's window")
+    edit.add_argument("--class", dest="class_id", type=int, default=None, metavar="N",
+                      help="class of the regenerated tokens (repaints the region as N); required when --cfg > 1, "
+                           "without it --cfg 1 samples unconditionally")
+
+
+def check_editing_args(args):
+    if args.edit is None:
+        if args.mask or args.box or args.outpaint or args.class_id is not None:
+            raise ValueError("--mask, --box, --outpaint and --class edit an image: add --edit IMAGE")
+        return
+    if not (args.mask or args.box or args.outpaint):
+        raise ValueError("--edit needs a region: --mask MASK.png, --box X0 Y0 X1 Y1 or --outpaint DIRECTION PIXELS")
+    if args.class_id is None and args.cfg != 1:
+        raise ValueError(f"--cfg {args.cfg:g} guides towards a class: add --class N (or --cfg 1 to edit "
+                         "unconditionally)")
+
+
+def requested_classes(args):
+    """(flag, class ids) the run will ask for."""
+    if args.edit is None:
+        return "--classes", args.classes
+    return "--class", [] if args.class_id is None else [args.class_id]
 
 
 def resolve_config(args, stored, from_state=None):
@@ -103,9 +147,10 @@ def load_everything(args, device):
     state = model_state_from_checkpoint(ckpt, use_ema=not args.no_ema)
     config = resolve_config(args, checkpoint_args(ckpt), config_from_state(state))
     model = build_model_from_args(config)
-    bad = [c for c in args.classes if not 0 <= c < model.class_num]
+    flag, classes = requested_classes(args)
+    bad = [c for c in classes if not 0 <= c < model.class_num]
     if bad:
-        raise ValueError(f"--classes {' '.join(map(str, bad))} out of range: the model has {model.class_num} "
+        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: the model has {model.class_num} "
                          f"classes (0..{model.class_num - 1})")
     load_model_weights(model, state, source=str(args.ckpt))
     weights = "EMA" if "model_ema" in ckpt and not args.no_ema else "non-EMA"
@@ -119,7 +164,7 @@ def load_everything(args, device):
     logger.info("loaded %s (%s weights): %s with the %s head, %.1fM parameters, tokenizer %s", args.ckpt, weights,
                 config["model"], model.head_name, sum(p.numel() for p in model.parameters()) / 1e6,
                 config["tokenizer"])
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer, config["img_channels"]
 
 
 def sample_images(model, tokenizer, args):
@@ -140,12 +185,16 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         check_sampling_args(args)
+        check_editing_args(args)
         device = resolve_device(args.device)
         args.precision = resolve_precision(args.precision, device)
-        model, tokenizer = load_everything(args, device)
+        model, tokenizer, channels = load_everything(args, device)
+        job = prepare_edit(args, model, tokenizer, channels) if args.edit else None
     except (FileNotFoundError, ValueError) as err:  # bad files or config: one line, no usage dump
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
+    if job is not None:
+        return edit(model, tokenizer, job, args)
     images = sample_images(model, tokenizer, args)
     save_grid(images, args.num_per_class, args.out, pad=GRID_PADDING)
     if args.save_dir:
@@ -155,6 +204,20 @@ def main(argv=None):
     logger.info("wrote %s (%d classes x %d images)%s", args.out, len(args.classes), args.num_per_class,
                 f" and {len(images)} images in {args.save_dir}" if args.save_dir else "")
     return Path(args.out)
+
+
+def edit(model, tokenizer, job, args):
+    """Run the edit; write the grid row (original | mask | results) to --out and each result beside it."""
+    torch.manual_seed(args.seed)
+    results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, sampling_settings(args),
+                       args.batch_size, sampling_backend(model, args))
+    save_grid([job.original, job.mask, *results], 2 + len(results), args.out, pad=GRID_PADDING)
+    out = Path(args.out)
+    for i, image in enumerate(results):
+        save_png(image, out.with_name(f"{out.stem}-{i}{out.suffix}"))
+    logger.info("wrote %s (original | mask | %d results) and %s-0..%d%s", out, len(results), out.stem,
+                len(results) - 1, out.suffix)
+    return out
 
 
 if __name__ == "__main__":
