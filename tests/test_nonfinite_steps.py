@@ -66,11 +66,16 @@ def assert_same_state(a, b):
             assert torch.equal(value, b["optimizer"]["state"][i][name]), f"optimizer state {i}.{name} changed"
 
 
-def test_inf_gradient_at_a_save_step_is_skipped_and_the_checkpoint_stays_finite(tmp_path, monkeypatch):
+HEADS = {"arinar": {}, "diffloss": {"head": "diffloss", "diffloss_d": 1, "diffloss_w": 32, "num_sampling_steps": 8},
+         "gmm": {"head": "gmm", "diffloss_d": 1, "diffloss_w": 32}}
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))  # the guard sits in the training step, whatever the head
+def test_inf_gradient_at_a_save_step_is_skipped_and_the_checkpoint_stays_finite(tmp_path, monkeypatch, head):
     data = make_image_folder(tmp_path / "data", per_class=3)  # 6 images / batch 2 = 3 steps per epoch
     inf_gradient_at(monkeypatch, {4})
     saves = record_saves(monkeypatch)
-    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, save_every_steps=1))
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, save_every_steps=1, **HEADS[head]))
 
     assert sorted(saves) == [1, 2, 3, 4, 5, 6]
     assert_same_state(saves[3], saves[4])  # step 4 left weights, EMA and optimizer moments as they were
