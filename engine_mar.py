@@ -156,7 +156,8 @@ def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=Fa
 
     Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule and args.temperature;
     `backend` (from sampling_backend; made from args when None) sets the precision and CFG sampler;
-    pass one to reuse it (and its CUDA graphs) across calls. Decoding runs in fp32 so low precision cannot turn into NaN or black images.
+    pass one to reuse it (and its CUDA graphs) across calls. Decoding runs in fp32 so low precision cannot
+    turn into NaN or black images.
     """
     device = model_device(model)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -189,8 +190,9 @@ def add_sampling_args(group):
 def sampling_backend(model, args):
     """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs.
     Flags args lacks (a namespace built by hand) take their command-line defaults."""
-    return make_backend(model, cuda_graphs=getattr(args, "cuda_graphs", None), compile=getattr(args, "compile", False),
-                        cfg_sampler=getattr(args, "cfg_sampler", "sir"), precision=getattr(args, "precision", None))
+    return make_backend(model, cuda_graphs=getattr(args, "cuda_graphs", None),
+                        compile=getattr(args, "compile", False), cfg_sampler=getattr(args, "cfg_sampler", "sir"),
+                        precision=getattr(args, "precision", None))
 
 
 def save_grid(images, nrow, path, pad=2):

@@ -33,8 +33,8 @@ GRID_PADDING = 2  # pixels between (and around) the images of the grid
 DEFAULT_VAE = "pretrained_models/vae/kl16.ckpt"
 # model flags: default None = the checkpoint's stored value, else the model's own default
 MODEL_FLAGS = {"head": str, "feature_group": int, "diffloss_d": int, "diffloss_w": int, "num_sampling_steps": int,
-               "diffusion_batch_mul": int, "num_gaussians": int, "enc_dec_depth": int, "img_size": int, "vae_stride": int, "patch_size": int,
-               "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
+               "diffusion_batch_mul": int, "num_gaussians": int, "enc_dec_depth": int, "img_size": int,
+               "vae_stride": int, "patch_size": int, "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
                "inner_ar_depth": int, "inner_ar_heads": int, "img_channels": int}
 FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}  # the release's, when nothing says
 
@@ -61,7 +61,8 @@ def get_parser():
     model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")
     model.add_argument("--model", default=None, choices=sorted(MODELS))
     for flag, kind in MODEL_FLAGS.items():
-        model.add_argument(f"--{flag}", type=kind, default=None, **({"choices": sorted(HEADS)} if flag == "head" else {}))
+        choices = {"choices": sorted(HEADS)} if flag == "head" else {}
+        model.add_argument(f"--{flag}", type=kind, default=None, **choices)
     model.add_argument("--tokenizer", default=None, choices=TOKENIZERS)
     model.add_argument("--vae_path", default=DEFAULT_VAE, help="KL-16 VAE checkpoint (for --tokenizer kl16)")
     return parser

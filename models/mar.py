@@ -192,8 +192,8 @@ class MAR(nn.Module):
         setattr(self, self.head_attr, build_head(
             head, token_dim=self.token_embed_dim, cond_dim=decoder_embed_dim, num_gaussians=num_gaussians,
             inner_ar_width=inner_ar_width, inner_ar_depth=inner_ar_depth, inner_ar_heads=inner_ar_heads,
-            feature_group=feature_group, diffloss_d=diffloss_d, diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps,
-            diffusion_batch_mul=diffusion_batch_mul))
+            feature_group=feature_group, diffloss_d=diffloss_d, diffloss_w=diffloss_w,
+            num_sampling_steps=num_sampling_steps, diffusion_batch_mul=diffusion_batch_mul))
 
     @property
     def head(self):
