@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
-from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, sample_diag_gmm,
-                        sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
+from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
+                        sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 
 
 def layer_norm(x):
@@ -219,7 +219,7 @@ class InnerAR(nn.Module):
         g = self.feature_group
         draw, draw_guided = (sample_gmm, CFG_SAMPLERS[cfg_sampler]) if g == 1 else (sample_diag_gmm,
                                                                                     sample_diag_gmm_cfg)
-        guided = torch.is_tensor(cfg) or cfg != 1.0
+        guided = is_guided(cfg)
         rows = z.shape[0]
         n = rows // 2 if guided else rows
         mods = self.modulations(z)

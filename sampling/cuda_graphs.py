@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from models.gmm import is_guided
 from sampling.backends import EagerBackend
 
 
@@ -29,11 +30,16 @@ def bucket_rows(n, min_rows=8):
 
 def pad_rows(z, n, rows, guided):
     """z's n real rows (or [cond n; uncond n] when guided) at the front of a zero bucket of `rows` (x2)."""
-    padded = z.new_zeros((2 * rows if guided else rows, z.shape[1]))
-    padded[:n] = z[:n]
-    if guided:  # each half goes to the front of its padded half
-        padded[rows:rows + n] = z[n:]
-    return padded
+    return copy_into_bucket(z.new_zeros((2 * rows if guided else rows, z.shape[1])), z, n, rows, guided)
+
+
+def copy_into_bucket(bucket, z, n, rows, guided):
+    """Write z's real rows to the front of `bucket` (each half to the front of its half when guided);
+    the other rows keep whatever they hold: every op in a head's sampler is per row."""
+    bucket[:n].copy_(z[:n])
+    if guided:
+        bucket[rows:rows + n].copy_(z[n:])
+    return bucket
 
 
 def autocast_dtype(device):
@@ -144,7 +150,7 @@ class CudaGraphsBackend(EagerBackend):
         return replay()
 
     def sample_head(self, z, temperature, cfg):
-        guided = torch.is_tensor(cfg) or cfg != 1.0
+        guided = is_guided(cfg)
         n = z.shape[0] // 2 if guided else z.shape[0]
         rows = bucket_rows(n, self.min_rows)
         key = ("head", rows, guided, float(temperature), z.dtype, autocast_dtype(self.device))
@@ -158,7 +164,7 @@ class CudaGraphsBackend(EagerBackend):
                 self.head_sample, weights, args, {"cfg_sampler": self.cfg_sampler}, strict=False)
 
         (static_z, static_cfg), replay = self._replay(key, make)
-        static_z.copy_(pad_rows(z, n, rows, guided))
+        copy_into_bucket(static_z, z, n, rows, guided)
         if guided:
             static_cfg.fill_(cfg)
         return replay()[:n]

@@ -59,9 +59,9 @@ def sample_tokens(model, backend, bsz, num_iter=64, cfg=1.0, cfg_schedule="linea
         tokens, keep = canvas(model, bsz, known, keep, device)
         unknown = (~keep).sum(1)
         for count in unknown.unique().tolist():
-            rows = (unknown == count).nonzero().squeeze(1)
             if count == 0:
-                continue
+                continue  # nothing to generate in these rows
+            rows = (unknown == count).nonzero().squeeze(1)
             tokens[rows] = fill(model, backend, tokens[rows], keep[rows], class_vec[rows], count, num_iter, cfg,
                                 cfg_schedule, temperature, progress)
     return model.unpatchify(tokens)
