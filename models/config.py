@@ -1,0 +1,238 @@
+"""The typed model config: what `models.build` reads and every checkpoint stores as `config`.
+
+    ModelConfig(model, family, head, class_num, tokens: TokenConfig,
+                family_config: <the family's dataclass>, head_config: <the head's dataclass>)
+
+`to_dict()` gives plain JSON values (loadable with torch.load(weights_only=True)); `from_dict`
+rebuilds and validates it. Every field carries its command-line flag (`flag(...)` metadata), so the
+flags are derived from the dataclasses (util/cli.py) and a config can be read from or compared with
+flat {flag: value} dicts: `config_from_flags` (presets + flags) and `flat()`.
+
+A field marked `tunable` is a training-time setting (dropout, label drop, ...): a resumed run may
+change it. Any other field fixes the weights' shapes or meaning.
+"""
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from models.registry import FAMILIES, HEADS, PRESETS
+
+TOKENIZERS = ("kl16", "pixel")
+
+
+def flag(help, name=None, tunable=False):
+    """Field metadata: the command-line flag (--<name>, default the field's name) and its help."""
+    return {"flag": name, "help": help, "tunable": tunable}
+
+
+def flag_name(f):
+    return f.metadata.get("flag") or f.name
+
+
+@dataclass
+class TokenConfig:
+    """The tokenizer and the token geometry: images -> a seq_h x seq_w grid of token_dim features."""
+    tokenizer: str = field(default="kl16", metadata=flag("kl16: MAR's KL-16 VAE; pixel: the pixels themselves"))
+    img_size: int = field(default=256, metadata=flag("image side in pixels"))
+    vae_stride: int = field(default=16, metadata=flag("pixels per tokenizer position (pixel tokenizer: 1)"))
+    vae_embed_dim: int = field(default=16, metadata=flag(
+        "tokenizer channels per position (pixel tokenizer: the image channels)"))
+    patch_size: int = field(default=1, metadata=flag("tokenizer positions per token side"))
+    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)"))
+
+    @property
+    def seq_h(self):
+        return self.img_size // (self.vae_stride * self.patch_size)
+
+    @property
+    def seq_w(self):
+        return self.seq_h
+
+    @property
+    def seq_len(self):
+        return self.seq_h * self.seq_w
+
+    @property
+    def token_dim(self):
+        return self.vae_embed_dim * self.patch_size ** 2
+
+    def validate(self):
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type is int and value < 1:
+                raise ValueError(f"--{flag_name(f)} must be >= 1; got {value}")
+        grid = self.vae_stride * self.patch_size
+        if self.img_size % grid:
+            raise ValueError(f"--img_size {self.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
+        if self.tokenizer == "pixel" and (self.vae_stride, self.vae_embed_dim) != (1, self.img_channels):
+            raise ValueError(f"--tokenizer pixel means --vae_stride 1 and --vae_embed_dim {self.img_channels} (the "
+                             f"image channels); got {self.vae_stride} and {self.vae_embed_dim}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(default="mar_base", metadata=flag("named preset (--family's own models; sets their sizes)"))
+    family: str = field(default="mar", metadata=flag("outer model family"))
+    head: str = field(default="arinar", metadata=flag("per-token head"))
+    class_num: int = field(default=1000, metadata=flag("classes (default: 1000 imagenet, 10 digits)"))
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    family_config: object = None  # the family's config dataclass
+    head_config: object = None    # the head's config dataclass
+
+    def __post_init__(self):
+        if self.family_config is None:
+            self.family_config = FAMILIES[self.family].config()
+        if self.head_config is None:
+            self.head_config = HEADS[self.head].config()
+
+    # ------------------------------------------------------------------ plain dicts
+    def to_dict(self):
+        """Plain JSON values, `family` and `head` at the top level."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, source="config"):
+        """Rebuild from to_dict()'s output; an unknown or missing part is a one-line ValueError naming `source`."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: a model config must be a dict; got {type(d).__name__}")
+        parts = {"tokens": TokenConfig, "family_config": FAMILIES[d.get("family", "mar")].config,
+                 "head_config": HEADS[d.get("head", "arinar")].config}
+        top = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - top)
+        if unknown:
+            raise ValueError(f"{source}: unknown model config entries {', '.join(unknown)}")
+        values = {k: v for k, v in d.items() if k not in parts}
+        for key, part in parts.items():
+            values[key] = _dataclass_from_dict(part, d.get(key) or {}, f"{source}: {key}")
+        config = cls(**{k: _coerce(f, values[k], source) if k not in parts else values[k]
+                        for f in fields(cls) for k in [f.name] if k in values})
+        config.validate()
+        return config
+
+    # ------------------------------------------------------------------ flat {flag: value}
+    def parts(self):
+        """(dataclass instance, its owner label) for every part, the top level included."""
+        return [(self, None), (self.tokens, None), (self.family_config, self.family), (self.head_config, self.head)]
+
+    def flat(self):
+        """{flag name: value} over every field (the command line's view of this config)."""
+        out = {}
+        for part, _ in self.parts():
+            for f in fields(part):
+                if f.name not in ("tokens", "family_config", "head_config"):
+                    out[flag_name(f)] = getattr(part, f.name)
+        return out
+
+    def tunable_flags(self):
+        return {flag_name(f) for part, _ in self.parts() for f in fields(part) if f.metadata.get("tunable")}
+
+    def validate(self):
+        if self.model not in PRESETS:
+            PRESETS[self.model]  # raises the one-line error listing the presets
+        if PRESETS[self.model][0] != self.family:
+            raise ValueError(f"--model {self.model} is a {PRESETS[self.model][0]} model, not --family {self.family}")
+        for part, expected in ((self.family_config, FAMILIES[self.family].config),
+                               (self.head_config, HEADS[self.head].config)):
+            if not isinstance(part, expected):
+                raise ValueError(f"{type(part).__name__} is not the config of {expected.__name__}")
+        if self.class_num < 1:
+            raise ValueError(f"--class_num must be >= 1; got {self.class_num}")
+        self.tokens.validate()
+        for part, _ in self.parts()[2:]:
+            check = getattr(part, "validate", None)
+            if check is not None:
+                check(self.tokens)
+        return self
+
+
+def _coerce(f, value, source):
+    """A stored value as the field's type (JSON has no int/float distinction for 1.0; MAR stores some ints as str)."""
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
+    if kind in (int, float, str) and not isinstance(value, bool):
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source}: {f.name} must be {kind.__name__}; got {value!r}") from None
+        if kind is int and converted != float(value):
+            raise ValueError(f"{source}: {f.name} must be an integer; got {value!r}")
+        return converted
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{source}: {f.name} must be true or false; got {value!r}")
+    return value
+
+
+def _dataclass_from_dict(cls, d, source):
+    if not isinstance(d, dict):
+        raise ValueError(f"{source} must be a dict; got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown entries {', '.join(unknown)} for {cls.__name__}")
+    return cls(**{k: _coerce(known[k], v, source) for k, v in d.items()})
+
+
+def _pick(cls, values):
+    """cls(**the fields whose flags `values` holds)."""
+    return cls(**{f.name: values[flag_name(f)] for f in fields(cls) if flag_name(f) in values})
+
+
+def preset_for(values):
+    """The preset name (--model) a flat dict selects: its own, else its family's default, else mar_base."""
+    if values.get("model") is not None:
+        return values["model"]
+    if values.get("family") is not None:
+        return FAMILIES[values["family"]].default
+    return "mar_base"
+
+
+def config_from_flags(values, base=None):
+    """A ModelConfig from flat {flag: value} (None = not given) over `base` (a stored config) or else
+    over the preset the values select. Flags that belong to another family or head are ignored here
+    (check_flags_apply tells the user); the result is validated."""
+    values = {k: v for k, v in values.items() if v is not None}
+    if base is not None:
+        merged = {**base.flat(), **values}
+    else:
+        name = preset_for(values)
+        family, preset = PRESETS[name]
+        merged = {"family": family, **preset, **values, "model": name}
+    family, head = merged.get("family", "mar"), merged.get("head", "arinar")
+    top = {k: v for k, v in merged.items() if k in {flag_name(f) for f in fields(ModelConfig)}}
+    config = ModelConfig(**{**top, "family": family, "head": head,
+                            "tokens": _pick(TokenConfig, merged),
+                            "family_config": _pick(FAMILIES[family].config, merged),
+                            "head_config": _pick(HEADS[head].config, merged)})
+    return config.validate()
+
+
+def check_flags_apply(config, given, source="the checkpoint"):
+    """Flags given on the command line against a config: a flag of another family or head is an error,
+    a value that contradicts a non-tunable field is an error; returns {flag: (old, new)} of tunable changes."""
+    given = {k: v for k, v in given.items() if v is not None}
+    own = config.flat()
+    changed = {}
+    for name, value in given.items():
+        if name not in own:
+            raise ValueError(f"--{name} is not a setting of --family {config.family} with --head {config.head}")
+        if own[name] == value:
+            continue
+        if name not in config.tunable_flags():
+            raise ValueError(f"--{name} {value} contradicts {source}'s config ({name} {own[name]}): drop the flag "
+                             "(a stored run rebuilds itself) or start a new run")
+        changed[name] = (own[name], value)
+    return changed
+
+
+def all_flag_fields():
+    """{flag name: [(field, owner label)]} over the top level, the tokens, every family and every head."""
+    owners = [(ModelConfig, None), (TokenConfig, None)]
+    owners += [(entry.config, f"--family {entry.name}") for entry in FAMILIES.values()]
+    owners += [(entry.config, f"--head {entry.name}") for entry in HEADS.values()]
+    out = {}
+    for cls, owner in owners:
+        for f in fields(cls):
+            if f.name in ("tokens", "family_config", "head_config"):
+                continue
+            out.setdefault(flag_name(f), []).append((f, owner))
+    return out

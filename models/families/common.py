@@ -1,0 +1,138 @@
+"""What every outer family's sampler shares: steps a backend runs, the default backend, schedules,
+CFG settings and the partial canvas.
+
+A family's sampling loop owns its schedule and canvas and calls only:
+    with backend.autocast(): ...
+    backend.run(step, *tensors)                     # a Step: the piece worth capturing as a graph
+    backend.sample_head(head, z, temperature, cfg)  # the per-token head's sampler
+`EagerSteps` below is the default backend; sampling/backends.py adds precision, the CFG sampler
+choice and CUDA graphs behind the same three calls.
+"""
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from models.token_grid import patchify
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class Step:
+    """fn(module, *tensors): a piece of a sampling step that a backend may capture and replay.
+
+    fn must not synchronise with the host, and its output shapes must depend only on its input
+    shapes. `inplace` lists argument positions that are persistent buffers fn writes into (a KV
+    cache): a capturing backend uses those tensors themselves, so the caller preallocates them and
+    passes the same tensors on every call. `module` holds the weights fn reads.
+    """
+    name: str
+    module: nn.Module
+    fn: Callable
+    inplace: tuple = ()
+
+    def __call__(self, *args):
+        return self.fn(self.module, *args)
+
+
+class EagerSteps:
+    """The default backend: steps run as they are under the caller's autocast; the release's CFG sampler."""
+
+    name = "eager"
+    cfg_sampler = "sir"
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def run(self, step, *args):
+        return step(*args)
+
+    def sample_head(self, head, z, temperature, cfg):
+        return head.sample(z, temperature, cfg, cfg_sampler=self.cfg_sampler)
+
+
+def check_sampling_settings(num_iter, cfg, temperature, cfg_schedule):
+    if num_iter < 1:
+        raise ValueError(f"num_iter must be >= 1; got {num_iter}")
+    if not cfg >= 1:
+        raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {cfg}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (it divides each Gaussian's std); got {temperature}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}; got {cfg_schedule!r}")
+
+
+def cfg_scale(cfg, cfg_schedule, known, total):
+    """The guidance scale of a step: constant, or MAR's linear ramp 1 + (cfg - 1) * known / total with
+    `known` the tokens the outer model will have seen once the step is done."""
+    return 1 + (cfg - 1) * known / total if cfg_schedule == "linear" else cfg
+
+
+def cosine_schedule(num_unknown, num_iter, cfg=1.0, cfg_schedule="linear", seq_len=None):
+    """[(tokens still to generate after step s, cfg scale of step s)] on MAR's cosine schedule.
+
+    The schedule spans the `num_unknown` tokens to generate (all seq_len of them unless part of the
+    canvas is given). The count is clamped so every step but the last generates at least one token
+    and at least one is left for the last step (which generates all that remain). The linear CFG
+    scale grows with the share of the seq_len tokens known, using that clamped count (>= 1).
+    """
+    seq_len = num_unknown if seq_len is None else seq_len
+    steps, masked = [], num_unknown
+    for s in range(num_iter):
+        mask_len = math.floor(num_unknown * math.cos(math.pi / 2 * (s + 1) / num_iter))
+        mask_len = max(1, min(masked - 1, mask_len))
+        steps.append((mask_len, cfg_scale(cfg, cfg_schedule, seq_len - mask_len, seq_len)))
+        masked = mask_len
+    return steps
+
+
+def canvas(tokens_config, bsz, known, keep, dtype, device):
+    """(tokens [bsz, L, D] holding the kept tokens, keep [bsz, L] bool) for a partial canvas.
+
+    known: latents [bsz, C, H, W] (x the tokenizer's scale) or None; keep: bool [bsz, L] (True = keep
+    the token bit for bit) or None (generate everything).
+    """
+    seq_len, token_dim = tokens_config.seq_len, tokens_config.token_dim
+    tokens = torch.zeros(bsz, seq_len, token_dim, device=device, dtype=dtype)
+    if keep is None:
+        return tokens, torch.zeros(bsz, seq_len, dtype=torch.bool, device=device)
+    keep = torch.as_tensor(keep, device=device)
+    if keep.dtype != torch.bool or tuple(keep.shape) != (bsz, seq_len):
+        raise ValueError(f"keep must be a bool [bsz, seq_len] = [{bsz}, {seq_len}] mask (True = keep the "
+                         f"token); got {keep.dtype} {list(keep.shape)}")
+    if known is None:
+        raise ValueError("keep needs known=LATENTS: the latents whose kept tokens are copied")
+    check_latents(tokens_config, known)
+    if known.shape[0] != bsz:
+        raise ValueError(f"known holds {known.shape[0]} canvases for bsz {bsz}")
+    given = patchify(known.to(device=device, dtype=dtype), tokens_config)
+    return torch.where(keep[..., None], given, tokens), keep
+
+
+def check_latents(tokens_config, latents):
+    t = tokens_config
+    side = t.seq_h * t.patch_size
+    expected = (t.vae_embed_dim, side, side)
+    if not torch.is_tensor(latents) or latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
+        got = list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+        raise ValueError(f"latents must be [B, {', '.join(map(str, expected))}] (img_size {t.img_size} / "
+                         f"vae_stride {t.vae_stride}, tokenizer latents x its scale); got {got}")
+
+
+def check_labels(labels, batch_size, class_num):
+    if not torch.is_tensor(labels) or labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D integer tensor of {batch_size} class ids; got {labels!r:.80}")
+    if labels.numel() != batch_size:
+        raise ValueError(f"labels must hold {batch_size} class ids (one per image); got {labels.numel()}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= class_num):
+        raise ValueError(f"labels must be in [0, {class_num}) (class_num); "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def canvas_dtype(module):
+    """Sampled tokens are kept in float32, or float64 for a float64 model (never narrowed)."""
+    return torch.promote_types(next(module.parameters()).dtype, torch.float32)
