@@ -19,9 +19,23 @@ from models.registry import FAMILIES, HEADS, PRESETS
 TOKENIZERS = ("kl16", "pixel")
 
 
-def flag(help, name=None, tunable=False):
-    """Field metadata: the command-line flag (--<name>, default the field's name) and its help."""
-    return {"flag": name, "help": help, "tunable": tunable}
+def flag(help, name=None, tunable=False, valid=None):
+    """Field metadata: the command-line flag (--<name>, default the field's name), its help, and its
+    range as (rule, predicate) (integers default to >= 1)."""
+    return {"flag": name, "help": help, "tunable": tunable, "valid": valid}
+
+
+UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def check_ranges(part):
+    """One line naming the first field of a config dataclass outside its range."""
+    for f in fields(part):
+        value = getattr(part, f.name)
+        rule, ok = f.metadata.get("valid") or ((">= 1", lambda v: v >= 1) if f.type in (int, "int") else
+                                               (None, None))
+        if ok is not None and not (value == value and abs(value) != float("inf") and ok(value)):
+            raise ValueError(f"--{flag_name(f)} must be {rule}; got {value}")
 
 
 def flag_name(f):
@@ -58,10 +72,7 @@ class TokenConfig:
     def validate(self):
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type is int and value < 1:
-                raise ValueError(f"--{flag_name(f)} must be >= 1; got {value}")
+        check_ranges(self)
         grid = self.vae_stride * self.patch_size
         if self.img_size % grid:
             raise ValueError(f"--img_size {self.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
@@ -128,18 +139,16 @@ class ModelConfig:
         return {flag_name(f) for part, _ in self.parts() for f in fields(part) if f.metadata.get("tunable")}
 
     def validate(self):
-        if self.model not in PRESETS:
-            PRESETS[self.model]  # raises the one-line error listing the presets
         if PRESETS[self.model][0] != self.family:
             raise ValueError(f"--model {self.model} is a {PRESETS[self.model][0]} model, not --family {self.family}")
         for part, expected in ((self.family_config, FAMILIES[self.family].config),
                                (self.head_config, HEADS[self.head].config)):
             if not isinstance(part, expected):
                 raise ValueError(f"{type(part).__name__} is not the config of {expected.__name__}")
-        if self.class_num < 1:
-            raise ValueError(f"--class_num must be >= 1; got {self.class_num}")
+        check_ranges(self)
         self.tokens.validate()
         for part, _ in self.parts()[2:]:
+            check_ranges(part)
             check = getattr(part, "validate", None)
             if check is not None:
                 check(self.tokens)

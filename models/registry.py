@@ -11,7 +11,7 @@ A family or head joins with one decorator line beside its class:
 A preset is a flat dict of flag values (the same names as the command line). Unknown names are
 one-line ValueErrors listing the choices.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ def register_family(name, config, presets, default):
 
 
 def register_head(name, config, attr):
-    """Class decorator: the per-token head `name`, built as cls(token_dim, cond_dim, config), stored as
-    model.<attr> (so its state-dict keys start with `attr.`)."""
+    """Class decorator: the per-token head `name`, built as cls(token_dim, cond_dim, **config fields),
+    stored as model.<attr> (so its state-dict keys start with `attr.`)."""
     def add(cls):
         HEADS[name] = Entry(name, cls, config, attr=attr)
         return cls
@@ -61,7 +61,7 @@ def register_head(name, config, attr):
 def build_head(model, config, cond_dim):
     """Attach the head config.head names to `model` under its release attribute; returns it."""
     entry = HEADS[config.head]
-    head = entry.cls(config.tokens.token_dim, cond_dim, config.head_config)
+    head = entry.cls(config.tokens.token_dim, cond_dim, **asdict(config.head_config))
     setattr(model, entry.attr, head)
     model.head_name, model.head_attr = entry.name, entry.attr
     return head

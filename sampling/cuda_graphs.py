@@ -1,16 +1,16 @@
-"""The CUDA-graph backend: each outer step and each head call replayed as a captured graph.
+"""The CUDA-graph backend: each Step a family runs and each head call replayed as a captured graph.
 
 At small batches a sampling step is launch-bound: the outer model is ~400 kernels and ARINAR's
 inner loop 16 features x (a block + head + mixture draw), a thousand more. This backend
 captures both fixed-shape pieces once and replays them:
-- the outer step, MAR.condition_at: its shapes depend only on the step of the schedule (how
-  many tokens are visible and predicted), so there is one graph per step;
+- a family's Step (MAR: the outer network, condition_at): one graph per input shapes (for MAR,
+  per step of the schedule); `Step.inplace` buffers (a KV cache) are captured by address;
 - the head's sample: its row count varies, so rows are padded to a power-of-two bucket (every op
   in a head's sampler is per row: padding rows never touch real ones), one graph each.
 The math and the random draws are the eager backend's. Under autocast, the Linear layers read
 weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
 otherwise re-cast every weight on every replay. The values are autocast's own casts.
---compile runs the outer step through torch.compile (fusing the elementwise work between its
+--compile runs the family's Steps through torch.compile (fusing the elementwise work between its
 matmuls; about a minute, once per shape family).
 """
 import contextlib
@@ -75,16 +75,16 @@ class _Replay:
         return result
 
 
-class _Method(nn.Module):
-    """module.<name>(*args) as a module's forward, so torch.func.functional_call can swap weights in."""
+class _StepModule(nn.Module):
+    """A Step as a module's forward, so torch.func.functional_call can swap the cast weights in."""
 
-    def __init__(self, module, name, compile=False):
+    def __init__(self, module, fn, compile=False):
         super().__init__()
         self.module = module
-        self.fn = torch.compile(getattr(module, name), dynamic=True) if compile else getattr(module, name)
+        self.fn = torch.compile(fn, dynamic=True) if compile else fn
 
     def forward(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+        return self.fn(self.module, *args, **kwargs)
 
 
 class CudaGraphsBackend(EagerBackend):
@@ -93,9 +93,8 @@ class CudaGraphsBackend(EagerBackend):
     def __init__(self, model, cfg_sampler="sir", precision=None, compile=False, min_rows=8):
         super().__init__(model, cfg_sampler, precision)
         self.compile, self.min_rows = compile, min_rows
-        self.condition_at = _Method(model, "condition_at", compile)
-        self.head_sample = _Method(model.head, "sample")
-        self.head_prefix = model.head_attr + "."
+        self.prefixes = {id(m): name + "." if name else "" for name, m in model.named_modules()}
+        self.wrappers = {}  # step name -> _StepModule
         self.replays = {}
         self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
         self.pool = None
@@ -122,10 +121,16 @@ class CudaGraphsBackend(EagerBackend):
             for n, p in params.items():
                 cast[n].copy_(p)
 
-    def _weights(self, prefix):
-        """The cast weights as functional_call wants them for a _Method over model<prefix>."""
+    def _weights(self, module):
+        """The cast weights of `module` (a submodule of the model) as functional_call wants them for a _StepModule."""
+        prefix = self.prefixes[id(module)]
         cast = self.lowp.get(autocast_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
+
+    def _wrapper(self, name, module, fn, compile):
+        if name not in self.wrappers:
+            self.wrappers[name] = _StepModule(module, fn, compile)
+        return self.wrappers[name]
 
     def _replay(self, key, make_fn):
         if key not in self.replays:
@@ -135,33 +140,39 @@ class CudaGraphsBackend(EagerBackend):
             self.replays[key] = (static, _Replay(fn, self.device, self.pool))
         return self.replays[key]
 
-    def condition(self, tokens, visible, class_vec, predict):
-        key = ("outer", tuple(tokens.shape), visible.shape[1], predict.shape[1], tokens.dtype,
+    def run(self, step, *args):
+        """One graph per (step, input shapes and dtypes, inplace buffers); inputs are copied into its
+        static buffers, `step.inplace` buffers are used as they are."""
+        signature = tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in args)
+        key = ("step", step.name, signature, tuple(args[i].data_ptr() for i in step.inplace),
                autocast_dtype(self.device))
 
         def make():
-            static = [t.clone() for t in (tokens, visible, class_vec, predict)]
-            weights = self._weights("")
-            return static, lambda: functional_call(self.condition_at, weights, tuple(static), strict=False)
+            static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
+            wrapper, weights = self._wrapper(step.name, step.module, step.fn, self.compile), self._weights(step.module)
+            return static, lambda: functional_call(wrapper, weights, tuple(static), strict=False)
 
         static, replay = self._replay(key, make)
-        for buffer, t in zip(static, (tokens, visible, class_vec, predict)):
-            buffer.copy_(t)
+        for i, (buffer, a) in enumerate(zip(static, args)):
+            if i not in step.inplace and torch.is_tensor(a):
+                buffer.copy_(a)
         return replay()
 
-    def sample_head(self, z, temperature, cfg):
+    def sample_head(self, head, z, temperature, cfg):
+        """The head's sampler on rows padded to a power-of-two bucket (every op in a head's sampler is per row)."""
         guided = is_guided(cfg)
         n = z.shape[0] // 2 if guided else z.shape[0]
         rows = bucket_rows(n, self.min_rows)
-        key = ("head", rows, guided, float(temperature), z.dtype, autocast_dtype(self.device))
+        key = ("head", id(head), rows, guided, float(temperature), z.dtype, autocast_dtype(self.device))
 
         def make():
             static_z = pad_rows(z, n, rows, guided)
             static_cfg = torch.ones((), device=self.device)
-            weights = self._weights(self.head_prefix)
+            wrapper = self._wrapper(("head", id(head)), head, type(head).sample, compile=False)
+            weights = self._weights(head)
             args = (static_z, float(temperature), static_cfg if guided else 1.0)
             return (static_z, static_cfg), lambda: functional_call(
-                self.head_sample, weights, args, {"cfg_sampler": self.cfg_sampler}, strict=False)
+                wrapper, weights, args, {"cfg_sampler": self.cfg_sampler}, strict=False)
 
         (static_z, static_cfg), replay = self._replay(key, make)
         copy_into_bucket(static_z, z, n, rows, guided)

@@ -3,12 +3,16 @@
 An AdaLN residual MLP maps the outer model's z to a K-component diagonal Gaussian mixture over
 the whole C-feature token. The mixture math is in models/gmm.py (the diag_* functions).
 """
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.adaln_mlp import FinalLayer, ResBlock, init_adaln_mlp_
+from models.config import flag
+from models.heads.adaln_mlp import FinalLayer, ResBlock, init_adaln_mlp_
 from models.gmm import at_least_fp32, diag_gmm_log_prob, is_guided, sample_diag_gmm, sample_diag_gmm_cfg
+from models.registry import register_head
 
 MIN_VARIANCE = 1e-6
 NUM_CFG_CANDIDATES = 1000  # the release's resampling size
@@ -24,6 +28,15 @@ def split_token_gmm_params(out, num_gaussians, token_dim):
     return out[..., :kc].reshape(shape), variance.log().reshape(shape), out[..., 2 * kc:]
 
 
+@dataclass
+class TokenGMMConfig:
+    """The MLP's size shares MAR's head flags; K components over the whole token."""
+    width: int = field(default=1024, metadata=flag("width of the MLP heads (diffloss, gmm)", name="diffloss_w"))
+    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm)", name="diffloss_d"))
+    num_gaussians: int = field(default=4, metadata=flag("mixture components (per feature; per token for gmm)"))
+
+
+@register_head("gmm", config=TokenGMMConfig, attr="gmmhead")
 class TokenGMM(nn.Module):
     """The head contract: token_dim, train_repeats, loss(target, z) -> [N], sample(z, ...) -> [n, C]."""
 

@@ -7,14 +7,17 @@ Parameter names follow the released checkpoint (`arhead.*` inside MAR). It is on
 per-token heads: `loss(target, z)` for training, `sample(z, temperature, cfg)` for generation.
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import attention
+from models.config import flag
 from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
                         sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
+from models.registry import register_head
 
 
 def layer_norm(x):
@@ -115,6 +118,25 @@ class AdaLNBeforeHead(nn.Module):
         return modulate(x, scale, shift)
 
 
+@dataclass
+class InnerARConfig:
+    """ARINAR-B's inner model: 768 wide, 1 block, 4 heads, 4 Gaussians per feature."""
+    num_gaussians: int = field(default=4, metadata=flag("mixture components (per feature; per token for gmm)"))
+    width: int = field(default=768, metadata=flag("inner model width", name="inner_ar_width"))
+    depth: int = field(default=1, metadata=flag("inner model blocks", name="inner_ar_depth"))
+    num_heads: int = field(default=4, metadata=flag("inner model attention heads", name="inner_ar_heads"))
+    feature_group: int = field(default=1, metadata=flag(
+        "features written per inner step, a g-dim diagonal mixture with shared weights (1 = the paper)"))
+
+    def validate(self, tokens):
+        if self.width % self.num_heads:
+            raise ValueError(f"--inner_ar_width {self.width} must be a multiple of --inner_ar_heads {self.num_heads}")
+        if tokens.token_dim % self.feature_group:
+            raise ValueError(f"--feature_group {self.feature_group} must divide the token's {tokens.token_dim} "
+                             "features (vae_embed_dim x patch_size^2)")
+
+
+@register_head("arinar", config=InnerARConfig, attr="arhead")
 class InnerAR(nn.Module):
     train_repeats = 1  # MAR.forward feeds each masked token once
     no_weight_decay = True  # the release decays none of the inner model

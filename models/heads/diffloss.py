@@ -4,14 +4,17 @@ Parameter names follow MAR's release (`diffloss.net.*` inside MAR), so its check
 strictly. The diffusion math lives in models/diffusion.py; this module only wires it to the net.
 """
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from models.adaln_mlp import FinalLayer, ResBlock, init_adaln_mlp_
+from models.config import flag
+from models.heads.adaln_mlp import FinalLayer, ResBlock, init_adaln_mlp_
 from models.diffusion import (Schedule, compute_dtype, cosine_betas, p_sample_step, q_sample, space_timesteps,
                               training_loss)
 from models.gmm import at_least_fp32, guidance_scale, is_guided
+from models.registry import register_head
 
 TRAIN_STEPS = 1000
 
@@ -59,6 +62,20 @@ class DenoiserMLP(nn.Module):
         return self.final_layer(x, y)
 
 
+@dataclass
+class DiffLossConfig:
+    """MAR's defaults (MAR-B's released head: depth 6, width 1024)."""
+    width: int = field(default=1024, metadata=flag("width of the MLP heads (diffloss, gmm)", name="diffloss_w"))
+    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm); MAR-B: 6",
+                                                name="diffloss_d"))
+    num_sampling_steps: int = field(default=100, metadata=flag(
+        "diffloss: diffusion steps when sampling", tunable=True,
+        valid=(f"in [2, {TRAIN_STEPS}]", lambda v: 2 <= v <= TRAIN_STEPS)))
+    diffusion_batch_mul: int = field(default=4, metadata=flag(
+        "diffloss: noise draws per masked token in training", tunable=True))
+
+
+@register_head("diffloss", config=DiffLossConfig, attr="diffloss")
 class DiffLoss(nn.Module):
     """The head contract: token_dim, train_repeats, loss(target, z) -> [N], sample(z, ...) -> [n, C].
 
