@@ -1,0 +1,93 @@
+"""Mamba's selective scan (S6), in plain PyTorch, with mamba-ssm's CUDA kernel when it is importable.
+
+For each channel d and state index n, with dt = softplus(delta + delta_bias) (if asked):
+    h_t = exp(dt_t * A[d, n]) * h_{t-1} + dt_t * B_t[n] * u_t
+    y_t = sum_n C_t[n] * h_t[n] + D[d] * u_t,   out_t = y_t * silu(z_t) (if z is given)
+`selective_scan` takes mamba-ssm's `selective_scan_fn` arguments, u, delta, z [b, d, L], A [d, n],
+B, C [b, n, L], D and delta_bias [d], plus `initial_state` [b, d, n] (h_0; zero if None), which a
+sampler uses to carry the state from one chunk of the sequence to the next. The math runs in at
+least float32 (float64 stays float64); `out` comes back in u's dtype, the last state in the math's.
+
+mamba-ssm is optional (like flash-attn): used on CUDA for float32/16/bf16 inputs when installed;
+its kernel starts from a zero state, so a given initial state is added through the scan's
+linearity: its contribution at step t is C_t . (exp(sum_{s<=t} dt_s A) h_0).
+"""
+import torch
+import torch.nn.functional as F
+
+try:  # optional extra, see README
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as mamba_selective_scan
+except ImportError:  # pragma: no cover - depends on the environment
+    mamba_selective_scan = None
+
+
+def math_dtype(*tensors):
+    """float32, or float64 when any input is float64 (never narrowed)."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def step_sizes(delta, delta_bias, delta_softplus, dtype):
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None):
+    """The scan in plain PyTorch: a loop over the sequence (exact, runs everywhere; see module doc)."""
+    dtype = math_dtype(u, delta, A, B, C, D, z, initial_state)
+    dt = step_sizes(delta, delta_bias, delta_softplus, dtype)                # [b, d, L]
+    A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
+    decay = torch.exp(dt.unsqueeze(-1) * A[:, None, :])                       # [b, d, L, n]
+    drive = (dt * u.to(dtype)).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, L, n]
+    h = (torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=dtype, device=u.device) if initial_state is None
+         else initial_state.to(dtype))
+    readout = C.transpose(1, 2).unsqueeze(1)                                  # [b, 1, L, n]
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append((h * readout[:, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape, dtype=dtype)
+    return finish(y, u, D, z, h, return_last_state)
+
+
+def finish(y, u, D, z, last_state, return_last_state):
+    """The skip term and the gate, in y's dtype; out in u's dtype."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u.to(y.dtype)
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    out = y.to(u.dtype)
+    return (out, last_state) if return_last_state else out
+
+
+def kernel_usable(u, *others):
+    wide = any(t is not None and t.dtype == torch.float64 for t in (u, *others))
+    return mamba_selective_scan is not None and u.is_cuda and not wide
+
+
+def selective_scan_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, initial_state=None):
+    """mamba-ssm's kernel, with an initial state added through linearity (see module doc)."""
+    if initial_state is None:
+        return mamba_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y, last = mamba_selective_scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, True)
+    dtype = math_dtype(u, A, initial_state)
+    dt = step_sizes(delta, delta_bias, delta_softplus, dtype)
+    # the decay of h_0 up to step t; A <= 0 and dt >= 0 in a Mamba block, so this never overflows
+    carried = torch.exp(torch.cumsum(dt.unsqueeze(-1) * A.to(dtype)[:, None, :], dim=2)) \
+        * initial_state.to(dtype).unsqueeze(2)                               # [b, d, L, n]
+    y = y.to(dtype) + torch.einsum("bdln,bnl->bdl", carried, C.to(dtype))
+    return finish(y, u, D, z, last.to(dtype) + carried[:, :, -1], return_last_state)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None):
+    """The selective scan: mamba-ssm's kernel when usable (CUDA, no float64), else the plain-PyTorch one."""
+    scan = selective_scan_kernel if kernel_usable(u, delta, A, B, C, initial_state) else selective_scan_ref
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
