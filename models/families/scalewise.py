@@ -17,9 +17,10 @@ ignored: the grid fixes the steps); the per-scale network is one Step with a pre
 (var) or the scan's carried state (mvar), so a CUDA-graph backend captures one graph a scale.
 CFG doubles the batch with the null class (an extra class-embedding row) and ramps linearly over
 the scales: scale k of S (1-based) is guided with 1 + (cfg - 1) * k / S (cfg_schedule "linear").
-Editing (known/keep) is VAR's: at every scale the residual of each cell whose footprint is wholly
-kept is the ground truth's (teacher-forced from the kept tokens, the others zeroed), and the kept
-tokens come back bit for bit.
+Editing (known/keep) is VAR's zero-shot editing: at every scale but the last, the residual of each
+cell whose footprint lies wholly in the kept region is the ground truth's (teacher-forced from the
+kept tokens, the others zeroed, so nothing outside `keep` is read); the last scale is the full grid,
+where the kept tokens are copied over the sample bit for bit.
 """
 from dataclasses import dataclass, field
 
@@ -269,8 +270,9 @@ class ScalewiseAR(nn.Module):
             scale = cfg_scale(cfg, cfg_schedule, k + 1, num_scales) if guided else 1.0
             h = backend.sample_head(self.head, z.flatten(0, 1), temperature, scale)
             h = seq_to_grid(h.view(bsz, p * p, self.token_dim).to(dtype), p)
-            if forced is not None:
-                h = self.force(h, forced, k, f_hat)
+            if forced is not None and k < num_scales - 1:
+                mask, truth = forced[k]
+                h = torch.where(mask, truth.to(h.dtype), h)
             f_hat = accumulate(f_hat, h)
             if k + 1 < num_scales:
                 inputs = grid_to_seq(resize(f_hat, self.scales[k + 1]))
@@ -278,16 +280,9 @@ class ScalewiseAR(nn.Module):
 
     # ---------------------------------------------------------------- editing
     def forced_residuals(self, tokens, keep):
-        """[(cells forced at scale k [B, 1, p, p] bool, the ground truth's residual there)] from the canvas
-        (kept tokens, zeros elsewhere); the last scale's residual is computed against the sampler's f_hat."""
-        grid = seq_to_grid(tokens, self.side)
+        """[(cells forced at scale k [B, 1, p, p] bool, the ground truth's residual [B, D, p, p])] for every
+        scale but the last, from the canvas (kept tokens, zeros elsewhere: nothing else is read). The last
+        scale needs none: it is the full grid, whose kept tokens are copied over the sample."""
+        targets, _ = residuals(seq_to_grid(tokens, self.side), self.scales)
         keep_grid = seq_to_grid(keep.unsqueeze(-1), self.side)
-        targets, _ = residuals(grid, self.scales)
-        masks = [covered(keep_grid, p) for p in self.scales[:-1]] + [keep_grid]
-        return list(zip(masks, targets[:-1] + [grid]))
-
-    def force(self, h, forced, k, f_hat):
-        mask, truth = forced[k]
-        if k == len(self.scales) - 1:
-            truth = truth - f_hat  # the rest of the way to the kept tokens
-        return torch.where(mask, truth.to(h.dtype), h)
+        return [(covered(keep_grid, p), truth) for p, truth in zip(self.scales[:-1], targets)]

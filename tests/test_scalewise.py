@@ -1,0 +1,415 @@
+"""The scale-wise family (models/families/scalewise.py): scales, residual targets, masks, no leakage,
+KV-cached / scan-carried sampling against teacher forcing, every head, a capturing backend, editing.
+
+Models are tiny, on the digits demo's geometry: 8 x 8 grey pixels in 2 x 2 patches = a 4 x 4 grid of
+4-feature tokens, scales (1, 2, 3, 4), 30 tokens in scale order.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models import create_model
+from models.families.common import EagerSteps
+from models.families.scalewise import ScalewiseAR
+from models.multiscale import covered, residuals, scales_for
+from models.scalewise_blocks import AdaLNBeforeHead, ScaleAttention, ScaleBlock, SelectiveScanMixer
+from models.scan import selective_scan_ref
+from models.token_grid import patchify, unpatchify
+from tests.conftest import host_sync_calls, randomize_
+
+DIGITS = dict(tokenizer="pixel", img_size=8, vae_stride=1, vae_embed_dim=1, img_channels=1, patch_size=2,
+              class_num=10)
+SCALES = (1, 2, 3, 4)
+BOUNDS = [(0, 1), (1, 5), (5, 14), (14, 30)]
+MIXERS = ("var", "mvar")
+
+
+def tiny(mixer="var", head="arinar", dtype=torch.float32, seed=0, **flags):
+    torch.manual_seed(seed)
+    sizes = dict(width=32, depth=2, num_heads=4, inner_ar_width=32, diffloss_w=32, diffloss_d=1,
+                 num_sampling_steps=4, ssm_state=4)
+    model = create_model("scalewise_tiny", mixer=mixer, head=head, **{**DIGITS, **sizes, **flags})
+    # generic weights: the init's near-zero gates (1e-3) would hide paths from the tests
+    return randomize_(model, std=0.2, seed=seed).to(dtype).eval()
+
+
+def latents(b=3, dtype=torch.float32, seed=1):
+    return torch.randn(b, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ----------------------------------------------------------------------------- an independent bicubic
+def cubic(x, a=-0.75):
+    """Keys' cubic convolution kernel with PyTorch's a = -0.75."""
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+    return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+
+def resize_matrix(n_in, n_out):
+    """Rows: output samples at (i + 0.5) * n_in / n_out - 0.5, four taps clamped to the border."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        i0 = math.floor(src)
+        for j in range(-1, 3):
+            m[i, min(max(i0 + j, 0), n_in - 1)] += cubic(src - (i0 + j))
+    return m
+
+
+def np_resize(x, side):
+    """x [..., h, w] -> [..., side, side]."""
+    return resize_matrix(x.shape[-2], side) @ x @ resize_matrix(x.shape[-1], side).T
+
+
+def np_residuals(f, scales):
+    n = f.shape[-1]
+    f_hat, targets, inputs = np.zeros_like(f), [], []
+    for k, p in enumerate(scales[:-1]):
+        h = np_resize(f - f_hat, p)
+        f_hat = f_hat + np_resize(h, n)
+        targets.append(h)
+        inputs.append(np_resize(f_hat, scales[k + 1]))
+    return targets + [f - f_hat], inputs
+
+
+# ----------------------------------------------------------------------------- scales and targets
+def test_scales_rule():
+    assert scales_for(16) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR's
+    assert scales_for(4) == (1, 2, 3, 4)                        # the digits demo's grid
+    # by hand from floor(v * n / 16 + 1/2) over VAR's list, floored at 1, duplicates dropped
+    assert scales_for(8) == (1, 2, 3, 4, 5, 7, 8)
+    assert scales_for(12) == (1, 2, 3, 4, 5, 6, 8, 10, 12)
+    assert scales_for(32) == (1, 2, 4, 6, 8, 10, 12, 16, 20, 26, 32)
+    assert scales_for(1) == (1,)
+    for n in range(1, 65):
+        s = scales_for(n)
+        assert s[0] == 1 and s[-1] == n and all(a < b for a, b in zip(s, s[1:]))
+    with pytest.raises(ValueError, match="grid side"):
+        scales_for(0)
+
+
+def test_the_model_uses_the_grid_rule():
+    model = tiny()
+    assert model.scales == SCALES and model.bounds == BOUNDS and model.num_tokens == 30
+
+
+def test_residuals_on_literal_numbers():
+    # 2x2 -> 1x1 bicubic: the source point sits between the two taps of each axis (weights 0.59375 and
+    # -0.09375 each side, clamped at the border): the mean
+    f = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]], dtype=torch.float64)
+    targets, inputs = residuals(f, (1, 2))
+    assert targets[0].flatten().tolist() == [3.0]
+    assert inputs[0].flatten().tolist() == [3.0, 3.0, 3.0, 3.0]
+    assert targets[1].flatten().tolist() == [-2.0, -1.0, 0.0, 3.0]
+
+
+def test_residuals_equal_an_independent_bicubic():
+    f = np.random.default_rng(0).normal(size=(2, 3, 4, 4))
+    targets, inputs = residuals(torch.from_numpy(f), SCALES)
+    want_targets, want_inputs = np_residuals(f, SCALES)
+    assert [t.shape[-1] for t in targets] == list(SCALES) and [x.shape[-1] for x in inputs] == [2, 3, 4]
+    for got, want in zip(targets + inputs, want_targets + want_inputs):
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-12)
+    # on 16 x 16 too (VAR's schedule, ten scales)
+    f = np.random.default_rng(1).normal(size=(1, 2, 16, 16))
+    targets, _ = residuals(torch.from_numpy(f), scales_for(16))
+    for got, want in zip(targets, np_residuals(f, scales_for(16))[0]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-11)
+
+
+def test_covered_cells_on_literal_masks():
+    keep = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    keep[..., :2] = True  # the left half of the grid
+    assert covered(keep, 1).flatten().tolist() == [False]
+    assert covered(keep, 2)[0, 0].tolist() == [[True, False], [True, False]]
+    # 4 -> 3 pools columns {0,1}, {1,2}, {2,3}: only the first lies in the kept half
+    assert covered(keep, 3)[0, 0].tolist() == [[True, False, False]] * 3
+
+
+# ----------------------------------------------------------------------------- masks and leakage
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_attention_masks(mixer):
+    level = [k for k, (s, e) in enumerate(BOUNDS) for _ in range(s, e)]
+    want = [[(lk <= lq) if mixer == "var" else (lk == lq) for lk in level] for lq in level]
+    assert tiny(mixer).attn_mask.tolist() == want
+
+
+def scale_of(t):
+    return next(k for k, (s, e) in enumerate(BOUNDS) if s <= t < e)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_no_leakage_and_within_scale_visibility(mixer):
+    """Perturbing one input token of scale j leaves every output of the earlier scales bit for bit and
+    changes every output of scale j (both mixers see their whole scale) and of the later scales."""
+    model = tiny(mixer, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    inputs = torch.randn(2, 29, 4, generator=gen, dtype=torch.float64)
+    cond = model.class_vectors(torch.tensor([3, 7]), 2)
+    base = model.condition(inputs, cond)
+    for t in range(1, 30):  # sequence position t holds inputs[:, t - 1]
+        moved = inputs.clone()
+        moved[:, t - 1] += 1.0
+        z = model.condition(moved, cond)
+        j = scale_of(t)
+        start, end = BOUNDS[j]
+        assert torch.equal(z[:, :start], base[:, :start]), f"position {t} leaks into an earlier scale"
+        changed = (z[:, start:] - base[:, start:]).abs().amax(dim=(0, 2))
+        assert (changed > 1e-9).all(), f"position {t}: unseen by {(changed <= 1e-9).nonzero().flatten().tolist()}"
+
+
+def test_training_inputs_are_the_samplers_rebuild_from_the_targets():
+    """Teacher forcing feeds what a sampler would have rebuilt from the true residuals: resize(f_hat, p)
+    where f_hat sums the upsampled residuals of the earlier scales only (the input never sees f)."""
+    f = np.random.default_rng(3).normal(size=(2, 4, 4, 4))
+    targets, inputs = residuals(torch.from_numpy(f), SCALES)
+    f_hat = np.zeros_like(f)
+    for k, h in enumerate(targets[:-1]):
+        f_hat = f_hat + np_resize(h.numpy(), 4)
+        np.testing.assert_allclose(inputs[k].numpy(), np_resize(f_hat, SCALES[k + 1]), atol=1e-12)
+    np.testing.assert_allclose(f_hat + targets[-1].numpy(), f, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- sampling vs teacher forcing
+class Recorder(EagerSteps):
+    """Eager, recording every step's arguments (cloned before the call) and output, and every head call."""
+
+    def __init__(self):
+        self.steps, self.heads = [], []
+
+    def run(self, step, *args):
+        before = [a.clone() if torch.is_tensor(a) else a for a in args]
+        out = step(*args)
+        self.steps.append((step, before, out.clone()))
+        return out
+
+    def sample_head(self, head, z, temperature, cfg):
+        out = super().sample_head(head, z, temperature, cfg)
+        self.heads.append((temperature, cfg, out.clone()))
+        return out
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_cached_sampling_equals_teacher_forcing(mixer, cfg):
+    """The z the sampler computes scale by scale (KV cache / carried scan state) equal the one-pass
+    network on the same inputs; the inputs are f_hat rebuilt from the drawn residuals (independent
+    bicubic), and the sample is the last f_hat."""
+    model, rec = tiny(mixer), Recorder()
+    torch.manual_seed(5)
+    out = model.sample_tokens(2, cfg=cfg, labels=torch.tensor([1, 8]), backend=rec)
+    assert [s[1][2] for s in rec.steps] == [0, 1, 2, 3]
+    inputs = torch.cat([args[0] for _, args, _ in rec.steps[1:]], dim=1)
+    cond = rec.steps[0][1][1]
+    z_steps = torch.cat([z for _, _, z in rec.steps], dim=1)
+    torch.testing.assert_close(z_steps, model.condition(inputs, cond), rtol=1e-5, atol=1e-5)
+
+    f_hat = np.zeros((2, 4, 4, 4))
+    for k, ((_, _, h), p) in enumerate(zip(rec.heads, SCALES)):
+        h = h.view(2, p, p, 4).permute(0, 3, 1, 2).double().numpy()
+        f_hat = f_hat + np_resize(h, 4)
+        if k + 1 < len(SCALES):
+            fed = rec.steps[k + 1][1][0][:2]  # the conditional half
+            want = np_resize(f_hat, SCALES[k + 1]).reshape(2, 4, -1).transpose(0, 2, 1)
+            np.testing.assert_allclose(fed.double().numpy(), want, rtol=1e-5, atol=1e-5)
+    got = patchify(out, model.tokens).view(2, 4, 4, 4).permute(0, 3, 1, 2)
+    np.testing.assert_allclose(got.double().numpy(), f_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_cfg_ramps_linearly_over_the_scales_and_temperature_reaches_the_head():
+    model = tiny()
+    for schedule, want in (("linear", [1 + 3.0 * k / 4 for k in (1, 2, 3, 4)]), ("constant", [4.0] * 4)):
+        rec = Recorder()
+        model.sample_tokens(2, cfg=4.0, cfg_schedule=schedule, labels=torch.tensor([0, 1]), temperature=1.3,
+                            backend=rec)
+        assert [c for _, c, _ in rec.heads] == pytest.approx(want)
+        assert {t for t, _, _ in rec.heads} == {1.3}
+    rec = Recorder()
+    model.sample_tokens(2, backend=rec)  # unguided: the null class, no CFG
+    assert [c for _, c, _ in rec.heads] == [1.0] * 4
+
+
+def test_num_iter_is_ignored():
+    model = tiny()
+    samples = []
+    for num_iter in (1, 4, 64):
+        torch.manual_seed(0)
+        samples.append(model.sample_tokens(2, num_iter=num_iter, labels=torch.tensor([0, 1])))
+    assert torch.equal(samples[0], samples[1]) and torch.equal(samples[0], samples[2])
+
+
+def test_float64_model_samples_in_float64():
+    model = tiny("mvar", dtype=torch.float64)
+    out = model.sample_tokens(2, cfg=2.0, labels=torch.tensor([0, 1]))
+    assert out.dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------- capture-style backends
+class Capturing(EagerSteps):
+    """What CUDA graphs do to a Step: every argument not marked inplace is copied into a static buffer
+    (a clone); inplace buffers must be the very same tensors on every call."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def run(self, step, *args):
+        for i in step.inplace:
+            assert self.buffers.setdefault((step.name, i), args[i]) is args[i], "inplace buffer reallocated"
+        static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
+        return step(*static)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_a_capturing_backend_samples_what_eager_does(mixer):
+    model = tiny(mixer)
+    samples = []
+    for backend in (EagerSteps(), Capturing()):
+        torch.manual_seed(11)
+        samples.append(model.sample_tokens(3, cfg=2.5, labels=torch.tensor([0, 4, 9]), backend=backend))
+    assert torch.equal(samples[0], samples[1])
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_steps_make_no_host_sync(mixer, monkeypatch, request):
+    model, rec = tiny(mixer), Recorder()
+    model.sample_tokens(2, cfg=2.0, labels=torch.tensor([0, 1]), backend=rec)
+    request.getfixturevalue("no_host_sync")  # from here on a host sync raises
+    with torch.no_grad():
+        outs = [step(*args) for step, args, _ in rec.steps]
+    monkeypatch.undo()
+    for out, (_, _, want) in zip(outs, rec.steps):
+        torch.testing.assert_close(out, want)
+    assert host_sync_calls(ScalewiseAR.scale_step, ScalewiseAR.embed_scale, ScaleBlock, ScaleAttention,
+                           SelectiveScanMixer, AdaLNBeforeHead, selective_scan_ref) == set()
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("head", ["arinar", "diffloss", "gmm"])
+def test_training_with_every_head(mixer, head):
+    model = tiny(mixer, head, label_drop_prob=0.5).train()
+    calls = []
+    loss_fn = model.head.loss
+
+    def spy(target, z):
+        calls.append((target, z))
+        return loss_fn(target, z)
+
+    model.head.loss = spy
+    x, labels = latents(4), torch.tensor([0, 3, 5, 9])
+    loss = model(x, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # every token of every scale, each `train_repeats` times with its own z
+    (target, z), = calls
+    r, rows = model.head.train_repeats, 4 * 30
+    assert target.shape[0] == z.shape[0] == r * rows
+    for i in range(1, r):
+        assert torch.equal(target[i * rows:(i + 1) * rows], target[:rows])
+        assert torch.equal(z[i * rows:(i + 1) * rows], z[:rows])
+    grid = patchify(x, model.tokens).view(4, 4, 4, 4).permute(0, 3, 1, 2)
+    want = torch.cat([h.flatten(2).transpose(1, 2) for h in residuals(grid, SCALES)[0]], dim=1).flatten(0, 1)
+    assert torch.equal(target[:rows], want)
+
+
+def test_grad_checkpointing_changes_nothing():
+    model = tiny("mvar", label_drop_prob=0.0).train()
+    grads = []
+    for flag in (False, True):
+        model.grad_checkpointing = flag
+        model.zero_grad()
+        torch.manual_seed(0)
+        model(latents(2), torch.tensor([1, 2])).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_label_drop_rate():
+    """Share of null-class rows ~ Binomial(n, p): a two-sided 5-sigma band (one test, no correction)."""
+    model = tiny(label_drop_prob=0.3)
+    n = 20000
+    labels = torch.zeros(n, dtype=torch.long)
+    torch.manual_seed(0)
+    vec = model.class_vectors(labels, n, drop_labels=True)
+    dropped = (vec == model.class_emb.weight[model.null_class]).all(1).sum().item()
+    assert abs(dropped - 0.3 * n) < 5 * math.sqrt(n * 0.3 * 0.7)
+    assert torch.equal(model.class_vectors(labels[:4], 4), model.class_emb.weight[[0] * 4])  # no drop by default
+
+
+# ----------------------------------------------------------------------------- editing
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_editing_keeps_tokens_bit_exact_and_never_reads_the_rest(mixer):
+    model = tiny(mixer)
+    known = latents(2, seed=4)
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[:, :8] = True  # the top half of the token grid
+    keep[1, 12] = True
+    garbage_tokens = patchify(known, model.tokens)
+    garbage_tokens[~keep] = 1e3  # what `known` holds outside `keep` must not matter
+    garbage = unpatchify(garbage_tokens, model.tokens)
+    outs = []
+    for given in (known, garbage):
+        torch.manual_seed(3)
+        outs.append(model.sample_tokens(2, cfg=2.0, labels=torch.tensor([2, 5]), known=given, keep=keep))
+    assert torch.equal(outs[0], outs[1])
+    tokens = patchify(outs[0], model.tokens)
+    assert torch.equal(tokens[keep], patchify(known, model.tokens)[keep])
+    torch.manual_seed(3)
+    free = model.sample_tokens(2, cfg=2.0, labels=torch.tensor([2, 5]))
+    assert not torch.equal(patchify(free, model.tokens)[~keep], tokens[~keep])  # the edit conditions the rest
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_editing_teacher_forces_every_scale(mixer):
+    """With every token kept, each scale's residual is the ground truth's: the network sees exactly the
+    teacher-forced inputs."""
+    model, rec = tiny(mixer), Recorder()
+    known = latents(2, seed=6)
+    model.sample_tokens(2, labels=torch.tensor([2, 5]), known=known, keep=torch.ones(2, 16, dtype=torch.bool),
+                        backend=rec)
+    grid = patchify(known, model.tokens).view(2, 4, 4, 4).permute(0, 3, 1, 2)
+    _, inputs = residuals(grid, SCALES)
+    for (_, args, _), want in zip(rec.steps[1:], inputs):
+        torch.testing.assert_close(args[0], want.flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- config and sizes
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(ValueError, match="--mixer"):
+        tiny("transformer")
+    with pytest.raises(ValueError, match="--width 30 must be a multiple of --num_heads 4"):
+        tiny(width=30)
+    with pytest.raises(ValueError, match="needs class labels"):
+        tiny().sample_tokens(2, cfg=2.0)
+
+
+def count(name, **flags):
+    with torch.device("meta"):
+        model = create_model(name, **flags)
+    outer = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(model.head_attr + "."))
+    return outer, sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_counts():
+    var_outer, var_total = count("var_d16")
+    assert (var_outer, var_total) == (306_068_736, 328_137_996)  # the release's var_d16 + a 1024-wide inner AR
+    mvar_outer, _ = count("mvar_d16")
+    assert abs(mvar_outer / var_outer - 1) < 0.01
+    assert count("scalewise_tiny", **DIGITS) == (929_676, 1_054_872)  # mar_tiny: 819,712 / 944,908
+    assert count("mvar_tiny", **DIGITS) == (951_612, 1_062_984)
+
+
+def test_var_d16_is_the_releases_shape():
+    with torch.device("meta"):
+        model = create_model("var_d16")
+    c = model.family_config
+    assert (c.mixer, c.depth, c.width, c.num_heads, c.mlp_ratio) == ("var", 16, 1024, 16, 4.0)
+    assert c.drop_path == pytest.approx(0.1 * 16 / 24) and c.label_drop_prob == 0.1
+    assert model.scales == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and model.num_tokens == 680
+    assert model.class_emb.num_embeddings == 1001  # the null class is the extra row

@@ -1,0 +1,125 @@
+"""The selective scan (models/scan.py): the plain-PyTorch scan against a naive float64 loop, the state
+carried across chunks, float32 math for low-precision inputs, and mamba-ssm's kernel where it exists."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import models.scan as scan
+from models.scan import selective_scan, selective_scan_kernel, selective_scan_ref
+
+
+def inputs(b=2, d=3, n=4, length=7, dtype=torch.float64, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    return dict(u=r(b, d, length), delta=r(b, d, length), A=-torch.exp(r(d, n)), B=r(b, n, length),
+                C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=r(d), initial_state=r(b, d, n))
+
+
+def naive(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """The recurrence element by element in Python floats (numpy float64), written from the Mamba paper."""
+    u, delta, A, B, C, D, z, bias, h0 = (np.asarray(t, dtype=np.float64) for t in
+                                         (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    b, d, length = u.shape
+    n = A.shape[1]
+    out, last = np.zeros((b, d, length)), np.zeros((b, d, n))
+    for i in range(b):
+        for c in range(d):
+            h = h0[i, c].copy()
+            for t in range(length):
+                dt = math.log1p(math.exp(delta[i, c, t] + bias[c]))  # softplus
+                for s in range(n):
+                    h[s] = math.exp(dt * A[c, s]) * h[s] + dt * B[i, s, t] * u[i, c, t]
+                y = sum(C[i, s, t] * h[s] for s in range(n)) + D[c] * u[i, c, t]
+                out[i, c, t] = y * z[i, c, t] / (1 + math.exp(-z[i, c, t]))  # y * silu(z)
+            last[i, c] = h
+    return out, last
+
+
+def test_reference_equals_a_naive_loop_in_float64():
+    x = inputs()
+    out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    want_out, want_last = naive(**x)
+    assert out.dtype == last.dtype == torch.float64  # never narrowed
+    np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_initial_state_is_the_default():
+    x = inputs()
+    x["initial_state"] = torch.zeros_like(x["initial_state"])
+    want_out, want_last = naive(**x)
+    out, last = selective_scan_ref(**{**x, "initial_state": None}, delta_softplus=True, return_last_state=True)
+    np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+
+
+def split(x, at):
+    seq = ("u", "delta", "B", "C", "z")
+    return ({k: (v[..., :at] if k in seq else v) for k, v in x.items()},
+            {k: (v[..., at:] if k in seq else v) for k, v in x.items()})
+
+
+@pytest.mark.parametrize("at", [1, 3, 6])
+def test_chunks_with_the_carried_state_equal_the_whole_sequence(at):
+    """What the sampler does scale by scale: the state after one chunk starts the next."""
+    x = inputs()
+    whole, whole_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    first, second = split(x, at)
+    out1, state = selective_scan_ref(**first, delta_softplus=True, return_last_state=True)
+    out2, last = selective_scan_ref(**{**second, "initial_state": state}, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(torch.cat([out1, out2], dim=-1), whole, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(last, whole_last, rtol=1e-13, atol=1e-13)
+    # and dropping the carried state is visible (the test can fail)
+    fresh = selective_scan_ref(**{**second, "initial_state": None}, delta_softplus=True)
+    assert not torch.allclose(fresh, whole[..., at:], atol=1e-6)
+
+
+def test_low_precision_inputs_are_scanned_in_float32():
+    x = {k: v.to(torch.bfloat16) for k, v in inputs(length=40).items()}
+    out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    wide, wide_last = selective_scan_ref(**{k: v.float() for k, v in x.items()}, delta_softplus=True,
+                                         return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    assert torch.equal(out, wide.to(torch.bfloat16)) and torch.equal(last, wide_last)
+
+
+def kernel_standin(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """mamba-ssm's selective_scan_fn as documented: no initial state, out in u's dtype, state float32."""
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def test_an_initial_state_reaches_the_kernel_through_linearity(monkeypatch):
+    """The kernel path's bookkeeping, with a stand-in of the kernel's signature (runs on CPU)."""
+    monkeypatch.setattr(scan, "mamba_selective_scan", kernel_standin)
+    x = inputs()
+    out, last = selective_scan_kernel(**x, delta_softplus=True, return_last_state=True)
+    want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, want_last, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_and_float64_never_take_the_kernel(monkeypatch):
+    monkeypatch.setattr(scan, "mamba_selective_scan", lambda *a, **k: pytest.fail("kernel called"))
+    x = inputs()
+    selective_scan(**x, delta_softplus=True)
+    assert not scan.kernel_usable(x["u"], x["A"])
+
+
+@pytest.mark.skipif(scan.mamba_selective_scan is None or not torch.cuda.is_available(),
+                    reason="needs mamba-ssm and a CUDA device")
+@pytest.mark.parametrize("with_state", [False, True])
+def test_mamba_kernel_agrees_with_the_reference(with_state):
+    x = inputs(b=2, d=64, n=16, length=300, dtype=torch.float32, device="cuda")
+    if not with_state:
+        x["initial_state"] = None
+    assert scan.kernel_usable(x["u"], x["A"])
+    out, last = selective_scan(**x, delta_softplus=True, return_last_state=True)
+    want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(last, want_last, rtol=1e-3, atol=1e-3)
