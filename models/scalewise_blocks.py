@@ -81,7 +81,8 @@ class FeedForward(nn.Module):
 
 class SelectiveScanMixer(nn.Module):
     """A Mamba (S6) mixer over the scale-ordered sequence: in_proj to (x, gate), causal depthwise
-    conv, input-dependent step sizes and B, C, the selective scan (models/scan.py), out_proj.
+    conv, input-dependent step sizes (a rank-W/16 projection) and B, C, the selective scan
+    (models/scan.py), out_proj.
 
     Causal along the sequence, so run over the whole sequence it never looks ahead; a sampler runs it
     one scale at a time, carrying the scan state and the conv's last inputs (`state`) from one
@@ -96,7 +97,10 @@ class SelectiveScanMixer(nn.Module):
         self.in_proj = nn.Linear(width, 2 * inner, bias=False)
         self.conv = nn.Conv1d(inner, inner, conv_width, groups=inner)
         self.x_proj = nn.Linear(inner, self.rank + 2 * state_dim, bias=False)
-        self.dt_proj = nn.Linear(self.rank, inner)
+        # plain parameters, not a Linear: a CUDA-graph backend casts Linear weights to bf16, and the step
+        # sizes' bias must stay in float32
+        self.dt_weight = nn.Parameter(torch.zeros(inner, self.rank))
+        self.dt_bias = nn.Parameter(torch.zeros(inner))
         self.A_log = nn.Parameter(torch.zeros(inner, state_dim))
         self.D = nn.Parameter(torch.ones(inner))
         self.out_proj = nn.Linear(inner, width, bias=False)
@@ -104,12 +108,12 @@ class SelectiveScanMixer(nn.Module):
     @torch.no_grad()
     def reset_scan_parameters(self, dt_min=1e-3, dt_max=0.1):
         """Mamba's init: A = -(1..N) per channel, D = 1, step sizes log-uniform in [dt_min, dt_max]
-        (dt_proj's bias is their inverse softplus)."""
+        (dt_bias is their inverse softplus)."""
         self.A_log.copy_(torch.log(torch.arange(1, self.state_dim + 1, dtype=self.A_log.dtype)).expand_as(self.A_log))
         self.D.fill_(1.0)
-        nn.init.uniform_(self.dt_proj.weight, -self.rank ** -0.5, self.rank ** -0.5)
+        nn.init.uniform_(self.dt_weight, -self.rank ** -0.5, self.rank ** -0.5)
         dt = torch.exp(torch.rand(self.inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def new_state(self, rows, dtype, device):
         """(scan state [rows, inner, N], conv inputs [rows, inner, conv_width - 1]), zero."""
@@ -127,10 +131,10 @@ class SelectiveScanMixer(nn.Module):
             state[1].copy_(padded[..., padded.shape[-1] - (self.conv_width - 1):])
         xs = F.silu(F.conv1d(padded, self.conv.weight, self.conv.bias, groups=self.inner))
         dt, b_in, c_out = self.x_proj(xs.transpose(1, 2)).split([self.rank, self.state_dim, self.state_dim], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        delta = F.linear(dt, self.dt_weight).transpose(1, 2)
         y, last = selective_scan(xs, delta, -torch.exp(at_least_fp32(self.A_log)), b_in.transpose(1, 2),
                                  c_out.transpose(1, 2), at_least_fp32(self.D), gate,
-                                 delta_bias=at_least_fp32(self.dt_proj.bias),
+                                 delta_bias=at_least_fp32(self.dt_bias),
                                  delta_softplus=True, return_last_state=True,
                                  initial_state=None if state is None else state[0])
         if state is not None:

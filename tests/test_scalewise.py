@@ -413,3 +413,12 @@ def test_var_d16_is_the_releases_shape():
     assert c.drop_path == pytest.approx(0.1 * 16 / 24) and c.label_drop_prob == 0.1
     assert model.scales == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) and model.num_tokens == 680
     assert model.class_emb.num_embeddings == 1001  # the null class is the extra row
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_sampling_under_bf16_autocast(mixer):
+    """Caches in the activation dtype, the scan's state in float32, the canvas in float32."""
+    model = tiny(mixer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.sample_tokens(2, cfg=2.0, labels=torch.tensor([0, 1]), backend=Capturing())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
