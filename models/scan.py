@@ -41,17 +41,21 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                        return_last_state=False, initial_state=None):
     """The scan in plain PyTorch: a loop over the sequence (exact, runs everywhere; see module doc)."""
     dtype = math_dtype(u, delta, A, B, C, D, z, initial_state)
-    dt = step_sizes(delta, delta_bias, delta_softplus, dtype)                # [b, d, L]
-    A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
-    decay = torch.exp(dt.unsqueeze(-1) * A[:, None, :])                       # [b, d, L, n]
-    drive = (dt * u.to(dtype)).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, L, n]
+    # steps lead (and are laid out first) so that each step's slice below is contiguous
+    steps_first = lambda t: t.to(dtype).permute(2, 0, 1).contiguous()  # noqa: E731  [b, *, L] -> [L, b, *]
+    dt = steps_first(step_sizes(delta, delta_bias, delta_softplus, dtype))      # [L, b, d]
+    A = A.to(dtype)
+    decay = torch.exp(dt.unsqueeze(-1) * A)                                      # [L, b, d, n]
+    drive = (dt * steps_first(u)).unsqueeze(-1) * steps_first(B).unsqueeze(2)    # [L, b, d, n]
+    readout = steps_first(C).unsqueeze(2)                                        # [L, b, 1, n]
     h = (torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=dtype, device=u.device) if initial_state is None
          else initial_state.to(dtype))
-    readout = C.transpose(1, 2).unsqueeze(1)                                  # [b, 1, L, n]
     ys = []
-    for t in range(u.shape[-1]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append((h * readout[:, :, t]).sum(-1))
+    # unbind once: indexing step t inside the loop would make autograd add every step's gradient
+    # into a zero tensor of the full size (quadratic in L)
+    for decay_t, drive_t, readout_t in zip(decay.unbind(0), drive.unbind(0), readout.unbind(0)):
+        h = decay_t * h + drive_t
+        ys.append((h * readout_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape, dtype=dtype)
     return finish(y, u, D, z, h, return_last_state)
 
