@@ -317,6 +317,13 @@ def test_training_with_every_head(mixer, head):
     assert torch.equal(target[:rows], want)
 
 
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_training_makes_no_host_sync(mixer, request):
+    model, x, labels = tiny(mixer, "diffloss").train(), latents(2), torch.tensor([1, 2])
+    request.getfixturevalue("no_host_sync")  # from here on a host sync raises
+    model(x, labels).backward()
+
+
 def test_grad_checkpointing_changes_nothing():
     model = tiny("mvar", label_drop_prob=0.0).train()
     grads = []
@@ -387,6 +394,12 @@ def test_bad_settings_are_one_line_errors():
         tiny(width=30)
     with pytest.raises(ValueError, match="needs class labels"):
         tiny().sample_tokens(2, cfg=2.0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        tiny().sample_tokens(2, labels=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="labels must hold 2 class ids"):
+        tiny()(latents(2), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        tiny()(latents(2), torch.tensor([0.0, 1.0]))
 
 
 def count(name, **flags):

@@ -157,7 +157,10 @@ class ScalewiseAR(nn.Module):
         if labels is None:
             ids = torch.full((batch_size,), self.null_class, device=device)
         else:
-            check_labels(labels, batch_size, self.class_num)
+            # shape and dtype only: checking the values would sync with the host (sample_tokens does)
+            check_labels(labels[:0], 0, self.class_num)
+            if labels.numel() != batch_size:
+                raise ValueError(f"labels must hold {batch_size} class ids (one per image); got {labels.numel()}")
             ids = labels.to(device=device, dtype=torch.long)
             if drop_labels and self.label_drop_prob > 0:
                 drop = torch.rand(batch_size, device=device) < self.label_drop_prob
@@ -242,6 +245,8 @@ class ScalewiseAR(nn.Module):
         guided = cfg != 1.0
         if guided and labels is None:
             raise ValueError("cfg > 1 needs class labels (pass labels=...) or use cfg=1.0")
+        if labels is not None:
+            check_labels(labels, bsz, self.class_num)
         backend = backend or EagerSteps()
         device = self.pos_embed.device
         with backend.autocast():
