@@ -227,8 +227,8 @@ class ScalewiseAR(nn.Module):
         grid = seq_to_grid(patchify(latents, self.tokens), self.side)
         targets, inputs = residuals(grid, self.scales)
         cond = self.class_vectors(labels, grid.shape[0], drop_labels=self.training)
-        inputs = torch.cat([grid_to_seq(x) for x in inputs], dim=1) if inputs else grid.new_zeros(grid.shape[0], 0,
-                                                                                                   self.token_dim)
+        # the inputs of scales 2..S in order (none on a 1 x 1 grid)
+        inputs = torch.cat([grid.new_zeros(grid.shape[0], 0, self.token_dim)] + [grid_to_seq(x) for x in inputs], 1)
         z = self.condition(inputs, cond).flatten(0, 1)
         target = torch.cat([grid_to_seq(h) for h in targets], dim=1).flatten(0, 1)
         # the diffusion head sees each token `train_repeats` times (target and its own z together)
