@@ -158,11 +158,13 @@ class ScaleBlock(nn.Module):
         """x [B, L, W], cond [B, W]; mask/cache/start as ScaleAttention takes them, state the scan's."""
         mods = self.ada_lin(cond).view(cond.shape[0], 1, 3, self.branches, -1).unbind(2)
         gamma, scale, shift = (m.unbind(2) for m in mods)
-        dp = lambda branch: drop_path(branch, self.drop_path, self.training)  # noqa: E731
-        x = x + dp(self.attn(modulate(x, scale[0], shift[0]), mask, cache, start) * gamma[0])
+        x = x + self.dropped(self.attn(modulate(x, scale[0], shift[0]), mask, cache, start) * gamma[0])
         if self.scan is not None:
-            x = x + dp(self.scan(modulate(x, scale[1], shift[1]), state) * gamma[1])
-        return x + dp(self.ffn(modulate(x, scale[-1], shift[-1])) * gamma[-1])
+            x = x + self.dropped(self.scan(modulate(x, scale[1], shift[1]), state) * gamma[1])
+        return x + self.dropped(self.ffn(modulate(x, scale[-1], shift[-1])) * gamma[-1])
+
+    def dropped(self, branch):
+        return drop_path(branch, self.drop_path, self.training)
 
 
 class AdaLNBeforeHead(nn.Module):
