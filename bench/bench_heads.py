@@ -8,7 +8,7 @@ to ARINAR's. Random weights (speed does not depend on them). The paper (one A100
 by one): MAR-B 65.69 s / ARINAR-B 11.57 s = 5.7x.
 
     python -m bench.bench_heads --device cuda --precision bf16 --batch_sizes 1 256     # ARINAR-B size
-    python -m bench.bench_heads --width 128 --depth 2 --heads 4 --inner_width 128 --diffloss_w 256 \\
+    python -m bench.bench_heads --width 128 --enc_dec_depth 2 --num_heads 4 --inner_width 128 --diffloss_w 256 \\
         --batch_sizes 1 8 --threads 1                                                   # a CPU-sized run
 """
 import logging
@@ -17,7 +17,7 @@ import torch
 
 from bench.config import (add_model_args, add_runtime_args, build_model, machine_line, median, parser,
                           setup_runtime, time_runs, write_json)
-from engine_mar import add_sampling_args
+from util import flags
 from sampling import make_backend
 
 log = logging.getLogger("bench.heads")
@@ -31,15 +31,13 @@ def parse_args(argv=None):
     p = parser(__doc__.splitlines()[0])
     add_model_args(p)
     add_runtime_args(p)
-    g = p.add_argument_group("heads and sampling")
+    flags.add_sampling_args(p, cfg=4.5, sweep=False)  # --num_iter and --cfg are set per head below
+    g = p.add_argument_group("heads")
     g.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 256])
-    g.add_argument("--diffloss_d", type=int, default=6, help="MAR's diffusion MLP blocks (MAR-B: 6)")
-    g.add_argument("--diffloss_w", type=int, default=1024, help="MAR's diffusion MLP width (MAR-B: 1024)")
-    g.add_argument("--num_sampling_steps", type=int, default=100)
     g.add_argument("--only", nargs="+", default=[s[0] for s in SETTINGS], choices=[s[0] for s in SETTINGS],
                    help="time these settings only")
-    add_sampling_args(g)
-    p.set_defaults(repeats=2)
+    # MAR-B's diffusion MLP unless the model flags say otherwise
+    p.set_defaults(repeats=2, diffloss_d=6, diffloss_w=1024)
     return p.parse_args(argv)
 
 
@@ -47,9 +45,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     device = setup_runtime(args)
-    head_args = {"arinar": {}, "gmm": {"head": "gmm", "diffloss_d": args.diffloss_d, "diffloss_w": args.diffloss_w},
-                 "diffloss": {"head": "diffloss", "diffloss_d": args.diffloss_d, "diffloss_w": args.diffloss_w,
-                              "num_sampling_steps": args.num_sampling_steps}}
+    head_args = {"arinar": {}, "gmm": {"head": "gmm"}, "diffloss": {"head": "diffloss"}}
     log.info("machine: %s", machine_line(device))
     results = {"machine_before": machine_line(device), "args": vars(args), "rows": []}
     models = {}
@@ -58,10 +54,10 @@ def main(argv=None):
             torch.manual_seed(args.seed)
             model = build_model(args, **head_args[head]).to(device)
             models[head] = (model, make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile,
-                                                precision=args.precision))
+                                                cfg_sampler=args.cfg_sampler, precision=args.precision))
         model, backend = models[head]
         for batch in args.batch_sizes:
-            labels = torch.randint(0, args.class_num, (batch,), generator=torch.Generator().manual_seed(args.seed))
+            labels = torch.randint(0, model.config.class_num, (batch,), generator=torch.Generator().manual_seed(args.seed))
 
             def run():
                 model.sample_tokens(batch, num_iter, cfg=cfg, labels=labels, backend=backend)

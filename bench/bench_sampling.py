@@ -7,7 +7,7 @@ weights. Our side runs the backend the flags pick (sampling/backends.py: eager, 
 with optional --compile). Weights are random (no downloads); speed does not depend on them.
 
 CPU configuration (inner model at ARINAR-B size dominates):
-    python -m bench.bench_sampling --width 128 --depth 2 --heads 4 --batch_size 8 --cfg 4.5 --num_iter 64 --threads 1
+    python -m bench.bench_sampling --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 8 --cfg 4.5 --num_iter 64 --threads 1
 ARINAR-B on a GPU, bf16, CUDA graphs + compile:
     python -m bench.bench_sampling --device cuda --precision bf16 --compile --batch_size 256
 """
@@ -19,7 +19,7 @@ import torch
 from bench.baseline import release_sample_tokens
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, time_runs, write_json)
-from engine_mar import add_sampling_args
+from util import flags
 from models.vae import LATENT_SCALE, AutoencoderKL
 from sampling import make_backend
 
@@ -30,12 +30,9 @@ def parse_args(argv=None):
     p = parser(__doc__.splitlines()[0])
     add_model_args(p)
     add_runtime_args(p)
-    g = p.add_argument_group("sampling")
+    flags.add_sampling_args(p, cfg=4.5, sweep=False)  # as main_mar.py and sample.py
+    g = p.add_argument_group("benchmark")
     g.add_argument("--batch_size", type=int, default=8)
-    g.add_argument("--num_iter", type=int, default=64)
-    g.add_argument("--cfg", type=float, default=4.5)
-    g.add_argument("--temperature", type=float, default=1.0)
-    add_sampling_args(g)  # --cfg_sampler, --cuda_graphs, --compile, as main_mar.py and sample.py
     g.add_argument("--breakdown", action="store_true", help="also report our outer/head time split")
     g.add_argument("--decode", action="store_true", help="include a (random-init) KL-16 VAE decode in the time")
     g.add_argument("--baseline_repeats", type=int, default=2, help="timed baseline runs (0 = skip the baseline)")
@@ -47,13 +44,13 @@ def main(argv=None):
     args = parse_args(argv)
     device = setup_runtime(args)
     model = build_model(args).to(device)
-    labels = torch.randint(0, args.class_num, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
-    vae = AutoencoderKL(embed_dim=model.vae_embed_dim).to(device).eval() if args.decode else None
+    labels = torch.randint(0, model.config.class_num, (args.batch_size,), generator=torch.Generator().manual_seed(args.seed))
+    vae = AutoencoderKL(embed_dim=model.config.tokens.vae_embed_dim).to(device).eval() if args.decode else None
     backend = make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile, cfg_sampler=args.cfg_sampler,
                            precision=args.precision)
     split = PieceTimer(device)
     if args.breakdown:  # instance attributes shadow the methods the loop looks up
-        split.wrap(backend, "condition", "outer")
+        split.wrap(backend, "run", "outer")
         split.wrap(backend, "sample_head", "head")
 
     def finish(latents):

@@ -11,7 +11,7 @@ set (ru_maxrss) of a fresh child process per path, so one path's peak cannot hid
 (the CPU allocator's high-water mark is coarse; the saved-activation figure is the precise one).
 
 CPU configuration of issue 5:
-    python -m bench.bench_train --width 128 --depth 2 --heads 4 --batch_size 4 --steps 3
+    python -m bench.bench_train --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 4 --steps 3
 """
 import logging
 import multiprocessing
@@ -43,10 +43,11 @@ def make_step(args, device):
     """(loss_of(path), step(path), parameters): a path's loss, and one forward/backward/update."""
     model = build_model(args).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
-    side = model.seq_h * model.patch_size
+    tokens = model.config.tokens
+    side = tokens.seq_h * tokens.patch_size
     gen = torch.Generator().manual_seed(args.seed)
-    latents = torch.randn(args.batch_size, model.vae_embed_dim, side, side, generator=gen).to(device)
-    labels = torch.randint(0, args.class_num, (args.batch_size,), generator=gen).to(device)
+    latents = torch.randn(args.batch_size, tokens.vae_embed_dim, side, side, generator=gen).to(device)
+    labels = torch.randint(0, model.config.class_num, (args.batch_size,), generator=gen).to(device)
 
     def loss_of(path):
         with autocast(device, args.precision):
