@@ -127,3 +127,17 @@ def test_training_log_shows_mfu_when_the_peak_is_known(monkeypatch, caplog):
     # counting the FLOPs drew nothing from the training run's random stream
     for a, b in zip(model.parameters(), plain.parameters()):
         assert torch.equal(a, b)
+
+
+def test_count_agrees_with_flop_counter_mode():
+    """The lean counter against torch's own FlopCounterMode on a whole training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :12] = True
+    ours, _ = flops.count_flops(lambda: model(latents, labels, mask=mask).backward())
+    with FlopCounterMode(display=False, custom_mapping=flops.CPU_ATTENTION) as counter:
+        model(latents, labels, mask=mask).backward()
+    assert ours == counter.get_total_flops() > 0
