@@ -131,6 +131,14 @@ def peak_flops(device, precision):
     return peak_for_name(torch.cuda.get_device_name(device), kind)
 
 
+def human(flops):
+    """FLOPs for a log line: 13.1 TFLOP, 520 GFLOP, 37.1 MFLOP."""
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOP"
+    return f"{flops:.3g} FLOP"
+
+
 def mfu(flops, seconds, peak):
     """Achieved / peak FLOP/s, a fraction; None when the peak is unknown."""
     if peak is None or seconds <= 0:
