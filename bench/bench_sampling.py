@@ -100,21 +100,21 @@ def main(argv=None):
     if args.baseline_repeats:
         time_runs(lambda: baseline(min(2, args.num_iter)), device, args.warmup, 0)
     # timed runs alternate between the sides, so load from other users hits all alike
-    base_times = []
+    base = Side("baseline", None, device, False)
     for i in range(max(args.repeats, args.baseline_repeats)):
         for side in sides if i < args.repeats else ():
             side.timer.reset()
-            side.times += time_runs(lambda: ours(side.backend), device, 0, 1)
+            side.run(lambda: ours(side.backend))
             log.info("run %d: %s %.2f s%s", i + 1, side.name, side.times[-1], side.timer.summary())
         if i < args.baseline_repeats:
-            base_times += time_runs(baseline, device, 0, 1)
-            log.info("run %d: release baseline %.2f s", i + 1, base_times[-1])
-        record(results, sides, base_times, args)
+            base.run(baseline)
+            log.info("run %d: release baseline %.2f s", i + 1, base.times[-1])
+        record(results, sides, base, args)
         write_json(args.json, results)
     for side in sides:
         report(log, side.name, side.times, args.batch_size, args.num_iter, results["sides"][side.name])
-    if base_times:
-        report(log, "baseline", base_times, args.batch_size, args.num_iter, results["sides"]["baseline"])
+    if base.times:
+        report(log, "baseline", base.times, args.batch_size, args.num_iter, results["sides"]["baseline"])
         for side in sides:
             log.info("speed-up of %s over the release baseline (images/s ratio, medians): %.2fx", side.name,
                      results["sides"][side.name]["speedup"])
@@ -135,34 +135,45 @@ def backend_choices(args):
 
 
 class Side:
+    """One timed contender: its backend (None for the baseline), times and peak CUDA memory."""
+
     def __init__(self, name, backend, device, breakdown):
-        self.name, self.backend, self.times = name, backend, []
+        self.name, self.backend, self.device, self.times, self.peak_mib = name, backend, device, [], None
         self.timer = PieceTimer(device)
         if breakdown:  # instance attributes shadow the methods the loop looks up
             self.timer.wrap(backend, "condition", "outer")
             self.timer.wrap(backend, "sample_head", "head")
 
+    def run(self, fn):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.times += time_runs(fn, self.device, 0, 1)
+        if self.device.type == "cuda":
+            self.peak_mib = max(self.peak_mib or 0, torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
 
-def record(results, sides, base_times, args):
-    """Each side's times, images/s, fraction of the GPU's peak, and speed-up over the baseline."""
+
+def record(results, sides, base, args):
+    """Each side's times, images/s, fraction of the GPU's peak, peak memory and speed-up over the baseline."""
     peak, counted = results["peak_flops"], results["flops_per_image"]
     out = {}
-    for name, times, key in [(s.name, s.times, "ours") for s in sides] + [("baseline", base_times, "baseline")]:
-        if not times:
+    for side, key in [(s, "ours") for s in sides] + [(base, "baseline")]:
+        if not side.times:
             continue
-        images_per_s = args.batch_size / median(times)
+        images_per_s = args.batch_size / median(side.times)
         per_image = counted.get(key)
-        out[name] = {"seconds": times, "images_per_s": images_per_s, "flops_per_image": per_image,
-                     "fraction_of_peak": None if per_image is None else flops.mfu(per_image * images_per_s, 1.0, peak)}
-        if base_times and name != "baseline":
-            out[name]["speedup"] = median(base_times) / median(times)
+        out[side.name] = {"seconds": side.times, "images_per_s": images_per_s, "flops_per_image": per_image,
+                          "fraction_of_peak": None if per_image is None else flops.mfu(per_image * images_per_s, 1.0,
+                                                                                        peak),
+                          "peak_memory_mib": side.peak_mib}
+        if base.times and side is not base:
+            out[side.name]["speedup"] = median(base.times) / median(side.times)
     results["sides"] = out
     if sides[0].times:  # the first side under the keys older results use
         results["ours_s"] = sides[0].times
-    if base_times:
-        results["baseline_s"] = base_times
+    if base.times:
+        results["baseline_s"] = base.times
         if sides[0].times:
-            results["speedup"] = median(base_times) / median(sides[0].times)
+            results["speedup"] = median(base.times) / median(sides[0].times)
 
 
 class PieceTimer:

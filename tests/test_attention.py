@@ -103,3 +103,21 @@ def test_inner_sampling_with_chunks_draws_the_same(monkeypatch, kernel_calls, cf
     assert len(kernel_calls) - calls_whole == math.ceil(10 / 3) * calls_whole  # every call was split
     assert max(b for b, _ in kernel_calls[calls_whole:]) == 3
     assert torch.equal(chunked, whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_attention_past_the_grid_limit():  # pragma: no cover - GPU only
+    """Issue 30's crash: 38,400 one-query rows x 4 heads (head dim 192, bf16) against a sliced KV
+    cache, as the inner model decodes at batch 256 with 16 outer steps; the oracle is the softmax
+    written out in fp32, a few thousand rows at a time."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, heads, dim = 38400, 4, 192
+    q = torch.randn(rows, heads, 1, dim, device=device, generator=gen).bfloat16()
+    k_cache, v_cache = (torch.randn(rows, heads, 16, dim, device=device, generator=gen).bfloat16() for _ in range(2))
+    k, v = k_cache[:, :, :5], v_cache[:, :, :5]
+    out = attention(q, k, v, 0.25 / math.sqrt(dim))
+    for i in range(0, rows, 4096):
+        ref = by_hand(q[i:i + 4096].float(), k[i:i + 4096].float(), v[i:i + 4096].float(), 0.25 / math.sqrt(dim),
+                      causal=False)
+        torch.testing.assert_close(out[i:i + 4096].double(), ref, rtol=2e-2, atol=2e-2)
