@@ -76,9 +76,15 @@ def sampling_rows(folder):
     data = {name: load(folder, name) for name in SAMPLING_PARTS}
     rows = []
     for name, res in data.items():
-        if not res or "sides" not in res:
+        if not res:
             continue
         batch, peak = res["args"]["batch_size"], res.get("peak_flops")
+        for side in set(res.get("first_call_s", {})) - set(res.get("sides", {})):  # killed after its first call
+            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side,
+                         **dict.fromkeys(("images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
+                                          "speedup", "peak_memory_mib")), "first_call_s": res["first_call_s"][side]})
+        if "sides" not in res:
+            continue
         counter = data["sampling_b1"]
         counted = counter["flops_per_image"] if counter and same_work(res, counter) else {}
         plain = data.get(name.replace("compile", "sampling"))

@@ -25,10 +25,14 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
     compiled = {**big, "sides": {"cuda_graphs+compile": {"seconds": [0.5], "images_per_s": 4.0, "flops_per_image": None,
                                                          "fraction_of_peak": None, "peak_memory_mib": None}}}
     (tmp_path / "compile_b256.json").write_text(json.dumps(compiled))
+    # a compile part killed after its first call (the compilation) still reports how long that took
+    killed = {"args": big["args"], "first_call_s": {"cuda_graphs+compile": 42.0}}
+    (tmp_path / "compile_b1.json").write_text(json.dumps(killed))
     # a part with other work per image (fewer steps) must not borrow b1's FLOPs
     (tmp_path / "eager_rows.json").write_text(json.dumps({**big, "args": {**big["args"], "num_iter": 1}}))
     (tmp_path / "parts.tsv").write_text("sampling_b1\t0\t5\t120\t\nheads\t1\t3\t150\tValueError: x\n"
-                                        "train\t124\t90\t90\ttimed out after 90 s\ncompile_b1\tskipped\t0\t90\tbudget\n")
+                                        "train\t124\t90\t90\ttimed out after 90 s\n"
+                                        "compile_b1\tskipped\t0\t90\tbudget\n")
     gpu_summary.main([str(tmp_path), "--seconds", "98", "--budget", "470"])
 
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -38,6 +42,7 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
     assert rows["sampling_b256", "eager"]["flops_per_image"] == counted["ours"] > 0  # batch-free, from b1
     assert rows["sampling_b256", "baseline"]["flops_per_image"] == counted["baseline"]
     assert rows["eager_rows", "eager"]["flops_per_image"] is None
+    assert rows["compile_b1", "cuda_graphs+compile"]["first_call_s"] == 42.0
     assert rows["compile_b256", "cuda_graphs+compile"]["speedup"] == pytest.approx(
         median(big["sides"]["baseline"]["seconds"]) / 0.5)  # against the plain part's baseline
     table = (tmp_path / "summary.md").read_text()
