@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from sampling import PRECISIONS, make_backend
 
+from util import distributed, flops
 from util.evaluation import eval_folder
-from util import distributed
-from util.io.files import atomic_write
 from util.images import decode_images, load_png, save_grid, save_png
+from util.io.files import atomic_write
 from util.train.lr_sched import lr_at, set_lr
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
     world = distributed.get_world_size()
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     window_loss, window_steps, window_start = 0.0, 0, time.time()
+    # MFU needs the GPU's peak; the step's FLOPs are counted on the first batch only when there is one
+    peak, step_flops = flops.peak_flops(device, args.precision), None
 
     for batch, labels in loader:
         lr = lr_at(state.epoch + state.step_in_epoch / steps_in_epoch, args.lr, args.warmup_epochs,
@@ -72,6 +74,13 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         batch = batch.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         latents = to_latents(tokenizer, batch, args.use_cached)
+        if peak is not None and step_flops is None:
+            def forward():
+                with autocast(args, device):
+                    return unwrapped(latents, labels)
+            counting = time.time()
+            step_flops = flops.training_step_flops(forward, device)
+            window_start += time.time() - counting  # not training time
 
         with autocast(args, device):
             loss = model(latents, labels)
@@ -111,11 +120,15 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         if state.step_in_epoch % args.log_freq == 0 or state.step_in_epoch == steps_in_epoch:
             elapsed = max(time.time() - window_start, 1e-9)
             images_per_s = window_steps * args.batch_size * world / elapsed
-            logger.info("epoch %d step %d/%d (global %d)  loss %.4f  lr %.3e  grad_norm %.3f  %.1f images/s",
+            mfu = flops.mfu(step_flops * window_steps, elapsed, peak) if step_flops else None  # per GPU
+            logger.info("epoch %d step %d/%d (global %d)  loss %.4f  lr %.3e  grad_norm %.3f  %.1f images/s%s",
                         state.epoch, state.step_in_epoch, steps_in_epoch, state.global_step,
-                        window_loss / window_steps, lr, grad_norm.item(), images_per_s)
+                        window_loss / window_steps, lr, grad_norm.item(), images_per_s,
+                        "" if mfu is None else f"  MFU {100 * mfu:.1f}%")
             if writer is not None:
                 writer.add_scalar("train/images_per_s", images_per_s, state.global_step)
+                if mfu is not None:
+                    writer.add_scalar("train/mfu", mfu, state.global_step)
             window_loss, window_steps, window_start = 0.0, 0, time.time()
         if on_step is not None:
             on_step(state)
