@@ -15,6 +15,7 @@ import sample
 from sampling import make_backend
 from tests.conftest import randomize_, tiny_mar
 from tests.test_sample import kl16_run, pixel_run, run, tiny_model_name  # noqa: F401  (tiny checkpoints)
+from models.families.common import SamplingSettings
 from util.editing import box_to_tokens, fill_canvas, mask_to_tokens, outpaint_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +178,7 @@ def test_fill_canvas_walks_the_windows_and_keeps_what_is_filled():
     sample_tokens = m.sample_tokens
     m.sample_tokens = lambda n, **kw: calls.append(kw["keep"][0].view(4, 4).clone()) or sample_tokens(n, **kw)
     torch.manual_seed(0)
-    out = fill_canvas(m, canvas, filled, plan.windows, None, {"num_iter": 2, "cfg": 1.0}, progress=False)
+    out = fill_canvas(m, canvas, filled, plan.windows, None, SamplingSettings(num_iter=2), progress=False)
     assert torch.equal(out[..., :4], image) and (out[..., 4:] != 0).all()
     assert len(calls) == 4 and all(torch.equal(keep, torch.tensor([[True] * 2 + [False] * 2] * 4)) for keep in calls)
     assert torch.equal(canvas[..., 4:], torch.zeros(2, 16, 4, 8))  # the input is left alone

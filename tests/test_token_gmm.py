@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy import stats
 from scipy.special import logsumexp
 
-from models.token_gmm import TokenGMM
+from models.heads.token_gmm import TokenGMM
 from tests.conftest import host_sync_calls, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: extra threads only add overhead
@@ -145,7 +145,8 @@ def test_tensor_cfg_same_draws_and_no_host_sync(no_host_sync):
 
 def test_sample_source_has_no_sync_calls():
     """A supplement to the run above: the code paths it did not take are clean too."""
-    from models import gmm, token_gmm
+    from models import gmm
+    from models.heads import token_gmm
     assert host_sync_calls(token_gmm, gmm.sample_diag_gmm, gmm.sample_diag_gmm_cfg, gmm.race_pick,
                            gmm.inverse_cdf_pick, gmm.diag_gmm_log_prob) == set()
     assert host_sync_calls(gmm.sample_gmm_cfg) == set()

@@ -24,9 +24,9 @@ from torch_fidelity.metric_prc import calculate_precision_recall_part
 from numpy.lib import format as npformat
 from tqdm import tqdm
 
-from util import misc
-from util.checkpoint import atomic_write
-from util.inception_weights import read_inception_state
+from util import distributed
+from util.io.files import atomic_write
+from util.evaluation.inception_weights import read_inception_state
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def load_fid_stats(path):
     """Reference statistics {mu [D], sigma [D, D]} as float64 from an npz with keys mu, sigma."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--fid_stats {path}: no such file (fetch ImageNet-256's with "
-                                "`python util/download.py adm_in256_stats`, or pass --fid_stats none)")
+                                "`python -m util.io.download adm_in256_stats`, or pass --fid_stats none)")
     with np.load(path) as data:
         if "mu" not in data or "sigma" not in data:
             raise ValueError(f"--fid_stats {path} must hold arrays 'mu' and 'sigma'; it has {list(data.keys())}")
@@ -159,7 +159,7 @@ def check_ref_batch(path, img_size, channels):
     """One-line errors for a --ref_batch that cannot be compared with img_size x img_size x channels samples."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ref_batch {path}: no such file (fetch ADM's ImageNet-256 batch with "
-                                "`python util/download.py adm_in256_ref_batch`)")
+                                "`python -m util.io.download adm_in256_ref_batch`)")
     try:
         shape, dtype = npz_array_header(path)
     except ValueError as err:

@@ -194,15 +194,15 @@ def read_cache_index(root):
     return index
 
 
-def check_cache_matches(meta, args, where):
-    """Cached latents must come from the same image size and tokenizer as this run."""
-    if meta["img_size"] != args.img_size:
+def check_cache_matches(meta, tokens, where):
+    """Cached latents must come from the same image size and tokenizer as this run (tokens: its TokenConfig)."""
+    if meta["img_size"] != tokens.img_size:
         raise ValueError(f"--cached_path {where} holds latents of {meta['img_size']}px images but --img_size is "
-                         f"{args.img_size}: pass --img_size {meta['img_size']} or re-cache with main_cache.py")
-    if meta["tokenizer"] != args.tokenizer or meta["embed_dim"] != args.vae_embed_dim:
+                         f"{tokens.img_size}: pass --img_size {meta['img_size']} or re-cache with main_cache.py")
+    if meta["tokenizer"] != tokens.tokenizer or meta["embed_dim"] != tokens.vae_embed_dim:
         raise ValueError(f"--cached_path {where} was made with tokenizer {meta['tokenizer']} "
-                         f"({meta['embed_dim']} channels) but this run uses --tokenizer {args.tokenizer} "
-                         f"({args.vae_embed_dim} channels)")
+                         f"({meta['embed_dim']} channels) but this run uses --tokenizer {tokens.tokenizer} "
+                         f"({tokens.vae_embed_dim} channels)")
 
 
 class CachedLatents(Dataset):
@@ -269,40 +269,41 @@ class NpzLatentFolder(Dataset):
             return torch.from_numpy(data[key].astype(np.float32)), label
 
 
-def build_cached_dataset(args):
+def build_cached_dataset(args, tokens):
     root = args.cached_path
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"--cached_path {root!r} does not exist; create it with main_cache.py")
     if os.path.isfile(os.path.join(root, INDEX_FILE)):
         dataset = CachedLatents(root, seed=args.seed)
-        check_cache_matches(dataset.meta, args, root)
+        check_cache_matches(dataset.meta, tokens, root)
         if len(dataset) == 0:
             raise ValueError(f"--cached_path {root} holds no latents")
         return dataset
     dataset = NpzLatentFolder(root, seed=args.seed)
-    side = args.img_size // args.vae_stride
-    expected = (2 * args.vae_embed_dim, side, side)
+    side = tokens.img_size // tokens.vae_stride
+    expected = (2 * tokens.vae_embed_dim, side, side)
     if dataset.moments_shape() != expected:
         got = dataset.moments_shape()
-        raise ValueError(f"--cached_path {root} holds moments of shape {got} but --img_size {args.img_size} / "
-                         f"--vae_stride {args.vae_stride} / --vae_embed_dim {args.vae_embed_dim} expect {expected}"
-                         f" (pass --img_size {got[-1] * args.vae_stride} or re-cache)")
+        raise ValueError(f"--cached_path {root} holds moments of shape {got} but --img_size {tokens.img_size} / "
+                         f"--vae_stride {tokens.vae_stride} / --vae_embed_dim {tokens.vae_embed_dim} expect {expected}"
+                         f" (pass --img_size {got[-1] * tokens.vae_stride} or re-cache)")
     return dataset
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_dataset(args, split="train"):
-    """The training set for args: cached latents, an ImageFolder, or the digits demo set.
+def build_dataset(args, tokens, split="train"):
+    """The training set for args (data flags) and tokens (the model's TokenConfig): cached latents, an
+    ImageFolder, or the digits demo set.
 
     Items are (image in [-1, 1], label), or (posterior parameters, label) with --use_cached.
     """
     if getattr(args, "use_cached", False):
-        return build_cached_dataset(args)
+        return build_cached_dataset(args, tokens)
     if args.dataset == "imagenet":
-        return ImageFolderADM(os.path.join(args.data_path, split), args.img_size, flip=True, seed=args.seed)
+        return ImageFolderADM(os.path.join(args.data_path, split), tokens.img_size, flip=True, seed=args.seed)
     if args.dataset == "digits":
-        from util.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
-        return DigitsDataset(split, args.img_size)
+        from util.data.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
+        return DigitsDataset(split, tokens.img_size)
     raise ValueError(f"--dataset must be one of {DATASETS}; got {args.dataset!r}")
 
 
