@@ -21,8 +21,10 @@ clean-venv:
 
 # The CPU demo (README command 1): ARINAR on scikit-learn's 8x8 digits, pixel tokens (2x2 patches =
 # 16 tokens of 4 features), scored by a digit classifier. One intra-op thread: the model is tiny.
+# FAMILY picks the outer model family; its preset <FAMILY>_tiny is the demo's model.
+FAMILY ?= mar
 DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
-	--model mar_tiny --attn_dropout 0 --proj_dropout 0 \
+	--family $(FAMILY) --model $(FAMILY)_tiny \
 	--batch_size 64 --epochs 70 --warmup_epochs 5 --lr 1e-3 --lr_schedule cosine --ema_rate 0.995 \
 	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
 	--num_images 1000 --eval_bsz 500 --num_iter 16 --cfg 3.0 --temperature 1.0

@@ -82,7 +82,9 @@ def demo_flags():
     text = (REPO / "Makefile").read_text().replace("\\\n", " ")
     match = re.search(r"^DEMO_FLAGS\s*:?=(.*)$", text, flags=re.MULTILINE)
     assert match, "the Makefile must define DEMO_FLAGS (the flags `make demo` passes to main_mar.py)"
-    return shlex.split(match.group(1))
+    family = re.search(r"^FAMILY\s*\?=\s*(\S+)", text, flags=re.MULTILINE)
+    assert family, "the Makefile must default FAMILY (`make demo FAMILY=...` picks the demo's family)"
+    return shlex.split(match.group(1).replace("$(FAMILY)", family.group(1)))
 
 
 def train_losses(run_dir):

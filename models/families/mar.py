@@ -127,7 +127,9 @@ class MARConfig:
 
 
 PRESETS = {
-    "mar_tiny": {"width": 128, "num_heads": 4, "enc_dec_depth": 2, "buffer_size": 4, "inner_ar_width": 64},
+    # the CPU demo's (make demo): no dropout
+    "mar_tiny": {"width": 128, "num_heads": 4, "enc_dec_depth": 2, "buffer_size": 4, "inner_ar_width": 64,
+                 "attn_dropout": 0.0, "proj_dropout": 0.0},
     "mar_base": {"width": 768, "num_heads": 12, "enc_dec_depth": 14},  # ARINAR-B; enc_dec_depth 12: MAR-B
     "mar_large": {"width": 1024, "num_heads": 16, "enc_dec_depth": 16},
     "mar_huge": {"width": 1280, "num_heads": 16, "enc_dec_depth": 20},
