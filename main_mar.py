@@ -10,11 +10,13 @@ and data groups below.
 import argparse
 import contextlib
 import errno
+import glob
 import itertools
 import logging
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -35,7 +37,7 @@ from util.ema import EMA
 from util.loading import (build_model_from_args, checkpoint_args, config_from_state, freeze_outer,
                           load_outer_from_mar, model_state_from_checkpoint, read_checkpoint)
 from util.lr_sched import LR_SCHEDULES
-from util.preemption import REQUEUE_EXIT, StopRequest
+from util.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest
 from util.run_folder import FolderInUse, claim_run_folder
 
 logger = logging.getLogger("main_mar")
@@ -308,6 +310,7 @@ def extra_scorer(args):
 def main(args):
     device = misc.init_distributed()
     misc.setup_logging()
+    class_num_given = args.class_num is not None
     resolve_args(args)
     rank, world = misc.get_rank(), misc.get_world_size()
     ckpt_file = checkpoint_path(args.resume, args.output_dir)
@@ -322,6 +325,13 @@ def main(args):
     if not args.evaluate:
         dataset = build_dataset(args, "train")
         classes = getattr(dataset, "classes", None)
+        if classes is not None and len(classes) != args.class_num and not class_num_given:
+            # the --dataset default (1000 for imagenet) would silently train unused class slots
+            logger.info("the data set has %d classes: --class_num set to %d (the --dataset %s default is %d; "
+                        "pass --class_num to choose)", len(classes), len(classes), args.dataset, args.class_num)
+            args.class_num = len(classes)
+            if args.online_eval:
+                class_balanced_labels(args.num_images, args.class_num)
         if classes is not None and len(classes) > args.class_num:
             raise ValueError(f"the data set has {len(classes)} classes but --class_num is {args.class_num}")
         sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
@@ -521,13 +531,43 @@ def storage_reported(path, output_dir):
                                    f"continue with --resume {output_dir}") from err
 
 
+def one_line(err):
+    """err's message; for an error raised in a DataLoader worker, the worker's own message (torch wraps it
+    in the worker's traceback, whose last line it is)."""
+    text = str(err)
+    if "DataLoader worker" in text and "\n" in text:
+        return text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def interrupted_evaluation(args, argv, since):
+    """The one line for Ctrl-C during --evaluate: the images kept, and the command that resumes."""
+    folders = [d for d in glob.glob(os.path.join(args.output_dir, "eval-*", "images")) if os.path.getmtime(d) >= since]
+    if folders:
+        images = max(folders, key=os.path.getmtime)  # the folder this run was writing to
+        kept = (f"{len(glob.glob(os.path.join(images, '*.png')))} of {args.num_images} images are finished and "
+                f"kept in {os.path.dirname(images)}")
+    else:
+        kept = "no image was written yet"
+    launcher = "torchrun [the same options] main_mar.py" if misc.get_world_size() > 1 else "python main_mar.py"
+    return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
+            f"(exit code {INTERRUPT_EXIT}): {launcher} {shlex.join(argv)}")
+
+
 def cli(argv=None):
     """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
+    start = time.time()
     try:
         exit_code = main(args)
+    except KeyboardInterrupt:
+        if not args.evaluate:
+            raise
+        if misc.is_main_process():
+            logger.error("%s", interrupted_evaluation(args, sys.argv[1:] if argv is None else argv, start))
+        sys.exit(INTERRUPT_EXIT)
     except (ValueError, FileNotFoundError, FloatingPointError, FolderInUse) as err:
-        logger.error("%s", err)
+        logger.error("%s", one_line(err))
         sys.exit(1)
     except OSError as err:
         if storage_error(err) is None:

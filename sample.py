@@ -15,6 +15,8 @@ The same --seed gives the same images on the same device.
 import argparse
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from models.tokenizer import TOKENIZERS, build_tokenizer
 from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
 from util.loading import (build_model_from_args, checkpoint_args, config_from_state, load_model_weights,
                           model_state_from_checkpoint, read_checkpoint)
+from util.preemption import INTERRUPT_EXIT
 
 logger = logging.getLogger("sample")
 
@@ -181,6 +184,18 @@ def sample_images(model, tokenizer, args):
 
 
 def main(argv=None):
+    """sample.py's entry point: Ctrl-C ends it with one line (nothing is written before every image is drawn)."""
+    try:
+        return run_sample(argv)
+    except KeyboardInterrupt:
+        command = shlex.join(["python", "sample.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+        logger.error("interrupted (Ctrl-C) before the images were done: nothing was written (--out is written at "
+                     "the end); the same command starts over and draws the same images (exit code %d): %s",
+                     INTERRUPT_EXIT, command)
+        sys.exit(INTERRUPT_EXIT)
+
+
+def run_sample(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
