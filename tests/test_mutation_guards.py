@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import engine_mar
+from models.diffloss import timestep_embedding
 from models.inner import InnerAR
 from tests.conftest import randomize_, tiny_mar
 from tests.pipeline_fixtures import eval_setup
@@ -133,6 +134,15 @@ def test_float64_guided_diffusion_sampling_matches_numpy_from_the_spec():
     # the first reverse step (from t = 999, alpha_bar ~ 1e-9) amplifies float64 rounding to ~2e-10 here;
     # the cfg rounded through float32 moves the result by ~1e-6
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=0)
+
+
+def test_timestep_table_is_computed_in_at_least_float32():
+    """Bug: the sinusoids computed in a bf16 model's own dtype (t f reaches 999 rad: bf16 keeps 3 digits)."""
+    emb = timestep_embedding(torch.tensor([999, 517]), dtype=torch.bfloat16)
+    assert emb.dtype == torch.float32
+    freqs = np.exp(-np.log(10000) * np.arange(128) / 128)
+    expected = np.concatenate([np.cos(np.outer([999, 517], freqs)), np.sin(np.outer([999, 517], freqs))], 1)
+    np.testing.assert_allclose(emb.numpy(), expected, rtol=0, atol=2e-4)  # float32 phase error ~999 x 6e-8
 
 
 # ----------------------------------------------------------------------------- the variational-bound term
