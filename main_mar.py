@@ -548,7 +548,7 @@ def interrupted_evaluation(args, argv, since):
         kept = (f"{len(glob.glob(os.path.join(images, '*.png')))} of {args.num_images} images are finished and "
                 f"kept in {os.path.dirname(images)}")
     else:
-        kept = "no image was written yet"
+        kept = "this run had written no image yet"
     launcher = "torchrun [the same options] main_mar.py" if misc.get_world_size() > 1 else "python main_mar.py"
     return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
             f"(exit code {INTERRUPT_EXIT}): {launcher} {shlex.join(argv)}")
