@@ -136,10 +136,11 @@ class ModelConfig:
         return out
 
     def tunable_flags(self):
-        return {flag_name(f) for part, _ in self.parts() for f in fields(part) if f.metadata.get("tunable")}
+        return tunable_flags(self.family, self.head)
 
     def validate(self):
-        if PRESETS[self.model][0] != self.family:
+        # `model` names the preset the config started from; a stored config stands alone without it
+        if self.model in PRESETS and PRESETS[self.model][0] != self.family:
             raise ValueError(f"--model {self.model} is a {PRESETS[self.model][0]} model, not --family {self.family}")
         for part, expected in ((self.family_config, FAMILIES[self.family].config),
                                (self.head_config, HEADS[self.head].config)):
@@ -220,6 +221,12 @@ def config_from_flags(values, base=None):
                             "family_config": _pick(FAMILIES[family].config, merged),
                             "head_config": _pick(HEADS[head].config, merged)})
     return config.validate()
+
+
+def tunable_flags(family, head):
+    """The flags of settings a stored run may change (training- or sampling-only: dropout, label drop, ...)."""
+    parts = (ModelConfig, TokenConfig, FAMILIES[family].config, HEADS[head].config)
+    return {flag_name(f) for part in parts for f in fields(part) if f.metadata.get("tunable")}
 
 
 def check_flags_apply(config, given, source="the checkpoint"):
