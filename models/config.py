@@ -19,10 +19,10 @@ from models.registry import FAMILIES, HEADS, PRESETS
 TOKENIZERS = ("kl16", "pixel")
 
 
-def flag(help, name=None, tunable=False, valid=None):
-    """Field metadata: the command-line flag (--<name>, default the field's name), its help, and its
-    range as (rule, predicate) (integers default to >= 1)."""
-    return {"flag": name, "help": help, "tunable": tunable, "valid": valid}
+def flag(help, name=None, tunable=False, valid=None, shown=None):
+    """Field metadata: the command-line flag (--<name>, default the field's name), its help, its range as
+    (rule, predicate) (integers default to >= 1), and the default --help shows when it is not the field's."""
+    return {"flag": name, "help": help, "tunable": tunable, "valid": valid, "shown": shown}
 
 
 UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
@@ -51,7 +51,8 @@ class TokenConfig:
     vae_embed_dim: int = field(default=16, metadata=flag(
         "tokenizer channels per position (pixel tokenizer: the image channels)"))
     patch_size: int = field(default=1, metadata=flag("tokenizer positions per token side"))
-    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)"))
+    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)",
+                                                       shown="the data set's: 3 imagenet, 1 digits"))
 
     @property
     def seq_h(self):
@@ -83,10 +84,11 @@ class TokenConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = field(default="mar_base", metadata=flag("named preset (--family's own models; sets their sizes)"))
-    family: str = field(default="mar", metadata=flag("outer model family"))
+    model: str = field(default="mar_base", metadata=flag(
+        "named preset: a family and its sizes", shown="mar_base, or the --family's own default preset"))
+    family: str = field(default="mar", metadata=flag("outer model family", shown="the --model preset's"))
     head: str = field(default="arinar", metadata=flag("per-token head"))
-    class_num: int = field(default=1000, metadata=flag("classes (default: 1000 imagenet, 10 digits)"))
+    class_num: int = field(default=1000, metadata=flag("classes", shown="the data set's: 1000 imagenet, 10 digits"))
     tokens: TokenConfig = field(default_factory=TokenConfig)
     family_config: object = None  # the family's config dataclass
     head_config: object = None    # the head's config dataclass

@@ -70,7 +70,7 @@ class DenoiserMLP(nn.Module):
 class DiffLossConfig:
     """MAR's defaults (MAR-B's released head: depth 6, width 1024)."""
     width: int = field(default=1024, metadata=flag("width of the MLP heads (diffloss, gmm)", name="diffloss_w"))
-    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm); MAR-B: 6",
+    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm; MAR-B: 6)",
                                                 name="diffloss_d"))
     num_sampling_steps: int = field(default=100, metadata=flag(
         "diffloss: diffusion steps when sampling", tunable=True,
