@@ -134,41 +134,36 @@ def constant_images(root, values=(60, 200), per_class=4):
     return root
 
 
+def train_then_sample_greys(tmp_path, **flags):
+    """main_mar.py on two classes of constant grey images (60 and 200) with the gauss head, then sample.py
+    on the run at a low temperature: (the checkpoint, the mean grey of each sampled image, class-major)."""
+    data, run = constant_images(tmp_path / "data"), tmp_path / "run"
+    run_main(tiny_flags(data_path=data, output_dir=run, epochs=40, head="gauss", gauss_std=0.05,
+                        inner_ar_width=None, inner_ar_heads=None, warmup_epochs=2, ema_rate=0.5, **flags))
+    out = sample.main(["--ckpt", str(run), "--classes", "0", "1", "--num_per_class", "2", "--num_iter", "2",
+                       "--cfg", "1", "--temperature", "0.02", "--out", str(tmp_path / "grid.png"),
+                       "--save_dir", str(tmp_path / "each")])
+    assert out.is_file()
+    return load(run / LAST), [np.asarray(Image.open(p)).astype(float).mean()
+                              for p in sorted((tmp_path / "each").glob("*.png"))]
+
+
 def test_a_toy_head_trains_and_samples_through_the_engine(tmp_path, gauss_head):
     """--head gauss and its flag --gauss_std exist once registered; main_mar trains it, the checkpoint's
     config rebuilds it, sample.py draws from it, and it learned the data: two classes of constant grey
     images are sampled back at their own grey values."""
-    data = constant_images(tmp_path / "data")
-    run = tmp_path / "run"
-    run_main(tiny_flags(data_path=data, output_dir=run, epochs=40, head="gauss", gauss_std=0.05,
-                        inner_ar_width=None, inner_ar_heads=None, blr=0.1, warmup_epochs=2, ema_rate=0.5))
-    ckpt = load(run / LAST)
+    ckpt, grey = train_then_sample_greys(tmp_path, blr=0.1)
     assert ckpt["config"]["head"] == "gauss" and ckpt["config"]["head_config"] == {"gauss_std": 0.05}
     assert any(k.startswith("gausshead.") for k in ckpt["model"])
-    out = sample.main(["--ckpt", str(run), "--classes", "0", "1", "--num_per_class", "2", "--num_iter", "2",
-                       "--cfg", "1", "--temperature", "0.01", "--out", str(tmp_path / "grid.png"),
-                       "--save_dir", str(tmp_path / "each")])
-    assert out.is_file()
-    grey = [np.asarray(Image.open(p)).astype(float).mean() for p in sorted((tmp_path / "each").glob("*.png"))]
     assert grey == pytest.approx([60, 60, 200, 200], abs=12), grey
 
 
 def test_a_toy_family_trains_and_samples_through_the_engine(tmp_path, bag_family, gauss_head):
     """--family bag (its preset and flags derived from BagConfig): trained by main_mar.py, rebuilt from the
     checkpoint by sample.py; guidance pairs each image with the null class; kept tokens come back bit for bit."""
-    data = constant_images(tmp_path / "data")
-    run = tmp_path / "run"
-    run_main(tiny_flags(data_path=data, output_dir=run, epochs=40, family="bag", model=None, buffer_size=None,
-                        head="gauss", gauss_std=0.05, inner_ar_width=None, inner_ar_heads=None, blr=0.5,
-                        warmup_epochs=2, ema_rate=0.5))
-    ckpt = load(run / LAST)
+    ckpt, grey = train_then_sample_greys(tmp_path, family="bag", model=None, buffer_size=None, blr=0.5)
     assert (ckpt["config"]["family"], ckpt["config"]["model"], ckpt["config"]["family_config"]["width"]) == \
         ("bag", "bag_tiny", 16)
-    out = sample.main(["--ckpt", str(run), "--classes", "0", "1", "--num_per_class", "2", "--num_iter", "2",
-                       "--cfg", "1", "--temperature", "0.05", "--out", str(tmp_path / "grid.png"),
-                       "--save_dir", str(tmp_path / "each")])
-    assert out.is_file()
-    grey = [np.asarray(Image.open(p)).astype(float).mean() for p in sorted((tmp_path / "each").glob("*.png"))]
     assert grey == pytest.approx([60, 60, 200, 200], abs=12), grey
 
     model = build(ckpt["config"])
