@@ -111,31 +111,23 @@ class ModelConfig:
             raise ValueError(f"{source}: a model config must be a dict; got {type(d).__name__}")
         parts = {"tokens": TokenConfig, "family_config": FAMILIES[d.get("family", "mar")].config,
                  "head_config": HEADS[d.get("head", "arinar")].config}
-        top = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - top)
+        top = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(top))
         if unknown:
             raise ValueError(f"{source}: unknown model config entries {', '.join(unknown)}")
-        values = {k: v for k, v in d.items() if k not in parts}
-        for key, part in parts.items():
-            values[key] = _dataclass_from_dict(part, d.get(key) or {}, f"{source}: {key}")
-        config = cls(**{f.name: values[f.name] if f.name in parts else _coerce(f, values[f.name], source)
-                        for f in fields(cls) if f.name in values})
-        config.validate()
-        return config
+        values = {k: _coerce(top[k], v, source) for k, v in d.items() if k not in parts}
+        values.update({k: _dataclass_from_dict(part, d.get(k) or {}, f"{source}: {k}") for k, part in parts.items()})
+        return cls(**values).validate()
 
     # ------------------------------------------------------------------ flat {flag: value}
     def parts(self):
-        """(dataclass instance, its owner label) for every part, the top level included."""
-        return [(self, None), (self.tokens, None), (self.family_config, self.family), (self.head_config, self.head)]
+        """The dataclasses this config is made of, itself first."""
+        return [self, self.tokens, self.family_config, self.head_config]
 
     def flat(self):
         """{flag name: value} over every field (the command line's view of this config)."""
-        out = {}
-        for part, _ in self.parts():
-            for f in fields(part):
-                if f.name not in ("tokens", "family_config", "head_config"):
-                    out[flag_name(f)] = getattr(part, f.name)
-        return out
+        return {flag_name(f): getattr(part, f.name) for part in self.parts() for f in fields(part)
+                if f.name not in ("tokens", "family_config", "head_config")}
 
     def tunable_flags(self):
         return tunable_flags(self.family, self.head)
@@ -150,7 +142,7 @@ class ModelConfig:
                 raise ValueError(f"{type(part).__name__} is not the config of {expected.__name__}")
         check_ranges(self)
         self.tokens.validate()
-        for part, _ in self.parts()[2:]:
+        for part in self.parts()[2:]:
             check_ranges(part)
             check = getattr(part, "validate", None)
             if check is not None:
