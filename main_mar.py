@@ -8,12 +8,16 @@ The model flags are derived from the model config (util/cli.py); a run stores it
 checkpoint, so `--resume` / `--evaluate` rebuild the model from it alone.
 """
 import contextlib
+import dataclasses
 import errno
+import glob
 import itertools
+import json
 import logging
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -36,7 +40,7 @@ from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
 from util.train.ema import EMA
 from util.train.lr_sched import LR_SCHEDULES
-from util.train.preemption import REQUEUE_EXIT, StopRequest
+from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest
 from util.train.run_folder import FolderInUse, claim_run_folder
 from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_and_ema, resume_training,
                               save_training_checkpoint)
@@ -225,7 +229,7 @@ def param_groups(model, weight_decay):
 
 
 def extra_scorer(args):
-    """Scores beyond FID for data sets without Inception statistics: util.digits.score_samples(images, labels)."""
+    """Scores beyond FID for data sets without Inception statistics: util.data.digits.score_samples(images, labels)."""
     if args.dataset == "digits":
         from util.data.digits import score_samples
         return score_samples
@@ -251,6 +255,13 @@ def main(args):
     if not args.evaluate:
         dataset = build_dataset(args, config.tokens, "train")
         classes = getattr(dataset, "classes", None)
+        if classes is not None and ckpt is None and args.class_num is None and len(classes) != config.class_num:
+            # the --dataset default (1000 for imagenet) would silently train unused class slots
+            logger.info("the data set has %d classes: --class_num set to %d (the --dataset %s default is %d; "
+                        "pass --class_num to choose)", len(classes), len(classes), args.dataset, config.class_num)
+            config = dataclasses.replace(config, class_num=len(classes))
+            if args.online_eval:
+                class_balanced_labels(args.num_images, config.class_num)
         if classes is not None and len(classes) > config.class_num:
             raise ValueError(f"the data set has {len(classes)} classes but --class_num is {config.class_num}")
         sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
@@ -295,6 +306,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         logging.getLogger().addHandler(logging.FileHandler(os.path.join(args.output_dir, "log.txt")))
         logger.info("args: %s", " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
+        logger.info("model config: %s", json.dumps(config.to_dict()))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %d processes x batch %d, "
                     "lr %.2e, %s", config.model, config.family, config.head,
@@ -449,13 +461,43 @@ def storage_reported(path, output_dir):
                                    f"continue with --resume {output_dir}") from err
 
 
+def one_line(err):
+    """err's message; for an error raised in a DataLoader worker, the worker's own message (torch wraps it
+    in the worker's traceback, whose last line it is)."""
+    text = str(err)
+    if "DataLoader worker" in text and "\n" in text:
+        return text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def interrupted_evaluation(args, argv, since):
+    """The one line for Ctrl-C during --evaluate: the images kept, and the command that resumes."""
+    folders = [d for d in glob.glob(os.path.join(args.output_dir, "eval-*", "images")) if os.path.getmtime(d) >= since]
+    if folders:
+        images = max(folders, key=os.path.getmtime)  # the folder this run was writing to
+        kept = (f"{len(glob.glob(os.path.join(images, '*.png')))} of {args.num_images} images are finished and "
+                f"kept in {os.path.dirname(images)}")
+    else:
+        kept = "this run had written no image yet"
+    launcher = "torchrun [the same options] main_mar.py" if distributed.get_world_size() > 1 else "python main_mar.py"
+    return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
+            f"(exit code {INTERRUPT_EXIT}): {launcher} {shlex.join(argv)}")
+
+
 def cli(argv=None):
     """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
+    start = time.time()
     try:
         exit_code = main(args)
+    except KeyboardInterrupt:
+        if not args.evaluate:
+            raise
+        if distributed.is_main_process():
+            logger.error("%s", interrupted_evaluation(args, sys.argv[1:] if argv is None else argv, start))
+        sys.exit(INTERRUPT_EXIT)
     except (ValueError, FileNotFoundError, FloatingPointError, FolderInUse) as err:
-        logger.error("%s", err)
+        logger.error("%s", one_line(err))
         sys.exit(1)
     except OSError as err:
         if storage_error(err) is None:

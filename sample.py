@@ -16,6 +16,8 @@ gives the same images on the same device.
 """
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
 from util.images import save_grid, save_png
 from util.io.checkpoints import config_from_checkpoint, load_model_weights, model_state_from_checkpoint, read_checkpoint
 from util.io.tokenizers import build_tokenizer
+from util.train.preemption import INTERRUPT_EXIT
 
 logger = logging.getLogger("sample")
 
@@ -154,6 +157,18 @@ def sample_images(model, tokenizer, args, backend):
 
 
 def main(argv=None):
+    """sample.py's entry point: Ctrl-C ends it with one line (nothing is written before every image is drawn)."""
+    try:
+        return run_sample(argv)
+    except KeyboardInterrupt:
+        command = shlex.join(["python", "sample.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+        logger.error("interrupted (Ctrl-C) before the images were done: nothing was written (--out is written at "
+                     "the end); the same command starts over and draws the same images (exit code %d): %s",
+                     INTERRUPT_EXIT, command)
+        sys.exit(INTERRUPT_EXIT)
+
+
+def run_sample(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

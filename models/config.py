@@ -19,10 +19,10 @@ from models.registry import FAMILIES, HEADS, PRESETS
 TOKENIZERS = ("kl16", "pixel")
 
 
-def flag(help, name=None, tunable=False, valid=None):
-    """Field metadata: the command-line flag (--<name>, default the field's name), its help, and its
-    range as (rule, predicate) (integers default to >= 1)."""
-    return {"flag": name, "help": help, "tunable": tunable, "valid": valid}
+def flag(help, name=None, tunable=False, valid=None, shown=None):
+    """Field metadata: the command-line flag (--<name>, default the field's name), its help, its range as
+    (rule, predicate) (integers default to >= 1), and the default --help shows when it is not the field's."""
+    return {"flag": name, "help": help, "tunable": tunable, "valid": valid, "shown": shown}
 
 
 UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
@@ -51,7 +51,8 @@ class TokenConfig:
     vae_embed_dim: int = field(default=16, metadata=flag(
         "tokenizer channels per position (pixel tokenizer: the image channels)"))
     patch_size: int = field(default=1, metadata=flag("tokenizer positions per token side"))
-    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)"))
+    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)",
+                                                       shown="the data set's: 3 imagenet, 1 digits"))
 
     @property
     def seq_h(self):
@@ -83,10 +84,11 @@ class TokenConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = field(default="mar_base", metadata=flag("named preset (--family's own models; sets their sizes)"))
-    family: str = field(default="mar", metadata=flag("outer model family"))
+    model: str = field(default="mar_base", metadata=flag(
+        "named preset: a family and its sizes", shown="mar_base, or the --family's own default preset"))
+    family: str = field(default="mar", metadata=flag("outer model family", shown="the --model preset's"))
     head: str = field(default="arinar", metadata=flag("per-token head"))
-    class_num: int = field(default=1000, metadata=flag("classes (default: 1000 imagenet, 10 digits)"))
+    class_num: int = field(default=1000, metadata=flag("classes", shown="the data set's: 1000 imagenet, 10 digits"))
     tokens: TokenConfig = field(default_factory=TokenConfig)
     family_config: object = None  # the family's config dataclass
     head_config: object = None    # the head's config dataclass
@@ -109,37 +111,30 @@ class ModelConfig:
             raise ValueError(f"{source}: a model config must be a dict; got {type(d).__name__}")
         parts = {"tokens": TokenConfig, "family_config": FAMILIES[d.get("family", "mar")].config,
                  "head_config": HEADS[d.get("head", "arinar")].config}
-        top = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - top)
+        top = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(top))
         if unknown:
             raise ValueError(f"{source}: unknown model config entries {', '.join(unknown)}")
-        values = {k: v for k, v in d.items() if k not in parts}
-        for key, part in parts.items():
-            values[key] = _dataclass_from_dict(part, d.get(key) or {}, f"{source}: {key}")
-        config = cls(**{f.name: values[f.name] if f.name in parts else _coerce(f, values[f.name], source)
-                        for f in fields(cls) if f.name in values})
-        config.validate()
-        return config
+        values = {k: _coerce(top[k], v, source) for k, v in d.items() if k not in parts}
+        values.update({k: _dataclass_from_dict(part, d.get(k) or {}, f"{source}: {k}") for k, part in parts.items()})
+        return cls(**values).validate()
 
     # ------------------------------------------------------------------ flat {flag: value}
     def parts(self):
-        """(dataclass instance, its owner label) for every part, the top level included."""
-        return [(self, None), (self.tokens, None), (self.family_config, self.family), (self.head_config, self.head)]
+        """The dataclasses this config is made of, itself first."""
+        return [self, self.tokens, self.family_config, self.head_config]
 
     def flat(self):
         """{flag name: value} over every field (the command line's view of this config)."""
-        out = {}
-        for part, _ in self.parts():
-            for f in fields(part):
-                if f.name not in ("tokens", "family_config", "head_config"):
-                    out[flag_name(f)] = getattr(part, f.name)
-        return out
+        return {flag_name(f): getattr(part, f.name) for part in self.parts() for f in fields(part)
+                if f.name not in ("tokens", "family_config", "head_config")}
 
     def tunable_flags(self):
-        return {flag_name(f) for part, _ in self.parts() for f in fields(part) if f.metadata.get("tunable")}
+        return tunable_flags(self.family, self.head)
 
     def validate(self):
-        if PRESETS[self.model][0] != self.family:
+        # `model` names the preset the config started from; a stored config stands alone without it
+        if self.model in PRESETS and PRESETS[self.model][0] != self.family:
             raise ValueError(f"--model {self.model} is a {PRESETS[self.model][0]} model, not --family {self.family}")
         for part, expected in ((self.family_config, FAMILIES[self.family].config),
                                (self.head_config, HEADS[self.head].config)):
@@ -147,7 +142,7 @@ class ModelConfig:
                 raise ValueError(f"{type(part).__name__} is not the config of {expected.__name__}")
         check_ranges(self)
         self.tokens.validate()
-        for part, _ in self.parts()[2:]:
+        for part in self.parts()[2:]:
             check_ranges(part)
             check = getattr(part, "validate", None)
             if check is not None:
@@ -220,6 +215,12 @@ def config_from_flags(values, base=None):
                             "family_config": _pick(FAMILIES[family].config, merged),
                             "head_config": _pick(HEADS[head].config, merged)})
     return config.validate()
+
+
+def tunable_flags(family, head):
+    """The flags of settings a stored run may change (training- or sampling-only: dropout, label drop, ...)."""
+    parts = (ModelConfig, TokenConfig, FAMILIES[family].config, HEADS[head].config)
+    return {flag_name(f) for part in parts for f in fields(part) if f.metadata.get("tunable")}
 
 
 def check_flags_apply(config, given, source="the checkpoint"):

@@ -33,16 +33,20 @@ def parser(description):
 
 def _default_text(owners):
     """' (default: X)' from the dataclass defaults, per owner where they differ."""
+    shown = owners[0][0].metadata.get("shown")
+    if shown:
+        return f" (default: {shown})"
     values = {owner: f.default for f, owner in owners}
     if len(set(map(repr, values.values()))) == 1:
-        return f" (default: {next(iter(values.values()))}; a preset or a stored run may set it)"
+        return f" (default: {next(iter(values.values()))})"
     return " (default: " + ", ".join(f"{v} with {o}" for o, v in values.items()) + ")"
 
 
 def add_model_args(parser, tokens_only=False):
     """Every model flag (top level, tokens, each family's and head's fields; or the tokenizer's alone),
-    defaulting to None."""
-    title = "tokenizer" if tokens_only else "model (default: the --model preset's, or the stored run's config)"
+    defaulting to None = not given."""
+    title = "tokenizer" if tokens_only else \
+        "model (a new run: the --model preset's values unless given; a stored run: its config)"
     group = parser.add_argument_group(title)
     token_flags = {flag_name(f) for f in fields(TokenConfig)}
     for name, owners in all_flag_fields().items():
@@ -50,12 +54,12 @@ def add_model_args(parser, tokens_only=False):
             continue
         f, _ = owners[0]
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-        helps = dict.fromkeys(o_f.metadata.get("help", "") for o_f, _ in owners)
         where = sorted({o for _, o in owners if o})
-        text = "; ".join(helps) + (f" [{', '.join(where)}]" if where and len(where) < 3 else "")
-        choices = CHOICES[name]() if name in CHOICES else None
-        group.add_argument(f"--{name}", type=kind, default=None, choices=choices,
-                           help=text + ("" if name in CHOICES else _default_text(owners)))
+        text = f.metadata.get("help", "") + (f" [{', '.join(where)}]" if where and len(where) < 3 else "")
+        if f.metadata.get("tunable"):
+            text += "; a resumed run may change it"
+        group.add_argument(f"--{name}", type=kind, default=None, choices=CHOICES[name]() if name in CHOICES else None,
+                           help=text + _default_text(owners))
     return group
 
 

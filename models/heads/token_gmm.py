@@ -32,7 +32,8 @@ def split_token_gmm_params(out, num_gaussians, token_dim):
 class TokenGMMConfig:
     """The MLP's size shares MAR's head flags; K components over the whole token."""
     width: int = field(default=1024, metadata=flag("width of the MLP heads (diffloss, gmm)", name="diffloss_w"))
-    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm)", name="diffloss_d"))
+    depth: int = field(default=3, metadata=flag("blocks of the MLP heads (diffloss, gmm; MAR-B: 6)",
+                                                name="diffloss_d"))
     num_gaussians: int = field(default=4, metadata=flag("mixture components (per feature; per token for gmm)"))
 
 

@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
+from util.io.safe_load import ARRAY_ERRORS, why_array_unreadable
+
 
 logger = logging.getLogger(__name__)
 
@@ -214,10 +216,32 @@ class CachedLatents(Dataset):
         self.shards = self.meta["shards"]
         counts = [s["count"] for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.labels = np.concatenate([np.load(os.path.join(root, s["labels"])) for s in self.shards]) \
-            if self.shards else np.zeros(0, np.int64)
+        # every shard is opened once here (memory-mapped, so only its header is read): a damaged one
+        # stops the run at start-up with one line, not later inside a DataLoader worker
+        for shard in self.shards:
+            moments = self.read_shard(shard, "moments", mmap_mode="r")
+            if moments.ndim < 2 or moments.shape[:2] != (shard["count"], 2):
+                self.refuse(shard, "moments", f"holds an array of shape {list(moments.shape)}, not "
+                                              f"[{shard['count']}, 2, ...] as {INDEX_FILE} says")
+        labels = [self.read_shard(s, "labels") for s in self.shards]
+        for shard, shard_labels in zip(self.shards, labels):
+            if shard_labels.shape != (shard["count"],) or shard_labels.dtype.kind not in "iu":
+                self.refuse(shard, "labels", f"holds {shard_labels.dtype} {list(shard_labels.shape)}, not "
+                                             f"{shard['count']} integer labels")
+        self.labels = np.concatenate(labels) if self.shards else np.zeros(0, np.int64)
         self.classes = self.meta["classes"]
         self.arrays = None  # memory maps, opened lazily in each (worker) process
+
+    def read_shard(self, shard, part, **kwargs):
+        try:
+            return np.load(os.path.join(self.root, shard[part]), allow_pickle=False, **kwargs)
+        except ARRAY_ERRORS as err:
+            self.refuse(shard, part, why_array_unreadable(err))
+
+    def refuse(self, shard, part, why):
+        stem = shard[part].removesuffix(".npy").removesuffix("-labels")
+        raise ValueError(f"--cached_path {self.root}: {shard[part]} is unusable: {why}; delete {stem}.json and "
+                         f"{INDEX_FILE} and re-run main_cache.py with the same flags (it redoes only that shard)")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -256,8 +280,21 @@ class NpzLatentFolder(Dataset):
         self.epoch = epoch
 
     def moments_shape(self):
-        with np.load(self.samples[0][0]) as data:
-            return tuple(data["moments"].shape)
+        return tuple(self.read(self.samples[0][0], "moments").shape)
+
+    def read(self, path, key):
+        """Array `key` of one .npz, or a one-line ValueError naming the file (pickled objects are never loaded)."""
+        try:
+            with open(path, "rb") as f:
+                data = np.load(f, allow_pickle=False)
+                if not isinstance(data, np.lib.npyio.NpzFile) or key not in data.files:
+                    why = f"it has no array {key!r} (MAR's caches hold 'moments' and 'moments_flip')"
+                else:
+                    return data[key]
+        except ARRAY_ERRORS as err:
+            why = why_array_unreadable(err)
+        raise ValueError(f"--cached_path {self.root}: {path} is unusable: {why}; re-cache that image or delete "
+                         "the file")
 
     def __len__(self):
         return len(self.samples)
@@ -265,8 +302,7 @@ class NpzLatentFolder(Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         key = "moments_flip" if flip_coin(self.seed, self.epoch, index) else "moments"
-        with np.load(path) as data:
-            return torch.from_numpy(data[key].astype(np.float32)), label
+        return torch.from_numpy(self.read(path, key).astype(np.float32)), label
 
 
 def build_cached_dataset(args, tokens):

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file as save_safetensors
 
 from models import HEADS, PRESETS, ModelConfig, config_from_flags
-from models.config import all_flag_fields, check_flags_apply
+from models.config import all_flag_fields, check_flags_apply, tunable_flags
 from util.io.download import ASSETS
 from util.io.safe_load import why_unreadable
 
@@ -330,7 +330,7 @@ def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
         changed = check_flags_apply(config, given, source)
         return config_from_flags({k: new for k, (_, new) in changed.items()}, base=config), changed
     stored = legacy_flags(ckpt, state)
-    tunable = config_from_flags(stored).tunable_flags()
+    tunable = tunable_flags(stored.get("family", "mar"), stored.get("head") or "arinar")
     for name, value in given.items():
         if name in stored and stored[name] != value and name not in tunable and name not in LEGACY_FALLBACKS:
             raise ValueError(f"--{name} {value} contradicts {source} ({name} {stored[name]}): drop the flag")

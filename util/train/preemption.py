@@ -15,6 +15,9 @@ from util import distributed
 # EX_TEMPFAIL from sysexits.h, "temporary failure, try again": distinct from an error (1), a timeout(1)
 # kill (124) and a death by signal (128 + n), so a job script can tell "saved, requeue me" apart.
 REQUEUE_EXIT = 75
+# Ctrl-C during evaluation or sample.py: the shell's own code for a death by SIGINT (128 + 2), after one
+# line saying what was kept and the command that resumes (evaluation) or starts over (sample.py)
+INTERRUPT_EXIT = 130
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 

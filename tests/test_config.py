@@ -1,0 +1,126 @@
+"""The typed model config: what checkpoints store, how files without one (ours before it, the ARINAR and
+MAR releases) convert to one, how command-line flags meet a stored config, and the flags themselves."""
+import argparse
+import re
+
+import pytest
+import torch
+
+import main_cache
+import main_mar
+import sample
+from models import ModelConfig, create_model
+from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
+from util.io.checkpoints import config_from_checkpoint
+from util.train.state import LAST
+
+# what the ARINAR release pickles (its main_mar.py's argparse names; model_ema = the EMA weights)
+ARINAR_ARGS = argparse.Namespace(model="mar_base", img_size=256, vae_path="pretrained_models/vae/kl16.ckpt",
+                                 vae_embed_dim=16, vae_stride=16, patch_size=1, num_gaussians=4, mask_ratio_min=0.7,
+                                 label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1,
+                                 buffer_size=64, grad_checkpointing=False, cfg=4.5, num_iter=64, seed=1)
+# MAR's: no --head, the diffusion head's sizes, num_sampling_steps stored as a string
+MAR_ARGS = argparse.Namespace(model="mar_base", img_size=256, vae_embed_dim=16, vae_stride=16, patch_size=1,
+                              mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000, attn_dropout=0.1,
+                              proj_dropout=0.1, buffer_size=64, diffloss_d=6, diffloss_w=1024,
+                              num_sampling_steps="100", diffusion_batch_mul=4, grad_checkpointing=False)
+
+
+def meta_state(name, **flags):
+    """A state dict with the keys and shapes of create_model(name, **flags), without memory."""
+    with torch.device("meta"):
+        return create_model(name, **flags).state_dict()
+
+
+def test_the_arinar_release_converts_to_arinar_b():
+    state = meta_state("mar_base", num_gaussians=4)
+    config, changed = config_from_checkpoint({"args": ARINAR_ARGS, "model_ema": state}, state)
+    assert config == create_model("mar_base", num_gaussians=4).config and changed == {}
+    assert (config.family, config.head, config.family_config.depth, config.head_config.width) == \
+        ("mar", "arinar", 14, 768)
+
+
+def test_the_mar_release_converts_to_mar_b_with_its_diffusion_head():
+    state = meta_state("mar_base", enc_dec_depth=12, head="diffloss", diffloss_d=6, diffloss_w=1024)
+    config, _ = config_from_checkpoint({"args": MAR_ARGS, "model": state}, state)
+    # the head and the 12 blocks come from the weights; num_sampling_steps "100" becomes an int
+    assert (config.head, config.family_config.depth) == ("diffloss", 12)
+    assert (config.head_config.depth, config.head_config.width, config.head_config.num_sampling_steps) == (6, 1024, 100)
+    assert sum(p.numel() for p in create_model("mar_base", **{k: v for k, v in config.flat().items()
+                                                               if k != "model"}).parameters()) == 207_924_768
+
+
+def test_a_bare_state_dict_takes_what_its_weights_say():
+    """No args at all: width, depth, head sizes and classes from the shapes; the rest the release's."""
+    state = meta_state("mar_large", class_num=10, inner_ar_width=256, inner_ar_depth=2, num_heads=16)
+    config, _ = config_from_checkpoint(state, state, {"model": "mar_large"})
+    assert (config.family_config.width, config.family_config.depth, config.class_num) == (1024, 16, 10)
+    assert (config.head_config.width, config.head_config.depth) == (256, 2)
+
+
+def test_our_checkpoints_before_the_config_convert_from_their_args():
+    """The args dict main_mar.py stored (every flag, None = the preset's) is read as flags."""
+    args = {"model": "mar_tiny", "head": "gmm", "num_gaussians": 8, "diffloss_d": 2, "diffloss_w": 64,
+            "inner_ar_width": None, "enc_dec_depth": None, "tokenizer": "pixel", "img_size": 8, "patch_size": 2,
+            "vae_stride": 1, "vae_embed_dim": 1, "img_channels": 1, "class_num": 10, "lr": 1e-3, "cfg": 3.0}
+    expected = create_model("mar_tiny", **{k: v for k, v in args.items() if k not in ("lr", "cfg", "inner_ar_width",
+                                                                                       "enc_dec_depth")})
+    config, _ = config_from_checkpoint({"args": args}, expected.state_dict())
+    assert config == expected.config
+
+
+def test_a_stored_config_is_authoritative():
+    config = create_model("mar_tiny", head="diffloss", class_num=10).config
+    ckpt = {"config": config.to_dict()}
+    with pytest.raises(ValueError, match=r"^--diffloss_w 512 contradicts RUN's config \(diffloss_w 1024\): drop "
+                                         r"the flag \(a stored run rebuilds itself\) or start a new run$"):
+        config_from_checkpoint(ckpt, {}, {"diffloss_w": 512}, source="RUN")
+    with pytest.raises(ValueError, match=r"^--num_gaussians is not a setting of --family mar with --head diffloss$"):
+        config_from_checkpoint(ckpt, {}, {"num_gaussians": 4}, source="RUN")
+    # settings that do not change the weights' meaning may change, and are reported
+    changed_config, changed = config_from_checkpoint(ckpt, {}, {"num_sampling_steps": 25, "attn_dropout": 0.0,
+                                                                "diffloss_d": 3}, source="RUN")
+    assert changed == {"num_sampling_steps": (100, 25), "attn_dropout": (0.1, 0.0)}
+    assert changed_config.head_config.num_sampling_steps == 25 and changed_config.family_config.attn_dropout == 0.0
+    assert changed_config.family_config.depth == config.family_config.depth
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(colour="red"), "RUN: config: unknown model config entries colour"),
+    (lambda d: d["family_config"].update(depthh=3), "RUN: config: family_config: unknown entries depthh for MARConfig"),
+    (lambda d: d["head_config"].update(width="wide"), "RUN: config: head_config: width must be int; got 'wide'"),
+    (lambda d: d["tokens"].update(patch_size=1.5), "RUN: config: tokens: patch_size must be an integer; got 1.5"),
+    (lambda d: d.update(head="flow"), "unknown --head 'flow'; choose one of arinar, diffloss, gmm"),
+    (lambda d: d["tokens"].update(img_size=100), "--img_size 100 must be a multiple of --vae_stride x --patch_size"),
+    (lambda d: d["family_config"].update(label_drop_prob=2.0), "--label_drop_prob must be in [0, 1]; got 2.0"),
+])
+def test_a_bad_stored_config_is_one_line_naming_what_is_wrong(edit, message):
+    d = create_model("mar_tiny").config.to_dict()
+    edit(d)
+    with pytest.raises(ValueError) as err:
+        ModelConfig.from_dict(d, source="RUN: config")
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_run_written_before_the_config_resumes_and_is_stored_with_one(tmp_path):
+    """Strip `config` from a run's checkpoint (what earlier versions wrote): resuming converts it once, from its
+    args and weights, and the next save stores the config."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    flags = dict(data_path=data, output_dir=tmp_path / "run", num_gaussians=2)
+    run_main(tiny_flags(epochs=1, **flags))
+    ckpt = load(tmp_path / "run" / LAST)
+    stored = ckpt.pop("config")
+    torch.save(ckpt, tmp_path / "run" / LAST)
+    run_main(tiny_flags(epochs=2, resume=tmp_path / "run", **flags))
+    assert load(tmp_path / "run" / LAST)["config"] == stored
+
+
+@pytest.mark.parametrize("parser", [main_mar.get_args_parser, sample.get_parser, main_cache.get_args_parser])
+def test_every_flag_has_help_and_the_help_shows_defaults(parser):
+    p = parser()
+    missing = [a.option_strings[0] for a in p._actions if a.option_strings and not a.help]
+    assert missing == []
+    text = p.format_help()
+    assert re.search(r"--num_gaussians NUM_GAUSSIANS\s+mixture components.*\(default: 4", text.replace("\n", " ")) \
+        or parser is main_cache.get_args_parser
+    assert "(default: None)" not in text
