@@ -10,8 +10,9 @@ captures both fixed-shape pieces once and replays them:
 The math and the random draws are the eager backend's. Under autocast, the Linear layers read
 weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
 otherwise re-cast every weight on every replay. The values are autocast's own casts.
---compile runs the family's Steps through torch.compile (fusing the elementwise work between its
-matmuls; about a minute, once per shape family).
+--compile runs the family's Steps through torch.compile with dynamic shapes (fusing the elementwise
+work between its matmuls): one compilation per Step, shared by every call whose tensors have no
+size-0/1 dimension (see compiles_well).
 """
 import contextlib
 
@@ -40,6 +41,17 @@ def copy_into_bucket(bucket, z, n, rows, guided):
     if guided:
         bucket[rows:rows + n].copy_(z[n:])
     return bucket
+
+
+def compiles_well(args):
+    """Whether torch.compile should build this call: not when a tensor has a size-0 or size-1 dimension.
+
+    Compiled with dynamic shapes, a function still gets a separate graph for every size-0/1
+    specialisation it meets; MAR's first outer steps (nothing visible yet, one token predicted) would
+    cost three extra compilations (~4x the warm-up) to speed up a handful of steps. Those run
+    uncompiled inside their CUDA graphs; every other step shares one dynamic compiled graph.
+    """
+    return all(size >= 2 for a in args if torch.is_tensor(a) for size in a.shape)
 
 
 def autocast_dtype(device):
@@ -94,7 +106,7 @@ class CudaGraphsBackend(EagerBackend):
         super().__init__(model, cfg_sampler, precision)
         self.compile, self.min_rows = compile, min_rows
         self.prefixes = {id(m): name + "." if name else "" for name, m in model.named_modules()}
-        self.wrappers = {}  # step name -> _StepModule
+        self.wrappers = {}  # (step name, compiled) -> _StepModule
         self.replays = {}
         self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
         self.pool = None
@@ -127,10 +139,10 @@ class CudaGraphsBackend(EagerBackend):
         cast = self.lowp.get(autocast_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
 
-    def _wrapper(self, name, module, fn, compile):
-        if name not in self.wrappers:
-            self.wrappers[name] = _StepModule(module, fn, compile)
-        return self.wrappers[name]
+    def _wrapper(self, key, module, fn, compile):
+        if key not in self.wrappers:
+            self.wrappers[key] = _StepModule(module, fn, compile)
+        return self.wrappers[key]
 
     def _replay(self, key, make_fn):
         if key not in self.replays:
@@ -149,7 +161,9 @@ class CudaGraphsBackend(EagerBackend):
 
         def make():
             static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
-            wrapper, weights = self._wrapper(step.name, step.module, step.fn, self.compile), self._weights(step.module)
+            compiled = self.compile and compiles_well(args)
+            wrapper = self._wrapper((step.name, compiled), step.module, step.fn, compiled)
+            weights = self._weights(step.module)
             return static, lambda: functional_call(wrapper, weights, tuple(static), strict=False)
 
         static, replay = self._replay(key, make)

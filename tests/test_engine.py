@@ -20,7 +20,7 @@ from models.gmm import CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sir_p
 from models.heads.arinar import InnerAR
 from models.families.common import cosine_schedule
 from sampling import EagerBackend, make_backend
-from sampling.cuda_graphs import bucket_rows, pad_rows
+from sampling.cuda_graphs import bucket_rows, compiles_well, pad_rows
 from tests.conftest import SpyBackend, randomize_, tiny_mar
 from tests.reference import assert_all_fit, random_mixtures, reference_mixtures, target_cdf
 from tests.test_inner import naive_forward
@@ -300,6 +300,19 @@ def test_backend_precision_and_sampler_reach_the_head(monkeypatch):
     m.sample_tokens(2, num_iter=2, cfg=2.0, labels=torch.tensor([0, 1]),
                     backend=make_backend(m, cfg_sampler="exact", precision="bf16"))
     assert seen == [("exact", torch.bfloat16)] * 2
+
+
+def test_compile_skips_the_size_0_and_1_specialisations():
+    """torch.compile (dynamic shapes) builds one graph per size-0/1 specialisation: the first MAR steps
+    (nothing visible, one token predicted) run uncompiled so every other step shares one graph."""
+    t = lambda *shape: torch.zeros(shape)
+    assert compiles_well((t(4, 16, 8), t(4, 3), t(4, 32), t(4, 2), 7))
+    assert not compiles_well((t(4, 16, 8), t(4, 0), t(4, 32), t(4, 2)))   # nothing visible yet
+    assert not compiles_well((t(4, 16, 8), t(4, 3), t(4, 32), t(4, 1)))   # one token predicted
+    m, spy = tiny(), SpyBackend()
+    m.sample_tokens(2, num_iter=8, cfg=2.0, labels=torch.tensor([1, 2]), backend=spy)
+    # tiny's 16 tokens in 8 steps: the first three steps see 0, 1, 2 tokens and predict 1 each
+    assert [compiles_well(args) for _, args in spy.runs] == [False] * 3 + [True] * 5
 
 
 def test_cuda_graph_padding_layout():
