@@ -84,7 +84,8 @@ def get_args_parser():
     ckpt = parser.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--output_dir", default="./output_dir", help="run folder: checkpoints, logs, evaluations")
     ckpt.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    ckpt.add_argument("--resume", default="", help="run folder (its checkpoint-last.pth) or checkpoint file")
+    ckpt.add_argument("--resume", default="", help="run folder (its checkpoint-last.pth) or checkpoint file; with "
+                      "--evaluate also a published model folder or Hub repo id USER/NAME (python -m util.hub)")
     ckpt.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth saves")
     ckpt.add_argument("--save_copy_freq", default=0, type=int,
                       help="also keep checkpoint-EPOCH.pth every N epochs (0 = never)")

@@ -39,7 +39,8 @@ GRID_PADDING = 2  # pixels between (and around) the images of the grid
 
 def get_parser():
     parser = flags.parser("Sample a PNG grid (one row per class) from a checkpoint, or edit an image.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth or .safetensors) or run directory")
+    parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth or .safetensors), run directory, "
+                        "published model folder or Hugging Face Hub repo id USER/NAME[@REVISION] (python -m util.hub)")
     parser.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974], help="class ids, one row each")
     parser.add_argument("--num_per_class", type=int, default=4, help="images per class (per edit: results)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images on the same device")

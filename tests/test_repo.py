@@ -13,7 +13,8 @@ def test_requirements_and_environment_agree():
     env = pins((REPO / "environment.yaml").read_text())
     assert req and req == env
     assert req["torch"] == "2.14.1" and req["torchvision"] == "0.29.1"
-    for name in ("numpy", "scipy", "pillow", "torch-fidelity", "tqdm", "tensorboard", "pytest"):
+    for name in ("numpy", "scipy", "pillow", "torch-fidelity", "tqdm", "tensorboard", "safetensors", "huggingface_hub",
+                 "pytest"):
         assert name in req, name
 
 

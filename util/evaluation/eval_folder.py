@@ -30,11 +30,16 @@ def batches(num_images, eval_bsz):
     return [np.arange(start, min(start + eval_bsz, num_images)) for start in range(0, num_images, eval_bsz)]
 
 
-@torch.no_grad()
 def weights_digest(model):
     """sha256 over the model's parameters and buffers (bytes, in state-dict order)."""
+    return state_digest(model.state_dict())
+
+
+@torch.no_grad()
+def state_digest(state):
+    """weights_digest of a model whose state dict is `state` (names and bytes, in its order)."""
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -6,6 +6,11 @@ store the typed model config as `config` (a plain dict); files written before it
 ARINAR and MAR releases) are converted to one here, once (`config_from_checkpoint`). Loading into a
 model is strict, and a mismatch names the differing keys and the flag that most likely fixes it.
 
+What --ckpt / --resume name is resolved here (`resolve_checkpoint_path`): a checkpoint file, a run
+folder, a published model folder (config.json + model.safetensors, util/io/pretrained.py) or a Hub
+repo id USER/NAME[@REVISION], downloaded into the Hugging Face cache (util/hub/remote.py). A local
+path that exists always wins over a repo id.
+
 Convert a checkpoint's weights to safetensors (EMA by default; the config goes into its metadata):
     python -m util.io.checkpoints CKPT.pth OUT.safetensors [--no_ema]
 """
@@ -21,8 +26,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file as save_safetensors
 
-from models import HEADS, PRESETS, ModelConfig, config_from_flags
+from models import HEADS, PRESETS, ModelConfig, build, config_from_flags
 from models.config import all_flag_fields, check_flags_apply, tunable_flags
+from util.io import pretrained
 from util.io.download import ASSETS
 from util.io.safe_load import why_unreadable
 
@@ -46,15 +52,27 @@ def _fetch_hint(path):
 
 
 def resolve_checkpoint_path(path):
-    """A checkpoint file, or a run directory holding checkpoint-last.pth."""
-    path = Path(os.fspath(path))
+    """A checkpoint file, a run directory's checkpoint-last.pth, a published model folder (its model.safetensors
+    names the folder too), or the snapshot folder of a Hub repo id USER/NAME[@REVISION] (downloaded into
+    the Hugging Face cache, or found there when offline). A local path that exists wins over a repo id."""
+    text = os.fspath(path)
+    path = Path(text)
     if path.is_dir():
-        if not (path / CHECKPOINT_NAME).is_file():
-            raise FileNotFoundError(f"no {CHECKPOINT_NAME} in directory {path}: {_fetch_hint(path)}")
-        return path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}: {_fetch_hint(path)}")
-    return path
+        if (path / CHECKPOINT_NAME).is_file():
+            return path / CHECKPOINT_NAME
+        if pretrained.is_pretrained_folder(path):
+            return path
+        raise FileNotFoundError(f"no {CHECKPOINT_NAME} in directory {path} (nor the {pretrained.CONFIG_NAME} of a "
+                                f"published model): {_fetch_hint(path)}")
+    if path.is_file():
+        if path.name == pretrained.WEIGHTS_NAME and pretrained.is_pretrained_folder(path.parent):
+            return path.parent  # its config.json says what the weights are
+        return path
+    repo = pretrained.parse_repo_id(text)
+    if repo is not None:
+        from util.hub.remote import download  # huggingface_hub is imported only when a repo id is named
+        return download(*repo)
+    raise FileNotFoundError(f"checkpoint not found: {path}: {_fetch_hint(path)}")
 
 
 def _read_safetensors(path):
@@ -73,6 +91,23 @@ def _read_safetensors(path):
     return ckpt
 
 
+def _read_pretrained(folder):
+    """A published model folder as a checkpoint dict: its config.json (validated, and checked against the
+    weights' names and shapes), its weights as "model_ema" (or "model" when the metadata says live), and
+    the run's args, epoch and evaluations from the weights' metadata."""
+    config = pretrained.read_config(folder)
+    tensors, metadata = pretrained.read_weights(folder)
+    weights = Path(folder) / pretrained.WEIGHTS_NAME
+    facts = pretrained.run_facts(metadata, weights)
+    with torch.device("meta"):
+        expected = build(config).state_dict()
+    check_state_dict(expected, tensors, str(weights), against=f"the model its {pretrained.CONFIG_NAME} describes",
+                     fix_label="The weights say")
+    ckpt = {"config": config.to_dict(), "model_ema" if facts.pop("weights") == "ema" else "model": tensors}
+    ckpt.update(facts)
+    return ckpt
+
+
 def _load(path):
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
@@ -83,8 +118,11 @@ def _load(path):
 
 
 def read_checkpoint(path):
-    """Load a .pth/.pt/.ckpt (weights only) or .safetensors file (or a run directory's checkpoint-last.pth)."""
+    """Load a .pth/.pt/.ckpt (weights only) or .safetensors file, a run directory's checkpoint-last.pth, a
+    published model folder or a Hub repo id (see resolve_checkpoint_path)."""
     path = resolve_checkpoint_path(path)
+    if path.is_dir():
+        return _read_pretrained(path)  # its errors name the file at fault
     try:
         ckpt = _load(path)
     except OSError:
@@ -114,6 +152,10 @@ def model_state_from_checkpoint(ckpt, use_ema=True):
         if use_ema:
             logger.warning("checkpoint has no EMA weights (model_ema); using its live weights (model)")
         state = ckpt["model"]
+    elif "model_ema" in ckpt:
+        logger.warning("checkpoint has no live weights (model), only EMA weights (model_ema, as a published "
+                       "model folder holds): using the EMA weights")
+        state = ckpt["model_ema"]
     else:
         state = ckpt
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
@@ -225,8 +267,9 @@ def _listed(items):
     return ", ".join(items[:MAX_LISTED]) + more
 
 
-def check_state_dict(expected, found, source="checkpoint"):
-    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`."""
+def check_state_dict(expected, found, source="checkpoint", against="the model", fix_label="Likely fix"):
+    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`:
+    "<source> does not fit <against>: <what differs>. <fix_label>: <the flags the weights imply>"."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     reshaped = [f"{k} {list(found[k].shape)} vs model {list(expected[k].shape)}"
@@ -238,7 +281,7 @@ def check_state_dict(expected, found, source="checkpoint"):
                                 ("with another shape", reshaped)) if keys]
     fixes = _likely_fixes(expected, found) or [
         "check --model and the config flags against the run that wrote it (its stored args)"]
-    raise ValueError(f"{source} does not fit the model: {'; '.join(parts)}. Likely fix: {'; '.join(fixes)}")
+    raise ValueError(f"{source} does not fit {against}: {'; '.join(parts)}. {fix_label}: {'; '.join(fixes)}")
 
 
 # ----------------------------------------------------------------------------- loading into models

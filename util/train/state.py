@@ -17,7 +17,8 @@ import torch
 
 from util import distributed
 from util.io.files import atomic_torch_save
-from util.io.checkpoints import load_model_weights, model_state_from_checkpoint
+from util.io.checkpoints import load_model_weights, model_state_from_checkpoint, resolve_checkpoint_path
+from util.io.pretrained import is_pretrained_folder, parse_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,11 @@ def build_checkpoint(model, ema, optimizer, scaler, epoch, args, train_state=Non
 
 
 def checkpoint_path(resume, output_dir=None):
-    """--resume may name a folder (its checkpoint-last.pth) or a file. None when there is nothing to resume:
-    an existing folder without a checkpoint, or --resume equal to --output_dir before the first save (the
-    first launch of a job always started with --resume OUTPUT_DIR). Any other missing path is a typo."""
+    """--resume may name a folder (its checkpoint-last.pth), a file, a published model folder or a Hub repo id
+    USER/NAME[@REVISION] (downloaded into the Hugging Face cache; its snapshot folder is returned). None when
+    there is nothing to resume: an existing folder without a checkpoint, or --resume equal to --output_dir
+    before the first save (the first launch of a job always started with --resume OUTPUT_DIR). Any other
+    missing path is a typo. A local path that exists wins over a repo id."""
     if not resume:
         return None
     resume = os.fspath(resume)
@@ -108,8 +111,15 @@ def checkpoint_path(resume, output_dir=None):
     candidate = os.path.join(resume, LAST)
     if os.path.isfile(candidate):
         return candidate
+    if is_pretrained_folder(resume):
+        return resume
     if os.path.isdir(resume) or (output_dir and os.path.realpath(resume) == os.path.realpath(output_dir)):
         return None
+    if parse_repo_id(resume) is not None:
+        try:
+            return str(resolve_checkpoint_path(resume))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"--resume {err}") from None
     raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or run folder")
 
 

@@ -1,0 +1,395 @@
+"""util.hub: published folders (config.json + model.safetensors + README.md), the Hugging Face cache and the
+push CLI. No network: Hub repos are pre-populated cache folders read with HF_HUB_OFFLINE=1, uploads go to a
+fake HfApi."""
+import argparse
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import httpx2
+import pytest
+import torch
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.repocard import metadata_load
+from safetensors import safe_open
+
+import sample
+from models import PRESETS, build
+from tests.conftest import randomize_
+from tests.pipeline_fixtures import TINY, TINY_PRESET, make_image_folder, run_main, tiny_flags
+from tests.test_heads import HEAD_FLAGS, digits_mar
+from tests.test_loading import Planted
+from util.evaluation.eval_folder import SETTINGS, state_digest
+from util.hub import __main__ as cli
+from util.hub import from_pretrained, remote, save_pretrained
+from util.io.checkpoints import read_checkpoint
+from util.io.pretrained import CONFIG_NAME, FILES, WEIGHTS_NAME, parse_repo_id
+from util.train.state import LAST, checkpoint_path
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ARGS = {"dataset": "digits", "epochs": 5, "batch_size": 8, "blr": 1e-4, "ema_rate": 0.999, "seed": 1}
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path, monkeypatch):
+    """Every test runs offline against its own empty Hub cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    return tmp_path / "hf-cache"
+
+
+def write_eval(run, name, state, scores, **settings):
+    """An evaluation folder as engine_mar.evaluate writes it, of the weights `state`."""
+    folder = run / name
+    folder.mkdir()
+    (folder / SETTINGS).write_text(json.dumps({"weights_sha256": state_digest(state), **settings}))
+    (folder / "metrics.json").write_text(json.dumps({"epoch": 4, "num_images": 8, "cfg_schedule": "linear",
+                                                     "weights": "ema", "folder": str(folder), **scores}))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A digits run folder: checkpoint-last.pth (config, live and EMA weights, args, epoch 4), an evaluation of
+    its EMA weights and one of its live weights."""
+    folder = tmp_path_factory.mktemp("run")
+    model = digits_mar("arinar")
+    live = randomize_(model, seed=1).state_dict()
+    live = {k: v.clone() for k, v in live.items()}
+    ema = randomize_(model, seed=2).state_dict()
+    torch.save({"config": model.config.to_dict(), "model": live, "model_ema": ema, "epoch": 4, "args": ARGS,
+                "optimizer": {}}, folder / LAST)
+    write_eval(folder, "eval-ep4-ema", ema, {"fid": 12.345, "accuracy": 0.75, "cfg": 3.0, "temperature": 0.9,
+                                              "num_iter": 4}, cfg_sampler="exact", seed=1, eval_bsz=2)
+    write_eval(folder, "eval-ep4-live", live, {"fid": 99.9, "cfg": 7.0, "temperature": 1.0, "num_iter": 4})
+    return folder
+
+
+def push(*argv):
+    return cli.main(["push", *map(str, argv)])
+
+
+@pytest.fixture(scope="module")
+def published(run, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("published") / "tiny"
+    push("--ckpt", run, "--local_dir", folder)
+    return folder
+
+
+def draw(ckpt, out, *extra):
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--classes", "1", "7", "--num_per_class", "2", "--num_iter", "4",
+            "--cfg", "3.0", "--device", "cpu", *map(str, extra)]
+    return sample.main(argv).read_bytes()
+
+
+def to_cache(cache, repo_id, folder, commit=COMMIT):
+    """Hugging Face's cache layout: models--USER--NAME/snapshots/<commit>/<files> and refs/main = <commit>."""
+    storage = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in FILES:
+        shutil.copy(folder / name, snapshot / name)
+    (storage / "refs").mkdir()
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def one_line_error(capsys, call):
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+# ----------------------------------------------------------------------------- round trips
+def test_published_folder_draws_the_same_samples_as_the_run(run, published, tmp_path):
+    assert sorted(os.listdir(published)) == sorted(FILES)
+    original = draw(run, tmp_path / "run.png", "--seed", "3")
+    assert draw(published, tmp_path / "folder.png", "--seed", "3") == original  # bit for bit
+    assert draw(published / WEIGHTS_NAME, tmp_path / "file.png", "--seed", "3") == original
+    assert draw(run, tmp_path / "live.png", "--seed", "3", "--no_ema") != original  # the EMA weights were published
+    with safe_open(str(published / WEIGHTS_NAME), framework="pt") as f:
+        meta = f.metadata()
+    stored = json.loads(meta["arinar"])
+    assert stored["weights"] == "ema" and stored["args"] == ARGS and stored["epoch"] == 4
+    config = json.loads((published / CONFIG_NAME).read_text())
+    assert config.pop("arinar_format") == 1 and config == read_checkpoint(run)["config"]
+
+
+@pytest.mark.parametrize("head", sorted(HEAD_FLAGS))
+def test_every_head_saves_and_loads_the_same_model(head, tmp_path):
+    model = randomize_(digits_mar(head), std=0.1, seed=4).eval()
+    save_pretrained(model, tmp_path / head)
+    loaded = from_pretrained(tmp_path / head)
+    assert loaded.config == model.config and not loaded.training
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    samples = []
+    for m in (model, loaded):
+        torch.manual_seed(0)
+        samples.append(m.sample_tokens(2, num_iter=2, cfg=2.0, labels=torch.tensor([1, 2])))
+    assert torch.equal(*samples)
+
+
+# ----------------------------------------------------------------------------- the Hugging Face cache
+def test_a_cached_hub_repo_loads_offline(run, published, offline_hub, tmp_path, monkeypatch):
+    to_cache(offline_hub, "someone/tiny-arinar", published)
+    calls, real = [], remote.hf_hub_download
+    monkeypatch.setattr(remote, "hf_hub_download", lambda **kw: calls.append(kw) or real(**kw))
+    original = draw(run, tmp_path / "run.png")
+    assert draw("someone/tiny-arinar", tmp_path / "hub.png") == original
+    assert draw(f"someone/tiny-arinar@{COMMIT}", tmp_path / "rev.png") == original
+    # HF_HUB_OFFLINE and HF_HUB_CACHE as set now (huggingface_hub reads them at import): the cache alone
+    assert calls and all(c["local_files_only"] is True and c["cache_dir"] == offline_hub for c in calls)
+    assert [c["filename"] for c in calls[:2]] == [CONFIG_NAME, WEIGHTS_NAME] and calls[1]["revision"] == COMMIT
+    assert cli.main(["download", "someone/tiny-arinar"]) == offline_hub / "models--someone--tiny-arinar" / \
+        "snapshots" / COMMIT
+    assert checkpoint_path("someone/tiny-arinar") == str(offline_hub / "models--someone--tiny-arinar" / "snapshots"
+                                                         / COMMIT)  # main_mar.py --resume
+
+    # a local path that exists wins over the repo id
+    monkeypatch.chdir(tmp_path)
+    other = randomize_(digits_mar("arinar"), seed=9)
+    save_pretrained(other, tmp_path / "someone" / "tiny-arinar")
+    local = from_pretrained("someone/tiny-arinar")
+    assert torch.equal(local.mask_token, other.mask_token)
+    assert not torch.equal(local.mask_token, from_pretrained(published).mask_token)
+
+
+def test_offline_without_a_cached_copy_is_one_line(offline_hub, tmp_path, capsys):
+    err = one_line_error(capsys, lambda: draw("someone/absent", tmp_path / "x.png"))
+    assert "HF_HUB_OFFLINE=1 is set" in err and str(offline_hub / "models--someone--absent") in err
+    assert not (tmp_path / "x.png").exists()
+    with pytest.raises(FileNotFoundError, match=r"^--resume someone/absent: .*HF_HUB_OFFLINE"):
+        checkpoint_path("someone/absent", tmp_path / "run")
+    err = one_line_error(capsys, lambda: cli.main(["download", "someone/absent"]))
+    assert "HF_HUB_OFFLINE" in err
+    # a path that is not a repo id keeps its own message (and never reaches the Hub)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "runs" / "exp" / LAST)
+
+
+def test_no_network_without_a_cached_copy_is_one_line(offline_hub, monkeypatch):
+    """What huggingface_hub raises when the Hub cannot be reached, as one line naming HF_HUB_OFFLINE and the cache."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def unreachable(**kwargs):
+        calls.append(kwargs)
+        raise LocalEntryNotFoundError("cannot find the requested files") from ConnectionError("Connection refused")
+
+    monkeypatch.setattr(remote, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError) as err:
+        read_checkpoint("someone/absent")
+    assert "Connection refused" in str(err.value) and "HF_HUB_OFFLINE=1" in str(err.value)
+    assert str(offline_hub / "models--someone--absent") in str(err.value) and "\n" not in str(err.value)
+    assert calls[0]["local_files_only"] is False and calls[0]["cache_dir"] == offline_hub
+
+
+def test_repo_ids_and_local_paths():
+    assert parse_repo_id("someone/tiny-arinar") == ("someone/tiny-arinar", None)
+    assert parse_repo_id("someone/tiny@v1.0") == ("someone/tiny", "v1.0")
+    for path in ("runs/exp/checkpoint-last.pth", "run/checkpoint-last.pth", "model.safetensors", "/abs/x",
+                 "./a/b", "a/b/c", "a--b/c", "user/name.safetensors"):
+        assert parse_repo_id(path) is None, path
+
+
+# ----------------------------------------------------------------------------- bad files
+def _pickle_as_safetensors(folder, marker):
+    torch.save({"w": torch.zeros(1), "payload": Planted(marker)}, folder / WEIGHTS_NAME)
+
+
+def _truncate(folder, marker):
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    (folder / WEIGHTS_NAME).write_bytes(data[:len(data) // 2])
+
+
+def _edit_config(**changes):
+    def edit(folder, marker):
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        for key, value in changes.items():
+            part, _, name = key.rpartition(".")
+            (config[part] if part else config)[name] = value
+        (folder / CONFIG_NAME).write_text(json.dumps(config))
+    return edit
+
+
+def _pickled_weights_only(folder, marker):
+    (folder / WEIGHTS_NAME).rename(folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_pickle_as_safetensors, f"{WEIGHTS_NAME} is not a readable safetensors file"),
+    (_truncate, f"{WEIGHTS_NAME} is not a readable safetensors file"),
+    (_pickled_weights_only, f"has {CONFIG_NAME} but no {WEIGHTS_NAME} (found pytorch_model.bin: pickled weights "
+                            "are never loaded)"),
+    (_edit_config(bogus=1), f"{CONFIG_NAME}: unknown model config entries bogus"),
+    (_edit_config(**{"head_config.width": "wide"}), "width must be int; got 'wide'"),
+    (_edit_config(class_num=2.5), "class_num must be an integer"),
+    (_edit_config(arinar_format=2), "arinar_format 2 is not one this code reads"),
+    (lambda folder, marker: (folder / CONFIG_NAME).write_text("{not json"), f"{CONFIG_NAME} is not valid JSON"),
+    (_edit_config(**{"head_config.num_gaussians": 3}),
+     f"{WEIGHTS_NAME} does not fit the model its {CONFIG_NAME} describes: 2 with another shape (arhead.head.weight "
+     "[12, 32] vs model [9, 32], "),
+    (_edit_config(class_num=7), "The weights say: --class_num 10"),
+])
+def test_spoilt_folders_are_refused_in_one_line(published, tmp_path, capsys, spoil, message):
+    folder = tmp_path / "copy"
+    shutil.copytree(published, folder)
+    marker = tmp_path / "planted"
+    spoil(folder, marker)
+    err = one_line_error(capsys, lambda: draw(folder, tmp_path / "x.png"))
+    assert message in err and str(folder) in err, err
+    assert not marker.exists()  # nothing was unpickled
+    assert not (tmp_path / "x.png").exists()
+
+
+# ----------------------------------------------------------------------------- the model card
+def test_the_model_card_holds_the_facts(run, published, tmp_path):
+    card = (published / "README.md").read_text()
+    meta = metadata_load(published / "README.md")  # the Hub's own parser
+    assert meta["library_name"] == "arinar" and meta["license"] == "mit"
+    assert meta["pipeline_tag"] == "unconditional-image-generation"
+    assert {"family-mar", "head-arinar"} <= set(meta["tags"])
+    model = build(read_checkpoint(run)["config"])
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} " in card
+    assert "| family | mar (preset mar_base) |" in card and "| per-token head | arinar |" in card
+    assert "EMA" in card.split("| model.safetensors |")[1].splitlines()[0]
+    assert "| data set | digits |" in card and "| epochs completed | 5 |" in card
+    assert "12.35" in card and "0.75" in card  # FID and accuracy of the published (EMA) weights
+    assert "99.9" not in card  # the live weights' evaluation is not theirs
+
+    # the card's sampling command runs and draws what the run draws at the evaluated settings
+    (command,) = [line for line in card.splitlines() if line.startswith("python sample.py")]
+    argv = shlex.split(command)[2:]
+    assert argv[argv.index("--ckpt") + 1] == str(published)
+    argv[argv.index("--out") + 1] = str(tmp_path / "card.png")
+    card_png = sample.main(argv + ["--device", "cpu"]).read_bytes()
+    same = ["--classes", "0", "1", "2", "3", "--num_per_class", "4", "--cfg", "3", "--temperature", "0.9",
+            "--num_iter", "4", "--cfg_sampler", "exact", "--seed", "0", "--device", "cpu"]
+    assert sample.main(["--ckpt", str(run), "--out", str(tmp_path / "run.png"), *same]).read_bytes() == card_png
+
+
+# ----------------------------------------------------------------------------- the releases
+def release_file(path, head, **args):
+    """A release-layout file of a tiny model: args pickled as a Namespace, no config, optimizer and scaler."""
+    model = digits_mar(head)
+    live = {k: v.clone() for k, v in randomize_(model, std=0.1, seed=5).state_dict().items()}
+    ema = randomize_(model, std=0.1, seed=6).state_dict()
+    release_args = dict(model="tiny_release", img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, class_num=10,
+                        buffer_size=4, tokenizer="pixel", img_channels=1, epochs=400, batch_size=64, **args)
+    torch.save({"model": live, "model_ema": ema, "optimizer": {"state": {}, "param_groups": []}, "epoch": 399,
+                "scaler": {"scale": 65536.0}, "args": argparse.Namespace(**release_args)}, path)
+    return ema
+
+
+@pytest.mark.parametrize("head, args", [
+    ("arinar", dict(num_gaussians=4, inner_ar_width=32, cfg=4.5)),  # ARINAR-B's layout
+    ("diffloss", dict(diffloss_d=1, diffloss_w=32, num_sampling_steps="8")),  # MAR-B/L/H's (steps as a string)
+])
+def test_a_release_converts_with_one_command(head, args, tmp_path, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny_release", ("mar", {"width": 32, "num_heads": 4, "enc_dec_depth": 1}))
+    path = tmp_path / "release" / LAST
+    path.parent.mkdir()
+    ema = release_file(path, head, **args)
+    push("--ckpt", path.parent, "--local_dir", tmp_path / "hub")
+    converted = read_checkpoint(tmp_path / "hub")
+    assert converted["config"]["head"] == head and converted["epoch"] == 399 and "model" not in converted
+    assert all(torch.equal(converted["model_ema"][k], v) for k, v in ema.items())
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "| epochs completed | 400 |" in card and f"| per-token head | {head} |" in card
+    assert draw(tmp_path / "hub", tmp_path / "a.png") == draw(path, tmp_path / "b.png")
+
+
+# ----------------------------------------------------------------------------- pushing
+class FakeApi:
+    """HfApi's create_repo / upload_folder, recording what would be sent."""
+    calls = []
+    fail_with = None
+
+    def __init__(self, token=None, library_name=None):
+        self.library_name = library_name
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        self.calls.append(("create_repo", repo_id, private, exist_ok))
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None):
+        if self.fail_with is not None:
+            raise self.fail_with
+        folder = Path(folder_path)
+        files = {p.name: p.read_bytes() for p in folder.iterdir()}
+        self.calls.append(("upload_folder", repo_id, files))
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/abc")
+
+
+def test_push_uploads_the_three_files(run, published, monkeypatch, capsys):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(remote, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
+    assert push("--ckpt", run, "--repo", "me/tiny", "--private").endswith("/commit/abc")
+    (create, upload) = FakeApi.calls
+    assert create == ("create_repo", "me/tiny", True, True)
+    assert upload[1] == "me/tiny" and sorted(upload[2]) == sorted(FILES)
+    assert upload[2][WEIGHTS_NAME] == (published / WEIGHTS_NAME).read_bytes()  # the same files as --local_dir
+    assert "python sample.py --ckpt me/tiny " in upload[2]["README.md"].decode()
+
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    monkeypatch.setattr(FakeApi, "fail_with", HfHubHTTPError("401 Unauthorized",
+                                                              response=httpx2.Response(401, request=request)))
+    err = one_line_error(capsys, lambda: push("--ckpt", run, "--repo", "me/tiny"))
+    assert "upload failed" in err and "hf auth login" in err
+
+
+def test_push_refuses_bad_destinations(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(remote, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
+    err = one_line_error(capsys, lambda: push("--ckpt", run, "--repo", "me/tiny"))  # HF_HUB_OFFLINE=1
+    assert "HF_HUB_OFFLINE" in err and "--local_dir" in err and FakeApi.calls == []
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "README.md").write_text("my project")
+    (mine / "train.py").write_text("")
+    err = one_line_error(capsys, lambda: push("--ckpt", run, "--local_dir", mine))
+    assert err.endswith(f"--local_dir {mine} holds other files (train.py): write a published model to a new or "
+                        "empty folder") and (mine / "README.md").read_text() == "my project"
+    with pytest.raises(ValueError, match="holds other files"):
+        save_pretrained(digits_mar("gmm"), mine)
+    assert (mine / "README.md").read_text() == "my project" and not (mine / WEIGHTS_NAME).exists()
+    err = one_line_error(capsys, lambda: push("--ckpt", run))
+    assert "--repo USER/NAME" in err and "--local_dir DIR" in err
+    err = one_line_error(capsys, lambda: push("--ckpt", run, "--repo", "not a repo"))
+    assert "--repo must be a Hub repo id" in err
+    err = one_line_error(capsys, lambda: push("--ckpt", tmp_path / "nowhere", "--local_dir", tmp_path / "out"))
+    assert "checkpoint not found" in err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- main_mar.py end to end
+def test_main_mar_evaluates_a_hub_repo_like_the_run(tmp_path, offline_hub):
+    """Train, evaluate, publish (the card quotes that evaluation), then the card's own `main_mar.py --evaluate
+    --resume USER/NAME` (from the cache) draws the very same images."""
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
+    evaluation = dict(evaluate=True, num_images=2, eval_bsz=2, num_iter=2, fid_stats="none", cfg=2.0)
+    run_main(tiny_flags(output_dir=tmp_path / "run", resume=tmp_path / "run", **evaluation))
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
+        push("--ckpt", tmp_path / "run", "--local_dir", tmp_path / "hub", "--repo", "someone/tiny")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "No evaluation of these exact weights" not in card and "| 2 | 1 | 2 | linear | sir | 2 | 3 | ema |" in card
+
+    to_cache(offline_hub, "someone/tiny", tmp_path / "hub")
+    (command,) = [line for line in card.splitlines() if line.startswith("python main_mar.py")]
+    argv = shlex.split(command)[2:]
+    assert argv[argv.index("--resume") + 1] == "someone/tiny"
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "again")
+    run_main(argv + ["--fid_stats", "none"])  # the run had no FID statistics either
+    (first,) = (tmp_path / "run").glob("eval-ep0-*/images")
+    (second,) = (tmp_path / "again").glob("eval-ep0-*/images")
+    names = sorted(os.listdir(first))
+    assert len(names) == 2 and sorted(os.listdir(second)) == names
+    assert all((first / n).read_bytes() == (second / n).read_bytes() for n in names)
