@@ -16,7 +16,6 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from numpy.lib import format as npformat
-from PIL import Image
 from tqdm import tqdm
 
 from sampling import PRECISIONS, make_backend

@@ -30,7 +30,6 @@ from engine_mar import (class_balanced_labels, evaluate, fid_enabled, ref_batch_
                         train_one_epoch)
 from models import build, config_from_flags
 from models.config import check_flags_apply
-from sampling import PRECISIONS
 from util import distributed, flags
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
 from util.evaluation import sweep

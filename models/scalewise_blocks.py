@@ -14,17 +14,10 @@ import torch.nn.functional as F
 
 from models.attention import attention
 from models.gmm import at_least_fp32
+from models.layers import FeedForward, modulate
 from models.scan import selective_scan
 
 MAX_LOG_SCALE = math.log(100.0)  # VAR clamps the learned attention temperature at 100
-
-
-def layer_norm(x):
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def modulate(x, scale, shift):
-    return layer_norm(x) * (1 + scale) + shift
 
 
 def drop_path(x, p, training):
@@ -67,16 +60,6 @@ class ScaleAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(b, length, width))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class SelectiveScanMixer(nn.Module):

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-import engine_mar
 from engine_mar import evaluate, generate
 from util.images import save_grid, to_uint8
 from tests.conftest import randomize_

@@ -13,7 +13,6 @@ import torch
 import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
-from models import PRESETS
 from models.families import mar as mar_family
 from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
 from util.train.state import LAST

@@ -6,7 +6,7 @@ its checkpoints load strictly.
 """
 import torch.nn as nn
 
-from models.heads.arinar import modulate
+from models.layers import modulate
 
 
 def silu_linear(width, out):

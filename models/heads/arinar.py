@@ -15,18 +15,10 @@ import torch.nn.functional as F
 
 from models.attention import attention
 from models.config import flag
+from models.layers import FeedForward, modulate
 from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
                         sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 from models.registry import register_head
-
-
-def layer_norm(x):
-    """LayerNorm without affine parameters; the affine part comes from AdaLN."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def modulate(x, scale, shift):
-    return layer_norm(x) * (1 + scale) + shift
 
 
 def activation_dtype(x):
@@ -76,16 +68,6 @@ class CausalSelfAttention(nn.Module):
             # the new query may see every cached key, so no mask is needed
             out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
         return self.proj(out.transpose(1, 2).reshape(n, length, width))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, width, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class AdaLNBlock(nn.Module):

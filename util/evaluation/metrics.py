@@ -24,7 +24,6 @@ from torch_fidelity.metric_prc import calculate_precision_recall_part
 from numpy.lib import format as npformat
 from tqdm import tqdm
 
-from util import distributed
 from util.io.files import atomic_write
 from util.evaluation.inception_weights import read_inception_state
 from util.io.safe_load import ARRAY_ERRORS, why_array_unreadable
