@@ -179,7 +179,7 @@ class CausalConfig:
 
 PRESETS = {
     "causal_tiny": {"width": 128, "num_heads": 4, "depth": 4, "inner_ar_width": 64},
-    # outer parameters within 2% of ARINAR-B's / MAR-L's / MAR-H's at their widths (tests/test_causal.py)
+    # outer parameters within 3% of ARINAR-B's / MAR-L's / MAR-H's at their widths (tests/test_causal.py)
     "causal_base": {"width": 768, "num_heads": 12, "depth": 30},
     "causal_large": {"width": 1024, "num_heads": 16, "depth": 34},
     "causal_huge": {"width": 1280, "num_heads": 16, "depth": 44},
