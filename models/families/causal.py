@@ -21,6 +21,7 @@ l < depth/2 is self-attention block l's, the last entry the shared keys/values o
 Slot 0 holds the class token, slot p + 1 the content token at place p of the order (the last token
 of an order is never a key, so seq_len slots suffice).
 """
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -123,9 +124,14 @@ class CrossAttentionBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------- sampling Steps
+# backend -> {(shape, dtype, device): KV cache}; a cache lives as long as the backend that captured it
+KV_CACHES = weakref.WeakKeyDictionary()
+
+
 def append_step(model, cache, x, positions, slots):
     """Append inputs x [rows, n, W] (embedded: the class token or content tokens) at grid positions
-    [rows, n] (-1 = the class token) to every layer's cache at slots [rows, n]. Free of host syncs."""
+    [rows, n] (-1 = the class token) to every layer's cache at slots [rows, n]. Free of host syncs.
+    Returns the self half's output [rows, n, W] (a graph backend hands every Step's output back)."""
     angles = model.angles(positions)
     x = model.input_norm(x)
     for block, layer_cache in zip(model.self_blocks, cache[:-1]):
@@ -133,6 +139,7 @@ def append_step(model, cache, x, positions, slots):
     k, v = model.shared_kv(x, angles)
     write_slots(cache[-1, 0], slots, k)
     write_slots(cache[-1, 1], slots, v)
+    return x
 
 
 def query_step(model, cache, targets, visible_count):
@@ -340,11 +347,15 @@ class CausalAR(nn.Module):
         return self.head.loss(target.repeat(repeats, 1), z.repeat(repeats, 1)).mean()
 
     # ---------------------------------------------------------------- sampling
-    def new_cache(self, rows, dtype, device):
-        """The KV cache of one sampling call (layout in the module docstring)."""
+    def kv_cache(self, backend, rows, dtype, device):
+        """The KV cache (layout in the module docstring) for `rows` rows, zeroed: the same tensor every
+        time `backend` asks for this shape, since a CUDA-graph backend captures it by address."""
         width = self.z_proj.out_features
-        return torch.zeros(len(self.self_blocks) + 1, 2, rows, self.num_heads, self.seq_len, width // self.num_heads,
-                           dtype=dtype, device=device)
+        shape = (len(self.self_blocks) + 1, 2, rows, self.num_heads, self.seq_len, width // self.num_heads)
+        caches = KV_CACHES.setdefault(backend, {})
+        if (shape, dtype, device) not in caches:
+            caches[shape, dtype, device] = torch.empty(shape, dtype=dtype, device=device)
+        return caches[shape, dtype, device].zero_()
 
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
@@ -386,15 +397,15 @@ class CausalAR(nn.Module):
         rows, device = class_ids.shape[0], tokens.device
         # the kept tokens first (in a random order: any order is a valid prefill), then the rest at random
         orders = both(torch.argsort(torch.rand(b, self.seq_len, device=device) + (~keep), dim=1))
-        cache = self.new_cache(rows, cache_dtype(self, device), device)
+        cache = self.kv_cache(backend, rows, cache_dtype(self, device), device)
         append = Step("causal.append", self, append_step, inplace=(0,))
         query = Step("causal.query", self, query_step, inplace=(0,))
 
         def append_tokens(start, count):
             """The content tokens at places start..start+count-1 of the orders, into slots start+1..."""
-            places = orders[:, start:start + count]
+            positions = orders[:, start:start + count]
             slots = torch.arange(start + 1, start + 1 + count, device=device).expand(rows, -1)
-            backend.run(append, cache, self.embed_tokens(take(both(tokens), places)), places, slots)
+            backend.run(append, cache, self.embed_tokens(take(both(tokens), positions)), positions, slots)
 
         start_slot = torch.zeros(rows, 1, dtype=torch.long, device=device)
         backend.run(append, cache, self.embed_class(class_ids), start_slot - 1, start_slot)
