@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 import sample
-from engine_mar import decode_images, sampling_backend, save_grid, to_uint8
-from util.checkpoint import atomic_write
-from util.digits import DigitsDataset, score_samples
-from util.editing import SAMPLING_SETTINGS, box_to_tokens, fill_canvas, sampling_settings, upsample_tokens
-from util.loading import checkpoint_args, read_checkpoint
+from engine_mar import sampling_backend
+from util.data.digits import DigitsDataset, score_samples
+from util.editing import box_to_tokens, fill_canvas, sampling_settings, upsample_tokens
+from util.images import decode_images, save_grid, to_uint8
+from util.io.checkpoints import checkpoint_args, read_checkpoint
+from util.io.files import atomic_write
 
 logger = logging.getLogger("demo_edit")
 
@@ -53,7 +54,7 @@ def sample_args(demo):
     stored = checkpoint_args(read_checkpoint(demo.ckpt))
     if stored.get("dataset") != "digits":
         raise ValueError(f"--ckpt {demo.ckpt} was not trained with --dataset digits (the demo's data)")
-    settings = {key: stored[key] for key in SAMPLING_SETTINGS}
+    settings = vars(sampling_settings(stored))
     settings.update({key: getattr(demo, key) for key in ("num_iter", "cfg") if getattr(demo, key) is not None})
     flags = ["--ckpt", str(demo.ckpt), "--device", "cpu", "--precision", "fp32", "--seed", str(demo.seed),
              "--classes", *map(str, range(10))]
@@ -87,8 +88,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
-    data = DigitsDataset("test", model.img_size)
-    side, stride = model.img_size, model.vae_stride * model.patch_size
+    tokens = model.config.tokens
+    data = DigitsDataset("test", tokens.img_size)
+    side, stride = tokens.img_size, tokens.vae_stride * tokens.patch_size
     keep = ~box_to_tokens((0, side // 2, side, side), side, stride)  # the top half
     labels, new_labels = data.labels, (data.labels + 1) % 10
     backend = sampling_backend(model, args)
@@ -110,7 +112,7 @@ def main(argv=None):
         "class_edit_still_old_class": score_samples(repainted, labels.numpy())["accuracy"],
         "num_digits": len(labels), "kept": f"top {side // 2} of {side} pixel rows", "seed": args.seed,
         "sec_per_image": seconds / (2 * len(labels)), "checkpoint": str(demo.ckpt),
-        **sampling_settings(args),
+        **vars(sampling_settings(args)),
     }
     folder = demo.ckpt.parent / "edit-demo"
     folder.mkdir(exist_ok=True)

@@ -19,14 +19,13 @@ from numpy.lib import format as npformat
 from PIL import Image
 from tqdm import tqdm
 
-from models.gmm import CFG_SAMPLERS
-from sampling import make_backend
-from sampling.backends import PRECISIONS
+from sampling import PRECISIONS, make_backend
 
-from util import eval_folder, misc
-from util.checkpoint import atomic_write
-from util.eval_folder import load_png, save_png
-from util.lr_sched import lr_at, set_lr
+from util import distributed, flops
+from util.evaluation import eval_folder
+from util.images import decode_images, load_png, save_grid, save_png
+from util.io.files import atomic_write
+from util.train.lr_sched import lr_at, set_lr
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +61,11 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
     unwrapped = model.module if hasattr(model, "module") else model
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     device = model_device(unwrapped)
-    world = misc.get_world_size()
+    world = distributed.get_world_size()
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     window_loss, window_steps, window_start = 0.0, 0, time.time()
+    # MFU needs the GPU's peak; the step's FLOPs are counted on the first batch only when there is one
+    peak, step_flops = flops.peak_flops(device, args.precision), None
 
     for batch, labels in loader:
         lr = lr_at(state.epoch + state.step_in_epoch / steps_in_epoch, args.lr, args.warmup_epochs,
@@ -73,6 +74,13 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         batch = batch.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         latents = to_latents(tokenizer, batch, args.use_cached)
+        if peak is not None and step_flops is None:
+            def forward():
+                with autocast(args, device):
+                    return unwrapped(latents, labels)
+            counting = time.time()
+            step_flops = flops.training_step_flops(forward, device)
+            window_start += time.time() - counting  # not training time
 
         with autocast(args, device):
             loss = model(latents, labels)
@@ -82,7 +90,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
 
         loss = loss.detach().float()
         stop_here = float(stop is not None and stop.requested)
-        stats = misc.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(),
+        stats = distributed.all_reduce_sum(torch.stack([loss, (~torch.isfinite(loss)).float(),
                                                  (~torch.isfinite(grad_norm)).float(),
                                                  torch.tensor(stop_here, device=device)]))
         loss_sum, bad_loss, bad_grad, stopping = stats.tolist()
@@ -112,11 +120,15 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         if state.step_in_epoch % args.log_freq == 0 or state.step_in_epoch == steps_in_epoch:
             elapsed = max(time.time() - window_start, 1e-9)
             images_per_s = window_steps * args.batch_size * world / elapsed
-            logger.info("epoch %d step %d/%d (global %d)  loss %.4f  lr %.3e  grad_norm %.3f  %.1f images/s",
+            mfu = flops.mfu(step_flops * window_steps, elapsed, peak) if step_flops else None  # per GPU
+            logger.info("epoch %d step %d/%d (global %d)  loss %.4f  lr %.3e  grad_norm %.3f  %.1f images/s%s",
                         state.epoch, state.step_in_epoch, steps_in_epoch, state.global_step,
-                        window_loss / window_steps, lr, grad_norm.item(), images_per_s)
+                        window_loss / window_steps, lr, grad_norm.item(), images_per_s,
+                        "" if mfu is None else f"  MFU {100 * mfu:.1f}%")
             if writer is not None:
                 writer.add_scalar("train/images_per_s", images_per_s, state.global_step)
+                if mfu is not None:
+                    writer.add_scalar("train/mfu", mfu, state.global_step)
             window_loss, window_steps, window_start = 0.0, 0, time.time()
         if on_step is not None:
             on_step(state)
@@ -144,12 +156,6 @@ def skip_step(scaler, state, args, grad_norm):
 
 
 # ----------------------------------------------------------------------------- generation
-def to_uint8(images):
-    """[-1, 1] float [N, C, H, W] -> uint8 numpy [N, H, W, C]."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=False):
     """Sample one image per class label: uint8 numpy [N, H, W, C].
@@ -171,42 +177,12 @@ def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=Fa
     return decode_images(tokenizer, tokens)
 
 
-def decode_images(tokenizer, latents):
-    """Latents (x tokenizer.scale) -> uint8 numpy [N, H, W, C], decoded in fp32."""
-    return to_uint8(tokenizer.decode(latents.float() / tokenizer.scale))
-
-
-def add_sampling_args(group):
-    """The sampling-method flags main_mar.py (evaluation), sample.py and the benchmarks share."""
-    group.add_argument("--cfg_sampler", default="sir", choices=sorted(CFG_SAMPLERS),
-                       help="sir: the release's 1000-candidate resampling; exact: inverse CDF of the guided density")
-    group.add_argument("--cuda_graphs", default=None, action=argparse.BooleanOptionalAction,
-                       help="replay each sampling step as CUDA graphs (default: on with CUDA; same math, far "
-                            "fewer launches)")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the outer step inside the CUDA-graph backend (CUDA only, ~1 min once)")
-
-
 def sampling_backend(model, args):
     """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs.
     Flags args lacks (a namespace built by hand) take their command-line defaults."""
     return make_backend(model, cuda_graphs=getattr(args, "cuda_graphs", None),
                         compile=getattr(args, "compile", False), cfg_sampler=getattr(args, "cfg_sampler", "sir"),
                         precision=getattr(args, "precision", None))
-
-
-def save_grid(images, nrow, path, pad=2):
-    """Tile uint8 [N, H, W, C] images into rows of `nrow` and save a PNG (grey if C == 1)."""
-    images = np.asarray(images)
-    n, h, w, c = images.shape
-    rows = math.ceil(n / nrow)
-    grid = np.zeros((pad + rows * (h + pad), pad + nrow * (w + pad), c), dtype=np.uint8)
-    for i, image in enumerate(images):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        grid[top:top + h, left:left + w] = image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return path
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -248,11 +224,12 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, back
     images uint8) is called for every batch of this rank, drawn or read back. Returns (images drawn,
     images kept, seconds per drawn image after the first drawn batch's warm-up or None).
     """
-    rank, world = misc.get_rank(), misc.get_world_size()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     device = model_device(model)
-    labels_all = class_balanced_labels(args.num_images, args.class_num)
+    config = model.config
+    labels_all = class_balanced_labels(args.num_images, config.class_num)
     image_dir = os.path.join(folder, "images")
-    shape = (args.img_size, args.img_size, args.img_channels)
+    shape = (config.tokens.img_size, config.tokens.img_size, config.tokens.img_channels)
     point = argparse.Namespace(**{**vars(args), "cfg": cfg, "temperature": temperature})
     all_batches = eval_folder.batches(args.num_images, args.eval_bsz)
     mine = range(rank, len(all_batches), world)
@@ -287,7 +264,7 @@ def gather_in_index_order(rows, indices, dim):
     """All ranks' feature rows, ordered by image index, so the metrics do not depend on the process count."""
     rows = torch.cat(rows) if rows else torch.zeros(0, dim)
     indices = torch.as_tensor(np.concatenate(indices) if indices else np.zeros(0), dtype=torch.long)
-    rows, indices = misc.all_gather_rows(rows.cpu()), misc.all_gather_rows(indices)
+    rows, indices = distributed.all_gather_rows(rows.cpu()), distributed.all_gather_rows(indices)
     return rows[torch.argsort(indices)]
 
 
@@ -303,13 +280,13 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     labels) -> dict` adds scores of its own (computed on rank 0). backend: the run's sampling backend,
     reused across calls (default: one from args, see sampling_backend). Returns the metrics dict (complete on rank 0).
     """
-    from util import metrics  # torch-fidelity is only needed when evaluating
+    from util.evaluation import metrics  # torch-fidelity is only needed when evaluating
 
     cfg = args.cfg if cfg is None else cfg
     temperature = args.temperature if temperature is None else temperature
-    rank, world = misc.get_rank(), misc.get_world_size()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     device = model_device(model)
-    labels_all = class_balanced_labels(args.num_images, args.class_num)
+    labels_all = class_balanced_labels(args.num_images, model.config.class_num)
     use_fid, use_pr = fid_enabled(args), ref_batch_enabled(args)
     extractor = metrics.build_inception(args.inception_path, device) if use_fid or use_pr else None
     backend = sampling_backend(model, args) if backend is None else backend
@@ -326,18 +303,18 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     with weights:
         folder = refused = None
         if rank == 0:
-            settings = eval_folder.eval_settings(args, cfg, temperature, eval_folder.weights_digest(model),
-                                                 device.type)
+            settings = eval_folder.eval_settings(args, model.config, cfg, temperature,
+                                                 eval_folder.weights_digest(model), device.type)
             try:
                 folder = eval_folder.open_folder(args.output_dir, epoch, settings)
             except ValueError as err:
                 refused = str(err)
-        folder, refused = misc.broadcast_object((folder, refused))  # every rank stops, not only rank 0
+        folder, refused = distributed.broadcast_object((folder, refused))  # every rank stops, not only rank 0
         if refused:
             raise ValueError(refused)
         drawn, kept, sec_per_image = draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder,
                                                            backend=backend, on_batch=features)
-    counts = misc.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
+    counts = distributed.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
 
     results = {"epoch": epoch, "num_images": args.num_images, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
                "temperature": temperature, "num_iter": args.num_iter, "weights": args.eval_weights,
@@ -353,14 +330,14 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
             if use_pr:
                 reference = metrics.reference_features(args.ref_batch, extractor, device, args.inception_path)
                 results.update(metrics.precision_recall(pool.to(device), reference.to(device)))
-    misc.barrier()
+    distributed.barrier()
 
     if rank == 0:
         image_dir = os.path.join(folder, "images")
         png_paths = [eval_folder.png_path(image_dir, i) for i in range(args.num_images)]
         shape = load_png(png_paths[0]).shape
         write_adm_npz(os.path.join(folder, "samples.npz"), png_paths, labels_all, shape)
-        write_class_grid(png_paths, labels_all, args.class_num, os.path.join(folder, "grid.png"))
+        write_class_grid(png_paths, labels_all, model.config.class_num, os.path.join(folder, "grid.png"))
         if extra_score is not None:
             images = np.stack([load_png(p) for p in png_paths])
             results.update(extra_score(images, labels_all))
@@ -377,7 +354,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
         logger.info("evaluation (epoch %d, cfg %g, temperature %g, %s weights; %d images drawn, %d kept): %s -> %s",
                     epoch, cfg, temperature, args.eval_weights, results["images_drawn"], results["images_kept"],
                     scores, folder)
-    misc.barrier()
+    distributed.barrier()
     return results
 
 

@@ -11,7 +11,6 @@ complete; `index.json` lists them all once every shard is done. Shards are dealt
 robin; a restarted run skips completed shards. Unreadable images are logged and left out.
 Train from the cache with `main_mar.py --use_cached --cached_path ...`.
 """
-import argparse
 import json
 import logging
 import math
@@ -23,11 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from main_mar import add_data_args, add_tokenizer_args
-from models.tokenizer import build_tokenizer
-from util import misc
-from util.checkpoint import atomic_write
-from util.data import (CACHE_FORMAT, INDEX_FILE, ImageFolderADM, SkipUnreadable, collate_skipping, shard_stem)
+from util import distributed, flags
+from util.io.files import atomic_write
+from util.data.datasets import CACHE_FORMAT, INDEX_FILE, ImageFolderADM, SkipUnreadable, collate_skipping, shard_stem
+from util.io.tokenizers import build_tokenizer
 
 logger = logging.getLogger("main_cache")
 
@@ -35,18 +33,18 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("ARINAR latent caching")
-    add_tokenizer_args(parser)
-    add_data_args(parser)
+    parser = flags.parser("ARINAR latent caching")
+    flags.add_model_args(parser, tokens_only=True)
+    flags.add_data_args(parser)
     parser.add_argument("--shard_size", default=10000, type=int, help="images per shard")
-    parser.add_argument("--cache_dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--cache_dtype", default="fp16", choices=sorted(DTYPES), help="storage dtype of the moments")
     return parser
 
 
-def cache_settings(args, num_images, classes):
+def cache_settings(args, tokens, num_images, classes):
     """What a cache was made from; a restart must match it exactly."""
-    return {"format": CACHE_FORMAT, "img_size": args.img_size, "tokenizer": args.tokenizer,
-            "embed_dim": args.vae_embed_dim, "stride": args.vae_stride, "dtype": args.cache_dtype,
+    return {"format": CACHE_FORMAT, "img_size": tokens.img_size, "tokenizer": tokens.tokenizer,
+            "embed_dim": tokens.vae_embed_dim, "stride": tokens.vae_stride, "dtype": args.cache_dtype,
             "shard_size": args.shard_size, "num_images": num_images, "classes": classes}
 
 
@@ -123,26 +121,24 @@ def write_index(root, settings, num_shards):
 
 
 def main(args):
-    device = misc.init_distributed()
-    misc.setup_logging()
-    rank, world = misc.get_rank(), misc.get_world_size()
+    device = distributed.init_distributed()
+    distributed.setup_logging()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     if not args.cached_path:
         raise ValueError("--cached_path is required (the folder to write the cache into)")
     if args.shard_size < 1 or args.batch_size < 1:
         raise ValueError("--shard_size and --batch_size must be >= 1")
-    if args.tokenizer == "pixel":
-        args.vae_stride, args.vae_embed_dim = 1, 3
-    folder = ImageFolderADM(os.path.join(args.data_path, "train"), args.img_size, flip=False)
-    settings = cache_settings(args, len(folder), folder.classes)
+    tokens = flags.token_config(args)
+    folder = ImageFolderADM(os.path.join(args.data_path, "train"), tokens.img_size, flip=False)
+    settings = cache_settings(args, tokens, len(folder), folder.classes)
     if os.path.isdir(args.cached_path) and check_existing(args.cached_path, settings):
         logger.info("%s is already complete", args.cached_path)
-        misc.cleanup_distributed()
+        distributed.cleanup_distributed()
         return
-    tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
-                                img_channels=3, levels=args.pixel_levels, device=device)
+    tokenizer = build_tokenizer(tokens, args.vae_path, levels=args.pixel_levels, device=device)
     if rank == 0:
         os.makedirs(args.cached_path, exist_ok=True)
-    misc.barrier()
+    distributed.barrier()
 
     num_shards = math.ceil(len(folder) / args.shard_size)
     done = {s for s in range(num_shards) if os.path.isfile(os.path.join(args.cached_path, shard_stem(s) + ".json"))}
@@ -153,12 +149,12 @@ def main(args):
     with tqdm(total=sum(len(r) for r in spans.values()), desc="caching", unit="img", disable=rank != 0) as bar:
         for s in mine:
             encode_shard(s, spans[s], folder, tokenizer, args, settings, device, bar)
-    misc.barrier()
+    distributed.barrier()
     if rank == 0:
         index = write_index(args.cached_path, settings, num_shards)
         logger.info("cached %d of %d images into %s (%d unreadable, skipped)", index["num_cached"], len(folder),
                     args.cached_path, len(index["skipped"]))
-    misc.cleanup_distributed()
+    distributed.cleanup_distributed()
 
 
 def cli(argv=None):

@@ -1,20 +1,23 @@
-"""Train or evaluate ARINAR.
+"""Train or evaluate ARINAR (any outer family with any per-token head).
 
     torchrun --nproc_per_node=N [--nnodes ...] main_mar.py --model mar_base --epochs 400 ...
     python main_mar.py ...            (one process, CUDA if present, else CPU)
     ... --evaluate --resume RUN_DIR   (generate --num_images and score them)
 
-All command-line flags are defined here (get_args_parser); main_cache.py reuses the tokenizer
-and data groups below.
+The model flags are derived from the model config (util/cli.py); a run stores its config in every
+checkpoint, so `--resume` / `--evaluate` rebuild the model from it alone.
 """
-import argparse
 import contextlib
+import dataclasses
 import errno
+import glob
 import itertools
+import json
 import logging
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -23,20 +26,24 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 
-from engine_mar import (PRECISIONS, add_sampling_args, class_balanced_labels, evaluate, fid_enabled,
-                        ref_batch_enabled, sampling_backend, train_one_epoch)
-from models.mar import CFG_SCHEDULES, HEADS, MODELS
-from models.tokenizer import TOKENIZERS, build_tokenizer
-from util import misc, sweep
-from util.checkpoint import (LAST, TrainState, atomic_copy, checkpoint_path, load_weights_and_ema, resume_training,
-                             save_training_checkpoint)
-from util.data import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
-from util.ema import EMA
-from util.loading import (build_model_from_args, checkpoint_args, config_from_state, freeze_outer,
-                          load_outer_from_mar, model_state_from_checkpoint, read_checkpoint)
-from util.lr_sched import LR_SCHEDULES
-from util.preemption import REQUEUE_EXIT, StopRequest
-from util.run_folder import FolderInUse, claim_run_folder
+from engine_mar import (class_balanced_labels, evaluate, fid_enabled, ref_batch_enabled, sampling_backend,
+                        train_one_epoch)
+from models import build, config_from_flags
+from models.config import check_flags_apply
+from sampling import PRECISIONS
+from util import distributed, flags
+from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
+from util.evaluation import sweep
+from util.io.checkpoints import (config_from_checkpoint, freeze_outer, load_outer_from_mar, model_state_from_checkpoint,
+                                 read_checkpoint)
+from util.io.files import atomic_copy
+from util.io.tokenizers import build_tokenizer
+from util.train.ema import EMA
+from util.train.lr_sched import LR_SCHEDULES
+from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest
+from util.train.run_folder import FolderInUse, claim_run_folder
+from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_and_ema, resume_training,
+                              save_training_checkpoint)
 
 logger = logging.getLogger("main_mar")
 
@@ -46,113 +53,54 @@ IMG_CHANNELS = {"imagenet": 3, "digits": 1}
 
 
 # ----------------------------------------------------------------------------- flags
-def add_tokenizer_args(parser):
-    group = parser.add_argument_group("images and tokenizer")
-    group.add_argument("--img_size", default=256, type=int, help="image side in pixels")
-    group.add_argument("--tokenizer", default="kl16", choices=TOKENIZERS,
-                       help="kl16: MAR's KL-16 VAE; pixel: the pixels themselves (stride 1)")
-    group.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt", help="KL-16 VAE checkpoint")
-    group.add_argument("--vae_embed_dim", default=16, type=int,
-                       help="tokenizer channels per position (pixel: set to the image channels)")
-    group.add_argument("--vae_stride", default=16, type=int,
-                       help="pixels per tokenizer position (pixel: set to 1)")
-    group.add_argument("--pixel_levels", default=256, type=int,
-                       help="grey levels of the data for --tokenizer pixel dequantisation (0 = none)")
-    return group
-
-
-def add_data_args(parser):
-    group = parser.add_argument_group("data")
-    group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root (with train/)")
-    group.add_argument("--cached_path", default="", help="cached latents (main_cache.py shards or MAR .npz)")
-    group.add_argument("--batch_size", default=16, type=int, help="images per process (global = x processes)")
-    group.add_argument("--num_workers", default=10, type=int)
-    group.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (default)")
-    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    parser.set_defaults(pin_mem=True)
-    return group
-
-
 def get_args_parser():
-    parser = argparse.ArgumentParser("ARINAR training and evaluation")
-    add_tokenizer_args(parser)
-    data = add_data_args(parser)
-    data.add_argument("--dataset", default="imagenet", choices=DATASETS)
+    parser = flags.parser("ARINAR training and evaluation")
+    flags.add_model_args(parser)
+    data = flags.add_data_args(parser)
+    data.add_argument("--dataset", default="imagenet", choices=DATASETS, help="imagenet (ImageFolder) or the digits demo")
     data.add_argument("--use_cached", action="store_true", help="train from --cached_path latents")
-    data.add_argument("--class_num", default=None, type=int, help="classes (default: 1000 imagenet, 10 digits)")
-    data.add_argument("--seed", default=1, type=int)
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="mar_base", choices=sorted(MODELS))
-    model.add_argument("--enc_dec_depth", default=None, type=int,
-                       help="override the model's encoder/decoder depth (MAR-B: 12)")
-    model.add_argument("--patch_size", default=1, type=int, help="tokenizer positions per token side")
-    model.add_argument("--num_gaussians", default=4, type=int, help="mixture components per feature")
-    # None = the --model factory's own default (ARINAR-B: inner 768 wide, 1 block, 4 heads; 64 buffer slots)
-    model.add_argument("--inner_ar_width", default=None, type=int)
-    model.add_argument("--inner_ar_depth", default=None, type=int)
-    model.add_argument("--inner_ar_heads", default=None, type=int)
-    model.add_argument("--head", default="arinar", choices=sorted(HEADS),
-                       help="per-token head: arinar (inner feature-by-feature AR), diffloss (MAR's diffusion MLP), "
-                            "gmm (one mixture over the whole token)")
-    model.add_argument("--feature_group", default=1, type=int,
-                       help="arinar: features the inner model writes per step (a divisor of the token's features)")
-    model.add_argument("--diffloss_d", default=3, type=int, help="blocks of the MLP heads (diffloss, gmm); MAR-B: 6")
-    model.add_argument("--diffloss_w", default=1024, type=int, help="width of the MLP heads (diffloss, gmm)")
-    model.add_argument("--num_sampling_steps", default=100, type=int, help="diffloss: diffusion steps when sampling")
-    model.add_argument("--diffusion_batch_mul", default=4, type=int,
-                       help="diffloss: noise draws per masked token in training")
-    model.add_argument("--mask_ratio_min", default=0.7, type=float)
-    model.add_argument("--label_drop_prob", default=0.1, type=float)
-    model.add_argument("--attn_dropout", default=0.1, type=float)
-    model.add_argument("--proj_dropout", default=0.1, type=float)
-    model.add_argument("--buffer_size", default=None, type=int, help="class-vector buffer slots (default: the model's)")
-    model.add_argument("--grad_checkpointing", action="store_true")
-    model.add_argument("--init_outer_from", default=None, help="initialise the outer model from a MAR checkpoint")
-    model.add_argument("--freeze_outer", action="store_true", help="train only the inner model")
+    data.add_argument("--seed", default=1, type=int, help="initial weights, data order and sampling seeds")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", default=400, type=int)
-    train.add_argument("--warmup_epochs", default=100, type=float)
+    train.add_argument("--epochs", default=400, type=int, help="epochs to train in all")
+    train.add_argument("--warmup_epochs", default=100, type=float, help="linear lr warm-up (per iteration)")
     train.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr x global batch / 256)")
     train.add_argument("--blr", default=1e-4, type=float, help="base lr per 256 images")
     train.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
-    train.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES)
-    train.add_argument("--weight_decay", default=0.02, type=float)
+    train.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES, help="after the warm-up")
+    train.add_argument("--weight_decay", default=0.02, type=float, help="AdamW decay of the outer weight matrices")
     train.add_argument("--grad_clip", default=3.0, type=float, help="max grad norm (0 = no clipping)")
-    train.add_argument("--ema_rate", default=0.9999, type=float)
-    train.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
-                       help="autocast dtype (default: bf16 on GPUs that support it, else fp32)")
+    train.add_argument("--ema_rate", default=0.9999, type=float, help="EMA decay per step")
+    flags.add_precision_arg(train)
+    train.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute the outer blocks in the backward pass (less memory, more time)")
+    train.add_argument("--init_outer_from", default=None,
+                       help="initialise the outer model (everything but the head) from a checkpoint")
+    train.add_argument("--freeze_outer", action="store_true", help="train only the per-token head")
     train.add_argument("--max_skipped_steps", default=10, type=int,
                        help="stop after this many steps in a row skipped for a non-finite gradient")
     train.add_argument("--log_freq", default=20, type=int, help="steps between progress lines")
 
     ckpt = parser.add_argument_group("checkpoints and logs")
-    ckpt.add_argument("--output_dir", default="./output_dir")
+    ckpt.add_argument("--output_dir", default="./output_dir", help="run folder: checkpoints, logs, evaluations")
     ckpt.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     ckpt.add_argument("--resume", default="", help="run folder (its checkpoint-last.pth) or checkpoint file")
     ckpt.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth saves")
     ckpt.add_argument("--save_copy_freq", default=0, type=int,
                       help="also keep checkpoint-EPOCH.pth every N epochs (0 = never)")
     ckpt.add_argument("--save_every_steps", default=0, type=int,
-                      help="also save checkpoint-last.pth every N steps, resumable at that exact step")
+                      help="also save checkpoint-last.pth every N steps, resumable at that exact step (0 = never)")
 
-    ev = parser.add_argument_group("generation and evaluation")
+    flags.add_sampling_args(parser, cfg=1.0, sweep=True)
+    ev = parser.add_argument_group("evaluation")
     ev.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
-    ev.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs")
-    ev.add_argument("--eval_freq", default=40, type=int)
+    ev.add_argument("--online_eval", action="store_true",
+                    help="evaluate every --eval_freq epochs (at cfg 1 and the first --cfg)")
+    ev.add_argument("--eval_freq", default=40, type=int, help="epochs between online evaluations")
     ev.add_argument("--num_images", default=50000, type=int, help="images to generate (equal per class)")
     ev.add_argument("--eval_bsz", default=64, type=int,
                     help="generation batch per process (batch b is drawn from its own seed: images depend on it)")
-    ev.add_argument("--num_iter", default=64, type=int, help="outer autoregressive steps")
-    ev.add_argument("--cfg", default=[1.0], type=float, nargs="+", dest="cfg_list", metavar="CFG",
-                    help="classifier-free guidance scale(s) >= 1; --evaluate sweeps every cfg x temperature, "
-                         "--online_eval uses 1 and the first value")
-    ev.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
-    ev.add_argument("--temperature", default=[1.0], type=float, nargs="+", dest="temperature_list",
-                    metavar="TEMPERATURE", help="divides each Gaussian's std (> 0); several values: a sweep")
-    add_sampling_args(ev)
-    ev.add_argument("--eval_weights", default="ema", choices=("ema", "live"))
+    ev.add_argument("--eval_weights", default="ema", choices=("ema", "live"), help="which weights generate")
     ev.add_argument("--fid_stats", default=None,
                     help=f"reference statistics npz with mu, sigma (default: {DEFAULT_FID_STATS} for imagenet, "
                          "none for digits); 'none' skips FID/IS")
@@ -166,35 +114,48 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- start-up checks
 def resolve_args(args):
-    """Fill the defaults that depend on the device or the data set."""
+    """Fill the defaults that depend on the device or the data set (the model's come from its config)."""
     if args.precision is None:
         args.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if args.class_num is None:
-        args.class_num = CLASS_NUM[args.dataset]
-    args.img_channels = IMG_CHANNELS[args.dataset]
     if args.fid_stats is None:
         args.fid_stats = DEFAULT_FID_STATS if args.dataset == "imagenet" else "none"
-    if args.tokenizer == "pixel":
-        args.vae_stride, args.vae_embed_dim = 1, args.img_channels
     args.log_dir = args.log_dir or args.output_dir
     # the point generate() draws at; evaluation and sweeps pass each point's values explicitly
     args.cfg, args.temperature = args.cfg_list[0], args.temperature_list[0]
     return args
 
 
-# the allowed range of every numeric training/model flag; None (unset: the model's default) always passes
+def data_set_defaults(args):
+    """Model flags the data set implies for a new run: its classes and image channels."""
+    return {"class_num": CLASS_NUM[args.dataset], "img_channels": IMG_CHANNELS[args.dataset]}
+
+
+def model_config(args, ckpt_file):
+    """The run's ModelConfig: a new run's from --model's preset, the data set and the model flags; a
+    resumed or evaluated run's from its checkpoint (model flags that contradict it are an error).
+    Returns (config, the checkpoint dict or None)."""
+    given = flags.given_model_flags(args)
+    if ckpt_file is None:
+        config = config_from_flags({**data_set_defaults(args), **given})
+        check_flags_apply(config, given)  # a flag of another family or head is a mistake, not a no-op
+        return config, None
+    ckpt = read_checkpoint(ckpt_file)
+    state = model_state_from_checkpoint(ckpt, use_ema=False)
+    config, changed = config_from_checkpoint(ckpt, state, given, source=str(ckpt_file))
+    if changed:
+        logger.warning("%s: changed settings: %s", ckpt_file,
+                       ", ".join(f"--{k} {new} (was {old})" for k, (old, new) in changed.items()))
+    return config, ckpt
+
+
+# the allowed range of every numeric run flag (the model's are checked by its config)
 FLAG_RANGES = (
-    (("img_size", "vae_embed_dim", "vae_stride", "batch_size", "class_num", "patch_size", "num_gaussians",
-      "enc_dec_depth", "inner_ar_width", "inner_ar_depth", "inner_ar_heads", "buffer_size", "log_freq",
-      "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter", "feature_group", "diffloss_d",
-      "diffloss_w", "diffusion_batch_mul", "max_skipped_steps"), ">= 1", lambda v: v >= 1),
-    (("num_sampling_steps",), "in [2, 1000]", lambda v: 2 <= v <= 1000),
+    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter",
+      "max_skipped_steps"), ">= 1", lambda v: v >= 1),
     (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
       "grad_clip"), ">= 0", lambda v: v >= 0),
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
     (("lr", "blr"), "> 0", lambda v: v > 0),
-    (("label_drop_prob", "attn_dropout", "proj_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
-    (("mask_ratio_min",), "in (0, 1]", lambda v: 0 < v <= 1),
     (("ema_rate",), "in [0, 1)", lambda v: 0 <= v < 1),
 )
 
@@ -206,26 +167,13 @@ def check_flag_ranges(args):
             value = getattr(args, name)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"--{name} must be {rule}; got {value}")
-    grid = args.vae_stride * args.patch_size
-    if args.img_size % grid:
-        raise ValueError(f"--img_size {args.img_size} must be a multiple of --vae_stride x --patch_size = {grid}")
-    token_dim = args.vae_embed_dim * args.patch_size ** 2
-    if token_dim % args.feature_group:
-        raise ValueError(f"--feature_group {args.feature_group} must divide the token's {token_dim} features "
-                         "(vae_embed_dim x patch_size^2)")
-    if args.inner_ar_width is not None and args.inner_ar_heads is not None \
-            and args.inner_ar_width % args.inner_ar_heads:
-        raise ValueError(f"--inner_ar_width {args.inner_ar_width} must be a multiple of --inner_ar_heads "
-                         f"{args.inner_ar_heads}")
 
 
 def check_args(args, ckpt_file):
-    """Everything that can be wrong before any heavy object is built: one clear line each."""
+    """Everything about the run flags that can be wrong before any heavy object is built: one clear line each."""
     check_flag_ranges(args)
     if args.evaluate and ckpt_file is None:
         raise ValueError(f"--evaluate needs a checkpoint: --resume {args.resume or 'RUN_DIR'} holds no {LAST}")
-    if args.evaluate or args.online_eval:
-        check_eval_args(args)
     if not args.evaluate:
         existing = os.path.join(args.output_dir, LAST)
         if os.path.isfile(existing) and (ckpt_file is None or not os.path.samefile(existing, ckpt_file)):
@@ -237,24 +185,7 @@ def check_args(args, ckpt_file):
         raise ValueError("--use_cached needs --cached_path (latents written by main_cache.py)")
 
 
-HEAD_CONFIG = ("head", "feature_group", "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul",
-               "enc_dec_depth")
-
-
-def adopt_head_config(args, ckpt_file):
-    """--evaluate: the head settings (and outer depth) come from the checkpoint unless given on the command line."""
-    ckpt = read_checkpoint(ckpt_file)
-    stored = {**checkpoint_args(ckpt), **config_from_state(model_state_from_checkpoint(ckpt, use_ema=False))}
-    defaults = get_args_parser()
-    adopted = {k: stored[k] for k in HEAD_CONFIG
-               if stored.get(k) is not None and getattr(args, k) == defaults.get_default(k) != stored[k]}
-    for key, value in adopted.items():
-        setattr(args, key, type(defaults.get_default(key) or value)(value))
-    if adopted:
-        logger.info("from %s: %s", ckpt_file, " ".join(f"--{k} {v}" for k, v in adopted.items()))
-
-
-def check_eval_args(args):
+def check_eval_args(args, config):
     """The evaluation flags and files, checked before any image is generated."""
     bad_cfg = [c for c in args.cfg_list if not c >= 1.0]
     if bad_cfg:
@@ -262,15 +193,16 @@ def check_eval_args(args):
     bad_temperature = [t for t in args.temperature_list if not 0.0 < t < float("inf")]
     if bad_temperature:
         raise ValueError(f"--temperature values must be > 0; got {bad_temperature[0]:g}")
-    class_balanced_labels(args.num_images, args.class_num)
-    from util import metrics
+    class_balanced_labels(args.num_images, config.class_num)
+    from util.evaluation import metrics
+    img_size = config.tokens.img_size
     if fid_enabled(args):
-        if args.fid_stats == DEFAULT_FID_STATS and args.img_size != 256:
+        if args.fid_stats == DEFAULT_FID_STATS and img_size != 256:
             raise ValueError(f"{DEFAULT_FID_STATS} is for 256px images; pass --fid_stats for --img_size "
-                             f"{args.img_size} (or --fid_stats none)")
+                             f"{img_size} (or --fid_stats none)")
         metrics.load_fid_stats(args.fid_stats)
     if ref_batch_enabled(args):
-        metrics.check_ref_batch(args.ref_batch, args.img_size, args.img_channels)
+        metrics.check_ref_batch(args.ref_batch, img_size, config.tokens.img_channels)
     if (fid_enabled(args) or ref_batch_enabled(args)) and args.inception_path is not None \
             and not os.path.isfile(args.inception_path):
         raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
@@ -297,43 +229,50 @@ def param_groups(model, weight_decay):
 
 
 def extra_scorer(args):
-    """Scores beyond FID for data sets without Inception statistics: util.digits.score_samples(images, labels)."""
+    """Scores beyond FID for data sets without Inception statistics: util.data.digits.score_samples(images, labels)."""
     if args.dataset == "digits":
-        from util.digits import score_samples
+        from util.data.digits import score_samples
         return score_samples
     return None
 
 
 # ----------------------------------------------------------------------------- main
 def main(args):
-    device = misc.init_distributed()
-    misc.setup_logging()
+    device = distributed.init_distributed()
+    distributed.setup_logging()
     resolve_args(args)
-    rank, world = misc.get_rank(), misc.get_world_size()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     ckpt_file = checkpoint_path(args.resume, args.output_dir)
     check_args(args, ckpt_file)
     if args.resume and ckpt_file is None and not args.evaluate:
         logger.info("--resume %s holds no %s yet: starting a fresh run", args.resume, LAST)
-    if args.evaluate:
-        adopt_head_config(args, ckpt_file)
+    config, ckpt = model_config(args, ckpt_file)
+    if args.evaluate or args.online_eval:
+        check_eval_args(args, config)
     scorer = extra_scorer(args) if args.evaluate or args.online_eval else None
 
     dataset = sampler = None
     if not args.evaluate:
-        dataset = build_dataset(args, "train")
+        dataset = build_dataset(args, config.tokens, "train")
         classes = getattr(dataset, "classes", None)
-        if classes is not None and len(classes) > args.class_num:
-            raise ValueError(f"the data set has {len(classes)} classes but --class_num is {args.class_num}")
+        if classes is not None and ckpt is None and args.class_num is None and len(classes) != config.class_num:
+            # the --dataset default (1000 for imagenet) would silently train unused class slots
+            logger.info("the data set has %d classes: --class_num set to %d (the --dataset %s default is %d; "
+                        "pass --class_num to choose)", len(classes), len(classes), args.dataset, config.class_num)
+            config = dataclasses.replace(config, class_num=len(classes))
+            if args.online_eval:
+                class_balanced_labels(args.num_images, config.class_num)
+        if classes is not None and len(classes) > config.class_num:
+            raise ValueError(f"the data set has {len(classes)} classes but --class_num is {config.class_num}")
         sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
         if steps_per_epoch(sampler, args.batch_size) == 0:
             raise ValueError(f"{len(dataset)} training items are fewer than {world} processes x --batch_size "
                              f"{args.batch_size}")
     # the same seed everywhere for the initial weights, then one stream per rank
     torch.manual_seed(args.seed)
-    tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
-                                patch_size=args.patch_size, img_channels=args.img_channels,
-                                levels=args.pixel_levels, device=device)
-    model = build_model_from_args(args).to(device)
+    tokenizer = build_tokenizer(config.tokens, args.vae_path, levels=args.pixel_levels, device=device)
+    model = build(config).to(device)
+    model.grad_checkpointing = args.grad_checkpointing
     if args.init_outer_from and ckpt_file is None and not args.evaluate:
         load_outer_from_mar(model, args.init_outer_from)
     if args.freeze_outer:
@@ -351,8 +290,7 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    if ckpt_file is not None:
-        ckpt = read_checkpoint(ckpt_file)
+    if ckpt is not None:
         if args.evaluate:
             load_weights_and_ema(ckpt, ckpt_file, model, ema)
             eval_epoch = int(ckpt.get("epoch", 0))
@@ -368,10 +306,12 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         logging.getLogger().addHandler(logging.FileHandler(os.path.join(args.output_dir, "log.txt")))
         logger.info("args: %s", " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
+        logger.info("model config: %s", json.dumps(config.to_dict()))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("model %s: %.2fM parameters (%.2fM trainable); %d processes x batch %d, lr %.2e, %s",
-                    args.model, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, world,
-                    args.batch_size, args.lr, args.precision)
+        logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %d processes x batch %d, "
+                    "lr %.2e, %s", config.model, config.family, config.head,
+                    sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, world, args.batch_size, args.lr,
+                    args.precision)
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
     exit_code = 0
     try:
@@ -387,7 +327,7 @@ def main(args):
             writer.close()
         if lock is not None:
             lock.release()
-    misc.cleanup_distributed()
+    distributed.cleanup_distributed()
     return exit_code
 
 
@@ -399,7 +339,7 @@ def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer, 
                         extra_score=scorer, backend=backend) for cfg, t in dict.fromkeys(points)]
     prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-iter{args.num_iter}-n{args.num_images}-"
                                            f"{args.eval_weights}")
-    rows = sweep.merge_rows(sweep.read_rows(f"{prefix}.json"), results) if misc.is_main_process() else []
+    rows = sweep.merge_rows(sweep.read_rows(f"{prefix}.json"), results) if distributed.is_main_process() else []
     if len(rows) > 1:
         csv_path, _ = sweep.write_tables(rows, prefix)
         plotted = sweep.plot(rows, f"{prefix}.png", title=f"epoch {epoch}, {args.eval_weights} weights, "
@@ -418,7 +358,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
     """Train to args.epochs; returns 0, or REQUEUE_EXIT when a stop signal ended the run early (after a
     step-granular save). saved_step: the global step of the checkpoint already in --output_dir, if any."""
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if misc.is_distributed() else model
+        model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_distributed() else model
     steps = steps_per_epoch(sampler, args.batch_size)
     last = os.path.join(args.output_dir, LAST)
     saved = {"step": saved_step}
@@ -458,7 +398,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                 state.epoch, state.step_in_epoch = epoch + 1, 0
                 if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
                     save()
-                if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and misc.is_main_process():
+                if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and distributed.is_main_process():
                     copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
                     with storage_reported(copy, args.output_dir):
                         atomic_copy(last, copy)
@@ -482,7 +422,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
     logger.info("training done in %.1f min; %s; TensorBoard logs %s", (time.time() - start) / 60,
                 f"checkpoint {last}" if saved["step"] is not None else
                 f"no checkpoint was written (no epoch left to train with --epochs {args.epochs})", args.log_dir)
-    if args.online_eval and misc.is_main_process():
+    if args.online_eval and distributed.is_main_process():
         for res in results:  # the final evaluation: where to look, and its scores
             scores = ", ".join(f"{k} {v:.4f}" for k, v in res.items()
                                if isinstance(v, float) and k not in ("cfg", "temperature", "sec_per_image"))
@@ -521,13 +461,43 @@ def storage_reported(path, output_dir):
                                    f"continue with --resume {output_dir}") from err
 
 
+def one_line(err):
+    """err's message; for an error raised in a DataLoader worker, the worker's own message (torch wraps it
+    in the worker's traceback, whose last line it is)."""
+    text = str(err)
+    if "DataLoader worker" in text and "\n" in text:
+        return text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def interrupted_evaluation(args, argv, since):
+    """The one line for Ctrl-C during --evaluate: the images kept, and the command that resumes."""
+    folders = [d for d in glob.glob(os.path.join(args.output_dir, "eval-*", "images")) if os.path.getmtime(d) >= since]
+    if folders:
+        images = max(folders, key=os.path.getmtime)  # the folder this run was writing to
+        kept = (f"{len(glob.glob(os.path.join(images, '*.png')))} of {args.num_images} images are finished and "
+                f"kept in {os.path.dirname(images)}")
+    else:
+        kept = "this run had written no image yet"
+    launcher = "torchrun [the same options] main_mar.py" if distributed.get_world_size() > 1 else "python main_mar.py"
+    return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
+            f"(exit code {INTERRUPT_EXIT}): {launcher} {shlex.join(argv)}")
+
+
 def cli(argv=None):
     """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
+    start = time.time()
     try:
         exit_code = main(args)
+    except KeyboardInterrupt:
+        if not args.evaluate:
+            raise
+        if distributed.is_main_process():
+            logger.error("%s", interrupted_evaluation(args, sys.argv[1:] if argv is None else argv, start))
+        sys.exit(INTERRUPT_EXIT)
     except (ValueError, FileNotFoundError, FloatingPointError, FolderInUse) as err:
-        logger.error("%s", err)
+        logger.error("%s", one_line(err))
         sys.exit(1)
     except OSError as err:
         if storage_error(err) is None:

@@ -8,63 +8,50 @@ Or edit an image (util/editing.py): regenerate a region, repaint it as another c
     python sample.py --ckpt CKPT --edit photo.jpg (--mask mask.png | --box X0 Y0 X1 Y1 |
         --outpaint {left,right,up,down} PIXELS) [--class N] --out edit.png
 
-Model flags (--model, --num_gaussians, --img_size, ...) default to the values stored in the
-checkpoint's `args`; pass them only to override. EMA weights unless --no_ema; CUDA when present.
-The same --seed gives the same images on the same device.
+The model is rebuilt from the checkpoint's stored config (or, for files written before configs
+and the releases, from their stored args and weights); model flags are only needed for a bare state
+dict, and one that contradicts the checkpoint is an error (sampling-time settings such as
+--num_sampling_steps may change). EMA weights unless --no_ema; CUDA when present. The same --seed
+gives the same images on the same device.
 """
-import argparse
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from engine_mar import PRECISIONS, add_sampling_args, generate, sampling_backend, save_grid, save_png
-from models.mar import CFG_SCHEDULES, HEADS, MODELS
-from models.tokenizer import TOKENIZERS, build_tokenizer
+from engine_mar import generate, sampling_backend
+from models import build
+from util import flags
 from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
-from util.loading import (build_model_from_args, checkpoint_args, config_from_state, load_model_weights,
-                          model_state_from_checkpoint, read_checkpoint)
+from util.images import save_grid, save_png
+from util.io.checkpoints import config_from_checkpoint, load_model_weights, model_state_from_checkpoint, read_checkpoint
+from util.io.tokenizers import build_tokenizer
+from util.train.preemption import INTERRUPT_EXIT
 
 logger = logging.getLogger("sample")
 
 GRID_PADDING = 2  # pixels between (and around) the images of the grid
-DEFAULT_VAE = "pretrained_models/vae/kl16.ckpt"
-# model flags: default None = the checkpoint's stored value, else the model's own default
-MODEL_FLAGS = {"head": str, "feature_group": int, "diffloss_d": int, "diffloss_w": int, "num_sampling_steps": int,
-               "diffusion_batch_mul": int, "num_gaussians": int, "enc_dec_depth": int, "img_size": int,
-               "vae_stride": int, "patch_size": int, "vae_embed_dim": int, "class_num": int, "buffer_size": int, "inner_ar_width": int,
-               "inner_ar_depth": int, "inner_ar_heads": int, "img_channels": int}
-FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}  # the release's, when nothing says
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Sample a PNG grid (one row per class) from a checkpoint.")
+    parser = flags.parser("Sample a PNG grid (one row per class) from a checkpoint, or edit an image.")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth or .safetensors) or run directory")
     parser.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974], help="class ids, one row each")
-    parser.add_argument("--num_per_class", type=int, default=4)
-    parser.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (1 = none)")
-    parser.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
-    parser.add_argument("--temperature", type=float, default=1.0, help="divides each Gaussian's std")
-    parser.add_argument("--num_iter", type=int, default=64, help="outer autoregressive steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_per_class", type=int, default=4, help="images per class (per edit: results)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images on the same device")
     parser.add_argument("--batch_size", type=int, default=64, help="images generated at once")
     parser.add_argument("--out", default="samples.png", help="the grid PNG")
     parser.add_argument("--save_dir", default=None, help="also save each image here as INDEX_classID.png")
     parser.add_argument("--no_ema", action="store_true", help="use the live weights instead of the EMA")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if present")
     add_editing_args(parser)
-    add_sampling_args(parser)
-    parser.add_argument("--precision", default="auto", choices=("auto", *sorted(PRECISIONS)),
-                        help="autocast dtype for the transformer (auto: bf16 on GPUs that support it, else fp32)")
-    model = parser.add_argument_group("model and tokenizer (default: the values stored in the checkpoint)")
-    model.add_argument("--model", default=None, choices=sorted(MODELS))
-    for flag, kind in MODEL_FLAGS.items():
-        choices = {"choices": sorted(HEADS)} if flag == "head" else {}
-        model.add_argument(f"--{flag}", type=kind, default=None, **choices)
-    model.add_argument("--tokenizer", default=None, choices=TOKENIZERS)
-    model.add_argument("--vae_path", default=DEFAULT_VAE, help="KL-16 VAE checkpoint (for --tokenizer kl16)")
+    flags.add_precision_arg(flags.add_sampling_args(parser, cfg=4.5, sweep=False))
+    flags.add_model_args(parser)
+    flags.add_tokenizer_file_args(parser.add_argument_group("tokenizer weights"))
     return parser
 
 
@@ -105,19 +92,6 @@ def requested_classes(args):
     return "--class", [] if args.class_id is None else [args.class_id]
 
 
-def resolve_config(args, stored, from_state=None):
-    """Model/tokenizer config: command-line flags over what the weights show (head, depth) over the
-    checkpoint's stored args over the release's."""
-    given = {k: getattr(args, k) for k in ("model", "tokenizer", *MODEL_FLAGS) if getattr(args, k) is not None}
-    config = {**FALLBACKS, **{k: v for k, v in stored.items() if v is not None}, **(from_state or {}), **given}
-    if config["tokenizer"] == "pixel":  # pixels: one position per pixel, one feature per channel
-        for key, value in (("vae_stride", 1), ("vae_embed_dim", config["img_channels"])):
-            if given.get(key, value) != value:
-                raise ValueError(f"--tokenizer pixel implies --{key} {value}; got {given[key]}")
-            config[key] = value
-    return config
-
-
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -127,7 +101,7 @@ def resolve_device(name):
 
 
 def resolve_precision(name, device):
-    if name != "auto":
+    if name is not None:
         return name
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
@@ -146,33 +120,35 @@ def load_everything(args, device):
     """(model, tokenizer) on `device`, ready to sample; raises FileNotFoundError/ValueError one-liners."""
     ckpt = read_checkpoint(args.ckpt)
     state = model_state_from_checkpoint(ckpt, use_ema=not args.no_ema)
-    config = resolve_config(args, checkpoint_args(ckpt), config_from_state(state))
-    model = build_model_from_args(config)
+    config, changed = config_from_checkpoint(ckpt, state, flags.given_model_flags(args), source=str(args.ckpt))
+    for name, (old, new) in changed.items():
+        logger.info("--%s %s (the checkpoint's: %s)", name, new, old)
+    model = build(config)
     flag, classes = requested_classes(args)
-    bad = [c for c in classes if not 0 <= c < model.class_num]
+    bad = [c for c in classes if not 0 <= c < config.class_num]
     if bad:
-        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: the model has {model.class_num} "
-                         f"classes (0..{model.class_num - 1})")
+        raise ValueError(f"{flag} {' '.join(map(str, bad))} out of range: the model has {config.class_num} "
+                         f"classes (0..{config.class_num - 1})")
     load_model_weights(model, state, source=str(args.ckpt))
     weights = "EMA" if "model_ema" in ckpt and not args.no_ema else "non-EMA"
     del ckpt
-    tokenizer = build_tokenizer(config["tokenizer"], vae_path=args.vae_path, vae_embed_dim=model.vae_embed_dim,
-                                patch_size=model.patch_size, img_channels=config["img_channels"], device=device)
-    if (tokenizer.stride, tokenizer.embed_dim) != (model.vae_stride, model.vae_embed_dim):
-        raise ValueError(f"--tokenizer {config['tokenizer']} gives stride {tokenizer.stride} and {tokenizer.embed_dim} "
-                         f"channels but the model expects --vae_stride {model.vae_stride} and --vae_embed_dim "
-                         f"{model.vae_embed_dim}")
-    logger.info("loaded %s (%s weights): %s with the %s head, %.1fM parameters, tokenizer %s", args.ckpt, weights,
-                config["model"], model.head_name, sum(p.numel() for p in model.parameters()) / 1e6,
-                config["tokenizer"])
-    return model.to(device).eval(), tokenizer, config["img_channels"]
+    tokens = config.tokens
+    tokenizer = build_tokenizer(tokens, args.vae_path, device=device)
+    if (tokenizer.stride, tokenizer.embed_dim) != (tokens.vae_stride, tokens.vae_embed_dim):
+        raise ValueError(f"--tokenizer {tokens.tokenizer} gives stride {tokenizer.stride} and {tokenizer.embed_dim} "
+                         f"channels but the model expects --vae_stride {tokens.vae_stride} and --vae_embed_dim "
+                         f"{tokens.vae_embed_dim}")
+    logger.info("loaded %s (%s weights): %s (family %s) with the %s head, %.1fM parameters, tokenizer %s", args.ckpt,
+                weights, config.model, config.family, config.head, sum(p.numel() for p in model.parameters()) / 1e6,
+                tokens.tokenizer)
+    return model.to(device).eval(), tokenizer, tokens.img_channels
 
 
-def sample_images(model, tokenizer, args):
+def sample_images(model, tokenizer, args, backend):
     """uint8 [len(classes) * num_per_class, H, W, C], class-major, from one seeded stream."""
     labels = torch.tensor(args.classes).repeat_interleave(args.num_per_class)
     torch.manual_seed(args.seed)
-    batches, backend = [], sampling_backend(model, args)
+    batches = []
     with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
         for batch in labels.split(args.batch_size):
             batches.append(generate(model, tokenizer, args, batch, backend, progress=True))
@@ -181,6 +157,18 @@ def sample_images(model, tokenizer, args):
 
 
 def main(argv=None):
+    """sample.py's entry point: Ctrl-C ends it with one line (nothing is written before every image is drawn)."""
+    try:
+        return run_sample(argv)
+    except KeyboardInterrupt:
+        command = shlex.join(["python", "sample.py", *(sys.argv[1:] if argv is None else map(str, argv))])
+        logger.error("interrupted (Ctrl-C) before the images were done: nothing was written (--out is written at "
+                     "the end); the same command starts over and draws the same images (exit code %d): %s",
+                     INTERRUPT_EXIT, command)
+        sys.exit(INTERRUPT_EXIT)
+
+
+def run_sample(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -191,12 +179,13 @@ def main(argv=None):
         args.precision = resolve_precision(args.precision, device)
         model, tokenizer, channels = load_everything(args, device)
         job = prepare_edit(args, model, tokenizer, channels) if args.edit else None
-    except (FileNotFoundError, ValueError) as err:  # bad files or config: one line, no usage dump
+        backend = sampling_backend(model, args)
+    except (FileNotFoundError, ValueError) as err:  # bad files, config or flags: one line, no usage dump
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
     if job is not None:
-        return edit(model, tokenizer, job, args)
-    images = sample_images(model, tokenizer, args)
+        return edit(model, tokenizer, job, args, backend)
+    images = sample_images(model, tokenizer, args, backend)
     save_grid(images, args.num_per_class, args.out, pad=GRID_PADDING)
     if args.save_dir:
         os.makedirs(args.save_dir, exist_ok=True)
@@ -207,11 +196,11 @@ def main(argv=None):
     return Path(args.out)
 
 
-def edit(model, tokenizer, job, args):
+def edit(model, tokenizer, job, args, backend):
     """Run the edit; write the grid row (original | mask | results) to --out and each result beside it."""
     torch.manual_seed(args.seed)
     results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, sampling_settings(args),
-                       args.batch_size, sampling_backend(model, args))
+                       args.batch_size, backend)
     save_grid([job.original, job.mask, *results], 2 + len(results), args.out, pad=GRID_PADDING)
     out = Path(args.out)
     for i, image in enumerate(results):

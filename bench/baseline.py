@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, MixtureSameFamily, Normal
 
-from models.mar import sampling_schedule
+from models.families.common import cosine_schedule
 
 
 def mixture(mu, logvar, logits, temperature=1.0):
@@ -100,7 +100,7 @@ def release_sample_tokens(model, bsz, num_iter=64, cfg=1.0, labels=None, tempera
     tokens = torch.zeros(bsz, seq_len, model.token_embed_dim, device=device)
     mask = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
     orders = torch.argsort(torch.rand(bsz, seq_len, device=device), dim=1)
-    for step, (remaining, scale) in enumerate(sampling_schedule(seq_len, num_iter, cfg, cfg_schedule)):
+    for step, (remaining, scale) in enumerate(cosine_schedule(seq_len, num_iter, cfg, cfg_schedule)):
         remaining = 0 if step == num_iter - 1 else remaining
         z = model.condition(doubled(tokens), doubled(mask), class_vec)
         new_mask = torch.zeros_like(mask).scatter_(1, orders[:, :remaining], True)

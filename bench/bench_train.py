@@ -10,9 +10,16 @@ and the peak: on CUDA torch.cuda.max_memory_allocated in this process, on CPU th
 set (ru_maxrss) of a fresh child process per path, so one path's peak cannot hide the other's
 (the CPU allocator's high-water mark is coarse; the saved-activation figure is the precise one).
 
+Speed is also printed as images/s and MFU: each path's model FLOPs per step (util/flops.py, 3x a
+counted forward) x steps/s / the GPU's dense peak for --precision (none on CPU or an unknown GPU).
+--grad_checkpointing recomputes the outer blocks in backward: compare its time and peak memory.
+
 CPU configuration of issue 5:
-    python -m bench.bench_train --width 128 --depth 2 --heads 4 --batch_size 4 --steps 3
+    python -m bench.bench_train --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 4 --steps 3
+ARINAR-B on a GPU:
+    python -m bench.bench_train --device cuda --precision bf16 --batch_size 64 [--grad_checkpointing]
 """
+import gc
 import logging
 import multiprocessing
 import resource
@@ -22,6 +29,7 @@ import torch
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
                           parser, setup_runtime, synchronize, time_runs, write_json)
 from bench.baseline import release_style_loss
+from util import flops
 
 log = logging.getLogger("bench.train")
 PATHS = ("masked_only", "all_tokens")
@@ -36,17 +44,20 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurement")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute the outer blocks in backward")
     return p.parse_args(argv)
 
 
 def make_step(args, device):
     """(loss_of(path), step(path), parameters): a path's loss, and one forward/backward/update."""
     model = build_model(args).to(device).train()
+    model.grad_checkpointing = args.grad_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
-    side = model.seq_h * model.patch_size
+    tokens = model.config.tokens
+    side = tokens.seq_h * tokens.patch_size
     gen = torch.Generator().manual_seed(args.seed)
-    latents = torch.randn(args.batch_size, model.vae_embed_dim, side, side, generator=gen).to(device)
-    labels = torch.randint(0, args.class_num, (args.batch_size,), generator=gen).to(device)
+    latents = torch.randn(args.batch_size, tokens.vae_embed_dim, side, side, generator=gen).to(device)
+    labels = torch.randint(0, model.config.class_num, (args.batch_size,), generator=gen).to(device)
 
     def loss_of(path):
         with autocast(device, args.precision):
@@ -134,18 +145,30 @@ def main(argv=None):
         results.setdefault(path, {})["saved_activations_mib"] = mib
         log.info("%-12s saves %.1f MiB of activations for backward (same mask for both paths)", path, mib)
 
+    peak = flops.peak_flops(device, args.precision)
+    results["peak_flops"] = peak
+    for path in PATHS:
+        results[path]["flops_per_step"] = flops.training_step_flops(lambda: loss_of(path), device)
     for path in PATHS:
         torch.manual_seed(args.seed + 1)
         times = time_runs(lambda: [step(path) for _ in range(args.steps)], device, args.warmup, args.repeats)
         per_step = [t / args.steps for t in times]
-        results[path].update(s_per_step=per_step, steps_per_s=1 / median(per_step))
-        log.info("%-12s %.3f steps/s  (median s/step of %d runs: %s)", path, 1 / median(per_step), len(per_step),
-                 ", ".join(f"{t:.3f}" for t in per_step))
+        row = results[path]
+        row.update(s_per_step=per_step, steps_per_s=1 / median(per_step),
+                   images_per_s=args.batch_size / median(per_step),
+                   mfu=flops.mfu(row["flops_per_step"], median(per_step), peak))
+        log.info("%-12s %.3f steps/s  %.1f images/s  %s/step  MFU %s  (median s/step of %d runs: %s)", path,
+                 row["steps_per_s"], row["images_per_s"], flops.human(row["flops_per_step"]), percent(row["mfu"]),
+                 len(per_step), ", ".join(f"{t:.3f}" for t in per_step))
     ratio = median(results["all_tokens"]["s_per_step"]) / median(results["masked_only"]["s_per_step"])
     results["speedup"] = ratio
     log.info("speed-up (masked-only steps/s / all-tokens steps/s, medians): %.2fx", ratio)
 
     if not args.no_memory:
+        del loss_of, step, params  # on CUDA the peak is taken in this process: free the timed model first
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         for path in PATHS:
             peak, before = peak_memory_mb(args, path) if device.type == "cuda" else peak_memory_in_child(args, path)
             results[path]["peak_memory_mib"] = peak
@@ -159,6 +182,11 @@ def main(argv=None):
     log.info("machine after: %s", results["machine_after"])
     write_json(args.json, results)
     return results
+
+
+def percent(fraction):
+    """MFU for the log; each path's own FLOPs (the all-tokens path does more work per image)."""
+    return "n/a (no peak known for this device)" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 if __name__ == "__main__":

@@ -9,60 +9,34 @@ import time
 
 import torch
 
-from models.mar import MAR, MODELS
+from models import build, config_from_flags
+from util import flags
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_args(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default="mar_base", choices=sorted(MODELS))
-    group.add_argument("--width", type=int, default=None, help="outer encoder/decoder width (default: the model's)")
-    group.add_argument("--depth", type=int, default=None, help="outer blocks per side (default: the model's)")
-    group.add_argument("--heads", type=int, default=None, help="outer heads (default: the model's; needed with --width)")
-    group.add_argument("--inner_width", type=int, default=768)
-    group.add_argument("--inner_depth", type=int, default=1)
-    group.add_argument("--inner_heads", type=int, default=4)
-    group.add_argument("--num_gaussians", type=int, default=4)
-    group.add_argument("--img_size", type=int, default=256)
-    group.add_argument("--class_num", type=int, default=1000)
+    """The model flags main_mar.py and sample.py take (util/cli.py): --model, --width, --enc_dec_depth, ..."""
+    return flags.add_model_args(parser)
 
 
 def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    group.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                       help="autocast dtype of the transformers (mixture math stays fp32)")
+    flags.add_precision_arg(group)
     group.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     group.add_argument("--repeats", type=int, default=3, help="timed runs of the fast path (median reported)")
 
 
-def factory_defaults(name):
-    """(width, heads, depth) of a named model, read off a weightless (meta-device) instance."""
-    with torch.device("meta"):
-        model = MODELS[name]()
-    block = model.encoder_blocks[0]
-    return block.norm1.normalized_shape[0], block.attn.num_heads, len(model.encoder_blocks)
-
-
-def build_model(args, **head):
-    """The MAR the flags describe, randomly initialised (benchmarks need no weights), in eval mode.
-    head: MAR's head arguments (head="diffloss", diffloss_d=..., ...); ARINAR's inner AR by default."""
-    width, heads, depth = factory_defaults(args.model)
-    if args.width is not None and args.heads is None and args.width % heads:
-        raise ValueError(f"--width {args.width} is not divisible by {args.model}'s {heads} heads; pass --heads")
-    width = args.width or width
-    heads = args.heads or heads
-    depth = args.depth or depth
-    return MAR(img_size=args.img_size, encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
-               decoder_embed_dim=width, decoder_depth=depth, decoder_num_heads=heads, mlp_ratio=4,
-               class_num=args.class_num, num_gaussians=args.num_gaussians, inner_ar_width=args.inner_width,
-               inner_ar_depth=args.inner_depth, inner_ar_heads=args.inner_heads, **head).eval()
+def build_model(args, **overrides):
+    """The model the flags describe (plus flag-named `overrides`), randomly initialised, in eval mode."""
+    return build(config_from_flags({**flags.given_model_flags(args), **overrides})).eval()
 
 
 def setup_runtime(args):
+    args.precision = args.precision or "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

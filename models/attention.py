@@ -2,6 +2,11 @@
 
 flash-attn is optional: it is used when importable, on CUDA, for fp16/bf16 inputs; otherwise
 torch's scaled_dot_product_attention (which picks its own fused kernel) does the work.
+
+CUDA launches the fused kernels with batch x heads (or batch alone) in a grid dimension capped at
+65,535 blocks; past it they fail with "invalid argument" (issue 30: the inner model decodes one
+row per token, 38,400 rows x 4 heads at batch 256 with 16 outer steps). Such calls are split
+along the batch into chunks under the cap; below it the kernel is called directly.
 """
 import torch
 import torch.nn.functional as F
@@ -10,6 +15,10 @@ try:  # optional extra, see README
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_func = None
+
+# most batch x heads rows one kernel call may take, per device type (none listed = no cap);
+# tests set a small cap for "cpu" to run the chunked path
+MAX_KERNEL_ROWS = {"cuda": 65535}
 
 
 def flash_usable(q):
@@ -22,6 +31,17 @@ def attention(q, k, v, scale, causal=False, dropout_p=0.0, use_flash=True):
     `causal` masks keys after each query, aligned top-left (query i sees keys 0..i); only use it
     when q and k have the same length. Decoding one new query against a KV cache needs no mask.
     """
+    cap = MAX_KERNEL_ROWS.get(q.device.type)
+    batch, heads = q.shape[:2]
+    if cap is None or batch * heads <= cap:
+        return _kernel(q, k, v, scale, causal, dropout_p, use_flash)
+    # rows are independent: slices along the batch are views (no copies of a sliced KV cache)
+    step = max(1, cap // heads)
+    return torch.cat([_kernel(q[i:i + step], k[i:i + step], v[i:i + step], scale, causal, dropout_p, use_flash)
+                      for i in range(0, batch, step)])
+
+
+def _kernel(q, k, v, scale, causal, dropout_p, use_flash):
     if use_flash and flash_usable(q) and q.dtype == k.dtype == v.dtype:
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               dropout_p=dropout_p, softmax_scale=scale, causal=causal)

@@ -116,8 +116,8 @@ class ModelConfig:
         values = {k: v for k, v in d.items() if k not in parts}
         for key, part in parts.items():
             values[key] = _dataclass_from_dict(part, d.get(key) or {}, f"{source}: {key}")
-        config = cls(**{k: _coerce(f, values[k], source) if k not in parts else values[k]
-                        for f in fields(cls) for k in [f.name] if k in values})
+        config = cls(**{f.name: values[f.name] if f.name in parts else _coerce(f, values[f.name], source)
+                        for f in fields(cls) if f.name in values})
         config.validate()
         return config
 
@@ -182,8 +182,8 @@ def _dataclass_from_dict(cls, d, source):
 
 
 def _pick(cls, values):
-    """cls(**the fields whose flags `values` holds)."""
-    return cls(**{f.name: values[flag_name(f)] for f in fields(cls) if flag_name(f) in values})
+    """cls(**the fields whose flags `values` holds), each as the field's type."""
+    return cls(**{f.name: _coerce(f, values[flag_name(f)], "flags") for f in fields(cls) if flag_name(f) in values})
 
 
 def preset_for(values):
@@ -193,6 +193,13 @@ def preset_for(values):
     if values.get("family") is not None:
         return FAMILIES[values["family"]].default
     return "mar_base"
+
+
+def with_token_defaults(values):
+    """The pixel tokenizer's implied settings (stride 1, one feature per image channel) where not given."""
+    if values.get("tokenizer") == "pixel":
+        values = {"vae_stride": 1, "vae_embed_dim": values.get("img_channels", TokenConfig.img_channels), **values}
+    return values
 
 
 def config_from_flags(values, base=None):
@@ -205,9 +212,9 @@ def config_from_flags(values, base=None):
     else:
         name = preset_for(values)
         family, preset = PRESETS[name]
-        merged = {"family": family, **preset, **values, "model": name}
+        merged = with_token_defaults({"family": family, **preset, **values, "model": name})
     family, head = merged.get("family", "mar"), merged.get("head", "arinar")
-    top = {k: v for k, v in merged.items() if k in {flag_name(f) for f in fields(ModelConfig)}}
+    top = {f.name: _coerce(f, merged[f.name], "flags") for f in fields(ModelConfig) if f.name in merged}
     config = ModelConfig(**{**top, "family": family, "head": head,
                             "tokens": _pick(TokenConfig, merged),
                             "family_config": _pick(FAMILIES[family].config, merged),

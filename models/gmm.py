@@ -92,8 +92,11 @@ def is_guided(cfg):
 
 
 def guidance_scale(cfg, like):
-    """The CFG scale as a tensor of like's dtype and device; a per-row [...] scale broadcasts over [..., M]."""
-    w = torch.as_tensor(cfg, device=like.device).to(like.dtype)
+    """The CFG scale as a tensor of like's dtype and device; a per-row [...] scale broadcasts over [..., M].
+
+    A Python float goes straight to like's dtype: through a float32 tensor first, a float64 run would
+    use 2.9000000953674316 for 2.9."""
+    w = torch.as_tensor(cfg, dtype=like.dtype, device=like.device)
     return w.unsqueeze(-1) if w.dim() > 0 else w
 
 

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from models.vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 
-TOKENIZERS = ("kl16", "pixel")
 
 
 class Tokenizer(nn.Module):
@@ -29,11 +28,11 @@ class KLTokenizer(Tokenizer):
     stride = 16
     scale = LATENT_SCALE
 
-    def __init__(self, vae_path, embed_dim=16, patch_size=1):
+    def __init__(self, embed_dim=16, patch_size=1):
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = patch_size
-        self.vae = AutoencoderKL(embed_dim=embed_dim, ckpt_path=vae_path)
+        self.vae = AutoencoderKL(embed_dim=embed_dim)  # weights: util/io/tokenizers.py
 
     def encode(self, images):
         return self.vae.encode(images)
@@ -85,20 +84,3 @@ class PixelTokenizer(Tokenizer):
 
     def decode(self, latents):
         return latents
-
-
-def build_tokenizer(name, *, vae_path=None, vae_embed_dim=16, patch_size=1, img_channels=3, levels=256,
-                    device="cpu"):
-    """The tokenizer `name` in eval mode with frozen weights, on `device`."""
-    if name == "kl16":
-        if img_channels != 3:
-            raise ValueError(f"the KL-16 VAE encodes RGB images, not {img_channels}-channel ones; "
-                             "use --tokenizer pixel for this data set")
-        if not vae_path:
-            raise FileNotFoundError("--tokenizer kl16 needs --vae_path (fetch it with `python util/download.py kl16`)")
-        tokenizer = KLTokenizer(vae_path, vae_embed_dim, patch_size)
-    elif name == "pixel":
-        tokenizer = PixelTokenizer(img_channels, levels or None, patch_size)
-    else:
-        raise ValueError(f"--tokenizer must be one of {TOKENIZERS}; got {name!r}")
-    return tokenizer.to(device).eval().requires_grad_(False)

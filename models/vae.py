@@ -3,23 +3,15 @@
 An LDM-style AutoencoderKL: a 256x256x3 image in [-1, 1] becomes a 16x16 grid of 16-channel
 latents (stride 16). The encoder emits 32 channels = mean | logvar of a diagonal Gaussian.
 Module and parameter names follow MAR's checkpoint `kl16.ckpt` exactly, so its `model` entry
-loads strictly into `AutoencoderKL()` (see shared/manifests/kl16_vae.json).
+loads strictly into `AutoencoderKL()` (util/io/tokenizers.py reads it).
 """
-
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.safe_load import load_weights_only
-
 # MAR multiplies the posterior sample by this so that latents have roughly unit variance;
 # generated tokens are divided by it before decoding.
 LATENT_SCALE = 0.2325
-
-_FIX = "fix: `python util/download.py kl16` or pass the right --vae_path"
-
 
 def Normalize(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
@@ -207,52 +199,15 @@ class DiagonalGaussian:
 class AutoencoderKL(nn.Module):
     """MAR's KL-16 VAE: encode(x) -> DiagonalGaussian over latents, decode(z) -> image."""
 
-    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ckpt_path=None):
+    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4)):
         super().__init__()
         self.encoder = Encoder(ch=128, ch_mult=ch_mult, num_res_blocks=2, z_channels=embed_dim)
         self.decoder = Decoder(ch=128, ch_mult=ch_mult, num_res_blocks=2, z_channels=embed_dim)
         self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
-        if ckpt_path is not None:
-            self.load_checkpoint(ckpt_path)
 
     def encode(self, x):
         return DiagonalGaussian(self.quant_conv(self.encoder(x)))
 
     def decode(self, z):
         return self.decoder(self.post_quant_conv(z))
-
-    def load_checkpoint(self, path):
-        """Strictly load MAR's kl16.ckpt (weights under "model"), then freeze in eval mode."""
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"VAE checkpoint not found: {path} ({_FIX})")
-        if path.endswith(".safetensors"):
-            try:
-                from safetensors.torch import load_file
-            except ImportError:
-                raise ImportError(f"loading {path} needs the safetensors package (pip install safetensors)") from None
-            sd = load_file(path, device="cpu")
-        else:
-            sd = load_weights_only(path, "--vae_path")
-        if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-            sd = sd["model"]
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path} is not MAR's kl16.ckpt: it holds a {type(sd).__name__}, not a state dict ({_FIX})")
-
-        own = self.state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        wrong_shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or wrong_shape:
-            parts = []
-            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-                if keys:
-                    more = ", ..." if len(keys) > 3 else ""
-                    parts.append(f"{len(keys)} {name} keys ({', '.join(keys[:3])}{more})")
-            raise ValueError(f"{path} is not MAR's kl16.ckpt: {'; '.join(parts)} ({_FIX})")
-
-        self.load_state_dict(sd, strict=True)
-        self.eval()
-        self.requires_grad_(False)
-        return self

@@ -1,3 +1,4 @@
+import argparse
 import ast
 import inspect
 import json
@@ -7,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.mar import MAR
+from models import build, config_from_flags, create_model
+from models.families.common import EagerSteps
 
 REPO = Path(__file__).resolve().parents[1]
-MANIFESTS = REPO.parent / "shared" / "manifests"
+# the released checkpoints' key/shape lists, trimmed from shared/manifests (key, shape, the counts the tests
+# assert, which entries are buffers) and shipped here so that every clone runs the release-layout tests
+MANIFESTS = REPO / "tests" / "data" / "manifests"
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +27,38 @@ def one_thread():
 
 
 def load_manifest(name):
-    path = MANIFESTS / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (shared/ must sit beside the checkout)")
-    return json.loads(path.read_text())
+    """A release manifest with its entries as {"key", "shape", "kind"} dicts (kind: parameter or buffer)."""
+    manifest = json.loads((MANIFESTS / name).read_text())
+    buffers = set(manifest.pop("buffers"))
+    manifest["state_dict"] = [{"key": key, "shape": shape, "kind": "buffer" if key in buffers else "parameter"}
+                              for key, shape in manifest["state_dict"]]
+    return manifest
 
 
 def tiny_mar(**overrides):
-    """A small MAR: 64x64 images, stride 16 -> 16 tokens of 16 features, 10 classes."""
-    config = dict(img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=32, encoder_depth=2,
-                  encoder_num_heads=4, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+    """A small MAR: 64x64 images, stride 16 -> 16 tokens of 16 features, 10 classes. overrides: model
+    flags (head="diffloss", enc_dec_depth=1, ...)."""
+    config = dict(img_size=64, vae_stride=16, patch_size=1, width=32, enc_dec_depth=2, num_heads=4,
                   vae_embed_dim=16, class_num=10, buffer_size=4, num_gaussians=4,
                   inner_ar_width=32, inner_ar_depth=1, inner_ar_heads=4)
     config.update(overrides)
-    return MAR(**config)
+    return create_model("mar_base", **config)
+
+
+def model_from_flags(flags):
+    """build() of a flat {flag: value} dict or argparse Namespace (a run's stored args), over its --model preset."""
+    return build(config_from_flags(dict(vars(flags)) if isinstance(flags, argparse.Namespace) else dict(flags)))
+
+
+class SpyBackend(EagerSteps):
+    """The default backend, keeping a copy of the arguments of every Step it runs: runs[i] = (name, args)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, step, *args):
+        self.runs.append((step.name, tuple(a.clone() if torch.is_tensor(a) else a for a in args)))
+        return step(*args)
 
 
 def randomize_(module, std=0.2, seed=0):

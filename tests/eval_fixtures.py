@@ -30,7 +30,7 @@ def cheap_fid(features, reference):
 
 
 def use_cheap_inception(monkeypatch):
-    from util import metrics
+    from util.evaluation import metrics
     monkeypatch.setattr(metrics, "build_inception", lambda path=None, device="cpu": "cheap inception")
     monkeypatch.setattr(metrics, "inception_features", cheap_features)
     monkeypatch.setattr(metrics, "fid_from_features", cheap_fid)
@@ -39,11 +39,11 @@ def use_cheap_inception(monkeypatch):
 LAUNCHER = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {str(REPO)!r})
-    from tests.pipeline_fixtures import TINY, tiny_factory
+    from tests.pipeline_fixtures import TINY, TINY_PRESET
     from tests.eval_fixtures import cheap_features, cheap_fid
-    from models import mar
-    from util import metrics
-    mar.MODELS[TINY] = tiny_factory
+    from models import PRESETS
+    from util.evaluation import metrics
+    PRESETS[TINY] = TINY_PRESET
     metrics.build_inception = lambda path=None, device="cpu": "cheap inception"
     metrics.inception_features = cheap_features
     metrics.fid_from_features = cheap_fid

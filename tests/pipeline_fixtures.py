@@ -11,16 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from models import mar
+from models import PRESETS
 from tests.conftest import REPO
 
 TINY = "test_tiny"
 
 
-def tiny_factory(enc_dec_depth=1, **kwargs):
-    """Width 32, one encoder and one decoder block: trains in milliseconds per step on a CPU."""
-    return mar.MAR(encoder_embed_dim=32, encoder_depth=enc_dec_depth, encoder_num_heads=2,
-                   decoder_embed_dim=32, decoder_depth=enc_dec_depth, decoder_num_heads=2, **kwargs)
+# width 32, one encoder and one decoder block: trains in milliseconds per step on a CPU
+TINY_PRESET = ("mar", {"width": 32, "num_heads": 2, "enc_dec_depth": 1})
 
 
 def tiny_flags(**overrides):
@@ -63,9 +61,9 @@ def make_image_folder(root, classes=2, per_class=6, seed=0, broken=()):
 LAUNCHER = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {str(REPO)!r})
-    from tests.pipeline_fixtures import TINY, tiny_factory
-    from models import mar
-    mar.MODELS[TINY] = tiny_factory
+    from tests.pipeline_fixtures import TINY, TINY_PRESET
+    from models import PRESETS
+    PRESETS[TINY] = TINY_PRESET
     import {{module}}
     {{module}}.cli(sys.argv[1:])
 """)
@@ -100,14 +98,14 @@ def torchrun():
 
 def parse(flags):
     import main_mar
-    with mock.patch.dict(mar.MODELS, {TINY: tiny_factory}):
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
         return main_mar.get_args_parser().parse_args(flags)
 
 
 def run_main(flags):
     """main_mar.main in this process with the tiny model registered."""
     import main_mar
-    with mock.patch.dict(mar.MODELS, {TINY: tiny_factory}):
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
         args = main_mar.get_args_parser().parse_args(flags)
         main_mar.main(args)
     return args
@@ -115,7 +113,7 @@ def run_main(flags):
 
 def run_main_killed_after_saves(monkeypatch, saves, flags):
     """run_main(flags), killed (KeyboardInterrupt) right after its `saves`-th checkpoint write."""
-    from util import checkpoint
+    from util.train import state as checkpoint
     real_save, done = checkpoint.atomic_torch_save, []
 
     def save_then_maybe_die(obj, path):
@@ -156,16 +154,16 @@ def random_inception_weights(path, seed=0):
 
 def eval_setup(tmp_path, **overrides):
     """(args, model, tokenizer, ema) for calling engine_mar.evaluate/generate directly."""
-    from main_mar import resolve_args
-    from models.tokenizer import build_tokenizer
-    from util.ema import EMA
-    from util.loading import build_model_from_args
+    from main_mar import model_config, resolve_args
+    from models import build
+    from util.io.tokenizers import build_tokenizer
+    from util.train.ema import EMA
 
     flags = dict(output_dir=tmp_path / "run", num_images=4, eval_bsz=2, num_iter=4, fid_stats="none")
     flags.update(overrides)
     args = resolve_args(parse(tiny_flags(**flags)))
-    with mock.patch.dict(mar.MODELS, {TINY: tiny_factory}):
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
         torch.manual_seed(0)
-        model = build_model_from_args(args)
-    tokenizer = build_tokenizer("pixel", img_channels=args.img_channels, patch_size=args.patch_size)
+        model = build(model_config(args, None)[0])
+    tokenizer = build_tokenizer(model.config.tokens)
     return args, model, tokenizer, EMA(model, args.ema_rate)

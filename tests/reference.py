@@ -45,3 +45,10 @@ def random_mixtures(rows, seed):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, 4, generator=gen) * 2, torch.randn(rows, 4, generator=gen) - 1,
             torch.randn(rows, 4, generator=gen))
+
+
+def assert_all_fit(pvalues, alpha=0.01):
+    """A family of goodness-of-fit checks at family-wise level alpha (Bonferroni: every p > alpha / m), so a
+    harmless change of the draws fails one of the m checks by chance with probability at most alpha."""
+    pvalues = np.asarray(list(pvalues), dtype=np.float64)
+    assert pvalues.min() > alpha / len(pvalues), f"p-values {np.round(pvalues, 6).tolist()} (alpha {alpha})"

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.pipeline_fixtures import load, make_image_folder, run_main, run_main_killed_after_saves, tiny_flags
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
-from util.checkpoint import LAST
-from util.data import ImageFolderADM, to_rgb
+from util.train.state import LAST
+from util.data.datasets import ImageFolderADM, to_rgb
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

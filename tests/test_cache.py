@@ -10,10 +10,13 @@ from scipy import stats
 
 import main_cache
 from engine_mar import to_latents
-from models.tokenizer import KLTokenizer, PixelPosterior, build_tokenizer
+from models import TokenConfig
+from models.tokenizer import KLTokenizer, PixelPosterior
+from util.io.tokenizers import build_tokenizer
 from models.vae import LATENT_SCALE, AutoencoderKL
 from tests.pipeline_fixtures import make_image_folder, parse
-from util.data import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
+from util import flags
+from util.data.datasets import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,14 +99,20 @@ def test_cached_shards_check_the_run_config(tmp_path):
     out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8")
     ok = parse(["--use_cached", "--cached_path", str(out), "--tokenizer", "pixel", "--img_size", "8",
                 "--vae_stride", "1", "--vae_embed_dim", "3"])
-    assert len(build_dataset(ok)) == 2
+    assert len(dataset_for(ok)) == 2
     other_size = parse(["--use_cached", "--cached_path", str(out), "--tokenizer", "pixel", "--img_size", "16",
                         "--vae_stride", "1", "--vae_embed_dim", "3"])
     with pytest.raises(ValueError, match="--img_size 8"):
-        build_dataset(other_size)
-    other_tokenizer = parse(["--use_cached", "--cached_path", str(out), "--img_size", "8"])
+        dataset_for(other_size)
+    other_tokenizer = parse(["--use_cached", "--cached_path", str(out), "--tokenizer", "kl16", "--img_size", "8",
+                             "--vae_stride", "1"])
     with pytest.raises(ValueError, match="--tokenizer"):
-        build_dataset(other_tokenizer)
+        dataset_for(other_tokenizer)
+
+
+def dataset_for(args):
+    """The training set main_mar.py builds for these flags (a new run: the flags give the token geometry)."""
+    return build_dataset(args, flags.token_config(args))
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -160,7 +169,7 @@ def test_reads_mar_per_image_npz_cache(tmp_path):
             np.savez(tmp_path / "mar" / c / f"x{i}.JPEG.npz", moments=np.full((32, 16, 16), 1.0, np.float32),
                      moments_flip=np.full((32, 16, 16), -1.0, np.float32))
     args = parse(["--use_cached", "--cached_path", str(tmp_path / "mar"), "--img_size", "256"])
-    dataset = build_dataset(args)
+    dataset = dataset_for(args)
     assert isinstance(dataset, NpzLatentFolder) and len(dataset) == 6
     assert [dataset[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
     seen = set()
@@ -169,7 +178,7 @@ def test_reads_mar_per_image_npz_cache(tmp_path):
         seen |= {float(dataset[i][0][0, 0, 0]) for i in range(6)}
     assert seen == {1.0, -1.0}
     with pytest.raises(ValueError, match="--img_size 256"):
-        build_dataset(parse(["--use_cached", "--cached_path", str(tmp_path / "mar"), "--img_size", "128"]))
+        dataset_for(parse(["--use_cached", "--cached_path", str(tmp_path / "mar"), "--img_size", "128"]))
 
 
 def test_pixel_dequantisation_is_uniform_within_the_bin():
@@ -185,11 +194,12 @@ def test_pixel_dequantisation_is_uniform_within_the_bin():
 
 def test_tokenizer_bad_input():
     with pytest.raises(ValueError, match="--tokenizer pixel"):
-        build_tokenizer("kl16", vae_path="x", img_channels=1)
+        build_tokenizer(TokenConfig(img_channels=1), vae_path="x")
     with pytest.raises(FileNotFoundError, match="--vae_path"):
-        build_tokenizer("kl16", vae_path="/nonexistent/kl16.ckpt")
+        build_tokenizer(TokenConfig(), vae_path="/nonexistent/kl16.ckpt")
     with pytest.raises(ValueError, match="--tokenizer"):
-        build_tokenizer("vq")
-    pixel = build_tokenizer("pixel", img_channels=1, patch_size=4, levels=17)
+        TokenConfig(tokenizer="vq").validate()
+    pixel = build_tokenizer(TokenConfig("pixel", img_size=16, vae_stride=1, vae_embed_dim=1, patch_size=4,
+                                        img_channels=1), levels=17)
     assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.token_dim, pixel.levels) == (1, 1, 1.0, 16, 17)
 

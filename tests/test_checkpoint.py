@@ -12,8 +12,9 @@ import torch
 from tests.conftest import REPO
 from tests.pipeline_fixtures import (load, make_image_folder, python, run_main, run_main_killed_after_saves,
                                      subprocess_env, tiny_flags, write_launcher)
-from util import checkpoint
-from util.checkpoint import LAST, atomic_torch_save, capture_rng_state, restore_rng_state
+from util.train import state as checkpoint
+from util.train.state import LAST, capture_rng_state, restore_rng_state
+from util.io.files import atomic_torch_save
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from models import inner as inner_module
+from models.heads import arinar as inner_module
 from sampling import make_backend
 from sampling.cuda_graphs import CudaGraphsBackend
 from tests.conftest import randomize_, tiny_mar

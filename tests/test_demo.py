@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine_mar import to_uint8
+from util.images import to_uint8
 from tests.conftest import REPO
-from util.digits import DigitsDataset, GREY_LEVELS, load_split, score_samples, to_grey_levels
-from util.loading import read_checkpoint
+from util.data.digits import DigitsDataset, GREY_LEVELS, load_split, score_samples, to_grey_levels
+from util.io.checkpoints import read_checkpoint
 
 
 # ----------------------------------------------------------------------------- data set

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from scipy import stats
 
-from models.diffloss import DiffLoss, timestep_embedding
+from models.heads.diffloss import DiffLoss, timestep_embedding
 from tests.conftest import host_sync_calls, load_manifest, randomize_
 
 C = 16
@@ -311,7 +311,8 @@ def test_sample_has_no_host_sync(no_host_sync):
 
 def test_sample_source_has_no_sync_calls():
     """A supplement to the run above: the code paths it did not take are clean too."""
-    from models import diffloss, diffusion
+    from models import diffusion
+    from models.heads import diffloss
     assert host_sync_calls(diffloss.DiffLoss.sample, diffloss.DenoiserMLP, diffloss.timestep_embedding,
                            diffusion.p_sample_step, diffusion.p_mean_variance, diffusion.q_posterior,
                            diffusion.table_at) == set()

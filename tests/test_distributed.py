@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tests.pipeline_fixtures import load, make_image_folder, run, tiny_flags, torchrun, write_launcher
-from util.checkpoint import LAST
-from util.data import ImageFolderADM, ResumableSampler
+from util.train.state import LAST
+from util.data.datasets import ImageFolderADM, ResumableSampler
 
 
 def test_sampler_splits_ranks_and_skips(tmp_path):

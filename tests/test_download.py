@@ -1,4 +1,4 @@
-"""Tests for util/download.py against a local HTTP server on 127.0.0.1."""
+"""Tests for util/io/download.py against a local HTTP server on 127.0.0.1."""
 
 import hashlib
 import http.server
@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from util.download import ASSETS, DownloadError, download, main
+from util.io.download import ASSETS, DownloadError, download, main
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

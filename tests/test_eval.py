@@ -8,11 +8,12 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 import engine_mar
-from engine_mar import evaluate, generate, save_grid
+from engine_mar import evaluate, generate
+from util.images import save_grid, to_uint8
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import eval_setup, random_inception_weights, run_main, make_image_folder, tiny_flags
-from util import metrics
-from util.checkpoint import LAST
+from util.evaluation import metrics
+from util.train.state import LAST
 
 
 @pytest.fixture(autouse=True)
@@ -172,4 +173,4 @@ def test_main_evaluate_flag_loads_ema_from_a_checkpoint(tmp_path):
 
 def test_uint8_conversion_rounds_and_clamps():
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
-    assert engine_mar.to_uint8(x).ravel().tolist() == [0, 0, 128, 255, 255]
+    assert to_uint8(x).ravel().tolist() == [0, 0, 128, 255, 255]

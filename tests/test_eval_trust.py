@@ -14,8 +14,11 @@ from engine_mar import evaluate
 from tests.eval_fixtures import cheap_features, use_cheap_inception, write_cheap_launcher
 from tests.pipeline_fixtures import eval_setup, make_image_folder, run, run_main, tiny_flags, torchrun
 from tests.test_eval import one_thread  # noqa: F401 (autouse: one thread for torch and BLAS)
-from util import eval_folder, metrics, sweep
-from util.checkpoint import LAST
+from util import images
+from util.evaluation import eval_folder
+from util.evaluation import metrics
+from util.evaluation import sweep
+from util.train.state import LAST
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +120,13 @@ def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path,
 def test_complete_pngs_are_read_back_and_others_refused(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     good = tmp_path / "good.png"
-    eval_folder.save_png(image, str(good))
+    images.save_png(image, str(good))
     assert np.array_equal(eval_folder.read_complete_png(good, (8, 8, 3)), image)
     assert not list(tmp_path.glob("*.tmp"))
     assert eval_folder.read_complete_png(good, (8, 8, 1)) is None  # RGB where grey is expected
     assert eval_folder.read_complete_png(good, (16, 16, 3)) is None
     grey = tmp_path / "grey.png"
-    eval_folder.save_png(image[..., :1], str(grey))
+    images.save_png(image[..., :1], str(grey))
     assert np.array_equal(eval_folder.read_complete_png(grey, (8, 8, 1)), image[..., :1])
     data = good.read_bytes()
     for name, content in (("cut.png", data[:len(data) // 2]), ("tail.png", data[:-12]), ("junk.png", b"x" * 40)):
@@ -164,7 +167,7 @@ def test_a_killed_evaluation_resumes_its_folder_and_gives_the_same_metrics(tmp_p
     for key in ("fid", "inception_score", "inception_score_std", "precision", "recall"):
         assert again[key] == first[key], key
     with np.load(folder / "samples.npz") as npz:
-        assert np.array_equal(npz["arr_0"], np.stack([eval_folder.load_png(folder / "images" / n) for n in before]))
+        assert np.array_equal(npz["arr_0"], np.stack([images.load_png(folder / "images" / n) for n in before]))
 
     # a different setting never reuses the folder
     other = evaluate(model, tokenizer, ema, args, epoch=2, temperature=0.5)

@@ -9,27 +9,28 @@ import torch
 
 import sample
 from models.gmm import LOG_2PI
-from models.inner import InnerAR
-from models.mar import HEADS, MAR, MODELS, mar_base
+from models.heads.arinar import InnerAR
+from models import HEADS, PRESETS, create_model
 from tests.conftest import load_manifest, randomize_
 from tests.pipeline_fixtures import load, make_image_folder, run_main, run_main_killed_after_saves, tiny_flags
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
-from util.checkpoint import LAST
-from util.digits import DigitsDataset
-from util.loading import load_model_weights
+from util.train.state import LAST
+from util.data.digits import DigitsDataset
+from util.io.checkpoints import load_model_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HEAD_FLAGS = {"arinar": {}, "diffloss": {"diffloss_d": 1, "diffloss_w": 32, "num_sampling_steps": 8},
-              "gmm": {"diffloss_d": 1, "diffloss_w": 32}}
+NO_INNER = {"inner_ar_width": None, "inner_ar_heads": None}  # the other heads have no inner model to size
+HEAD_FLAGS = {"arinar": {}, "diffloss": {"diffloss_d": 1, "diffloss_w": 32, "num_sampling_steps": 8, **NO_INNER},
+              "gmm": {"diffloss_d": 1, "diffloss_w": 32, **NO_INNER}}
 
 
 def digits_mar(head, seed=0, **kw):
     """Grey 8x8 digits in 2x2 pixel patches: 16 tokens of 4 features, 10 classes."""
     torch.manual_seed(seed)
-    return MAR(img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, class_num=10, buffer_size=4,
-               encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=4, decoder_embed_dim=32, decoder_depth=1,
-               decoder_num_heads=4, inner_ar_width=32, attn_dropout=0, proj_dropout=0, head=head,
-               **{**HEAD_FLAGS[head], **kw})
+    flags = dict(tokenizer="pixel", img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1, img_channels=1,
+                 class_num=10, buffer_size=4, width=32, enc_dec_depth=1, num_heads=4, inner_ar_width=32,
+                 attn_dropout=0, proj_dropout=0, head=head)
+    return create_model("mar_base", **{**flags, **HEAD_FLAGS[head], **kw})
 
 
 @pytest.mark.parametrize("head, extra", [("arinar", {}), ("arinar", {"feature_group": 2}), ("diffloss", {}),
@@ -72,7 +73,7 @@ def test_other_heads_resume_bit_exactly_and_are_stored(tmp_path, monkeypatch, he
     run_main_killed_after_saves(monkeypatch, 2, tiny_flags(output_dir=tmp_path / "broken", **flags))
     run_main(tiny_flags(output_dir=tmp_path / "broken", resume=tmp_path / "broken", **flags))
     whole, resumed = load(tmp_path / "whole" / LAST), load(tmp_path / "broken" / LAST)
-    assert whole["args"]["head"] == head and any(k.startswith(HEADS[head] + ".") for k in whole["model"])
+    assert whole["config"]["head"] == head and any(k.startswith(HEADS[head].attr + ".") for k in whole["model"])
     assert_same_tensors(whole["model"], resumed["model"], "model")
     assert_same_tensors(whole["model_ema"], resumed["model_ema"], "model_ema")
     assert_same_optimizer(whole["optimizer"], resumed["optimizer"])
@@ -86,14 +87,14 @@ def test_a_checkpoint_of_one_head_loaded_as_another_names_the_flag():
         load_model_weights(digits_mar("gmm"), digits_mar("arinar").state_dict(), source="arinar.pth")
     with pytest.raises(ValueError, match="--feature_group 3 must divide"):
         digits_mar("arinar", feature_group=3)
-    with pytest.raises(ValueError, match="--head must be one of"):
-        MAR(head="flow")
+    with pytest.raises(ValueError, match="unknown --head 'flow'; choose one of arinar, diffloss, gmm"):
+        create_model("mar_base", head="flow")
 
 
 def test_mar_b_with_its_diffusion_head_matches_the_release_layout():
     manifest = load_manifest("mar_b_official.json")
     with torch.device("meta"):
-        model = mar_base(enc_dec_depth=12, head="diffloss", diffloss_d=6, diffloss_w=1024)
+        model = create_model("mar_base", enc_dec_depth=12, head="diffloss", diffloss_d=6, diffloss_w=1024)
     ours = model.state_dict()
     assert [e["key"] for e in manifest["state_dict"]] == list(ours)
     assert all(list(ours[e["key"]].shape) == e["shape"] for e in manifest["state_dict"])
@@ -103,16 +104,13 @@ def test_mar_b_with_its_diffusion_head_matches_the_release_layout():
 def test_sample_py_reads_a_mar_release_checkpoint(tmp_path, monkeypatch):
     """A MAR-style file: args pickled as a Namespace with no --head (and num_sampling_steps a string),
     diffloss.* weights: sample.py takes the head and depth from the weights and samples."""
-    def tiny_mar_release(enc_dec_depth=2, **kwargs):
-        return MAR(encoder_embed_dim=32, encoder_depth=enc_dec_depth, encoder_num_heads=4, decoder_embed_dim=32,
-                   decoder_depth=enc_dec_depth, decoder_num_heads=4, **kwargs)
-    monkeypatch.setitem(MODELS, "tiny_mar_release", tiny_mar_release)
+    monkeypatch.setitem(PRESETS, "tiny_mar_release", ("mar", {"width": 32, "num_heads": 4, "enc_dec_depth": 2}))
     args = argparse.Namespace(model="tiny_mar_release", img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1,
                               class_num=10, buffer_size=4, diffloss_d=1, diffloss_w=32, num_sampling_steps="8",
                               diffusion_batch_mul=4, tokenizer="pixel", img_channels=1)
-    weights = randomize_(tiny_mar_release(enc_dec_depth=3, img_size=8, vae_stride=1, patch_size=2, vae_embed_dim=1,
-                                          class_num=10, buffer_size=4, head="diffloss", diffloss_d=1, diffloss_w=32,
-                                          num_sampling_steps=8), std=0.1).state_dict()
+    weights = randomize_(create_model("tiny_mar_release", enc_dec_depth=3, img_size=8, vae_stride=1, patch_size=2,
+                                      vae_embed_dim=1, class_num=10, buffer_size=4, head="diffloss", diffloss_d=1,
+                                      diffloss_w=32, num_sampling_steps=8), std=0.1).state_dict()
     torch.save({"model": weights, "model_ema": weights, "args": args}, tmp_path / "checkpoint-last.pth")
     out = sample.main(["--ckpt", str(tmp_path), "--classes", "1", "2", "--num_per_class", "2", "--num_iter", "4",
                        "--cfg", "2.9", "--out", str(tmp_path / "grid.png")])

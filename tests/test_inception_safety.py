@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.pipeline_fixtures import random_inception_weights
-from util import inception_weights, metrics
-from util.inception_weights import INCEPTION_FILE, sha256_of
+from util.evaluation import inception_weights
+from util.evaluation import metrics
+from util.evaluation.inception_weights import INCEPTION_FILE, sha256_of
 
 
 class Plant:

@@ -8,7 +8,7 @@ from scipy import special, stats
 
 from models import attention as attention_module
 from models.attention import attention
-from models.inner import InnerAR
+from models.heads.arinar import InnerAR
 from tests.conftest import randomize_
 
 D, C, W, H, K = 16, 24, 32, 4, 4

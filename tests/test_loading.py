@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.mar import mar_base, mar_large
+from models import create_model
 from tests.conftest import load_manifest, randomize_, tiny_mar
-from util.loading import (check_state_dict, checkpoint_args, export_safetensors, freeze_outer,
+from util.io.checkpoints import (check_state_dict, checkpoint_args, export_safetensors, freeze_outer,
                           load_model_weights, load_outer_from_mar, model_state_from_checkpoint,
                           read_checkpoint, strip_wrapper_prefixes)
 
@@ -68,12 +68,12 @@ def mar_release(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def arinar_b():
-    return mar_base(num_gaussians=4)
+    return create_model("mar_base", num_gaussians=4)
 
 
 @pytest.fixture(scope="module")
 def arinar_12():
-    return mar_base(enc_dec_depth=12, num_gaussians=4)
+    return create_model("mar_base", enc_dec_depth=12, num_gaussians=4)
 
 
 def save_checkpoint(path, **entries):
@@ -146,7 +146,7 @@ def test_release_mismatch_names_num_gaussians_and_model(arinar_release, arinar_b
     with pytest.raises(ValueError, match=r"--num_gaussians 4 \(checkpoint head \[12, 768\]"):
         check_state_dict(one_gaussian, found)
     with torch.device("meta"):
-        large = mar_large(num_gaussians=4).state_dict()
+        large = create_model("mar_large", num_gaussians=4).state_dict()
     with pytest.raises(ValueError, match=r"--model mar_base \(checkpoint width 768, model width 1024\)"):
         check_state_dict(large, found)
 
@@ -154,7 +154,7 @@ def test_release_mismatch_names_num_gaussians_and_model(arinar_release, arinar_b
 # ----------------------------------------------------------------------------- mismatch hints (small models)
 @pytest.mark.parametrize("file_config, model_config, fix", [
     (dict(num_gaussians=4), dict(num_gaussians=1), "--num_gaussians 4"),
-    (dict(encoder_depth=2, decoder_depth=2), dict(encoder_depth=1, decoder_depth=1), "--enc_dec_depth 2"),
+    (dict(enc_dec_depth=2), dict(enc_dec_depth=1), "--enc_dec_depth 2"),
     (dict(class_num=10), dict(class_num=7), "--class_num 10"),
     (dict(img_size=64), dict(img_size=32), "--img_size / --vae_stride / --patch_size"),
     (dict(buffer_size=4), dict(buffer_size=2), "--buffer_size 4"),
@@ -199,7 +199,7 @@ def test_load_outer_from_small_mar_checkpoint(tmp_path):
     load_outer_from_mar(model, path)
     assert torch.equal(model.mask_token, ema["mask_token"])
     with pytest.raises(ValueError, match="--enc_dec_depth 2"):
-        load_outer_from_mar(tiny_mar(encoder_depth=1, decoder_depth=1), path)
+        load_outer_from_mar(tiny_mar(enc_dec_depth=1), path)
 
 
 def test_freeze_outer_small():
@@ -229,11 +229,11 @@ def test_model_state_from_checkpoint_choices(caplog):
 
 # ----------------------------------------------------------------------------- bad files
 def test_missing_files_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*util/download\.py NAME.*--ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*python -m util\.io\.download NAME.*--ckpt"):
         read_checkpoint(tmp_path / "nowhere.pth")
-    with pytest.raises(FileNotFoundError, match=r"util/download\.py arinar_b"):
+    with pytest.raises(FileNotFoundError, match=r"python -m util\.io\.download arinar_b"):
         read_checkpoint(tmp_path / "pretrained_models/arinar/arinar_b/checkpoint-last.pth")
-    with pytest.raises(FileNotFoundError, match=r"util/download\.py mar_base"):
+    with pytest.raises(FileNotFoundError, match=r"python -m util\.io\.download mar_base"):
         read_checkpoint(tmp_path / "pretrained_models/mar/mar_base/checkpoint-last.pth")
     with pytest.raises(FileNotFoundError, match="no checkpoint-last.pth in directory"):
         read_checkpoint(tmp_path)
@@ -292,10 +292,12 @@ def test_safetensors_round_trip_and_export(tmp_path):
 
     live = source.state_dict()
     ema = {k: v * 2 for k, v in live.items()}
-    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=live, model_ema=ema, args={"model": "x"})
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=live, model_ema=ema, args={"lr": 0.5},
+                           config=source.config.to_dict())
     out = export_safetensors(ckpt, tmp_path / "out" / "ema.safetensors")
     converted = read_checkpoint(out)
-    assert checkpoint_args(converted) == {"model": "x"}  # the run args travel in the metadata
+    assert checkpoint_args(converted) == {"lr": 0.5}  # the run args and the config travel in the metadata
+    assert converted["config"] == source.config.to_dict() and "model" not in converted  # the EMA weights, said so
     exported = model_state_from_checkpoint(converted)
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
     assert os.listdir(out.parent) == ["ema.safetensors"]  # no temp file left behind

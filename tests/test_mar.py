@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from models.mar import MAR, mar_base, sample_mask_ratio, sampling_schedule
+from models.families.common import cosine_schedule as sampling_schedule
+from models.families.mar import MAR, sample_mask_ratio
+from models import create_model
 from tests.conftest import randomize_, tiny_mar
 
 
@@ -362,8 +364,8 @@ def test_uneven_mask_rejected():
 
 
 def test_factories_shapes():
-    m = mar_base(enc_dec_depth=2, num_gaussians=2)
+    m = create_model("mar_base", enc_dec_depth=2, num_gaussians=2)
     assert len(m.encoder_blocks) == len(m.decoder_blocks) == 2
     assert m.arhead.head.out_features == 6 and m.z_proj.out_features == 768
-    with pytest.raises(ValueError, match="divisible"):
-        MAR(img_size=250)
+    with pytest.raises(ValueError, match="--img_size 250 must be a multiple of --vae_stride x --patch_size = 16"):
+        create_model("mar_base", img_size=250)

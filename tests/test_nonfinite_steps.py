@@ -8,12 +8,12 @@ import torch
 import engine_mar
 import main_mar
 from tests.conftest import tiny_mar
-from models import mar
-from tests.pipeline_fixtures import TINY, load, make_image_folder, run_main, tiny_factory, tiny_flags
-from util import checkpoint
-from util.checkpoint import LAST, TrainState, save_training_checkpoint
-from util.data import ResumableSampler
-from util.ema import EMA
+from models import PRESETS
+from tests.pipeline_fixtures import TINY, load, make_image_folder, run_main, TINY_PRESET, tiny_flags
+from util.train import state as checkpoint
+from util.train.state import LAST, TrainState, save_training_checkpoint
+from util.data.datasets import ResumableSampler
+from util.train.ema import EMA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,8 +66,10 @@ def assert_same_state(a, b):
             assert torch.equal(value, b["optimizer"]["state"][i][name]), f"optimizer state {i}.{name} changed"
 
 
-HEADS = {"arinar": {}, "diffloss": {"head": "diffloss", "diffloss_d": 1, "diffloss_w": 32, "num_sampling_steps": 8},
-         "gmm": {"head": "gmm", "diffloss_d": 1, "diffloss_w": 32}}
+NO_INNER = {"inner_ar_width": None, "inner_ar_heads": None}  # the other heads have no inner model to size
+HEADS = {"arinar": {}, "diffloss": {"head": "diffloss", "diffloss_d": 1, "diffloss_w": 32, "num_sampling_steps": 8,
+                                    **NO_INNER},
+         "gmm": {"head": "gmm", "diffloss_d": 1, "diffloss_w": 32, **NO_INNER}}
 
 
 @pytest.mark.parametrize("head", sorted(HEADS))  # the guard sits in the training step, whatever the head
@@ -95,7 +97,7 @@ def test_max_skipped_steps_in_a_row_stop_training_in_one_line(tmp_path, monkeypa
     saves = record_saves(monkeypatch)
     flags = tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=3, save_every_steps=1,
                        max_skipped_steps=3)
-    monkeypatch.setitem(mar.MODELS, TINY, tiny_factory)
+    monkeypatch.setitem(PRESETS, TINY, TINY_PRESET)
     with pytest.raises(SystemExit) as stopped:
         main_mar.cli(flags)
     assert stopped.value.code == 1

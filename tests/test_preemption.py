@@ -9,14 +9,14 @@ import pytest
 
 import engine_mar
 import main_mar
-from models import mar
+from models import PRESETS
 from tests.conftest import REPO
-from tests.pipeline_fixtures import (TINY, load, make_image_folder, subprocess_env, tiny_factory, tiny_flags,
+from tests.pipeline_fixtures import (TINY, load, make_image_folder, subprocess_env, TINY_PRESET, tiny_flags,
                                      torchrun)
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
-from util import checkpoint
-from util.checkpoint import LAST
-from util.preemption import REQUEUE_EXIT
+from util.train import state as checkpoint
+from util.train.state import LAST
+from util.train.preemption import REQUEUE_EXIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def signal_self_at(step, signum):
 
 
 def main_exit_code(flags, monkeypatch):
-    monkeypatch.setitem(mar.MODELS, TINY, tiny_factory)
+    monkeypatch.setitem(PRESETS, TINY, TINY_PRESET)
     return main_mar.main(main_mar.get_args_parser().parse_args(flags))
 
 
@@ -88,13 +88,13 @@ def test_a_signal_during_the_epoch_end_save_stops_before_the_next_epoch(tmp_path
 LAUNCHER = textwrap.dedent(f"""
     import os, signal, sys
     sys.path.insert(0, {str(REPO)!r})
-    from tests.pipeline_fixtures import TINY, tiny_factory
+    from tests.pipeline_fixtures import TINY, TINY_PRESET
     from tests.test_preemption import signal_self_at
-    from models import mar
-    mar.MODELS[TINY] = tiny_factory
+    from models import PRESETS
+    PRESETS[TINY] = TINY_PRESET
     import engine_mar, main_mar
-    from util import misc
-    misc.cleanup_distributed = misc.barrier  # one process group for the three jobs
+    from util import distributed
+    distributed.cleanup_distributed = distributed.barrier  # one process group for the three jobs
     real = engine_mar.to_latents
     codes = []
     for job, flags in zip(("whole", "stopped", "resumed"), sys.argv[1].split(" -- ")):

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from models.mar import mar_base
+from models import create_model
 from tests.conftest import load_manifest
 
 
 @pytest.fixture(scope="module")
 def arinar_b():
     torch.manual_seed(0)
-    return mar_base(num_gaussians=4)
+    return create_model("mar_base", num_gaussians=4)
 
 
 def random_state_dict(manifest, seed=0):
@@ -45,7 +45,7 @@ def test_release_state_dict_loads_strictly_and_round_trips(arinar_b):
 def test_mar_b_outer_layout_matches_enc_dec_depth_12():
     manifest = load_manifest("mar_b_official.json")
     outer = {e["key"]: e["shape"] for e in manifest["state_dict"] if not e["key"].startswith("diffloss.")}
-    model = mar_base(enc_dec_depth=12)
+    model = create_model("mar_base", enc_dec_depth=12)
     ours = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith("arhead.")}
     assert ours == outer
     assert sum(p.numel() for n, p in model.named_parameters() if not n.startswith("arhead.")) == \

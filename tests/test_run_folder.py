@@ -6,8 +6,9 @@ import stat
 import pytest
 
 from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
-from util.checkpoint import LAST, atomic_write
-from util.run_folder import FolderInUse, RunLock
+from util.train.state import LAST
+from util.io.files import atomic_write
+from util.train.run_folder import FolderInUse, RunLock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

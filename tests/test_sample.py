@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 
 import sample
-from models.mar import MAR, MODELS
+from models import PRESETS
 from models.vae import AutoencoderKL
-from tests.conftest import randomize_
-from util.loading import build_model_from_args
+from tests.conftest import model_from_flags, randomize_
 
 # grey 8x8 images in 2x2 patches: 16 tokens of 4 features (stored the way main_mar.py stores args: a dict)
 PIXEL_ARGS = {"model": "tiny_test", "img_size": 8, "patch_size": 2, "tokenizer": "pixel", "img_channels": 1,
@@ -21,15 +20,13 @@ KL16_ARGS = argparse.Namespace(model="tiny_test", img_size=32, vae_stride=16, pa
                                class_num=10, buffer_size=4, num_gaussians=4, inner_ar_width=32)
 
 
-def tiny_test(enc_dec_depth=1, **kwargs):
-    return MAR(encoder_embed_dim=32, encoder_depth=enc_dec_depth, encoder_num_heads=4, decoder_embed_dim=32,
-               decoder_depth=enc_dec_depth, decoder_num_heads=4, **kwargs)
+TINY_TEST = ("mar", {"width": 32, "num_heads": 4, "enc_dec_depth": 1})
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_model_name():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(MODELS, "tiny_test", tiny_test)
+        mp.setitem(PRESETS, "tiny_test", TINY_TEST)
         yield
 
 
@@ -37,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(args, seed):
-    return randomize_(build_model_from_args(args), std=0.2, seed=seed).state_dict()
+    return randomize_(model_from_flags(args), std=0.2, seed=seed).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +106,8 @@ def test_kl16_checkpoint_with_namespace_args(kl16_run, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--classes", "3", "10"], "--classes 10 out of range: the model has 10 classes"),
-    (["--num_gaussians", "3"], "--num_gaussians 2"),
-    (["--tokenizer", "pixel", "--vae_stride", "16"], "--tokenizer pixel implies --vae_stride 1"),
+    (["--num_gaussians", "3"], "--num_gaussians 3 contradicts"),
+    (["--tokenizer", "pixel", "--vae_stride", "16"], "--vae_stride 16 contradicts"),
     (["--num_per_class", "0"], "--num_per_class must be >= 1"),
     (["--temperature", "0"], "--temperature must be > 0"),
 ])
@@ -129,7 +126,7 @@ def test_missing_files_are_one_line_errors(kl16_run, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(kl16_run, tmp_path / "x.png", "--vae_path", tmp_path / "missing.ckpt")
-    assert "util/download.py kl16" in capsys.readouterr().err
+    assert "python -m util.io.download kl16" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             run(kl16_run, tmp_path / "x.png", "--device", "cuda")

@@ -1,13 +1,15 @@
 """Start-up validation: every bad training/model flag is one line naming it, before anything is built;
 a bad --vae_path file is one line without torch's advice to unpickle it fully."""
 import pickle
+from unittest import mock
 
 import pytest
 import torch
 
-from main_mar import check_args, cli, resolve_args
-from models.tokenizer import build_tokenizer
-from tests.pipeline_fixtures import parse, tiny_flags
+from main_mar import check_args, cli, model_config, resolve_args
+from models import PRESETS, TokenConfig
+from tests.pipeline_fixtures import TINY, TINY_PRESET, parse, tiny_flags
+from util.io.tokenizers import build_tokenizer
 
 # (flag, a value outside its range); the issue's own examples first
 BAD = [("num_gaussians", 0), ("warmup_epochs", -1), ("mask_ratio_min", 1.5), ("label_drop_prob", 2),
@@ -31,7 +33,10 @@ def checked(tmp_path, **overrides):
     flags.update(overrides)
     if {"vae_stride", "vae_embed_dim"} & set(overrides):  # the pixel tokenizer sets these itself
         flags.update(tokenizer="kl16", img_size=16)
-    check_args(resolve_args(parse(tiny_flags(**flags))), None)
+    args = resolve_args(parse(tiny_flags(**flags)))
+    check_args(args, None)
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
+        model_config(args, None)  # the model flags' ranges are checked by the model config
 
 
 @pytest.mark.parametrize("flag,value", BAD)
@@ -82,7 +87,7 @@ def test_bad_vae_file_is_one_line_without_weights_only_advice(tmp_path, content)
     else:
         torch.save({"model": Plant(marker)}, path)
     with pytest.raises(ValueError) as err, torch.device("meta"):  # meta: the file is refused before any weight counts
-        build_tokenizer("kl16", vae_path=str(path))
+        build_tokenizer(TokenConfig(), vae_path=str(path))
     message = str(err.value)
     assert message.startswith(f"--vae_path {path}") and "\n" not in message, message
     assert "weights_only" not in message and "file an issue" not in message, message

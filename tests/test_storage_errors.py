@@ -8,10 +8,10 @@ from unittest import mock
 import pytest
 
 import main_mar
-from models import mar
-from tests.pipeline_fixtures import TINY, make_image_folder, tiny_factory, tiny_flags
-from util import checkpoint
-from util.checkpoint import LAST
+from models import PRESETS
+from tests.pipeline_fixtures import TINY, make_image_folder, TINY_PRESET, tiny_flags
+from util.io import files
+from util.train.state import LAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,8 +39,8 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path
             return fail(dir)
         return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
-    with mock.patch.dict(mar.MODELS, {TINY: tiny_factory}), pytest.raises(SystemExit) as stop:
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}), pytest.raises(SystemExit) as stop:
         main_mar.cli([str(a) for a in tiny_flags(data_path=data, output_dir=run, epochs=2, save_last_freq=1)])
     assert stop.value.code == 1
     assert (run / LAST).read_bytes() == seen["before"]

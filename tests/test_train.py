@@ -13,11 +13,12 @@ import torch
 import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
-from models import mar
+from models import PRESETS
+from models.families import mar as mar_family
 from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
-from util.checkpoint import LAST
-from util.ema import EMA
-from util.lr_sched import lr_at
+from util.train.state import LAST
+from util.train.ema import EMA
+from util.train.lr_sched import lr_at
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,8 +120,8 @@ def test_grad_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=2)
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "plain", epochs=1))
     calls = []
-    real = mar.checkpoint
-    monkeypatch.setattr(mar, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = mar_family.checkpoint
+    monkeypatch.setattr(mar_family, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "ckpt", epochs=1, grad_checkpointing=True))
     assert calls  # the blocks really were checkpointed
     a, b = load(tmp_path / "plain" / LAST)["model"], load(tmp_path / "ckpt" / LAST)["model"]
@@ -159,10 +160,10 @@ def test_single_channel_digits_run_with_extra_score(tmp_path, monkeypatch):
             return self.images[i], i % 2
 
     scored = []
-    fake = types.ModuleType("util.digits")
+    fake = types.ModuleType("util.data.digits")
     fake.DigitsDataset = FakeDigits
     fake.score_samples = lambda images, labels: scored.append((images.shape, list(labels))) or {"accuracy": 0.25}
-    monkeypatch.setitem(sys.modules, "util.digits", fake)
+    monkeypatch.setitem(sys.modules, "util.data.digits", fake)
     run_main(tiny_flags(dataset="digits", class_num=2, output_dir=tmp_path / "run", epochs=1, online_eval=True,
                         num_images=4, eval_bsz=2, num_iter=2))
     assert load(tmp_path / "run" / LAST)["model"]["z_proj.weight"].shape == (32, 4)  # 1 channel x 2 x 2
@@ -231,10 +232,10 @@ def test_cache_from_another_image_size(tmp_path):
 def test_resume_from_another_model_config(tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=2)
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=1))
-    expect_startup_error(tmp_path, ValueError, "--inner_ar_width 32", data_path=data, resume=tmp_path / "run",
-                         inner_ar_width=16)
-    expect_startup_error(tmp_path, ValueError, "--num_gaussians 4", data_path=data, resume=tmp_path / "run",
-                         num_gaussians=2)
+    expect_startup_error(tmp_path, ValueError, r"--inner_ar_width 16 contradicts .*\(inner_ar_width 32\)",
+                         data_path=data, resume=tmp_path / "run", inner_ar_width=16)
+    expect_startup_error(tmp_path, ValueError, r"--num_gaussians 2 contradicts .*\(num_gaussians 4\)",
+                         data_path=data, resume=tmp_path / "run", num_gaussians=2)
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -256,13 +257,14 @@ def test_evaluation_flags_checked_at_start_up(tmp_path):
 
 
 def test_defaults_follow_the_dataset():
-    args = parse(["--dataset", "digits", "--tokenizer", "pixel"])
-    from main_mar import resolve_args
-    resolve_args(args)
-    assert (args.class_num, args.img_channels, args.fid_stats, args.vae_stride, args.vae_embed_dim) == \
-        (10, 1, "none", 1, 1)
+    from main_mar import model_config, resolve_args
+    args = resolve_args(parse(["--dataset", "digits", "--tokenizer", "pixel", "--img_size", "8"]))
+    tokens = model_config(args, None)[0].tokens
+    assert (model_config(args, None)[0].class_num, tokens.img_channels, args.fid_stats, tokens.vae_stride,
+            tokens.vae_embed_dim) == (10, 1, "none", 1, 1)
     args = resolve_args(parse([]))
-    assert (args.class_num, args.fid_stats, args.precision) == (1000, "fid_stats/adm_in256_stats.npz",
+    assert (model_config(args, None)[0].class_num, args.fid_stats, args.precision) == (
+        1000, "fid_stats/adm_in256_stats.npz",
                                                                 "bf16" if torch.cuda.is_available()
                                                                 and torch.cuda.is_bf16_supported() else "fp32")
 

@@ -15,8 +15,8 @@ from engine_mar import train_one_epoch
 from models.tokenizer import PixelTokenizer
 from tests.conftest import randomize_, tiny_mar
 from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
-from util.checkpoint import LAST, TrainState
-from util.ema import EMA
+from util.train.state import LAST, TrainState
+from util.train.ema import EMA
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -122,14 +122,14 @@ def test_training_drops_labels_at_the_configured_rate(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = randomize_(tiny_mar(label_drop_prob=0.5), std=0.1)
     seen = []
-    real = model.condition
+    real = model.condition_at
 
-    def spy(tokens, mask, class_vec, *args, **kwargs):  # what the class rows are, against the weights of the moment
+    def spy(tokens, keep, class_vec, *args, **kwargs):  # what the class rows are, against the weights of the moment
         seen.append((class_vec.detach().clone(), model.fake_latent.detach().clone(),
                      model.class_emb.weight.detach().clone()))
-        return real(tokens, mask, class_vec, *args, **kwargs)
+        return real(tokens, keep, class_vec, *args, **kwargs)
 
-    monkeypatch.setattr(model, "condition", spy)
+    monkeypatch.setattr(model, "condition_at", spy)
     data = batches(4, 5, batch=40)
     model.eval()
     train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from util.io.tokenizers import load_vae_weights
 from models.vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 from tests.conftest import load_manifest
 
@@ -45,7 +46,7 @@ def test_load_checkpoint_roundtrip(manifest, tmp_path):
     sd = {e["key"]: torch.randn(e["shape"], generator=gen) for e in manifest["state_dict"]}
     path = tmp_path / "kl16.ckpt"
     torch.save({"model": sd}, path)
-    model = AutoencoderKL(ckpt_path=path)
+    model = load_vae_weights(AutoencoderKL(), path)
     loaded = model.state_dict()
     assert loaded.keys() == sd.keys()
     for k, v in sd.items():
@@ -58,7 +59,7 @@ def test_load_bare_state_dict(vae, manifest, tmp_path):
     path = tmp_path / "bare.pt"
     torch.save(cheap_state_dict(manifest["state_dict"], fill=0.25), path)
     model = copy.deepcopy(vae).train().requires_grad_(True)
-    model.load_checkpoint(path)
+    load_vae_weights(model, path)
     assert all(torch.all(v == 0.25) for v in model.state_dict().values())
     assert not model.training
 
@@ -75,7 +76,7 @@ def test_load_checkpoint_bad_keys(vae, manifest, tmp_path, change):
     path = tmp_path / "bad.ckpt"
     torch.save({"model": sd}, path)
     with pytest.raises(ValueError) as err:
-        copy.deepcopy(vae).load_checkpoint(path)
+        load_vae_weights(copy.deepcopy(vae), path)
     msg = str(err.value)
     assert key in msg and str(path) in msg and change in msg and "kl16" in msg
     assert "\n" not in msg
@@ -84,8 +85,8 @@ def test_load_checkpoint_bad_keys(vae, manifest, tmp_path, change):
 def test_load_checkpoint_missing_file(vae, tmp_path):
     path = tmp_path / "nowhere" / "kl16.ckpt"
     with pytest.raises(FileNotFoundError, match="nowhere") as err:
-        vae.load_checkpoint(path)
-    assert str(path) in str(err.value) and "download.py kl16" in str(err.value)
+        load_vae_weights(vae, path)
+    assert str(path) in str(err.value) and "python -m util.io.download kl16" in str(err.value)
 
 
 def test_shapes(vae):

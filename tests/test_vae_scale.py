@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from engine_mar import generate, to_latents, to_uint8
+from engine_mar import generate, to_latents
+from util.images import to_uint8
 from models.tokenizer import KLTokenizer
 from models.vae import DiagonalGaussian
 from tests.conftest import randomize_, tiny_mar
@@ -22,7 +23,7 @@ SCALE = 0.2325  # MAR's KL-16 latent scale (ARINAR_SPEC section 1)
 @pytest.fixture(scope="module")
 def tokenizer():
     torch.manual_seed(0)
-    return KLTokenizer(vae_path=None).eval().requires_grad_(False)
+    return KLTokenizer().eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 An edit is a canvas of tokens, some given (`filled`) and the rest to generate, visited through
 one or more model-sized windows: inside each window the model's own partial-canvas sampling
-(MAR.sample_tokens(known=, keep=)) keeps the filled tokens and generates the others. Inpainting is
+(model.sample_tokens(known=, keep=), any family) keeps the filled tokens and generates the others. Inpainting is
 one window over the image; outpainting slides the window over a larger canvas, so every new
 window sees the tokens already there. The pure pieces (image and mask reading, region -> tokens,
 the window plan) are small functions; `fill_canvas` and `run_edit` drive the model.
@@ -11,22 +11,22 @@ Token grids are [rows, cols] bool arrays, True = regenerate (masks) or True = fi
 """
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from engine_mar import decode_images
-from util.data import center_crop_arr
+from models.families.common import SamplingSettings
+from util.data.datasets import center_crop_arr
+from util.images import decode_images
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("left", "right", "up", "down")
 WHITE = 128  # a mask pixel at or above this grey level asks for regeneration
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios still taken as the same shape
-SAMPLING_SETTINGS = ("num_iter", "cfg", "cfg_schedule", "temperature")  # what fill_canvas passes on
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -147,11 +147,11 @@ def fill_canvas(model, canvas, filled, windows, labels, sampling, backend=None, 
 
     canvas: latents [n, C, H, W] (tokens of patch_size x patch_size positions; the unfilled ones are
     ignored); filled: bool [H / p, W / p] token grid, shared by the n rows; windows: (row, col) token
-    corners of model-sized windows; labels: [n] class ids or None (unconditional); sampling: dict of
-    num_iter, cfg, cfg_schedule, temperature. Returns the filled canvas (a new tensor).
+    corners of model-sized windows; labels: [n] class ids or None (unconditional); sampling: a
+    SamplingSettings. Returns the filled canvas (a new tensor).
     """
     canvas, filled = canvas.clone(), torch.as_tensor(filled, dtype=torch.bool).clone()
-    g, p, n = model.seq_h, model.patch_size, canvas.shape[0]
+    g, p, n = model.config.tokens.seq_h, model.config.tokens.patch_size, canvas.shape[0]
     several = len(windows) > 1  # one bar over the windows, else one over the outer steps
     for row, col in tqdm(windows, desc="windows", disable=not (progress and several)):
         if filled[row:row + g, col:col + g].all():
@@ -159,15 +159,16 @@ def fill_canvas(model, canvas, filled, windows, labels, sampling, backend=None, 
         latents = canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p]
         keep = filled[row:row + g, col:col + g].reshape(1, -1).expand(n, -1).to(canvas.device)
         out = model.sample_tokens(n, known=latents, keep=keep, labels=labels, backend=backend,
-                                  progress=progress and not several, **sampling)
+                                  progress=progress and not several, **asdict(sampling))
         canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p] = out.to(canvas.dtype)
         filled[row:row + g, col:col + g] = True
     return canvas
 
 
 def sampling_settings(args):
-    """The outer loop's settings from a run's or a CLI's arguments, as fill_canvas takes them."""
-    return {key: getattr(args, key) for key in SAMPLING_SETTINGS}
+    """The outer loop's settings (a SamplingSettings) from a run's or a CLI's arguments (a Namespace or dict)."""
+    values = args if isinstance(args, dict) else vars(args)
+    return SamplingSettings(**{f.name: values[f.name] for f in fields(SamplingSettings)})
 
 
 def upsample_tokens(grid, stride):
@@ -189,15 +190,16 @@ class EditJob:
 @torch.no_grad()
 def prepare_edit(args, model, tokenizer, channels):
     """The EditJob for sample.py's --edit with --mask, --box or --outpaint; one-line errors for bad input."""
-    stride = model.vae_stride * model.patch_size
-    image, size = load_edit_image(args.edit, model.img_size, channels)
+    tokens = model.config.tokens
+    stride = tokens.vae_stride * tokens.patch_size
+    image, size = load_edit_image(args.edit, tokens.img_size, channels)
     pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().div(127.5).sub(1.0)
-    device = model.fake_latent.device
+    device = next(model.parameters()).device
     latents = tokenizer.encode(pixels.to(device)).mode().float() * tokenizer.scale
-    grid = model.seq_h
+    grid = tokens.seq_h
     if args.outpaint:
         plan = outpaint_plan(*args.outpaint, grid, stride)
-        (rows, cols), (r0, c0), p = plan.canvas, plan.origin, model.patch_size
+        (rows, cols), (r0, c0), p = plan.canvas, plan.origin, tokens.patch_size
         canvas = latents.new_zeros(1, latents.shape[1], rows * p, cols * p)
         canvas[:, :, r0 * p:(r0 + grid) * p, c0 * p:(c0 + grid) * p] = latents
         filled = np.zeros(plan.canvas, dtype=bool)
@@ -209,7 +211,7 @@ def prepare_edit(args, model, tokenizer, channels):
         if args.mask:
             regenerate = check_regenerate(mask_to_tokens(load_mask(args.mask, size), grid), "--mask")
         else:
-            regenerate = check_regenerate(box_to_tokens(args.box, model.img_size, stride), "--box")
+            regenerate = check_regenerate(box_to_tokens(args.box, tokens.img_size, stride), "--box")
         canvas, filled, original, windows = latents, ~regenerate, image, ((0, 0),)
     mask = np.repeat(upsample_tokens(~filled, stride)[..., None], channels, axis=2).astype(np.uint8) * 255
     return EditJob(canvas, filled, windows, original, mask)

@@ -55,6 +55,15 @@ class EagerSteps:
         return head.sample(z, temperature, cfg, cfg_sampler=self.cfg_sampler)
 
 
+@dataclass
+class SamplingSettings:
+    """The outer loop's settings, as every family's sample_tokens takes them (keyword arguments)."""
+    num_iter: int = 64
+    cfg: float = 1.0
+    cfg_schedule: str = "linear"
+    temperature: float = 1.0
+
+
 def check_sampling_settings(num_iter, cfg, temperature, cfg_schedule):
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1; got {num_iter}")

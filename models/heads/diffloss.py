@@ -21,7 +21,9 @@ TRAIN_STEPS = 1000
 
 def timestep_embedding(t, dim=256, max_period=10000.0, dtype=torch.float32):
     """Sinusoidal features [N, dim] of integer timesteps t [N]: [cos(t f_i) | sin(t f_i)],
-    f_i = max_period^(-i / (dim/2))."""
+    f_i = max_period^(-i / (dim/2)), computed in `dtype` but never below float32 (t f_i reaches ~1000
+    rad: a bf16 or fp16 phase would be meaningless) and never narrowing float64."""
+    dtype = torch.promote_types(dtype, torch.float32)
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
     args = t[:, None].to(dtype) * freqs
@@ -35,7 +37,9 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=self.mlp[0].weight.dtype))
+        # the table in the weights' precision (float64 for a float64 model), then cast only if they are narrower
+        dtype = self.mlp[0].weight.dtype
+        return self.mlp(timestep_embedding(t, self.freq_dim, dtype=dtype).to(dtype))
 
 
 class DenoiserMLP(nn.Module):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from util.checkpoint import atomic_write
+from util.io.files import atomic_write
 
 SETTINGS = "settings.json"
 
@@ -40,12 +40,14 @@ def weights_digest(model):
     return h.hexdigest()
 
 
-def eval_settings(args, cfg, temperature, weights_sha, device_type):
-    """Every setting that changes the generated images (the number of processes does not)."""
-    keys = ("num_images", "eval_bsz", "seed", "num_iter", "cfg_schedule", "cfg_sampler", "precision", "class_num",
-            "img_size", "tokenizer", "vae_path", "patch_size", "compile", "cuda_graphs", "eval_weights")
+def eval_settings(args, config, cfg, temperature, weights_sha, device_type):
+    """Every setting that changes the generated images (the number of processes does not): the run's
+    sampling flags, the model config and its weights."""
+    keys = ("num_images", "eval_bsz", "seed", "num_iter", "cfg_schedule", "cfg_sampler", "precision", "vae_path",
+            "compile", "cuda_graphs", "eval_weights")
     settings = {k: getattr(args, k, None) for k in keys}
-    settings.update(cfg=float(cfg), temperature=float(temperature), weights_sha256=weights_sha, device=device_type)
+    settings.update(cfg=float(cfg), temperature=float(temperature), model=config.to_dict(),
+                    weights_sha256=weights_sha, device=device_type)
     return settings
 
 
@@ -73,18 +75,6 @@ def open_folder(output_dir, epoch, settings):
 
 def png_path(image_dir, index):
     return os.path.join(image_dir, f"{index:06d}.png")
-
-
-def save_png(image, path):
-    """Write uint8 [H, W, C] as a PNG under a temporary name, then rename: a kill never leaves half a file."""
-    tmp = f"{path}.tmp"
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def load_png(path):
-    image = np.asarray(Image.open(path))
-    return image[..., None] if image.ndim == 2 else image
 
 
 def read_complete_png(path, shape):

@@ -10,7 +10,7 @@ import io
 import json
 import math
 
-from util.checkpoint import atomic_write
+from util.io.files import atomic_write
 
 NOT_METRICS = {"epoch", "num_images", "cfg", "temperature", "num_iter", "world_size", "sec_per_image",
                "images_drawn", "images_kept"}

@@ -1,14 +1,15 @@
-"""Safe loading of model weights: our checkpoints, the ARINAR and MAR releases, and .safetensors.
+"""Reading checkpoints safely, the model config they describe, and strict loading of their weights.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``; the releases pickle their run
-arguments as an ``argparse.Namespace``, which is allow-listed for that one call only. Loading into a
+arguments as an ``argparse.Namespace``, which is allow-listed for that one call only. Our checkpoints
+store the typed model config as `config` (a plain dict); files written before it (ours, and the
+ARINAR and MAR releases) are converted to one here, once (`config_from_checkpoint`). Loading into a
 model is strict, and a mismatch names the differing keys and the flag that most likely fixes it.
 
-Convert a checkpoint's weights to safetensors (EMA by default):
-    python -m util.loading CKPT.pth OUT.safetensors [--no_ema]
+Convert a checkpoint's weights to safetensors (EMA by default; the config goes into its metadata):
+    python -m util.io.checkpoints CKPT.pth OUT.safetensors [--no_ema]
 """
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -20,15 +21,15 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file as save_safetensors
 
-from models.mar import HEADS, MAR, MODELS
-from util.download import ASSETS
-from util.safe_load import why_unreadable
+from models import HEADS, PRESETS, ModelConfig, config_from_flags
+from models.config import all_flag_fields, check_flags_apply
+from util.io.download import ASSETS
+from util.io.safe_load import why_unreadable
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
-INNER_PREFIX = "arhead."  # ARINAR's inner model; everything else is the outer (MAR) model
-HEAD_PREFIXES = {attr + ".": name for name, attr in HEADS.items()}  # state-dict prefix -> --head
+INNER_PREFIX = "arhead."  # ARINAR's inner model
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 MAX_LISTED = 3
 
@@ -39,8 +40,8 @@ def _fetch_hint(path):
     posix = Path(path).as_posix()
     for asset in ASSETS.values():
         if posix.endswith(asset.relpath) or posix.rstrip("/").endswith(str(Path(asset.relpath).parent)):
-            return f"fetch it with `python util/download.py {asset.name}`"
-    return ("fetch released weights with `python util/download.py NAME` (--list shows the names) "
+            return f"fetch it with `python -m util.io.download {asset.name}`"
+    return ("fetch released weights with `python -m util.io.download NAME` (--list shows the names) "
             "or pass the right --resume / --ckpt / --init_outer_from path")
 
 
@@ -57,11 +58,19 @@ def resolve_checkpoint_path(path):
 
 
 def _read_safetensors(path):
-    """The tensors; with run args in the metadata (as export_safetensors writes), {"model": ..., "args": ...}."""
+    """A checkpoint dict from a .safetensors file: the tensors under "model_ema" when its metadata says they
+    are EMA weights (as export_safetensors writes), else "model"; "config" and "args" from the metadata.
+    A file without metadata is a bare state dict."""
     with safe_open(str(path), framework="pt", device="cpu") as f:
         metadata = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return {"model": tensors, "args": json.loads(metadata["args"])} if "args" in metadata else tensors
+    if not metadata:
+        return tensors
+    ckpt = {"model_ema" if metadata.get("weights") == "ema" else "model": tensors}
+    for key in ("config", "args"):
+        if key in metadata:
+            ckpt[key] = json.loads(metadata[key])
+    return ckpt
 
 
 def _load(path):
@@ -146,21 +155,18 @@ def _num_blocks(state, prefix):
 
 
 def _model_names_with_width(width):
-    """Model names whose outer width is `width`, found by building each on the meta device (no memory)."""
-    names = []
-    for name, factory in MODELS.items():
-        try:
-            with torch.device("meta"):
-                if factory().fake_latent.shape[-1] == width:
-                    names.append(name)
-        except Exception:  # a factory that cannot be built with defaults just is not suggested
-            continue
-    return names
+    """Presets whose outer width is `width`."""
+    return [name for name, (_, values) in PRESETS.items() if values.get("width") == width]
+
+
+def head_prefixes():
+    """{state-dict prefix: --head} of every registered head."""
+    return {entry.attr + ".": name for name, entry in HEADS.items()}
 
 
 def head_of(state):
     """The --head whose keys a state dict carries (None if it has no head)."""
-    return next((name for prefix, name in HEAD_PREFIXES.items() if any(k.startswith(prefix) for k in state)), None)
+    return next((name for prefix, name in head_prefixes().items() if any(k.startswith(prefix) for k in state)), None)
 
 
 def head_prefix(model):
@@ -251,7 +257,7 @@ def load_outer_from_mar(model, path, use_ema=True):
     """
     ckpt = read_checkpoint(path)
     state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
-    heads = tuple(HEAD_PREFIXES)
+    heads = tuple(head_prefixes())
     outer = {k: v for k, v in state.items() if not k.startswith(heads)}
     model = unwrap_model(model)
     own = head_prefix(model)
@@ -276,45 +282,80 @@ def freeze_outer(model):
     return trainable
 
 
-# ----------------------------------------------------------------------------- building models
-def model_config_keys(name):
-    """Constructor arguments a run's args may set for model `name` (the factory's and MAR's own)."""
-    keys = set(inspect.signature(MODELS[name]).parameters) | set(inspect.signature(MAR).parameters)
-    return keys - {"self", "kwargs"}
+# ----------------------------------------------------------------------------- the model config
+# what a file without a stored config is taken to be when nothing in it says otherwise (the releases' model)
+LEGACY_FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}
 
 
-def config_from_state(state):
-    """What a state dict itself says about the model: its head and outer depth (for checkpoints whose
-    stored args do not, like MAR's releases, whose mar_base has 12+12 blocks where ours has 14+14)."""
-    config = {"head": head_of(state)}
+def facts_from_state(state):
+    """What a state dict's keys and shapes say about the model, as flag values (for files without a config)."""
+    facts = {"head": head_of(state)}
     depth = _num_blocks(state, "encoder_blocks")
     if depth:
-        config["enc_dec_depth"] = depth
-    return {k: v for k, v in config.items() if v is not None}
+        facts["enc_dec_depth"] = depth
+    shapes = {
+        "width": ("fake_latent", -1), "class_num": ("class_emb.weight", 0),
+        "inner_ar_width": (INNER_PREFIX + "start_token", -1),
+        "diffloss_w": ("diffloss.net.input_proj.weight", 0),
+    }
+    for flag, (key, dim) in shapes.items():
+        if key in state:
+            facts[flag] = int(state[key].shape[dim])
+    if facts["head"] == "arinar":
+        facts["inner_ar_depth"] = _num_blocks(state, INNER_PREFIX + "blocks")
+    if facts["head"] == "diffloss":
+        facts["diffloss_d"] = _num_blocks(state, "diffloss.net.res_blocks")
+    return {k: v for k, v in facts.items() if v is not None}
 
 
-def build_model_from_args(args):
-    """Build MODELS[args.model] with every constructor argument present (and not None) in args (dict or Namespace)."""
-    args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-    name = args.get("model")
-    if name not in MODELS:
-        raise ValueError(f"unknown --model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    config = {k: v for k, v in args.items() if k in model_config_keys(name) and v is not None}
-    return MODELS[name](**config)
+def legacy_flags(ckpt, state):
+    """A file without `config` (ours before it, the ARINAR and MAR releases): the model flags its stored
+    args hold, overruled by what its weights show. The releases store MAR's argparse names, ours the same."""
+    flags = set(all_flag_fields())
+    stored = {k: v for k, v in checkpoint_args(ckpt).items() if k in flags and v is not None}
+    return {**LEGACY_FALLBACKS, **stored, **facts_from_state(state)}
+
+
+def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
+    """The ModelConfig of a checkpoint, with the model flags given on the command line (`given`).
+
+    A stored config is authoritative: a given flag that contradicts it is a one-line error (tunable
+    settings such as dropout or --num_sampling_steps may change; they are logged). A file without a
+    config is converted once from its args and weights; given flags fill what it does not say and
+    must agree with what it does. Returns (config, {flag: (old, new)} of changed tunable settings).
+    """
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if "config" in ckpt:
+        config = ModelConfig.from_dict(ckpt["config"], source=f"{source}: config")
+        changed = check_flags_apply(config, given, source)
+        return config_from_flags({k: new for k, (_, new) in changed.items()}, base=config), changed
+    stored = legacy_flags(ckpt, state)
+    tunable = config_from_flags(stored).tunable_flags()
+    for name, value in given.items():
+        if name in stored and stored[name] != value and name not in tunable and name not in LEGACY_FALLBACKS:
+            raise ValueError(f"--{name} {value} contradicts {source} ({name} {stored[name]}): drop the flag")
+    changed = {k: (stored[k], v) for k, v in given.items() if k in tunable and k in stored and stored[k] != v}
+    config = config_from_flags({**stored, **given})
+    check_flags_apply(config, given, source)  # flags of another family or head
+    return config, changed
 
 
 # ----------------------------------------------------------------------------- conversion
 def export_safetensors(src, dest, use_ema=True):
-    """Write a checkpoint's model weights (EMA by default) and run args to a .safetensors file, atomically."""
+    """Write a checkpoint's model weights (EMA by default), its model config and run args to a .safetensors
+    file, atomically; the metadata says which weights it holds."""
     ckpt = read_checkpoint(src)
     state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
+    config, _ = config_from_checkpoint(ckpt, state, source=str(src))
+    ema = use_ema and "model_ema" in ckpt
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     try:
         # clone: safetensors refuses tensors that share storage
         save_safetensors({k: v.detach().clone() for k, v in state.items()}, str(tmp),
-                         metadata={"args": json.dumps(checkpoint_args(ckpt), default=str)})
+                         metadata={"args": json.dumps(checkpoint_args(ckpt), default=str),
+                                   "config": json.dumps(config.to_dict()), "weights": "ema" if ema else "live"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)

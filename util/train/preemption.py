@@ -10,11 +10,14 @@ import signal
 
 import torch
 
-from util import misc
+from util import distributed
 
 # EX_TEMPFAIL from sysexits.h, "temporary failure, try again": distinct from an error (1), a timeout(1)
 # kill (124) and a death by signal (128 + n), so a job script can tell "saved, requeue me" apart.
 REQUEUE_EXIT = 75
+# Ctrl-C during evaluation or sample.py: the shell's own code for a death by SIGINT (128 + 2), after one
+# line saying what was kept and the command that resumes (evaluation) or starts over (sample.py)
+INTERRUPT_EXIT = 130
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -36,7 +39,7 @@ class StopRequest:
 
     def agree(self, device):
         """Collective: whether any rank was signalled (sets `agreed` on every rank alike)."""
-        flag = misc.all_reduce_sum(torch.tensor(float(self.requested), device=device))
+        flag = distributed.all_reduce_sum(torch.tensor(float(self.requested), device=device))
         self.agreed = bool(flag.item())
         return self.agreed
 

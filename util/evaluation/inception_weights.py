@@ -14,8 +14,8 @@ import os
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-from util import misc
-from util.safe_load import load_weights_only
+from util import distributed
+from util.io.safe_load import load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_inception_checksum(path):
 
 def download_inception(path):
     """torch-fidelity's weights into `path` (rank 0 downloads, the others wait)."""
-    if misc.is_main_process() and not os.path.isfile(path):
+    if distributed.is_main_process() and not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         logger.info("downloading the Inception weights %s to %s", URL_INCEPTION_V3, path)
         try:
@@ -60,7 +60,7 @@ def download_inception(path):
         except OSError as err:  # URLError, timeouts, refused connections: no network, one line
             raise FileNotFoundError(f"could not download the Inception weights {URL_INCEPTION_V3} into {path} "
                                     f"({err}); fetch the file elsewhere and pass --inception_path") from None
-    misc.barrier()
+    distributed.barrier()
 
 
 def read_inception_state(weights_path=None):

@@ -1,8 +1,8 @@
 """Writing and resuming training checkpoints.
 
 `checkpoint-last.pth` follows the release layout (`model`, `model_ema`, `optimizer`, `epoch` =
-the last finished epoch, `scaler`) with `args` stored as a plain dict, so the file loads with
-`torch.load(weights_only=True)`. A step-granular save adds `train_state`: where training is in
+the last finished epoch, `scaler`) with `args` stored as a plain dict, plus `config`: the model's
+typed config (models/config.py) as a plain dict. The file loads with `torch.load(weights_only=True)`. A step-granular save adds `train_state`: where training is in
 the data stream, the data order it relied on and every RNG state of every rank, which is enough
 to continue bit-identically. Files are written atomically, so a crash at any moment leaves either
 the previous checkpoint or the new one, never a truncated file.
@@ -10,25 +10,22 @@ the previous checkpoint or the new one, never a truncated file.
 import logging
 import os
 import random
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from util import misc
-from util.loading import load_model_weights, model_state_from_checkpoint
+from util import distributed
+from util.io.files import atomic_torch_save
+from util.io.checkpoints import load_model_weights, model_state_from_checkpoint
 
 logger = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
-# atomic_write's temp names: the target's name, a dot, mkstemp's 8 random characters, ".tmp"
-TEMP_NAME = re.compile(r".+\.[a-z0-9_]{8}\.tmp")
 # settings a resumed run may change on purpose, but never silently
+# (the model's own, such as dropout, are the config's tunable fields: main_mar.model_config logs those)
 TRAINING_SETTINGS = ("lr", "min_lr", "lr_schedule", "warmup_epochs", "epochs", "weight_decay", "grad_clip",
-                     "ema_rate", "label_drop_prob", "mask_ratio_min", "attn_dropout", "proj_dropout", "precision")
+                     "ema_rate", "precision")
 
 
 @dataclass
@@ -39,74 +36,6 @@ class TrainState:
     global_step: int = 0    # optimizer steps since the start of training (skipped ones included)
     skipped_steps: int = 0  # steps skipped for a non-finite gradient, in all
     skips_in_a_row: int = 0  # ... and since the last applied step
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`.
-
-    A crash at any moment leaves either the old file or the complete new one, never a truncated one.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a team shares runs and caches
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(folder)
-
-
-def current_umask():
-    # Python < 3.13 can only read the umask by setting it; it is put back at once
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temps(folder):
-    """Delete atomic_write temp files (of a run killed while saving) directly in `folder`; returns their names.
-
-    Only call it while holding the folder's run lock: a live writer's temp file looks the same.
-    """
-    names = sorted(n for n in os.listdir(folder) if TEMP_NAME.fullmatch(n)
-                   and os.path.isfile(os.path.join(folder, n)))
-    for name in names:
-        os.remove(os.path.join(folder, name))
-    return names
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_copy(src, dst):
-    """Copy a file so that `dst` is either absent/old or complete."""
-    def write(out):
-        with open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out, 16 << 20)
-    atomic_write(dst, write)
-
-
-def fsync_dir(folder):
-    """Make a rename durable (not available on every platform, hence best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def args_to_dict(args):
@@ -151,8 +80,10 @@ def restore_rng_state(state):
 
 # ----------------------------------------------------------------------------- save / load
 def build_checkpoint(model, ema, optimizer, scaler, epoch, args, train_state=None):
-    """The release layout (plus `train_state` for step-granular resume)."""
+    """The release layout, plus the model's typed config as a plain dict (`config`, what rebuilds the
+    model) and `train_state` for step-granular resume."""
     ckpt = {
+        "config": model.config.to_dict(),
         "model": model.state_dict(),
         "model_ema": ema.state_dict_for(model),
         "optimizer": optimizer.state_dict(),
@@ -208,7 +139,7 @@ def check_finite(path, model, ema, optimizer, state):
     for t in tensors:
         if t.is_floating_point():
             bad += (~torch.isfinite(t)).sum().to(device)
-    if misc.all_reduce_sum(bad).item():
+    if distributed.all_reduce_sum(bad).item():
         raise FloatingPointError(f"refusing to write {path}: the weights, EMA or optimizer state hold "
                                  f"{int(bad.item())} non-finite values at step {state.global_step}; "
                                  "the checkpoint on disk is left as it was")
@@ -223,14 +154,14 @@ def save_training_checkpoint(path, model, ema, optimizer, scaler, args, state, s
     """
     check_finite(path, model, ema, optimizer, state)
     last_batch = last_batch_indices(sampler, state, args.batch_size)
-    fingerprints = misc.check_replicas_in_sync(model)
-    per_rank = misc.all_gather_object({"rng": capture_rng_state(), "last_batch": last_batch})
-    if not misc.is_main_process():
+    fingerprints = distributed.check_replicas_in_sync(model)
+    per_rank = distributed.all_gather_object({"rng": capture_rng_state(), "last_batch": last_batch})
+    if not distributed.is_main_process():
         return
     train_state = {
         "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "global_step": state.global_step,
         "skipped_steps": state.skipped_steps, "skips_in_a_row": state.skips_in_a_row,
-        "data_order": {"seed": args.seed, "world_size": misc.get_world_size(), "batch_size": args.batch_size,
+        "data_order": {"seed": args.seed, "world_size": distributed.get_world_size(), "batch_size": args.batch_size,
                        "num_samples": sampler.num_samples,
                        "last_batch_indices": [r["last_batch"] for r in per_rank]},
         "rng": [r["rng"] for r in per_rank],
@@ -283,7 +214,7 @@ def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     state = TrainState(saved["epoch"], saved["step_in_epoch"], saved["global_step"],
                        saved.get("skipped_steps", 0), saved.get("skips_in_a_row", 0))
     order = saved["data_order"]
-    world, rank = misc.get_world_size(), misc.get_rank()
+    world, rank = distributed.get_world_size(), distributed.get_rank()
     if state.step_in_epoch > 0:
         if (order["world_size"], order["batch_size"]) != (world, args.batch_size):
             raise ValueError(f"{source} stopped mid-epoch with {order['world_size']} processes x --batch_size "

@@ -23,6 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
+from util.io.safe_load import ARRAY_ERRORS, why_array_unreadable
+
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +196,15 @@ def read_cache_index(root):
     return index
 
 
-def check_cache_matches(meta, args, where):
-    """Cached latents must come from the same image size and tokenizer as this run."""
-    if meta["img_size"] != args.img_size:
+def check_cache_matches(meta, tokens, where):
+    """Cached latents must come from the same image size and tokenizer as this run (tokens: its TokenConfig)."""
+    if meta["img_size"] != tokens.img_size:
         raise ValueError(f"--cached_path {where} holds latents of {meta['img_size']}px images but --img_size is "
-                         f"{args.img_size}: pass --img_size {meta['img_size']} or re-cache with main_cache.py")
-    if meta["tokenizer"] != args.tokenizer or meta["embed_dim"] != args.vae_embed_dim:
+                         f"{tokens.img_size}: pass --img_size {meta['img_size']} or re-cache with main_cache.py")
+    if meta["tokenizer"] != tokens.tokenizer or meta["embed_dim"] != tokens.vae_embed_dim:
         raise ValueError(f"--cached_path {where} was made with tokenizer {meta['tokenizer']} "
-                         f"({meta['embed_dim']} channels) but this run uses --tokenizer {args.tokenizer} "
-                         f"({args.vae_embed_dim} channels)")
+                         f"({meta['embed_dim']} channels) but this run uses --tokenizer {tokens.tokenizer} "
+                         f"({tokens.vae_embed_dim} channels)")
 
 
 class CachedLatents(Dataset):
@@ -214,10 +216,32 @@ class CachedLatents(Dataset):
         self.shards = self.meta["shards"]
         counts = [s["count"] for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.labels = np.concatenate([np.load(os.path.join(root, s["labels"])) for s in self.shards]) \
-            if self.shards else np.zeros(0, np.int64)
+        # every shard is opened once here (memory-mapped, so only its header is read): a damaged one
+        # stops the run at start-up with one line, not later inside a DataLoader worker
+        for shard in self.shards:
+            moments = self.read_shard(shard, "moments", mmap_mode="r")
+            if moments.ndim < 2 or moments.shape[:2] != (shard["count"], 2):
+                self.refuse(shard, "moments", f"holds an array of shape {list(moments.shape)}, not "
+                                              f"[{shard['count']}, 2, ...] as {INDEX_FILE} says")
+        labels = [self.read_shard(s, "labels") for s in self.shards]
+        for shard, shard_labels in zip(self.shards, labels):
+            if shard_labels.shape != (shard["count"],) or shard_labels.dtype.kind not in "iu":
+                self.refuse(shard, "labels", f"holds {shard_labels.dtype} {list(shard_labels.shape)}, not "
+                                             f"{shard['count']} integer labels")
+        self.labels = np.concatenate(labels) if self.shards else np.zeros(0, np.int64)
         self.classes = self.meta["classes"]
         self.arrays = None  # memory maps, opened lazily in each (worker) process
+
+    def read_shard(self, shard, part, **kwargs):
+        try:
+            return np.load(os.path.join(self.root, shard[part]), allow_pickle=False, **kwargs)
+        except ARRAY_ERRORS as err:
+            self.refuse(shard, part, why_array_unreadable(err))
+
+    def refuse(self, shard, part, why):
+        stem = shard[part].removesuffix(".npy").removesuffix("-labels")
+        raise ValueError(f"--cached_path {self.root}: {shard[part]} is unusable: {why}; delete {stem}.json and "
+                         f"{INDEX_FILE} and re-run main_cache.py with the same flags (it redoes only that shard)")
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -256,8 +280,21 @@ class NpzLatentFolder(Dataset):
         self.epoch = epoch
 
     def moments_shape(self):
-        with np.load(self.samples[0][0]) as data:
-            return tuple(data["moments"].shape)
+        return tuple(self.read(self.samples[0][0], "moments").shape)
+
+    def read(self, path, key):
+        """Array `key` of one .npz, or a one-line ValueError naming the file (pickled objects are never loaded)."""
+        try:
+            with open(path, "rb") as f:
+                data = np.load(f, allow_pickle=False)
+                if not isinstance(data, np.lib.npyio.NpzFile) or key not in data.files:
+                    why = f"it has no array {key!r} (MAR's caches hold 'moments' and 'moments_flip')"
+                else:
+                    return data[key]
+        except ARRAY_ERRORS as err:
+            why = why_array_unreadable(err)
+        raise ValueError(f"--cached_path {self.root}: {path} is unusable: {why}; re-cache that image or delete "
+                         "the file")
 
     def __len__(self):
         return len(self.samples)
@@ -265,44 +302,44 @@ class NpzLatentFolder(Dataset):
     def __getitem__(self, index):
         path, label = self.samples[index]
         key = "moments_flip" if flip_coin(self.seed, self.epoch, index) else "moments"
-        with np.load(path) as data:
-            return torch.from_numpy(data[key].astype(np.float32)), label
+        return torch.from_numpy(self.read(path, key).astype(np.float32)), label
 
 
-def build_cached_dataset(args):
+def build_cached_dataset(args, tokens):
     root = args.cached_path
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"--cached_path {root!r} does not exist; create it with main_cache.py")
     if os.path.isfile(os.path.join(root, INDEX_FILE)):
         dataset = CachedLatents(root, seed=args.seed)
-        check_cache_matches(dataset.meta, args, root)
+        check_cache_matches(dataset.meta, tokens, root)
         if len(dataset) == 0:
             raise ValueError(f"--cached_path {root} holds no latents")
         return dataset
     dataset = NpzLatentFolder(root, seed=args.seed)
-    side = args.img_size // args.vae_stride
-    expected = (2 * args.vae_embed_dim, side, side)
+    side = tokens.img_size // tokens.vae_stride
+    expected = (2 * tokens.vae_embed_dim, side, side)
     if dataset.moments_shape() != expected:
         got = dataset.moments_shape()
-        raise ValueError(f"--cached_path {root} holds moments of shape {got} but --img_size {args.img_size} / "
-                         f"--vae_stride {args.vae_stride} / --vae_embed_dim {args.vae_embed_dim} expect {expected}"
-                         f" (pass --img_size {got[-1] * args.vae_stride} or re-cache)")
+        raise ValueError(f"--cached_path {root} holds moments of shape {got} but --img_size {tokens.img_size} / "
+                         f"--vae_stride {tokens.vae_stride} / --vae_embed_dim {tokens.vae_embed_dim} expect {expected}"
+                         f" (pass --img_size {got[-1] * tokens.vae_stride} or re-cache)")
     return dataset
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_dataset(args, split="train"):
-    """The training set for args: cached latents, an ImageFolder, or the digits demo set.
+def build_dataset(args, tokens, split="train"):
+    """The training set for args (data flags) and tokens (the model's TokenConfig): cached latents, an
+    ImageFolder, or the digits demo set.
 
     Items are (image in [-1, 1], label), or (posterior parameters, label) with --use_cached.
     """
     if getattr(args, "use_cached", False):
-        return build_cached_dataset(args)
+        return build_cached_dataset(args, tokens)
     if args.dataset == "imagenet":
-        return ImageFolderADM(os.path.join(args.data_path, split), args.img_size, flip=True, seed=args.seed)
+        return ImageFolderADM(os.path.join(args.data_path, split), tokens.img_size, flip=True, seed=args.seed)
     if args.dataset == "digits":
-        from util.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
-        return DigitsDataset(split, args.img_size)
+        from util.data.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
+        return DigitsDataset(split, tokens.img_size)
     raise ValueError(f"--dataset must be one of {DATASETS}; got {args.dataset!r}")
 
 

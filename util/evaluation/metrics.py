@@ -24,9 +24,10 @@ from torch_fidelity.metric_prc import calculate_precision_recall_part
 from numpy.lib import format as npformat
 from tqdm import tqdm
 
-from util import misc
-from util.checkpoint import atomic_write
-from util.inception_weights import read_inception_state
+from util import distributed
+from util.io.files import atomic_write
+from util.evaluation.inception_weights import read_inception_state
+from util.io.safe_load import ARRAY_ERRORS, why_array_unreadable
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,18 @@ def load_fid_stats(path):
     """Reference statistics {mu [D], sigma [D, D]} as float64 from an npz with keys mu, sigma."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--fid_stats {path}: no such file (fetch ImageNet-256's with "
-                                "`python util/download.py adm_in256_stats`, or pass --fid_stats none)")
-    with np.load(path) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"--fid_stats {path} must hold arrays 'mu' and 'sigma'; it has {list(data.keys())}")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                                "`python -m util.io.download adm_in256_stats`, or pass --fid_stats none)")
+    try:
+        with open(path, "rb") as f:
+            data = np.load(f, allow_pickle=False)
+            found = list(data.files) if isinstance(data, np.lib.npyio.NpzFile) else ["a single .npy array"]
+            arrays = {key: np.asarray(data[key], dtype=np.float64) for key in ("mu", "sigma") if key in found}
+    except ARRAY_ERRORS as err:
+        raise ValueError(f"--fid_stats {path} is unreadable: {why_array_unreadable(err)}; pass an .npz of "
+                         "arrays 'mu' and 'sigma' (or --fid_stats none)") from None
+    if len(arrays) < 2:
+        raise ValueError(f"--fid_stats {path} must hold arrays 'mu' and 'sigma'; it has {found}")
+    mu, sigma = arrays["mu"], arrays["sigma"]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"--fid_stats {path}: mu must be [D] and sigma [D, D]; got {mu.shape} and {sigma.shape}")
     return {"mu": mu, "sigma": sigma}
@@ -159,7 +167,7 @@ def check_ref_batch(path, img_size, channels):
     """One-line errors for a --ref_batch that cannot be compared with img_size x img_size x channels samples."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--ref_batch {path}: no such file (fetch ADM's ImageNet-256 batch with "
-                                "`python util/download.py adm_in256_ref_batch`)")
+                                "`python -m util.io.download adm_in256_ref_batch`)")
     try:
         shape, dtype = npz_array_header(path)
     except ValueError as err:

@@ -1,6 +1,6 @@
 """Fetch pretrained weights, FID reference statistics and ADM's reference batch.
 
-Usage: python util/download.py [names...] [--dest-root DIR] [--url URL] [--list]
+Usage: python -m util.io.download [names...] [--dest-root DIR] [--url URL] [--list]
 
 Downloads stream into ``<dest>.part``, resume with HTTP Range requests, retry
 transient failures, and are renamed to the final name only after the size and

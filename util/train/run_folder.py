@@ -10,8 +10,8 @@ import logging
 import os
 import socket
 
-from util import misc
-from util.checkpoint import remove_stale_temps
+from util import distributed
+from util.io.files import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def claim_run_folder(folder):
     release at the end (None on other ranks).
     """
     lock, refusal = None, None
-    if misc.is_main_process():
+    if distributed.is_main_process():
         os.makedirs(folder, exist_ok=True)
         lock = RunLock(folder)
         try:
@@ -74,7 +74,7 @@ def claim_run_folder(folder):
                                 ", ".join(removed))
         except FolderInUse as err:
             refusal = str(err)
-    refusal = misc.broadcast_object(refusal)
+    refusal = distributed.broadcast_object(refusal)
     if refusal:
         raise FolderInUse(refusal)
     return lock

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Every GPU check of issue 30 in one run on one GPU, in <= 8 minutes, nothing downloaded:
+#   the CUDA tests, sampling (ours: eager, CUDA graphs, graphs + compile; the release-cost baseline)
+#   at batch 1 and 256, the heads table, training on both loss paths (+ --grad_checkpointing),
+#   and every outer family's benchmark once bench/bench_families.py exists.
+# ARINAR-B (--model mar_base), bf16, cfg 4.5, 64 steps, random weights.
+#
+#   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."]
+#
+# RESULTS_DIR (default bench/results/gpu/) receives one JSON and one log per part, parts.tsv,
+# summary.json and summary.md (the table, also printed at the end). Each part runs under its own
+# `timeout`; a part that fails or times out is recorded and the next one runs. Parts run in order
+# of importance and share the budget (default 470 s): a part gets min(its cap, what is left) and
+# is skipped when under 20 s are left. --cpu-smoke (or GPU_CHECK_SMOKE=1) shrinks every part to
+# tiny CPU sizes to check the script itself; the compile parts then fail (no CUDA), on purpose.
+set -u
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-$(command -v python || command -v python3)}
+OUT=bench/results/gpu
+SMOKE=${GPU_CHECK_SMOKE:-0}
+BUDGET=470
+PARTS=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu-smoke) SMOKE=1 ;;
+        --budget) BUDGET=$2; shift ;;
+        --parts) PARTS=$2; shift ;;
+        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+        *) OUT=$1 ;;
+    esac
+    shift
+done
+mkdir -p "$OUT"
+: > "$OUT/parts.tsv"
+START=$(date +%s)
+
+if [ "$SMOKE" = 1 ]; then
+    export OMP_NUM_THREADS=1
+    RUN="--device cpu --precision fp32 --threads 1"
+    MODEL="--width 32 --enc_dec_depth 1 --num_heads 4 --inner_ar_width 32 --img_size 64 --class_num 10"
+    STEPS=4; BIG=4; ROWS_ITER=2; TRAIN_BATCH=2; TRAIN_STEPS=1; TRAIN_REPEATS=1
+    HEADS="--diffloss_w 32 --diffloss_d 1 --num_sampling_steps 5"
+    GRAPHS="eager"  # no CUDA graphs on a CPU: eager stands in, so the plumbing still runs
+else
+    RUN="--device cuda --precision bf16"
+    MODEL="--model mar_base"
+    STEPS=64; BIG=256; ROWS_ITER=2; TRAIN_BATCH=64; TRAIN_STEPS=3; TRAIN_REPEATS=2
+    HEADS=""
+    GRAPHS="eager cuda_graphs"
+fi
+SAMPLE="$PY -m bench.bench_sampling $RUN $MODEL --cfg 4.5 --num_iter $STEPS"
+
+# part NAME CAP COMMAND...: run COMMAND under timeout min(CAP, budget left); log to NAME.log
+part() {
+    local name=$1 cap=$2; shift 2
+    if [ -n "$PARTS" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
+    local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
+    local limit=$(( cap < left ? cap : left ))
+    if [ "$limit" -lt 20 ]; then
+        printf '%s\tskipped\t0\t%s\tonly %s s of the %s s budget left\n' "$name" "$cap" "$left" "$BUDGET" >> "$OUT/parts.tsv"
+        echo "== $name: skipped (only $left s of the budget left)"
+        return
+    fi
+    echo "== $name (timeout $limit s): $*"
+    local t0=$(date +%s)
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$? note=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && note="timed out after $limit s"
+    [ "$rc" != 0 ] && [ -z "$note" ] && note="$(grep -E 'Error|error|FAILED' "$OUT/$name.log" | tail -1 | cut -c1-160)"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" "$note" >> "$OUT/parts.tsv"
+    echo "   rc $rc in $(( $(date +%s) - t0 )) s ${note:+($note)}"
+}
+
+# 1. every test that skips without CUDA: the files that ask for CUDA (grep), and in them the tests
+#    bench/cuda_tests.py finds skipped without it (a module that fails to import costs only itself)
+CUDA_TEST_FILES=$(grep -l "cuda.is_available" tests/test_*.py)
+part cuda_tests 180 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests --continue-on-collection-errors \
+    $CUDA_TEST_FILES --junitxml "$OUT/cuda_tests.xml"
+# 2. issue 30's eager crash: at batch 256 with 2 steps, step 1 draws 75 tokens per image (x2 for CFG):
+#    38,400 rows x 4 heads in one attention call, past CUDA's grid limit unless split
+part eager_rows 60 $SAMPLE --num_iter $ROWS_ITER --batch_size $BIG --backends eager --warmup 0 --repeats 1 \
+    --baseline_repeats 0 --flops_batch 0 --json "$OUT/eager_rows.json"
+# 3-4. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1)
+part sampling_b256 150 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
+    --flops_batch 0 --json "$OUT/sampling_b256.json"
+part sampling_b1 120 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
+    --flops_batch 1 --json "$OUT/sampling_b1.json"
+# 5-6. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
+TRAIN="$PY -m bench.bench_train $RUN $MODEL --batch_size $TRAIN_BATCH --steps $TRAIN_STEPS --repeats $TRAIN_REPEATS"
+part train 90 $TRAIN --json "$OUT/train.json"
+part train_ckpt 90 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
+# 7. the heads table: ARINAR's inner AR against MAR's diffusion head, both at 64 outer steps
+part heads 150 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only arinar mar_64 --batch_sizes 1 $BIG \
+    --warmup 1 --repeats 1 --json "$OUT/heads.json"
+# 8. every outer family, as each lands (bench/bench_families.py is to come with them)
+FAMILIES=""
+if [ -z "$PARTS" ] || [[ " $PARTS " == *" family_"* ]]; then  # (asking costs a torch import)
+    FAMILIES=$($PY -c "import models; print(' '.join(getattr(models, 'FAMILIES', ['mar'])))" 2>/dev/null || echo mar)
+fi
+for family in $FAMILIES; do
+    if [ -f bench/bench_families.py ]; then
+        part "family_$family" 60 $PY -m bench.bench_families --family "$family" $RUN --json "$OUT/family_$family.json"
+    elif [ -z "$PARTS" ] || [[ " $PARTS " == *" family_$family "* ]]; then
+        printf 'family_%s\tskipped\t0\t0\tbench/bench_families.py does not exist yet\n' "$family" >> "$OUT/parts.tsv"
+    fi
+done
+# 9-10. CUDA graphs + torch.compile last: its first call (compilation) is the slowest and least sure part
+if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1"; else COMPILE_RUN=$RUN; fi
+part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size $BIG \
+    --backends cuda_graphs+compile --repeats 1 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b256.json"
+part compile_b1 90 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size 1 \
+    --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b1.json"
+
+echo "== summary ($(( $(date +%s) - START )) s in all)"
+$PY -m bench.gpu_summary "$OUT" --seconds "$(( $(date +%s) - START ))" --budget "$BUDGET"

@@ -1,0 +1,215 @@
+"""The summary of a bench/gpu_check.sh run: its folder's parts.tsv and JSON files -> summary.json,
+summary.md (markdown tables), and the markdown on stdout.
+
+    python -m bench.gpu_summary bench/results/gpu [--seconds S --budget S]
+
+A part that failed or was skipped shows as such; the tables hold whatever the parts left.
+Standard library only: it runs even where torch cannot start.
+"""
+import argparse
+import datetime
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from statistics import median
+
+SAMPLING_PARTS = ("eager_rows", "sampling_b1", "sampling_b256", "compile_b1", "compile_b256")
+TRAIN_PARTS = ("train", "train_ckpt")
+
+
+def load(folder, name):
+    path = folder / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def parts(folder):
+    rows = []
+    for line in (folder / "parts.tsv").read_text().splitlines():
+        name, rc, seconds, limit, note = (line.split("\t") + [""] * 5)[:5]
+        status = {"0": "ok", "skipped": "skipped", "124": "timed out", "137": "timed out"}.get(rc, f"failed (rc {rc})")
+        rows.append({"part": name, "status": status, "seconds": seconds, "timeout_s": limit, "note": note})
+    return rows
+
+
+def tests(folder):
+    """Counts and failing test ids from pytest's JUnit XML."""
+    try:
+        root = ET.parse(folder / "cuda_tests.xml").getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    count = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    return {**count, "passed": count["tests"] - count["failures"] - count["errors"] - count["skipped"],
+            "failed_ids": failed}
+
+
+def fmt(value, spec, scale=1.0):
+    return "–" if value is None else format(value * scale, spec)
+
+
+def fmt_flops(value):
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1)):
+        if value is not None and value >= scale:
+            return f"{value / scale:.3g} {unit}FLOP"
+    return "–" if value is None else "0"
+
+
+# the flags that set a sampling run's work per image (batch, backend and timing flags do not)
+SAME_WORK = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
+             "num_gaussians", "img_size", "num_iter", "cfg", "decode")
+
+
+def same_work(a, b):
+    return all(a["args"].get(k) == b["args"].get(k) for k in SAME_WORK)
+
+
+def sampling_rows(folder):
+    """One row per (part, side). FLOPs per image do not depend on the batch, so a part that did not
+    count them takes sampling_b1's when it does the same work per image; a compile part takes the
+    baseline of the plain part at its batch."""
+    data = {name: load(folder, name) for name in SAMPLING_PARTS}
+    rows = []
+    for name, res in data.items():
+        if not res:
+            continue
+        batch, peak = res["args"]["batch_size"], res.get("peak_flops")
+        for side in set(res.get("first_call_s", {})) - set(res.get("sides", {})):  # killed after its first call
+            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side,
+                         **dict.fromkeys(("images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
+                                          "speedup", "peak_memory_mib")), "first_call_s": res["first_call_s"][side]})
+        if "sides" not in res:
+            continue
+        counter = data["sampling_b1"]
+        counted = counter["flops_per_image"] if counter and same_work(res, counter) else {}
+        plain = data.get(name.replace("compile", "sampling"))
+        base = res["sides"].get("baseline") or (plain["sides"].get("baseline") if plain and "sides" in plain
+                                                and same_work(res, plain) else None) or {}
+        for side, row in res["sides"].items():
+            per_image = row.get("flops_per_image") or counted.get("baseline" if side == "baseline" else "ours")
+            fraction = row.get("fraction_of_peak")
+            if fraction is None and per_image and peak:
+                fraction = per_image * row["images_per_s"] / peak
+            speedup = row.get("speedup")
+            if speedup is None and base.get("seconds") and side != "baseline":
+                speedup = median(base["seconds"]) / median(row["seconds"])
+            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side,
+                         "images_per_s": row["images_per_s"], "s_per_image": 1 / row["images_per_s"],
+                         "flops_per_image": per_image, "fraction_of_peak": fraction, "speedup": speedup,
+                         "first_call_s": res.get("first_call_s", {}).get(side),
+                         "peak_memory_mib": row.get("peak_memory_mib")})
+    return rows
+
+
+def heads_rows(folder):
+    res = load(folder, "heads")
+    if not res:
+        return []
+    ratios = {int(b): r for b, r in res.get("ratios", {}).items()}
+    return [{**{k: row[k] for k in ("setting", "batch_size", "num_iter", "cfg", "images_per_s", "flops_per_image",
+                                     "fraction_of_peak")},
+             "vs_arinar": ratios.get(row["batch_size"], {}).get(row["setting"], 1.0 if row["setting"] == "arinar"
+                                                                  else None)}
+            for row in res["rows"]]
+
+
+def train_rows(folder):
+    rows = []
+    for name in TRAIN_PARTS:
+        res = load(folder, name)
+        if not res:
+            continue
+        for path in ("masked_only", "all_tokens"):
+            row = res.get(path, {})
+            if "steps_per_s" not in row:
+                continue
+            rows.append({"part": name, "path": path, "batch": res["args"]["batch_size"],
+                         "grad_checkpointing": res["args"].get("grad_checkpointing", False),
+                         **{k: row.get(k) for k in ("steps_per_s", "images_per_s", "flops_per_step", "mfu",
+                                                     "peak_memory_mib")},
+                         "vs_all_tokens": row["steps_per_s"] / res["all_tokens"]["steps_per_s"]
+                         if "steps_per_s" in res.get("all_tokens", {}) else None})
+    return rows
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def machine(folder):
+    for name in SAMPLING_PARTS + TRAIN_PARTS + ("heads",):
+        res = load(folder, name)
+        if res and res.get("machine_before"):
+            return res["machine_before"]
+    return "unknown (no part left a JSON file)"
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(summary):
+    out = [f"## GPU check, {summary['date']}", "",
+           f"Machine: {summary['machine']}; commit {summary['commit']}; {summary['seconds']} s of a "
+           f"{summary['budget']} s budget.", ""]
+    out += table(["part", "result", "s", "timeout s", "note"],
+                 [[p["part"], p["status"], p["seconds"], p["timeout_s"], p["note"] or ""] for p in summary["parts"]])
+    t = summary["tests"]
+    if t:
+        out += ["", f"Tests that skip without CUDA (bench/cuda_tests.py; their CPU variants run too): {t['passed']} "
+                f"passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
+                + (": " + ", ".join(t["failed_ids"][:10]) if t["failed_ids"] else "")]
+    if summary["sampling"]:
+        out += ["", "Sampling (cfg 4.5): ours against the release-cost baseline", ""]
+        out += table(["part", "batch", "steps", "side", "images/s", "s/image", "FLOP/image", "% of peak",
+                      "vs release", "first call s", "peak GiB"],
+                     [[r["part"], r["batch"], r["steps"], r["side"], fmt(r["images_per_s"], ".3f"),
+                       fmt(r["s_per_image"], ".3f"), fmt_flops(r["flops_per_image"]),
+                       fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["speedup"], ".2f"), fmt(r["first_call_s"], ".1f"),
+                       fmt(r["peak_memory_mib"], ".1f", 1 / 1024)] for r in summary["sampling"]])
+    if summary["heads"]:
+        out += ["", "Heads (same outer model)", ""]
+        out += table(["setting", "batch", "steps", "cfg", "images/s", "FLOP/image", "% of peak", "s/image vs ARINAR"],
+                     [[r["setting"], r["batch_size"], r["num_iter"], r["cfg"], fmt(r["images_per_s"], ".3f"),
+                       fmt_flops(r["flops_per_image"]), fmt(r["fraction_of_peak"], ".1f", 100),
+                       fmt(r["vs_arinar"], ".2f")] for r in summary["heads"]])
+    if summary["training"]:
+        out += ["", "Training (one step: forward, backward, AdamW)", ""]
+        out += table(["part", "loss path", "batch", "grad ckpt", "steps/s", "images/s", "FLOP/step", "MFU %",
+                      "peak GiB", "vs all-tokens"],
+                     [[r["part"], r["path"], r["batch"], "yes" if r["grad_checkpointing"] else "no",
+                       fmt(r["steps_per_s"], ".3f"), fmt(r["images_per_s"], ".1f"),
+                       fmt_flops(r["flops_per_step"]), fmt(r["mfu"], ".1f", 100),
+                       fmt(r["peak_memory_mib"], ".1f", 1 / 1024), fmt(r["vs_all_tokens"], ".2f")]
+                      for r in summary["training"]])
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", type=Path)
+    p.add_argument("--seconds", default="?")
+    p.add_argument("--budget", default="?")
+    args = p.parse_args(argv)
+    summary = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(args.folder),
+               "seconds": args.seconds, "budget": args.budget, "parts": parts(args.folder),
+               "tests": tests(args.folder), "sampling": sampling_rows(args.folder), "heads": heads_rows(args.folder),
+               "training": train_rows(args.folder)}
+    (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = markdown(summary)
+    (args.folder / "summary.md").write_text(text)
+    print(text, end="")  # the script's output is the table
+
+
+if __name__ == "__main__":
+    main()

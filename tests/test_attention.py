@@ -1,0 +1,123 @@
+"""models/attention.py splits batch x heads past the kernel's row cap (CUDA's 65,535 grid limit).
+
+The cap is forced small on CPU so the chunked path runs here; the oracle is the same attention
+in one call, and a softmax written out by hand.
+"""
+import math
+
+import pytest
+import torch
+
+from models import attention as attention_module
+from models.attention import attention
+from models.heads.arinar import InnerAR
+from tests.conftest import randomize_
+
+HEADS, HEAD_DIM = 4, 8
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The (batch, heads) of every call that reaches torch's fused attention."""
+    calls, sdpa = [], attention_module.F.scaled_dot_product_attention
+
+    def counted(q, *args, **kwargs):
+        calls.append(tuple(q.shape[:2]))
+        return sdpa(q, *args, **kwargs)
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def cap_cpu_rows(monkeypatch, cap):
+    monkeypatch.setitem(attention_module.MAX_KERNEL_ROWS, "cpu", cap)
+
+
+def by_hand(q, k, v, scale, causal):
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v.double()
+
+
+def inputs(batch, length, cached, dtype, seed=0):
+    """q, k, v [batch, HEADS, length, HEAD_DIM]; `cached`: k and v are the first `length` positions of
+    a larger preallocated cache, the non-contiguous views the inner model's decoding passes."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, HEADS, length, HEAD_DIM, generator=gen).to(dtype)
+    if not cached:
+        return q, *(torch.randn(q.shape, generator=gen).to(dtype) for _ in range(2))
+    caches = [torch.randn(batch, HEADS, length + 5, HEAD_DIM, generator=gen).to(dtype) for _ in range(2)]
+    return q[:, :, -1:], *(c[:, :, :length] for c in caches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["causal", "full", "kv_cache"])
+def test_chunked_attention_equals_one_call(monkeypatch, kernel_calls, case, dtype):
+    causal, cached = case == "causal", case == "kv_cache"
+    q, k, v = inputs(batch=7, length=6, cached=cached, dtype=dtype)
+    whole = attention(q, k, v, 0.3, causal=causal)
+    assert kernel_calls == [(7, HEADS)]
+    kernel_calls.clear()
+    cap_cpu_rows(monkeypatch, 2 * HEADS + 1)  # 2 images per call: 4 calls, the last one short
+    chunked = attention(q, k, v, 0.3, causal=causal)
+    assert kernel_calls == [(2, HEADS)] * 3 + [(1, HEADS)]
+    assert chunked.shape == whole.shape == (7, HEADS, q.shape[2], HEAD_DIM)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)  # the same kernel on the same rows
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(chunked.double(), by_hand(q, k, v, 0.3, causal), rtol=tol, atol=tol)
+
+
+def test_cap_counts_batch_times_heads(monkeypatch, kernel_calls):
+    cap_cpu_rows(monkeypatch, 3 * HEADS)
+    attention(*inputs(batch=3, length=2, cached=False, dtype=torch.float32), 0.3)
+    assert kernel_calls == [(3, HEADS)]  # exactly at the cap: one call
+    kernel_calls.clear()
+    attention(*inputs(batch=4, length=2, cached=False, dtype=torch.float32), 0.3)
+    assert kernel_calls == [(3, HEADS), (1, HEADS)]
+    kernel_calls.clear()
+    cap_cpu_rows(monkeypatch, 1)  # below one image's heads: one image per call
+    attention(*inputs(batch=2, length=2, cached=False, dtype=torch.float32), 0.3)
+    assert kernel_calls == [(1, HEADS), (1, HEADS)]
+
+
+def test_cuda_cap_is_the_grid_limit():
+    assert attention_module.MAX_KERNEL_ROWS["cuda"] == 2 ** 16 - 1
+    assert "cpu" not in attention_module.MAX_KERNEL_ROWS  # CPU kernels take any row count
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_inner_sampling_with_chunks_draws_the_same(monkeypatch, kernel_calls, cfg):
+    """The inner model's KV-cache decoding, chunked, gives the same tokens draw for draw."""
+    torch.manual_seed(0)
+    inner = randomize_(InnerAR(token_dim=16, cond_dim=24, width=32, depth=2, num_heads=HEADS), std=0.1).eval()
+    z = torch.randn(10, 24, generator=torch.Generator().manual_seed(1))  # [cond; uncond] when guided
+
+    def draw():
+        torch.manual_seed(5)
+        return inner.sample(z, temperature=0.9, cfg=cfg)
+    whole = draw()
+    calls_whole = len(kernel_calls)
+    cap_cpu_rows(monkeypatch, 3 * HEADS)
+    chunked = draw()
+    assert len(kernel_calls) - calls_whole == math.ceil(10 / 3) * calls_whole  # every call was split
+    assert max(b for b, _ in kernel_calls[calls_whole:]) == 3
+    assert torch.equal(chunked, whole)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_attention_past_the_grid_limit():  # pragma: no cover - GPU only
+    """Issue 30's crash: 38,400 one-query rows x 4 heads (head dim 192, bf16) against a sliced KV
+    cache, as the inner model decodes at batch 256 with 16 outer steps; the oracle is the softmax
+    written out in fp32, a few thousand rows at a time."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows, heads, dim = 38400, 4, 192
+    q = torch.randn(rows, heads, 1, dim, device=device, generator=gen).bfloat16()
+    k_cache, v_cache = (torch.randn(rows, heads, 16, dim, device=device, generator=gen).bfloat16() for _ in range(2))
+    k, v = k_cache[:, :, :5], v_cache[:, :, :5]
+    out = attention(q, k, v, 0.25 / math.sqrt(dim))
+    for i in range(0, rows, 4096):
+        ref = by_hand(q[i:i + 4096].float(), k[i:i + 4096].float(), v[i:i + 4096].float(), 0.25 / math.sqrt(dim),
+                      causal=False)
+        torch.testing.assert_close(out[i:i + 4096].double(), ref, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,143 @@
+"""util/flops.py: FLOP counts against textbook formulas and a measured backward, the peak table's
+name matching, and the training log's MFU (which must leave the training run's draws alone)."""
+import logging
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine_mar import train_one_epoch
+from models.tokenizer import PixelTokenizer
+from tests.conftest import randomize_, tiny_mar
+from util import flops
+from util.train.state import TrainState
+from util.train.ema import EMA
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_linear_is_two_flops_per_multiply_add():
+    layer = torch.nn.Linear(8, 16)
+    count, out = flops.count_flops(layer, torch.randn(5, 8))
+    assert count == 2 * 5 * 8 * 16 and out.shape == (5, 16)
+
+
+def test_cpu_attention_is_counted_forward_and_backward():
+    """torch counts its CUDA attention kernels only; the CPU one must count the same products:
+    q k^T and scores v forward, five products of those sizes backward."""
+    q, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8)
+    k = torch.randn(2, 3, 7, 8, requires_grad=True)
+    forward, _ = flops.count_flops(F.scaled_dot_product_attention, q, k, v)
+    product = 2 * (2 * 3) * 5 * 7 * 8  # 2 FLOPs x batch x heads x queries x keys x head dim
+    assert forward == 2 * product
+    both, _ = flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert both == 7 * product
+
+
+def test_training_step_count_is_close_to_a_measured_backward():
+    """3x the forward against FlopCounterMode on a real forward + backward (same mask)."""
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :12] = True
+    measured, _ = flops.count_flops(lambda: model(latents, labels, mask=mask).backward())
+    estimate = flops.training_step_flops(lambda: model(latents, labels, mask=mask), torch.device("cpu"), draws=1)
+    assert estimate == pytest.approx(measured, rel=0.05)
+
+
+def test_training_step_count_leaves_rng_and_gradients_alone():
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
+    torch.manual_seed(1)
+    flops.training_step_flops(lambda: model(latents, labels), torch.device("cpu"))
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(3))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, kind, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4),       # SXM
+    ("NVIDIA H100 PCIe", "bf16", 756.5),
+    ("NVIDIA H100 NVL", "fp16", 835.5),
+    ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA H200 NVL", "bf16", 835.5),
+    ("NVIDIA A100-SXM4-80GB", "tf32", 156.0),
+    ("NVIDIA A100 80GB PCIe", "bf16", 312.0),
+    ("NVIDIA A10", "bf16", 125.0),                   # not an A100
+    ("NVIDIA L40S", "bf16", 362.05),
+    ("NVIDIA L40", "bf16", 181.05),                  # not an L40S
+    ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+    ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+    ("Tesla V100-PCIE-16GB", "fp16", 112.0),
+    ("Tesla V100-SXM2-32GB", "bf16", None),         # no bf16 tensor cores: no MFU rather than a wrong one
+    ("NVIDIA Graphics Device", "bf16", None),
+])
+def test_peak_by_device_name(name, kind, tflops):
+    peak = flops.peak_for_name(name, kind)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def test_no_peak_and_no_mfu_on_cpu():
+    assert flops.peak_flops("cpu", "bf16") is None
+    assert flops.mfu(1e12, 1.0, None) is None
+    assert flops.mfu(3e12, 2.0, 1e12) == pytest.approx(1.5)
+
+
+class Writer:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append(value)
+
+
+def train(peak, monkeypatch, caplog):
+    """Two steps of train_one_epoch on a tiny model with `peak` pretended for the CPU."""
+    monkeypatch.setattr(flops, "peak_flops", lambda device, precision: peak)
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 16, 4, 4, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(2)]
+    args = types.SimpleNamespace(grad_clip=0.0, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, lr_schedule="constant",
+                                 use_cached=False, precision="fp32", log_freq=2, batch_size=4)
+    writer = Writer()
+    torch.manual_seed(2)
+    with caplog.at_level(logging.INFO, logger="engine_mar"):
+        train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
+                        torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
+                        EMA(model, 0.9), TrainState(), args, len(data), writer=writer)
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    caplog.clear()
+    return model, lines, writer.scalars
+
+
+def test_training_log_shows_mfu_when_the_peak_is_known(monkeypatch, caplog):
+    plain, plain_lines, plain_scalars = train(None, monkeypatch, caplog)
+    assert "MFU" not in plain_lines[0] and "train/mfu" not in plain_scalars
+    model, lines, scalars = train(1e12, monkeypatch, caplog)
+    assert len(lines) == 1 and lines[0].endswith("%") and "images/s  MFU " in lines[0]
+    # MFU / (images/s) = FLOPs per image / peak, and the FLOPs per step are about 3 forwards of 4 images
+    forward, _ = flops.count_flops(lambda: model(torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))))
+    ratio = scalars["train/mfu"][0] / scalars["train/images_per_s"][0]
+    assert ratio == pytest.approx(3 * forward / 4 / 1e12, rel=0.25)
+    # counting the FLOPs drew nothing from the training run's random stream
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_count_agrees_with_flop_counter_mode():
+    """The lean counter against torch's own FlopCounterMode on a whole training step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = randomize_(tiny_mar(), std=0.1).train()
+    latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[:, :12] = True
+    ours, _ = flops.count_flops(lambda: model(latents, labels, mask=mask).backward())
+    with FlopCounterMode(display=False, custom_mapping=flops.CPU_ATTENTION) as counter:
+        model(latents, labels, mask=mask).backward()
+    assert ours == counter.get_total_flops() > 0

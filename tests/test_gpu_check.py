@@ -1,0 +1,62 @@
+"""bench/gpu_check.sh and its summary, on CPU: a part's JSON reaches the table, a failing or timed-out
+part is reported, and numbers one part lacks are taken from the part that has them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import bench_sampling, gpu_summary
+from bench.config import median
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY = ["--width", "32", "--num_heads", "4", "--enc_dec_depth", "1", "--inner_ar_width", "32", "--img_size", "64",
+        "--class_num", "10", "--device", "cpu", "--warmup", "0", "--num_iter", "2", "--backends", "eager"]
+
+
+def test_summary_reads_what_the_benchmarks_write(tmp_path):
+    bench_sampling.main(TINY + ["--batch_size", "1", "--repeats", "1", "--baseline_repeats", "1",
+                                "--json", str(tmp_path / "sampling_b1.json")])
+    big = bench_sampling.main(TINY + ["--batch_size", "2", "--repeats", "1", "--baseline_repeats", "1",
+                                      "--flops_batch", "0", "--json", str(tmp_path / "sampling_b256.json")])
+    # a compile part as the CUDA run writes it: its own side, no baseline of its own
+    compiled = {**big, "sides": {"cuda_graphs+compile": {"seconds": [0.5], "images_per_s": 4.0, "flops_per_image": None,
+                                                         "fraction_of_peak": None, "peak_memory_mib": None}}}
+    (tmp_path / "compile_b256.json").write_text(json.dumps(compiled))
+    # a compile part killed after its first call (the compilation) still reports how long that took
+    killed = {"args": big["args"], "first_call_s": {"cuda_graphs+compile": 42.0}}
+    (tmp_path / "compile_b1.json").write_text(json.dumps(killed))
+    # a part with other work per image (fewer steps) must not borrow b1's FLOPs
+    (tmp_path / "eager_rows.json").write_text(json.dumps({**big, "args": {**big["args"], "num_iter": 1}}))
+    (tmp_path / "parts.tsv").write_text("sampling_b1\t0\t5\t120\t\nheads\t1\t3\t150\tValueError: x\n"
+                                        "train\t124\t90\t90\ttimed out after 90 s\n"
+                                        "compile_b1\tskipped\t0\t90\tbudget\n")
+    gpu_summary.main([str(tmp_path), "--seconds", "98", "--budget", "470"])
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["status"] for p in summary["parts"]] == ["ok", "failed (rc 1)", "timed out", "skipped"]
+    rows = {(r["part"], r["side"]): r for r in summary["sampling"]}
+    counted = json.loads((tmp_path / "sampling_b1.json").read_text())["flops_per_image"]
+    assert rows["sampling_b256", "eager"]["flops_per_image"] == counted["ours"] > 0  # batch-free, from b1
+    assert rows["sampling_b256", "baseline"]["flops_per_image"] == counted["baseline"]
+    assert rows["eager_rows", "eager"]["flops_per_image"] is None
+    assert rows["compile_b1", "cuda_graphs+compile"]["first_call_s"] == 42.0
+    assert rows["compile_b256", "cuda_graphs+compile"]["speedup"] == pytest.approx(
+        median(big["sides"]["baseline"]["seconds"]) / 0.5)  # against the plain part's baseline
+    table = (tmp_path / "summary.md").read_text()
+    assert "| compile_b256 | 2 | 2 | cuda_graphs+compile |" in table and "timed out" in table
+
+
+def test_script_runs_a_part_and_writes_the_table(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path), "--cpu-smoke",
+                          "--parts", "eager_rows compile_b1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    parts = [line.split("\t")[:2] for line in (tmp_path / "parts.tsv").read_text().splitlines()]
+    assert parts == [["eager_rows", "0"], ["compile_b1", "1"]]  # no CUDA here: compile fails, and is reported
+    assert json.loads((tmp_path / "eager_rows.json").read_text())["sides"]["eager"]["images_per_s"] > 0
+    assert "| eager_rows | ok |" in out.stdout and "| compile_b1 | failed (rc 1) |" in out.stdout
+    assert (tmp_path / "summary.md").read_text() in out.stdout
