@@ -154,9 +154,9 @@ def _num_blocks(state, prefix):
     return len({key[len(prefix) + 1:].split(".")[0] for key in state if key.startswith(prefix + ".")})
 
 
-def _model_names_with_width(width):
-    """Presets whose outer width is `width`."""
-    return [name for name, (_, values) in PRESETS.items() if values.get("width") == width]
+def _model_names_with_width(width, family):
+    """Presets of `family` whose outer width is `width`."""
+    return [name for name, (owner, values) in PRESETS.items() if owner == family and values.get("width") == width]
 
 
 def head_prefixes():
@@ -175,8 +175,8 @@ def head_prefix(model):
     return None if attr is None else attr + "."
 
 
-def _likely_fixes(expected, found):
-    """Flags that would make the model's keys/shapes (expected) match the file's (found)."""
+def _likely_fixes(expected, found, family):
+    """Flags that would make the model's keys/shapes (expected, a `family` model) match the file's (found)."""
     fixes = []
     carried, built = head_of(found), head_of(expected)
     if carried and carried != built:
@@ -184,7 +184,7 @@ def _likely_fixes(expected, found):
                      f"one; or keep --head {built} and take only the outer model with --init_outer_from PATH)")
     width_file, width_model = _shape(found, "fake_latent"), _shape(expected, "fake_latent")
     if width_file and width_model and width_file != width_model:
-        names = _model_names_with_width(width_file[-1])
+        names = _model_names_with_width(width_file[-1], family)
         fixes.append(f"--model {' or '.join(names) or '<a model of that width>'} (checkpoint width "
                      f"{width_file[-1]}, model width {width_model[-1]})")
     for part in ("encoder_blocks", "decoder_blocks"):
@@ -225,8 +225,9 @@ def _listed(items):
     return ", ".join(items[:MAX_LISTED]) + more
 
 
-def check_state_dict(expected, found, source="checkpoint"):
-    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`."""
+def check_state_dict(expected, found, source="checkpoint", family=None):
+    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`, the state
+    of a `family` model (default: the family of a file without a config, LEGACY_FALLBACKS)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     reshaped = [f"{k} {list(found[k].shape)} vs model {list(expected[k].shape)}"
@@ -236,7 +237,8 @@ def check_state_dict(expected, found, source="checkpoint"):
     parts = [f"{len(keys)} {what} ({_listed(keys)})"
              for what, keys in (("missing", missing), ("unexpected", unexpected),
                                 ("with another shape", reshaped)) if keys]
-    fixes = _likely_fixes(expected, found) or [
+    family = family or PRESETS[LEGACY_FALLBACKS["model"]][0]
+    fixes = _likely_fixes(expected, found, family) or [
         "check --model and the config flags against the run that wrote it (its stored args)"]
     raise ValueError(f"{source} does not fit the model: {'; '.join(parts)}. Likely fix: {'; '.join(fixes)}")
 
@@ -246,7 +248,7 @@ def load_model_weights(model, state_dict, source=""):
     """Strictly load `state_dict` (DDP/compile prefixes stripped) into `model`, or raise a ValueError naming the fix."""
     model = unwrap_model(model)
     state_dict = strip_wrapper_prefixes(state_dict)
-    check_state_dict(model.state_dict(), state_dict, source or "checkpoint")
+    check_state_dict(model.state_dict(), state_dict, source or "checkpoint", model.config.family)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -262,7 +264,7 @@ def load_outer_from_mar(model, path, use_ema=True):
     model = unwrap_model(model)
     own = head_prefix(model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
-    check_state_dict(expected, outer, f"{path} (outer part)")
+    check_state_dict(expected, outer, f"{path} (outer part)", model.config.family)
     missing, unexpected = model.load_state_dict(outer, strict=False)
     assert not unexpected and all(k.startswith(own) for k in missing)
     logger.info("initialised the outer model from %s (%s, %d tensors; ignored %d head tensors)", path,
