@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: setup test demo demo-edit clean-venv
+.PHONY: setup test demo demo-edit demo-flags clean-venv
 
 setup: $(STAMP)
 
@@ -21,17 +21,29 @@ clean-venv:
 
 # The CPU demo (README command 1): ARINAR on scikit-learn's 8x8 digits, pixel tokens (2x2 patches =
 # 16 tokens of 4 features), scored by a digit classifier. One intra-op thread: the model is tiny.
-DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
-	--model mar_tiny --attn_dropout 0 --proj_dropout 0 \
+# FAMILY picks the outer family's demo model, all of one size class (width 128, 4 blocks, inner width 64):
+# `make demo FAMILY=causal`. Its run folder is output_dir/demo-<family>-<time> (plain demo-<time> for mar).
+FAMILY ?= mar
+DEMO_MODEL_mar := --model mar_tiny
+DEMO_MODEL_causal := --family causal --model causal_tiny
+DEMO_MODEL = $(or $(DEMO_MODEL_$(FAMILY)),$(error FAMILY=$(FAMILY) has no demo model; one of: \
+	$(patsubst DEMO_MODEL_%,%,$(filter DEMO_MODEL_%,$(.VARIABLES)))))
+DEMO_RUN = output_dir/demo$(if $(filter-out mar,$(FAMILY)),-$(FAMILY))
+DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
+	$(DEMO_MODEL) --attn_dropout 0 --proj_dropout 0 \
 	--batch_size 64 --epochs 70 --warmup_epochs 5 --lr 1e-3 --lr_schedule cosine --ema_rate 0.995 \
 	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
 	--num_images 1000 --eval_bsz 500 --num_iter 16 --cfg 3.0 --temperature 1.0
 
 # Training and scoring, then the editing check (demo_edit.py) on the new run.
 demo: $(STAMP)
-	run=output_dir/demo-$$(date +%Y%m%d-%H%M%S) && \
+	run=$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S) && \
 	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run && \
 	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
+
+# The flags `make demo` passes to main_mar.py for this FAMILY (tests/test_demo.py runs the demo's own recipe).
+demo-flags:
+	@echo $(DEMO_FLAGS)
 
 # The editing check alone, on the newest output_dir/demo-*/checkpoint-last.pth: held-out digits keep their
 # top half, the bottom half is regenerated with the true class and as (label + 1) % 10, and both are scored.
