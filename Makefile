@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: setup test demo demo-edit clean-venv
+.PHONY: setup test demo demo-edit demo-flags clean-venv
 
 setup: $(STAMP)
 
@@ -21,9 +21,12 @@ clean-venv:
 
 # The CPU demo (README command 1): ARINAR on scikit-learn's 8x8 digits, pixel tokens (2x2 patches =
 # 16 tokens of 4 features), scored by a digit classifier. One intra-op thread: the model is tiny.
-# FAMILY picks the outer model family; its preset <FAMILY>_tiny is the demo's model.
+# FAMILY picks the outer family; its preset <FAMILY>_tiny is the demo's model, all of one size class (about
+# 1M parameters): `make demo FAMILY=causal`. The run folder is
+# output_dir/demo-<family>-<time> (plain demo-<time> for mar).
 FAMILY ?= mar
-DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
+DEMO_RUN = output_dir/demo$(if $(filter-out mar,$(FAMILY)),-$(FAMILY))
+DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
 	--family $(FAMILY) --model $(FAMILY)_tiny \
 	--batch_size 64 --epochs 70 --warmup_epochs 5 --lr 1e-3 --lr_schedule cosine --ema_rate 0.995 \
 	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
@@ -31,9 +34,13 @@ DEMO_FLAGS := --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 
 
 # Training and scoring, then the editing check (demo_edit.py) on the new run.
 demo: $(STAMP)
-	run=output_dir/demo-$$(date +%Y%m%d-%H%M%S) && \
+	run=$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S) && \
 	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run && \
 	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
+
+# The flags `make demo` passes to main_mar.py for this FAMILY (tests/test_demo.py runs the demo's own recipe).
+demo-flags:
+	@echo $(DEMO_FLAGS)
 
 # The editing check alone, on the newest output_dir/demo-*/checkpoint-last.pth: held-out digits keep their
 # top half, the bottom half is regenerated with the true class and as (label + 1) % 10, and both are scored.

@@ -2,7 +2,7 @@
 # Every GPU check of issue 30 in one run on one GPU, in <= 8 minutes, nothing downloaded:
 #   the CUDA tests, sampling (ours: eager, CUDA graphs, graphs + compile; the release-cost baseline)
 #   at batch 1 and 256, the heads table, training on both loss paths (+ --grad_checkpointing),
-#   and every outer family's benchmark once bench/bench_families.py exists.
+#   and every other outer family against MAR's at ARINAR-B size (bench/bench_families.py).
 # ARINAR-B (--model mar_base), bf16, cfg 4.5, 64 steps, random weights.
 #
 #   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."]
@@ -93,17 +93,15 @@ part train_ckpt 90 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
 # 7. the heads table: ARINAR's inner AR against MAR's diffusion head, both at 64 outer steps
 part heads 150 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only arinar mar_64 --batch_sizes 1 $BIG \
     --warmup 1 --repeats 1 --json "$OUT/heads.json"
-# 8. every outer family, as each lands (bench/bench_families.py is to come with them)
+# 8. every outer family against MAR's (the same head, the same backend; bench/bench_families.py): b1 and b256
 FAMILIES=""
 if [ -z "$PARTS" ] || [[ " $PARTS " == *" family_"* ]]; then  # (asking costs a torch import)
-    FAMILIES=$($PY -c "import models; print(' '.join(getattr(models, 'FAMILIES', ['mar'])))" 2>/dev/null || echo mar)
+    FAMILIES=$($PY -c "import models; print(' '.join(f for f in models.FAMILIES if f != 'mar'))" 2>/dev/null)
 fi
+if [ "$SMOKE" = 1 ]; then FAMILY_SIZES="$MODEL --batch_sizes 1 2 --repeats 1"; else FAMILY_SIZES="--batch_sizes 1 $BIG"; fi
 for family in $FAMILIES; do
-    if [ -f bench/bench_families.py ]; then
-        part "family_$family" 60 $PY -m bench.bench_families --family "$family" $RUN --json "$OUT/family_$family.json"
-    elif [ -z "$PARTS" ] || [[ " $PARTS " == *" family_$family "* ]]; then
-        printf 'family_%s\tskipped\t0\t0\tbench/bench_families.py does not exist yet\n' "$family" >> "$OUT/parts.tsv"
-    fi
+    part "family_$family" 150 $PY -m bench.bench_families --family "$family" $RUN $FAMILY_SIZES --num_iter $STEPS \
+        --cfg 4.5 --json "$OUT/family_$family.json"
 done
 # 9-10. CUDA graphs + torch.compile last: its first call (compilation) is the slowest and least sure part
 if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1"; else COMPILE_RUN=$RUN; fi

@@ -16,6 +16,9 @@ from statistics import median
 
 SAMPLING_PARTS = ("eager_rows", "sampling_b1", "sampling_b256", "compile_b1", "compile_b256")
 TRAIN_PARTS = ("train", "train_ckpt")
+# a family's speed goal at its ARINAR-B-sized preset with the ARINAR head on one H100/H200 (issue 28):
+# images/s at batch 256, s/image at batch 1
+FAMILY_GOALS = {"causal": {"model": "causal_base", "images_per_s_b256": 200.0, "s_per_image_b1": 0.1}}
 
 
 def load(folder, name):
@@ -137,6 +140,41 @@ def train_rows(folder):
     return rows
 
 
+def family_rows(folder):
+    """One row per (family part, side, batch) of bench_families, with the side's images/s over MAR's."""
+    rows = []
+    for path in sorted(folder.glob("family_*.json")):
+        res = load(folder, path.stem)
+        if not res or "sides" not in res:
+            continue
+        ratios = res.get("ratios", {})
+        for i, side in enumerate(res["sides"]):
+            for row in side["rows"]:
+                ratio = ratios.get(str(row["batch_size"]), {}).get("images_per_s") if i else 1.0
+                rows.append({"part": path.stem, "family": side["family"], "model": side["model"],
+                             "head": side["head"], "batch": row["batch_size"], "steps": res["args"]["num_iter"],
+                             "images_per_s": row["images_per_s"], "s_per_image": row["s_per_image"],
+                             "flops_per_image": row["flops_per_image"], "fraction_of_peak": row["fraction_of_peak"],
+                             "peak_memory_mib": row["peak_memory_mib"], "vs_mar": ratio})
+    return rows
+
+
+def family_goals(rows):
+    """Each family goal (FAMILY_GOALS) with what was measured: rows of its preset with the ARINAR head."""
+    out = []
+    for family, goal in FAMILY_GOALS.items():
+        at = {r["batch"]: r for r in rows if r["family"] == family and r["model"] == goal["model"]
+              and r["head"] == "arinar"}
+        b256, b1 = at.get(256, {}).get("images_per_s"), at.get(1, {}).get("s_per_image")
+        text = (f"{goal['model']}: >= {goal['images_per_s_b256']:g} images/s at batch 256, "
+                f"<= {goal['s_per_image_b1']:g} s/image at batch 1")
+        out.append({"family": family, "goal": text,
+                    "images_per_s_b256": b256, "s_per_image_b1": b1,
+                    "met": None if b256 is None or b1 is None else
+                    b256 >= goal["images_per_s_b256"] and b1 <= goal["s_per_image_b1"]})
+    return out
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -192,6 +230,19 @@ def markdown(summary):
                        fmt_flops(r["flops_per_step"]), fmt(r["mfu"], ".1f", 100),
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024), fmt(r["vs_all_tokens"], ".2f")]
                       for r in summary["training"]])
+    if summary["families"]:
+        out += ["", "Outer families (the same head and backend; the reference: the MAR family through our engine)", ""]
+        out += table(["part", "family", "model", "batch", "steps", "images/s", "s/image", "FLOP/image", "% of peak",
+                      "peak GiB", "images/s vs MAR"],
+                     [[r["part"], r["family"], r["model"], r["batch"], r["steps"], fmt(r["images_per_s"], ".3f"),
+                       fmt(r["s_per_image"], ".4f"), fmt_flops(r["flops_per_image"]),
+                       fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["peak_memory_mib"], ".2f", 1 / 1024),
+                       fmt(r["vs_mar"], ".2f")] for r in summary["families"]])
+        out.append("")
+        for g in summary["family_goals"]:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+            out.append(f"Goal ({g['family']}, ARINAR head): {g['goal']}; measured {fmt(g['images_per_s_b256'], '.1f')} "
+                       f"images/s and {fmt(g['s_per_image_b1'], '.4f')} s/image: {verdict}")
     return "\n".join(out) + "\n"
 
 
@@ -204,7 +255,8 @@ def main(argv=None):
     summary = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(args.folder),
                "seconds": args.seconds, "budget": args.budget, "parts": parts(args.folder),
                "tests": tests(args.folder), "sampling": sampling_rows(args.folder), "heads": heads_rows(args.folder),
-               "training": train_rows(args.folder)}
+               "training": train_rows(args.folder), "families": family_rows(args.folder)}
+    summary["family_goals"] = family_goals(summary["families"])
     (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary)
     (args.folder / "summary.md").write_text(text)

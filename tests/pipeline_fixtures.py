@@ -19,6 +19,9 @@ TINY = "test_tiny"
 
 # width 32, one encoder and one decoder block: trains in milliseconds per step on a CPU
 TINY_PRESET = ("mar", {"width": 32, "num_heads": 2, "enc_dec_depth": 1})
+# the causal family at the same width: one self-attention and one cross-attention block
+TINY_CAUSAL = "test_tiny_causal"
+TINY_PRESETS = {TINY: TINY_PRESET, TINY_CAUSAL: ("causal", {"width": 32, "num_heads": 2, "depth": 2})}
 
 
 def tiny_flags(**overrides):
@@ -61,16 +64,16 @@ def make_image_folder(root, classes=2, per_class=6, seed=0, broken=()):
 LAUNCHER = textwrap.dedent(f"""
     import sys
     sys.path.insert(0, {str(REPO)!r})
-    from tests.pipeline_fixtures import TINY, TINY_PRESET
+    from tests.pipeline_fixtures import TINY_PRESETS
     from models import PRESETS
-    PRESETS[TINY] = TINY_PRESET
+    PRESETS.update(TINY_PRESETS)
     import {{module}}
     {{module}}.cli(sys.argv[1:])
 """)
 
 
 def write_launcher(folder, module="main_mar"):
-    """A script that registers the tiny model, then runs `module`.cli (torchrun needs a file)."""
+    """A script that registers the tiny models, then runs `module`.cli (torchrun needs a file)."""
     path = os.path.join(folder, f"launch_{module}.py")
     with open(path, "w") as f:
         f.write(LAUNCHER.format(module=module))
@@ -98,14 +101,14 @@ def torchrun():
 
 def parse(flags):
     import main_mar
-    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
+    with mock.patch.dict(PRESETS, TINY_PRESETS):
         return main_mar.get_args_parser().parse_args(flags)
 
 
 def run_main(flags):
-    """main_mar.main in this process with the tiny model registered."""
+    """main_mar.main in this process with the tiny models registered."""
     import main_mar
-    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
+    with mock.patch.dict(PRESETS, TINY_PRESETS):
         args = main_mar.get_args_parser().parse_args(flags)
         main_mar.main(args)
     return args
@@ -162,7 +165,7 @@ def eval_setup(tmp_path, **overrides):
     flags = dict(output_dir=tmp_path / "run", num_images=4, eval_bsz=2, num_iter=4, fid_stats="none")
     flags.update(overrides)
     args = resolve_args(parse(tiny_flags(**flags)))
-    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}):
+    with mock.patch.dict(PRESETS, TINY_PRESETS):
         torch.manual_seed(0)
         model = build(model_config(args, None)[0])
     tokenizer = build_tokenizer(model.config.tokens)

@@ -1,3 +1,2 @@
 """The outer families; importing this package registers them (models.registry.FAMILIES, PRESETS)."""
-from models.families import mar  # noqa: F401  (registration)
-from models.families import scalewise  # noqa: F401  (registration)
+from models.families import causal, mar, scalewise  # noqa: F401  (registration)

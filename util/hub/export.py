@@ -46,7 +46,7 @@ def published_from_checkpoint(path, eval_root=None):
     config, _ = config_from_checkpoint(ckpt, state, source=str(path))
     with torch.device("meta"):
         expected = build(config).state_dict()
-    check_state_dict(expected, state, str(path))
+    check_state_dict(expected, state, str(path), config.family)
     state = {key: state[key] for key in expected}
     local = Path(path)
     run_folder = eval_root or (local if local.is_dir() else local.parent if local.is_file() else None)

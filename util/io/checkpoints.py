@@ -101,8 +101,8 @@ def _read_pretrained(folder):
     facts = pretrained.run_facts(metadata, weights)
     with torch.device("meta"):
         expected = build(config).state_dict()
-    check_state_dict(expected, tensors, str(weights), against=f"the model its {pretrained.CONFIG_NAME} describes",
-                     fix_label="The weights say")
+    check_state_dict(expected, tensors, str(weights), config.family,
+                     against=f"the model its {pretrained.CONFIG_NAME} describes", fix_label="The weights say")
     ckpt = {"config": config.to_dict(), "model_ema" if facts.pop("weights") == "ema" else "model": tensors}
     ckpt.update(facts)
     return ckpt
@@ -196,9 +196,9 @@ def _num_blocks(state, prefix):
     return len({key[len(prefix) + 1:].split(".")[0] for key in state if key.startswith(prefix + ".")})
 
 
-def _model_names_with_width(width):
-    """Presets whose outer width is `width`."""
-    return [name for name, (_, values) in PRESETS.items() if values.get("width") == width]
+def _model_names_with_width(width, family):
+    """Presets of `family` whose outer width is `width`."""
+    return [name for name, (owner, values) in PRESETS.items() if owner == family and values.get("width") == width]
 
 
 def head_prefixes():
@@ -217,8 +217,8 @@ def head_prefix(model):
     return None if attr is None else attr + "."
 
 
-def _likely_fixes(expected, found):
-    """Flags that would make the model's keys/shapes (expected) match the file's (found)."""
+def _likely_fixes(expected, found, family):
+    """Flags that would make the model's keys/shapes (expected, a `family` model) match the file's (found)."""
     fixes = []
     carried, built = head_of(found), head_of(expected)
     if carried and carried != built:
@@ -226,7 +226,7 @@ def _likely_fixes(expected, found):
                      f"one; or keep --head {built} and take only the outer model with --init_outer_from PATH)")
     width_file, width_model = _shape(found, "fake_latent"), _shape(expected, "fake_latent")
     if width_file and width_model and width_file != width_model:
-        names = _model_names_with_width(width_file[-1])
+        names = _model_names_with_width(width_file[-1], family)
         fixes.append(f"--model {' or '.join(names) or '<a model of that width>'} (checkpoint width "
                      f"{width_file[-1]}, model width {width_model[-1]})")
     for part in ("encoder_blocks", "decoder_blocks"):
@@ -267,8 +267,9 @@ def _listed(items):
     return ", ".join(items[:MAX_LISTED]) + more
 
 
-def check_state_dict(expected, found, source="checkpoint", against="the model", fix_label="Likely fix"):
-    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`:
+def check_state_dict(expected, found, source="checkpoint", family=None, against="the model", fix_label="Likely fix"):
+    """Raise a one-line ValueError unless `found` has exactly the keys and shapes of `expected`, the state
+    of a `family` model (default: the family of a file without a config, LEGACY_FALLBACKS):
     "<source> does not fit <against>: <what differs>. <fix_label>: <the flags the weights imply>"."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
@@ -279,7 +280,8 @@ def check_state_dict(expected, found, source="checkpoint", against="the model", 
     parts = [f"{len(keys)} {what} ({_listed(keys)})"
              for what, keys in (("missing", missing), ("unexpected", unexpected),
                                 ("with another shape", reshaped)) if keys]
-    fixes = _likely_fixes(expected, found) or [
+    family = family or PRESETS[LEGACY_FALLBACKS["model"]][0]
+    fixes = _likely_fixes(expected, found, family) or [
         "check --model and the config flags against the run that wrote it (its stored args)"]
     raise ValueError(f"{source} does not fit {against}: {'; '.join(parts)}. {fix_label}: {'; '.join(fixes)}")
 
@@ -289,7 +291,7 @@ def load_model_weights(model, state_dict, source=""):
     """Strictly load `state_dict` (DDP/compile prefixes stripped) into `model`, or raise a ValueError naming the fix."""
     model = unwrap_model(model)
     state_dict = strip_wrapper_prefixes(state_dict)
-    check_state_dict(model.state_dict(), state_dict, source or "checkpoint")
+    check_state_dict(model.state_dict(), state_dict, source or "checkpoint", model.config.family)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -305,7 +307,7 @@ def load_outer_from_mar(model, path, use_ema=True):
     model = unwrap_model(model)
     own = head_prefix(model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
-    check_state_dict(expected, outer, f"{path} (outer part)")
+    check_state_dict(expected, outer, f"{path} (outer part)", model.config.family)
     missing, unexpected = model.load_state_dict(outer, strict=False)
     assert not unexpected and all(k.startswith(own) for k in missing)
     logger.info("initialised the outer model from %s (%s, %d tensors; ignored %d head tensors)", path,
@@ -326,6 +328,7 @@ def freeze_outer(model):
 
 
 # ----------------------------------------------------------------------------- the model config
+DEFAULT_HEAD = ModelConfig.head  # the head a file without head weights or args is taken to carry
 # what a file without a stored config is taken to be when nothing in it says otherwise (the releases' model)
 LEGACY_FALLBACKS = {"model": "mar_base", "tokenizer": "kl16", "img_channels": 3}
 
@@ -373,7 +376,8 @@ def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
         changed = check_flags_apply(config, given, source)
         return config_from_flags({k: new for k, (_, new) in changed.items()}, base=config), changed
     stored = legacy_flags(ckpt, state)
-    tunable = tunable_flags(stored.get("family", "mar"), stored.get("head") or "arinar")
+    family = stored.get("family") or PRESETS[stored["model"]][0]
+    tunable = tunable_flags(family, stored.get("head") or DEFAULT_HEAD)
     for name, value in given.items():
         if name in stored and stored[name] != value and name not in tunable and name not in LEGACY_FALLBACKS:
             raise ValueError(f"--{name} {value} contradicts {source} ({name} {stored[name]}): drop the flag")
