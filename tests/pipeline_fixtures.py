@@ -21,7 +21,9 @@ TINY = "test_tiny"
 TINY_PRESET = ("mar", {"width": 32, "num_heads": 2, "enc_dec_depth": 1})
 # the causal family at the same width: one self-attention and one cross-attention block
 TINY_CAUSAL = "test_tiny_causal"
-TINY_PRESETS = {TINY: TINY_PRESET, TINY_CAUSAL: ("causal", {"width": 32, "num_heads": 2, "depth": 2})}
+TINY_SCALEWISE = "test_tiny_scalewise"
+TINY_PRESETS = {TINY: TINY_PRESET, TINY_CAUSAL: ("causal", {"width": 32, "num_heads": 2, "depth": 2}),
+                TINY_SCALEWISE: ("scalewise", {"width": 32, "num_heads": 2, "depth": 2, "ssm_state": 4})}
 
 
 def tiny_flags(**overrides):
