@@ -56,7 +56,8 @@ def get_args_parser():
     parser = flags.parser("ARINAR training and evaluation")
     flags.add_model_args(parser)
     data = flags.add_data_args(parser)
-    data.add_argument("--dataset", default="imagenet", choices=DATASETS, help="imagenet (ImageFolder) or the digits demo")
+    data.add_argument("--dataset", default="imagenet", choices=DATASETS,
+                      help="imagenet (ImageFolder) or the digits demo")
     data.add_argument("--use_cached", action="store_true", help="train from --cached_path latents")
     data.add_argument("--seed", default=1, type=int, help="initial weights, data order and sampling seeds")
 

@@ -69,7 +69,8 @@ def main(argv=None):
                                            backend=eager)
             per_image = counted / args.flops_batch
         for batch in args.batch_sizes:
-            labels = torch.randint(0, model.config.class_num, (batch,), generator=torch.Generator().manual_seed(args.seed))
+            labels = torch.randint(0, model.config.class_num, (batch,),
+                                   generator=torch.Generator().manual_seed(args.seed))
 
             def run():
                 model.sample_tokens(batch, num_iter, cfg=cfg, labels=labels, backend=backend)

@@ -9,7 +9,8 @@ depend on them. Beside images/s: each side's model FLOPs per image (util/flops.p
 a small eager batch) and the fraction of the GPU's dense peak they reach (none on CPU).
 
 CPU configuration (inner model at ARINAR-B size dominates):
-    python -m bench.bench_sampling --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 8 --cfg 4.5 --num_iter 64 --threads 1
+    python -m bench.bench_sampling --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 8 --cfg 4.5 \
+        --num_iter 64 --threads 1
 ARINAR-B on a GPU, bf16, CUDA graphs + compile:
     python -m bench.bench_sampling --device cuda --precision bf16 --compile --batch_size 256
 """

@@ -1,4 +1,6 @@
-"""Small layers several networks share: the AdaLN modulation and the tanh-GELU feed-forward block."""
+"""Small layers several networks share: the AdaLN modulation, the tanh-GELU feed-forward block and
+the ViT-style initialisation."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -22,3 +24,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+@torch.no_grad()
+def init_linears_and_norms_(module):
+    """Xavier-uniform Linear weights with zero biases, unit LayerNorms (MAR's outer init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

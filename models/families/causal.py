@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from models.attention import attention
 from models.config import UNIT, flag
-from models.families.common import (STEP_SCHEDULES, EagerSteps, Step, canvas, canvas_dtype, check_labels,
+from models.families.common import (STEP_SCHEDULES, EagerSteps, OuterModel, Step, canvas, canvas_dtype, check_labels,
                                     check_latents, check_sampling_settings, step_schedule)
 from models.families.mar import Mlp, take
+from models.layers import init_linears_and_norms_
 from models.registry import build_head, register_family
 from models.rope import grid_angles, rotate
-from models.token_grid import patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------- attention pieces
@@ -195,13 +195,10 @@ PRESETS = {
 
 
 @register_family("causal", config=CausalConfig, presets=PRESETS, default="causal_base")
-class CausalAR(nn.Module):
-    grad_checkpointing = False  # set by the training script
-
+class CausalAR(OuterModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.tokens = t = config.tokens
+        super().__init__(config)
+        t = self.tokens
         c = config.family_config
         width, half = c.width, c.depth // 2
         self.seq_len, self.token_embed_dim = t.seq_len, t.token_dim
@@ -228,30 +225,13 @@ class CausalAR(nn.Module):
         self.initialize_weights()
         build_head(self, config, cond_dim=width)
 
-    @property
-    def head(self):
-        """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
-        return getattr(self, self.head_attr)
-
     @torch.no_grad()
     def initialize_weights(self):
         for p in (self.class_emb.weight, self.query_token, self.query_pos_embed):
             nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms_(self)
 
     # ---------------------------------------------------------------- tokens and inputs
-    def patchify(self, latents):
-        return patchify(latents, self.tokens)
-
-    def unpatchify(self, tokens):
-        return unpatchify(tokens, self.tokens)
-
     @property
     def null_class(self):
         return self.class_num

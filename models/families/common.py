@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from models.token_grid import patchify
+from models.token_grid import patchify, unpatchify
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -37,6 +37,28 @@ class Step:
 
     def __call__(self, *args):
         return self.fn(self.module, *args)
+
+
+class OuterModel(nn.Module):
+    """What every family's network shares: its config (`config`, `tokens`), its head under the release's
+    attribute (`head`, set up by models.registry.build_head), and the token layout of its latents."""
+
+    grad_checkpointing = False  # set by the training script
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.tokens = config, config.tokens
+
+    @property
+    def head(self):
+        """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
+        return getattr(self, self.head_attr)
+
+    def patchify(self, latents):
+        return patchify(latents, self.tokens)
+
+    def unpatchify(self, tokens):
+        return unpatchify(tokens, self.tokens)
 
 
 class EagerSteps:

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from models.attention import attention
 from models.config import UNIT, flag
-from models.families.common import (EagerSteps, Step, canvas, canvas_dtype, check_labels, check_latents,
+from models.families.common import (EagerSteps, OuterModel, Step, canvas, canvas_dtype, check_labels, check_latents,
                                     check_sampling_settings, cosine_schedule)
+from models.layers import init_linears_and_norms_
 from models.registry import build_head, register_family
-from models.token_grid import patchify, unpatchify
 
 
 # ----------------------------------------------------------------------------- outer blocks
@@ -137,13 +137,10 @@ PRESETS = {
 
 
 @register_family("mar", config=MARConfig, presets=PRESETS, default="mar_base")
-class MAR(nn.Module):
-    grad_checkpointing = False  # set by the training script
-
+class MAR(OuterModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.tokens = t = config.tokens
+        super().__init__(config)
+        t = self.tokens
         c = config.family_config
         width = c.width
         self.seq_len, self.token_embed_dim = t.seq_len, t.token_dim
@@ -175,31 +172,14 @@ class MAR(nn.Module):
         # created after the outer init, which must not touch it; registered under the release's key name
         build_head(self, config, cond_dim=width)
 
-    @property
-    def head(self):
-        """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
-        return getattr(self, self.head_attr)
-
     @torch.no_grad()
     def initialize_weights(self):
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
                   self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears_and_norms_(self)
 
     # ---------------------------------------------------------------- tokens and inputs
-    def patchify(self, latents):
-        return patchify(latents, self.tokens)
-
-    def unpatchify(self, tokens):
-        return unpatchify(tokens, self.tokens)
-
     def check_mask(self, mask, batch_size):
         if tuple(mask.shape) != (batch_size, self.seq_len):
             raise ValueError(f"mask must be [B, seq_len] = [{batch_size}, {self.seq_len}] with 1 = masked; "

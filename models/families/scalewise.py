@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.config import UNIT, flag
-from models.families.common import (EagerSteps, Step, canvas, canvas_dtype, cfg_scale, check_labels,
+from models.families.common import (EagerSteps, OuterModel, Step, canvas, canvas_dtype, cfg_scale, check_labels,
                                     check_latents, check_sampling_settings)
 from models.multiscale import (accumulate, covered, grid_to_seq, residuals, resize, scale_bounds, scale_ids,
                                scales_for, seq_to_grid)
@@ -82,13 +82,10 @@ PRESETS = {
 
 
 @register_family("scalewise", config=ScalewiseConfig, presets=PRESETS, default="var_d16")
-class ScalewiseAR(nn.Module):
-    grad_checkpointing = False  # set by the training script
-
+class ScalewiseAR(OuterModel):
     def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.tokens = t = config.tokens
+        super().__init__(config)
+        t = self.tokens
         c = self.family_config = config.family_config
         width = c.width
         self.mixer = c.mixer
@@ -118,11 +115,6 @@ class ScalewiseAR(nn.Module):
         self.initialize_weights()
         # created after the outer init, which must not touch it
         build_head(self, config, cond_dim=width)
-
-    @property
-    def head(self):
-        """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
-        return getattr(self, self.head_attr)
 
     @property
     def null_class(self):
