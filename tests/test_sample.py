@@ -131,3 +131,24 @@ def test_missing_files_are_one_line_errors(kl16_run, tmp_path, capsys):
         with pytest.raises(SystemExit):
             run(kl16_run, tmp_path / "x.png", "--device", "cuda")
         assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, message", [("--compile", "--compile needs a CUDA device"),
+                                           ("--cuda_graphs", "--cuda_graphs needs a CUDA device")])
+def test_cuda_only_flags_on_a_cpu_are_one_line(pixel_run, tmp_path, capsys, flag, message):
+    """On a CPU, --compile and --cuda_graphs stop before sampling with one line that says to drop the flag."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(pixel_run, tmp_path / "x.png", flag)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0] and f"drop {flag}" in err[0], err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_exported_safetensors_file_samples_its_ema_weights_without_a_warning(pixel_run, tmp_path, caplog):
+    """The export holds the EMA weights and says so: sampling it gives the run's EMA images, no 'no EMA' warning."""
+    from util.io.checkpoints import export_safetensors
+    exported = export_safetensors(pixel_run, tmp_path / "ema.safetensors")
+    with caplog.at_level("WARNING"):
+        from_file = run(exported, tmp_path / "a.png").read_bytes()
+    assert not [r for r in caplog.records if "EMA" in r.getMessage()]
+    assert from_file == run(pixel_run, tmp_path / "b.png").read_bytes()
