@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import special, stats
 
+from models import gmm
 from models.gmm import (cfg_log_target, gmm_log_prob, gmm_nll, sample_gmm, sample_gmm_cfg,
                         split_gmm_params, tempered)
 from tests.reference import assert_all_fit
@@ -140,3 +141,54 @@ def test_cfg_accepts_per_row_scale():
 
 def test_tempered_logvar():
     assert torch.allclose(torch.exp(0.5 * tempered(torch.zeros(1), 2.0)), torch.tensor([0.5]))
+
+
+# ----------------------------------------------------------------------------- guided draws in row slices
+def test_row_slices_cut_at_the_device_cap(monkeypatch):
+    monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", 1 << 18)
+    mix = lambda rows: batch(rows, MU, LOGVAR, LOGITS)  # noqa: E731
+    assert gmm.row_slices(mix(262), mix(262), 4.5, 1000) is None  # 262,000 values: one call
+    slices = gmm.row_slices(mix(1000), mix(1000), 4.5, 1000)
+    assert [c[0].shape[0] for c, _, _ in slices] == [262, 262, 262, 214]
+    # whole-token mixtures: mu [rows, K, C], logits [rows, K]; values per row are M * C
+    token = [torch.zeros(100, 4, 16), torch.zeros(100, 4, 16), torch.zeros(100, 4)]
+    assert [c[2].shape[0] for c, _, _ in gmm.row_slices(token, token, 4.5, 1000 * 16)] == [16] * 6 + [4]
+
+
+def narrow_rows(rows, features=None):
+    """Mixtures whose row i is (almost) a point mass at i + 0.25 (+ 0.01 * feature), so a draw names its
+    row whatever the random numbers; the unconditional side is wide, so guidance only sharpens."""
+    mean = torch.arange(rows, dtype=torch.float64)[:, None].expand(rows, 4) + 0.25
+    logits = torch.tensor([0.0, -40.0, -40.0, -40.0], dtype=torch.float64).expand(rows, 4)
+    if features:
+        mean = mean[..., None] + 0.01 * torch.arange(features, dtype=torch.float64)
+    cond = (mean, torch.full_like(mean, -40.0), logits)
+    uncond = (torch.zeros_like(mean), torch.full_like(mean, 2.0), logits)
+    return cond, uncond
+
+
+SLICED = [(gmm.sample_gmm_cfg, None), (gmm.sample_gmm_cfg_exact, None), (gmm.sample_diag_gmm_cfg, 3)]
+
+
+@pytest.mark.parametrize("sampler, features", SLICED, ids=["sir", "exact", "token"])
+def test_sliced_guided_draws_keep_rows_and_their_scales(sampler, features, monkeypatch):
+    """Rows drawn in slices of 3 (of 10) come back in order, each with its own mixture and scale:
+    the draws equal the same sampler called on each slice by hand, and name their rows."""
+    monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", 1)  # a slice of one row per call
+    cond, uncond = narrow_rows(10, features)
+    cfg = torch.linspace(1.5, 6.0, 10, dtype=torch.float64)
+    torch.manual_seed(0)
+    one_by_one = sampler(cond, uncond, cfg, 1.0)
+    expected = cond[0][:, 0]
+    assert one_by_one.dtype == torch.float64
+    torch.testing.assert_close(one_by_one, expected, rtol=0, atol=1e-6)
+    monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", 3 * (512 if sampler is gmm.sample_gmm_cfg_exact
+                                                              else 1000 * (features or 1)))
+    torch.manual_seed(1)
+    sliced = sampler(cond, uncond, cfg, 1.0)
+    monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", 1 << 40)
+    torch.manual_seed(1)
+    by_hand = torch.cat([sampler(tuple(t[i:i + 3] for t in cond), tuple(t[i:i + 3] for t in uncond), cfg[i:i + 3], 1.0)
+                         for i in range(0, 10, 3)])
+    torch.testing.assert_close(sliced, by_hand, rtol=0, atol=0)
+    torch.testing.assert_close(sliced, expected, rtol=0, atol=1e-6)
