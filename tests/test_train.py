@@ -275,3 +275,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--data_path" in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype, kept", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_ema_keeps_float64_and_widens_bf16(dtype, kept):
+    """The average is at least float32 and never narrows: one step of rate 0.5 from 1 towards
+    1 + 2^-40 lands on 1 + 2^-41 in float64 (float32 would round it to 1)."""
+    model = torch.nn.Linear(1, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, rate=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0 + 2.0 ** -40 if dtype == torch.float64 else 1.0078125)  # bf16's spacing at 1
+    ema.update(model)
+    avg = ema.params[0]
+    assert avg.dtype == kept
+    assert avg.item() == (1.0 + 2.0 ** -41 if dtype == torch.float64 else 1.00390625)  # half a bf16 step
+    assert ema.state_dict_for(model)["weight"].dtype == dtype

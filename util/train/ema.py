@@ -2,7 +2,9 @@
 
 After every optimizer step: ema = rate * ema + (1 - rate) * param, with no warm-up or bias
 correction; the average starts as a copy of the parameters. Only parameters are averaged;
-buffers are always taken live from the model, as in the released `model_ema` entries.
+buffers are always taken live from the model, as in the released `model_ema` entries. The average
+is kept in float32 for bf16/fp16 parameters (a rate of 0.9999 moves a bf16 value by less than its
+spacing) and in the parameter's own dtype when that is wider: float64 stays float64.
 """
 from contextlib import contextmanager
 
@@ -15,11 +17,12 @@ class EMA:
             raise ValueError(f"--ema_rate must be in [0, 1]; got {rate}")
         self.rate = rate
         self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p.detach().clone().float() for _, p in model.named_parameters()]
+        self.params = [p.detach().clone().to(torch.promote_types(p.dtype, torch.float32))
+                       for _, p in model.named_parameters()]
 
     @torch.no_grad()
     def update(self, model):
-        live = [p.detach().float() for _, p in model.named_parameters()]
+        live = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), self.params)]
         torch._foreach_lerp_(self.params, live, 1.0 - self.rate)
 
     def state_dict_for(self, model):
