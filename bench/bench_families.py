@@ -16,6 +16,7 @@ Random weights: speed does not depend on them.
         --batch_sizes 1 16 --threads 1 --json bench/results/families_cpu.json           # the demo size on a CPU
 """
 import logging
+import math
 
 import torch
 
@@ -46,8 +47,9 @@ def parse_args(argv=None):
 
 
 def side_configs(args):
-    """(reference config, contender config) from the flags: --family/--model pick the contender (default:
-    the family's default preset, ARINAR-B's outer size), --reference_model the MAR side; every other
+    """(reference config, contender config) from the flags: --family/--model pick the contender (--family
+    alone: its preset nearest in outer parameters to the reference, ARINAR-B's by default), --reference_model
+    the MAR side; every other
     model flag goes to both and must be a setting of at least one."""
     given = flags.given_model_flags(args)
     family = given.pop("family", None)
@@ -55,7 +57,7 @@ def side_configs(args):
     if model is None and family is None:
         raise ValueError("name the family to compare with --family (or a preset with --model)")
     if model is None:
-        model = FAMILIES[family].default
+        model = nearest_preset(family, args.reference_model, given)
     if family is not None and PRESETS[model][0] != family:
         raise ValueError(f"--model {model} is a {PRESETS[model][0]} model, not --family {family}")
     if PRESETS[args.reference_model][0] != REFERENCE_FAMILY:
@@ -65,6 +67,24 @@ def side_configs(args):
         if not any(applies(config, name, value) for config in configs):
             raise ValueError(f"--{name} is a setting of neither {args.reference_model} nor {model}")
     return configs
+
+
+def outer_parameters(model):
+    """Parameters of everything but the per-token head."""
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.head.parameters())
+
+
+def nearest_preset(family, reference, given):
+    """The family's preset whose outer model is nearest in parameters to the reference's, both with the
+    given flags (counted on the meta device: nothing is allocated); ties go to the family's default."""
+    def size(name):
+        with torch.device("meta"):
+            return outer_parameters(build(config_from_flags({**given, "model": name})))
+
+    target = size(reference)
+    names = sorted((name for name, (owner, _) in PRESETS.items() if owner == family),
+                   key=lambda name: name != FAMILIES[family].default)
+    return min(names, key=lambda name: abs(math.log(size(name) / target)))
 
 
 def applies(config, name, value):
@@ -84,9 +104,8 @@ class Side:
         self.name, self.preset = config.family, config.model
         self.backend = make_backend(self.model, cuda_graphs=args.cuda_graphs, compile=args.compile,
                                     cfg_sampler=args.cfg_sampler, precision=args.precision)
-        head = self.model.head
         self.params = sum(p.numel() for p in self.model.parameters())
-        self.outer_params = self.params - sum(p.numel() for p in head.parameters())
+        self.outer_params = outer_parameters(self.model)
         self.flops_per_image, self.rows = None, {}
 
     def sample(self, labels, args, backend=None):

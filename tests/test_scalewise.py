@@ -431,6 +431,9 @@ def test_parameter_counts():
     assert abs(mvar_outer / var_outer - 1) < 0.01
     assert count("scalewise_tiny", **DIGITS) == (929_676, 1_054_872)  # mar_tiny: 819,712 / 944,908
     assert count("mvar_tiny", **DIGITS) == (955_036, 1_071_016)
+    # the benchmark's presets: ARINAR-B's outer (200,526,336) within 3%, and its head (12,423,180)
+    assert count("var_base") == (204_418_020, 204_418_020 + 12_423_180)
+    assert count("mvar_base") == (196_536_720, 196_536_720 + 12_423_180)
 
 
 def test_var_d16_is_the_releases_shape():

@@ -73,6 +73,9 @@ PRESETS = {
     # M-VAR's block (attention + scan + MLP) at var_d16's parameter count: 16 blocks of 832 (13 heads of 64)
     "mvar_d16": {"mixer": "mvar", "width": 832, "depth": 16, "num_heads": 13, "drop_path": 0.1 * 16 / 24,
                  "inner_ar_width": 1024},
+    # ARINAR-B's outer parameter count (200.5M) at its width, with its head: the families benchmark's size
+    "var_base": {"mixer": "var", "width": 768, "depth": 19, "num_heads": 12},
+    "mvar_base": {"mixer": "mvar", "width": 768, "depth": 12, "num_heads": 12},
     # the CPU demo's, about mar_tiny's size (0.94M parameters with the inner head)
     "scalewise_tiny": {"mixer": "var", "width": 128, "depth": 3, "num_heads": 4, "inner_ar_width": 64},
     # (the scan at expand 1 and 8 states: its sequential loop dominates a CPU step otherwise)
