@@ -57,7 +57,7 @@ def side_configs(args):
     if model is None and family is None:
         raise ValueError("name the family to compare with --family (or a preset with --model)")
     if model is None:
-        model = nearest_preset(family, args.reference_model, given)
+        model = nearest_preset(family, args.reference_model)
     if family is not None and PRESETS[model][0] != family:
         raise ValueError(f"--model {model} is a {PRESETS[model][0]} model, not --family {family}")
     if PRESETS[args.reference_model][0] != REFERENCE_FAMILY:
@@ -74,12 +74,13 @@ def outer_parameters(model):
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.head.parameters())
 
 
-def nearest_preset(family, reference, given):
-    """The family's preset whose outer model is nearest in parameters to the reference's, both with the
-    given flags (counted on the meta device: nothing is allocated); ties go to the family's default."""
+def nearest_preset(family, reference):
+    """The family's preset whose outer model is nearest in parameters to the reference preset's, both as
+    the presets define them (other flags then apply to both sides alike; counted on the meta device:
+    nothing is allocated); ties go to the family's default."""
     def size(name):
         with torch.device("meta"):
-            return outer_parameters(build(config_from_flags({**given, "model": name})))
+            return outer_parameters(build(config_from_flags({"model": name})))
 
     target = size(reference)
     names = sorted((name for name, (owner, _) in PRESETS.items() if owner == family),

@@ -13,12 +13,17 @@ set (ru_maxrss) of a fresh child process per path, so one path's peak cannot hid
 Speed is also printed as images/s and MFU: each path's model FLOPs per step (util/flops.py, 3x a
 counted forward) x steps/s / the GPU's dense peak for --precision (none on CPU or an unknown GPU).
 --grad_checkpointing recomputes the outer blocks in backward: compare its time and peak memory.
+On CUDA the peak is also taken at a quarter of the batch; peak memory is affine in the batch (weights,
+gradients and AdamW state fixed, activations per image), so the two give the largest per-GPU batch
+that fits a 40 GB and an 80 GB card (within 90% of 40 / 80 GiB: room for the CUDA context and the
+allocator's fragmentation).
 
 CPU configuration of issue 5:
     python -m bench.bench_train --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 4 --steps 3
 ARINAR-B on a GPU:
     python -m bench.bench_train --device cuda --precision bf16 --batch_size 64 [--grad_checkpointing]
 """
+import argparse
 import gc
 import logging
 import multiprocessing
@@ -33,6 +38,8 @@ from util import flops
 
 log = logging.getLogger("bench.train")
 PATHS = ("masked_only", "all_tokens")
+CARDS_GIB = (40, 80)
+HEADROOM = 0.9  # of a card's memory that the peak may take
 
 
 def parse_args(argv=None):
@@ -98,6 +105,9 @@ def saved_activation_mib(model_params, loss_of, path):
 def peak_memory_mb(args, path):
     """(peak MiB over `steps` training steps of one path, CPU resident MiB before the first step)."""
     device = setup_runtime(args)
+    if device.type == "cuda":  # nothing of an earlier measurement may stay allocated
+        gc.collect()
+        torch.cuda.empty_cache()
     _, step, _ = make_step(args, device)
     if device.type == "cuda":
         step(path)  # optimizer state exists after the first step
@@ -111,6 +121,18 @@ def peak_memory_mb(args, path):
     for _ in range(args.steps + 1):
         step(path)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before  # Linux reports KiB
+
+
+def largest_batch(peaks, card_gib, headroom=HEADROOM):
+    """The largest batch whose peak fits headroom x card_gib GiB, from peaks {batch: MiB} at two batch
+    sizes (the line through them: fixed MiB + MiB per image); 0 when even the fixed part does not fit."""
+    (b0, m0), (b1, m1) = sorted(peaks.items())
+    per_image = (m1 - m0) / (b1 - b0)
+    fixed = m0 - per_image * b0
+    budget = headroom * card_gib * 1024 - fixed
+    if per_image <= 0:
+        raise ValueError(f"peak memory does not grow with the batch ({peaks}); measure at larger batches")
+    return max(0, int(budget // per_image))
 
 
 def current_rss_mb():
@@ -174,6 +196,7 @@ def main(argv=None):
             results[path]["peak_memory_mib"] = peak
             if before is None:
                 log.info("%-12s peak memory %.0f MiB (max_memory_allocated)", path, peak)
+                fits_cards(args, path, peak, results[path])
             else:
                 results[path]["rss_before_steps_mib"] = before
                 log.info("%-12s peak memory %.0f MiB (child peak RSS; %.0f MiB of it before the first step)",
@@ -182,6 +205,19 @@ def main(argv=None):
     log.info("machine after: %s", results["machine_after"])
     write_json(args.json, results)
     return results
+
+
+def fits_cards(args, path, peak, row):
+    """CUDA: the peak at a quarter of the batch too, and the largest batch each card size fits."""
+    small = args.batch_size // 4
+    if small < 1:
+        return
+    peaks = {args.batch_size: peak, small: peak_memory_mb(argparse.Namespace(**{**vars(args), "batch_size": small}),
+                                                          path)[0]}
+    row["peak_memory_mib_by_batch"] = peaks
+    row["largest_batch"] = {f"{gib}GB": largest_batch(peaks, gib) for gib in CARDS_GIB}
+    log.info("%-12s peak memory %.0f MiB at batch %d: largest batch per GPU %s", path, peaks[small], small,
+             ", ".join(f"{n} on a {card} card" for card, n in row["largest_batch"].items()))
 
 
 def percent(fraction):

@@ -135,6 +135,7 @@ def train_rows(folder):
                          "grad_checkpointing": res["args"].get("grad_checkpointing", False),
                          **{k: row.get(k) for k in ("steps_per_s", "images_per_s", "flops_per_step", "mfu",
                                                      "peak_memory_mib")},
+                         "largest_batch": row.get("largest_batch") or {},
                          "vs_all_tokens": row["steps_per_s"] / res["all_tokens"]["steps_per_s"]
                          if "steps_per_s" in res.get("all_tokens", {}) else None})
     return rows
@@ -224,11 +225,12 @@ def markdown(summary):
     if summary["training"]:
         out += ["", "Training (one step: forward, backward, AdamW)", ""]
         out += table(["part", "loss path", "batch", "grad ckpt", "steps/s", "images/s", "FLOP/step", "MFU %",
-                      "peak GiB", "vs all-tokens"],
+                      "peak GiB", "vs all-tokens", "batch on 40 GB", "batch on 80 GB"],
                      [[r["part"], r["path"], r["batch"], "yes" if r["grad_checkpointing"] else "no",
                        fmt(r["steps_per_s"], ".3f"), fmt(r["images_per_s"], ".1f"),
                        fmt_flops(r["flops_per_step"]), fmt(r["mfu"], ".1f", 100),
-                       fmt(r["peak_memory_mib"], ".1f", 1 / 1024), fmt(r["vs_all_tokens"], ".2f")]
+                       fmt(r["peak_memory_mib"], ".1f", 1 / 1024), fmt(r["vs_all_tokens"], ".2f"),
+                       fmt(r["largest_batch"].get("40GB"), ".0f"), fmt(r["largest_batch"].get("80GB"), ".0f")]
                       for r in summary["training"]])
     if summary["families"]:
         out += ["", "Outer families (the same head and backend; the reference: the MAR family through our engine)", ""]

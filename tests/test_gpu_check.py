@@ -60,3 +60,27 @@ def test_script_runs_a_part_and_writes_the_table(tmp_path):
     assert json.loads((tmp_path / "eager_rows.json").read_text())["sides"]["eager"]["images_per_s"] > 0
     assert "| eager_rows | ok |" in out.stdout and "| compile_b1 | failed (rc 1) |" in out.stdout
     assert (tmp_path / "summary.md").read_text() in out.stdout
+
+
+def test_largest_batch_fits_the_line_through_two_peaks():
+    """Peaks of 12,000 MiB at batch 16 and 30,000 at 64: 375 MiB an image on 6,000 fixed. 90% of 40 GiB is
+    36,864 MiB: (36,864 - 6,000) / 375 = 82.3 -> 82; of 80 GiB 73,728 MiB: 180.6 -> 180."""
+    from bench.bench_train import largest_batch
+    peaks = {64: 30_000.0, 16: 12_000.0}
+    assert (largest_batch(peaks, 40), largest_batch(peaks, 80)) == (82, 180)
+    assert largest_batch({1: 50_000.0, 2: 60_000.0}, 40) == 0  # the fixed part alone is too big
+    with pytest.raises(ValueError, match="does not grow"):
+        largest_batch({16: 100.0, 64: 100.0}, 40)
+
+
+def test_summary_shows_the_batch_each_card_fits(tmp_path):
+    row = {"steps_per_s": 2.0, "images_per_s": 128.0, "flops_per_step": 1e12, "mfu": 0.3, "peak_memory_mib": 30000.0,
+           "largest_batch": {"40GB": 82, "80GB": 180}}
+    res = {"args": {"batch_size": 64, "grad_checkpointing": False}, "masked_only": row,
+           "all_tokens": {**row, "steps_per_s": 1.0, "largest_batch": {"40GB": 40, "80GB": 90}}}
+    (tmp_path / "train.json").write_text(json.dumps(res))
+    (tmp_path / "parts.tsv").write_text("train\t0\t60\t90\t\n")
+    gpu_summary.main([str(tmp_path)])
+    table = (tmp_path / "summary.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| train | ")][1:]  # after the parts table
+    assert lines[0].rstrip().endswith("| 2.00 | 82 | 180 |") and lines[1].rstrip().endswith("| 1.00 | 40 | 90 |")
