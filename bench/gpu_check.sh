@@ -81,19 +81,8 @@ part cuda_tests 180 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests
 #    38,400 rows x 4 heads in one attention call, past CUDA's grid limit unless split
 part eager_rows 60 $SAMPLE --num_iter $ROWS_ITER --batch_size $BIG --backends eager --warmup 0 --repeats 1 \
     --baseline_repeats 0 --flops_batch 0 --json "$OUT/eager_rows.json"
-# 3-4. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1)
-part sampling_b256 150 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
-    --flops_batch 0 --json "$OUT/sampling_b256.json"
-part sampling_b1 120 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
-    --flops_batch 1 --json "$OUT/sampling_b1.json"
-# 5-6. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
-TRAIN="$PY -m bench.bench_train $RUN $MODEL --batch_size $TRAIN_BATCH --steps $TRAIN_STEPS --repeats $TRAIN_REPEATS"
-part train 90 $TRAIN --json "$OUT/train.json"
-part train_ckpt 90 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
-# 7. the heads table: ARINAR's inner AR against MAR's diffusion head, both at 64 outer steps
-part heads 150 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only arinar mar_64 --batch_sizes 1 $BIG \
-    --warmup 1 --repeats 1 --json "$OUT/heads.json"
-# 8. every outer family against MAR's (the same head, the same backend; bench/bench_families.py): b1 and b256
+# 3. every outer family against MAR's (the same head, the same backend; bench/bench_families.py): b1 and b256;
+#    early, since it is all the family issues need besides the CUDA tests
 FAMILIES=""
 if [ -z "$PARTS" ] || [[ " $PARTS " == *" family_"* ]]; then  # (asking costs a torch import)
     FAMILIES=$($PY -c "import models; print(' '.join(f for f in models.FAMILIES if f != 'mar'))" 2>/dev/null)
@@ -103,6 +92,18 @@ for family in $FAMILIES; do
     part "family_$family" 150 $PY -m bench.bench_families --family "$family" $RUN $FAMILY_SIZES --num_iter $STEPS \
         --cfg 4.5 --json "$OUT/family_$family.json"
 done
+# 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1)
+part sampling_b256 150 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
+    --flops_batch 0 --json "$OUT/sampling_b256.json"
+part sampling_b1 120 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
+    --flops_batch 1 --json "$OUT/sampling_b1.json"
+# 6-7. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
+TRAIN="$PY -m bench.bench_train $RUN $MODEL --batch_size $TRAIN_BATCH --steps $TRAIN_STEPS --repeats $TRAIN_REPEATS"
+part train 90 $TRAIN --json "$OUT/train.json"
+part train_ckpt 90 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
+# 8. the heads table: ARINAR's inner AR against MAR's diffusion head, both at 64 outer steps
+part heads 150 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only arinar mar_64 --batch_sizes 1 $BIG \
+    --warmup 1 --repeats 1 --json "$OUT/heads.json"
 # 9-10. CUDA graphs + torch.compile last: its first call (compilation) is the slowest and least sure part
 if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1"; else COMPILE_RUN=$RUN; fi
 part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size $BIG \
