@@ -1,5 +1,6 @@
 """What the benchmarks share: the model/runtime flags, the model they describe, timing, JSON output."""
 import argparse
+import importlib.metadata
 import contextlib
 import json
 import os
@@ -85,7 +86,16 @@ def machine_line(device):
     else:
         where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{where}; torch {torch.__version__}; threads {torch.get_num_threads()}; load average {load}"
+    extras = ", ".join(f"{name} {optional_version(name)}" for name in ("flash-attn", "mamba-ssm"))
+    return f"{where}; torch {torch.__version__} ({extras}); threads {torch.get_num_threads()}; load average {load}"
+
+
+def optional_version(distribution):
+    """The installed version of an optional kernel package, or "none" (the numbers depend on it)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def parser(description):

@@ -9,7 +9,8 @@ captures both fixed-shape pieces once and replays them:
   in a head's sampler is per row: padding rows never touch real ones), one graph each.
 The math and the random draws are the eager backend's. Under autocast, the Linear layers read
 weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
-otherwise re-cast every weight on every replay. The values are autocast's own casts.
+otherwise re-cast every weight on every replay. The values are autocast's own casts (layers marked
+`keeps_full_precision`, which autocast does not cast, keep their weights).
 --compile runs the family's Steps through torch.compile with dynamic shapes (fusing the elementwise
 work between its matmuls): one compilation per Step, shared by every call whose tensors have no
 size-0/1 dimension (see compiles_well).
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from models.families.common import CapturedBuffers
 from models.gmm import is_guided
 from sampling.backends import EagerBackend
 
@@ -44,14 +46,16 @@ def copy_into_bucket(bucket, z, n, rows, guided):
 
 
 def compiles_well(args):
-    """Whether torch.compile should build this call: not when a tensor has a size-0 or size-1 dimension.
+    """Whether torch.compile should build this call: not when a tensor has a size-0 or size-1 dimension,
+    nor when an argument is a Python value, which the compiled graph bakes in: one compilation per
+    value (the scale-wise Step's scale index would cost ten, past Dynamo's recompile limit).
 
     Compiled with dynamic shapes, a function still gets a separate graph for every size-0/1
     specialisation it meets; MAR's first outer steps (nothing visible yet, one token predicted) would
     cost three extra compilations (~4x the warm-up) to speed up a handful of steps. Those run
     uncompiled inside their CUDA graphs; every other step shares one dynamic compiled graph.
     """
-    return all(size >= 2 for a in args if torch.is_tensor(a) for size in a.shape)
+    return all(torch.is_tensor(a) and min(a.shape, default=2) >= 2 for a in args)
 
 
 def autocast_dtype(device):
@@ -99,7 +103,7 @@ class _StepModule(nn.Module):
         return self.fn(self.module, *args, **kwargs)
 
 
-class CudaGraphsBackend(EagerBackend):
+class CudaGraphsBackend(CapturedBuffers, EagerBackend):
     name = "cuda_graphs"
 
     def __init__(self, model, cfg_sampler="sir", precision=None, compile=False, min_rows=8):
@@ -125,7 +129,9 @@ class CudaGraphsBackend(EagerBackend):
         dtype = autocast_dtype(self.device)
         if dtype is None:
             return
-        names = {f"{name}.{p}" for name, m in self.model.named_modules() if isinstance(m, nn.Linear)
+        # layers that compute in full precision whatever the autocast (ARINAR's mixture output) keep their own
+        names = {f"{name}.{p}" for name, m in self.model.named_modules()
+                 if isinstance(m, nn.Linear) and not getattr(m, "keeps_full_precision", False)
                  for p in ("weight", "bias")}
         params = {n: p for n, p in self.model.named_parameters() if n in names}
         cast = self.lowp.setdefault(dtype, {n: torch.empty_like(p, dtype=dtype) for n, p in params.items()})

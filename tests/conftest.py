@@ -1,5 +1,6 @@
 import argparse
 import ast
+import contextlib
 import inspect
 import json
 import textwrap
@@ -93,3 +94,34 @@ def host_sync_calls(*objects):
             if isinstance(node, ast.Attribute) and node.attr in names:
                 found.add(node.attr)
     return found
+
+
+class EmulatedReplay:
+    """sampling.cuda_graphs._Replay on a CPU: the first call runs fn (the warm-up: its writes to in-place
+    buffers happen, as on a GPU); the capture records nothing to run, so every later call is a replay
+    that runs fn again on whatever its static buffers and weights hold then, and hands back a copy.
+    Autocast's cast cache is off, as in the real capture. Counts its calls."""
+
+    def __init__(self, fn, device, pool):
+        self.fn, self.device, self.graph, self.calls = fn, device, None, 0
+
+    def __call__(self):
+        from sampling.cuda_graphs import autocast_dtype
+        dtype = autocast_dtype(self.device)
+        cast = torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+        with cast:
+            out = self.fn()
+        self.calls += 1
+        replayed, self.graph = self.graph is not None, "emulated"
+        return out.clone() if replayed else out
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """A factory for the real CudaGraphsBackend on a CPU model, with capture and replay emulated
+    (EmulatedReplay): everything else is the backend's own (cast weights, padding, static copies,
+    cache keys, buffers)."""
+    from sampling import cuda_graphs
+    monkeypatch.setattr(cuda_graphs, "_Replay", EmulatedReplay)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    return lambda model, **kwargs: cuda_graphs.CudaGraphsBackend(model, **kwargs)

@@ -15,7 +15,7 @@ from scipy import stats
 
 from models import create_model
 from models.families import causal
-from models.families.common import EagerSteps, Step, step_schedule
+from models.families.common import CapturedBuffers, EagerSteps, Step, step_schedule
 from models.rope import grid_angles, rotate
 from tests.conftest import host_sync_calls, randomize_
 
@@ -148,7 +148,7 @@ def refusing_host_sync():
         yield
 
 
-class CapturingSteps(EagerSteps):
+class CapturingSteps(CapturedBuffers, EagerSteps):
     """What the CUDA-graph backend does to a Step, on the CPU: the first call per (name, argument
     shapes/values, inplace buffers) fixes static clones of the non-inplace tensor arguments; every
     call copies the arguments into them and runs the step on the statics, refusing host syncs, and

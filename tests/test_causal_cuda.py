@@ -26,6 +26,8 @@ def sample(model, backend, seed=3, **kwargs):
 @pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", 2e-2)])
 @pytest.mark.parametrize("compile", [False, True])
 def test_captured_graphs_give_the_eager_samples(draw_free, precision, tol, compile):  # noqa: F811
+    if compile and precision == "bf16":
+        tol = 2 * tol  # compiled kernels fuse and round bf16 otherwise: up to ~0.026 apart in a CPU emulation
     model = tiny("arinar").to(DEVICE)
     gen = torch.Generator().manual_seed(2)
     edit = dict(known=torch.randn(3, 1, 12, 12, generator=gen).to(DEVICE),

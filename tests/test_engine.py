@@ -135,7 +135,7 @@ def test_mixture_parameters_are_fp32_matmuls_under_bf16_autocast():
     m.head_nm.register_forward_hook(lambda mod, args, out: seen.update(h=out))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, z)
-        lowp = m.head(seen["h"])  # what plain autocast would have given
+        lowp = F.linear(seen["h"], m.head.weight, m.head.bias)  # what plain autocast would have given
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, F.linear(seen["h"].float(), m.head.weight, m.head.bias), rtol=0, atol=0)
     assert lowp.dtype == torch.bfloat16 and not torch.equal(lowp.float(), out)  # power: bf16 differs
@@ -306,7 +306,8 @@ def test_compile_skips_the_size_0_and_1_specialisations():
     """torch.compile (dynamic shapes) builds one graph per size-0/1 specialisation: the first MAR steps
     (nothing visible, one token predicted) run uncompiled so every other step shares one graph."""
     t = lambda *shape: torch.zeros(shape)
-    assert compiles_well((t(4, 16, 8), t(4, 3), t(4, 32), t(4, 2), 7))
+    assert compiles_well((t(4, 16, 8), t(4, 3), t(4, 32), t(4, 2), t()))  # a 0-d tensor has no size to specialise
+    assert not compiles_well((t(4, 16, 8), t(4, 32), 7))  # a Python value: one graph per value (a scale index)
     assert not compiles_well((t(4, 16, 8), t(4, 0), t(4, 32), t(4, 2)))   # nothing visible yet
     assert not compiles_well((t(4, 16, 8), t(4, 3), t(4, 32), t(4, 1)))   # one token predicted
     m, spy = tiny(), SpyBackend()
@@ -357,6 +358,15 @@ def test_bench_sampling_reports_both_sides_and_their_ratio(tmp_path):
     assert res["speedup"] == pytest.approx(median(res["baseline_s"]) / median(res["ours_s"]))
     assert res["backend"].startswith("eager") and "cfg sampler exact" in res["backend"]
     assert json.loads(out.read_text())["args"]["num_iter"] == 2
+
+
+def test_bench_sampling_breakdown_splits_outer_and_head(caplog):
+    """--breakdown times every Step the family runs (outer) and every head call (head) in each timed run."""
+    caplog.set_level(logging.INFO, logger="bench.sampling")
+    bench_sampling.main(TINY + ["--num_iter", "2", "--cfg", "2.0", "--baseline_repeats", "0", "--breakdown",
+                                "--flops_batch", "0"])
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run 1: eager")]
+    assert ", outer " in line and ", head " in line
 
 
 def test_bench_train_runs():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models import create_model
-from models.families.common import EagerSteps
+from models.families.common import CapturedBuffers, EagerSteps
 from models.families.scalewise import ScalewiseAR
 from models.multiscale import covered, residuals, scales_for
 from models.scalewise_blocks import AdaLNBeforeHead, ScaleAttention, ScaleBlock, SelectiveScanMixer, drop_path
@@ -248,28 +248,30 @@ def test_float64_model_samples_in_float64():
 
 
 # ----------------------------------------------------------------------------- capture-style backends
-class Capturing(EagerSteps):
+class Capturing(CapturedBuffers, EagerSteps):
     """What CUDA graphs do to a Step: every argument not marked inplace is copied into a static buffer
-    (a clone); inplace buffers must be the very same tensors on every call."""
+    (a clone); inplace buffers must be the very same tensors on every call, across sampling calls too."""
 
     def __init__(self):
-        self.buffers = {}
+        self.seen = {}
 
     def run(self, step, *args):
         for i in step.inplace:
-            assert self.buffers.setdefault((step.name, i), args[i]) is args[i], "inplace buffer reallocated"
+            assert self.seen.setdefault((step.name, i), args[i]) is args[i], "inplace buffer reallocated"
         static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
         return step(*static)
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_a_capturing_backend_samples_what_eager_does(mixer):
-    model = tiny(mixer)
-    samples = []
-    for backend in (EagerSteps(), Capturing()):
-        torch.manual_seed(11)
-        samples.append(model.sample_tokens(3, cfg=2.5, labels=torch.tensor([0, 4, 9]), backend=backend))
-    assert torch.equal(samples[0], samples[1])
+    """Batch after batch on one capturing backend: the same state tensors, and each batch what eager gives."""
+    model, capturing = tiny(mixer), Capturing()
+    for seed in (11, 12):
+        samples = []
+        for backend in (EagerSteps(), capturing):
+            torch.manual_seed(seed)
+            samples.append(model.sample_tokens(3, cfg=2.5, labels=torch.tensor([0, 4, 9]), backend=backend))
+        assert torch.equal(samples[0], samples[1])
 
 
 @pytest.mark.parametrize("mixer", MIXERS)

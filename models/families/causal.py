@@ -21,7 +21,6 @@ l < depth/2 is self-attention block l's, the last entry the shared keys/values o
 Slot 0 holds the class token, slot p + 1 the content token at place p of the order (the last token
 of an order is never a key, so seq_len slots suffice).
 """
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -124,10 +123,6 @@ class CrossAttentionBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------- sampling Steps
-# backend -> {(shape, dtype, device): KV cache}; a cache lives as long as the backend that captured it
-KV_CACHES = weakref.WeakKeyDictionary()
-
-
 def append_step(model, cache, x, positions, slots):
     """Append inputs x [rows, n, W] (embedded: the class token or content tokens) at grid positions
     [rows, n] (-1 = the class token) to every layer's cache at slots [rows, n]. Free of host syncs.
@@ -329,14 +324,12 @@ class CausalAR(OuterModel):
 
     # ---------------------------------------------------------------- sampling
     def kv_cache(self, backend, rows, dtype, device):
-        """The KV cache (layout in the module docstring) for `rows` rows, zeroed: the same tensor every
-        time `backend` asks for this shape, since a CUDA-graph backend captures it by address."""
+        """The KV cache (layout in the module docstring) for `rows` rows, zeroed; from the backend, since a
+        CUDA-graph backend captures it by address and hands out the same tensor every call."""
         width = self.z_proj.out_features
         shape = (len(self.self_blocks) + 1, 2, rows, self.num_heads, self.seq_len, width // self.num_heads)
-        caches = KV_CACHES.setdefault(backend, {})
-        if (shape, dtype, device) not in caches:
-            caches[shape, dtype, device] = torch.empty(shape, dtype=dtype, device=device)
-        return caches[shape, dtype, device].zero_()
+        return backend.buffers(("causal.kv", shape, dtype, device),
+                               lambda: torch.zeros(shape, dtype=dtype, device=device))
 
     @torch.no_grad()
     def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,

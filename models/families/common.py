@@ -4,9 +4,10 @@ CFG settings and the partial canvas.
 A family's sampling loop owns its schedule and canvas and calls only:
     with backend.autocast(): ...
     backend.run(step, *tensors)                     # a Step: the piece worth capturing as a graph
+    backend.buffers(key, make)                      # zeroed tensors a Step writes in place (KV cache)
     backend.sample_head(head, z, temperature, cfg)  # the per-token head's sampler
 `EagerSteps` below is the default backend; sampling/backends.py adds precision, the CFG sampler
-choice and CUDA graphs behind the same three calls.
+choice and CUDA graphs behind the same four calls.
 """
 import contextlib
 import math
@@ -73,8 +74,27 @@ class EagerSteps:
     def run(self, step, *args):
         return step(*args)
 
+    def buffers(self, key, make):
+        """Zeroed persistent tensors for Steps' `inplace` arguments (a KV cache): `make()`'s (a tensor or a
+        tuple). A capturing backend hands out the same tensors for the same key on every call; this one
+        makes them anew, so nothing outlives the call."""
+        return make()
+
     def sample_head(self, head, z, temperature, cfg):
         return head.sample(z, temperature, cfg, cfg_sampler=self.cfg_sampler)
+
+
+class CapturedBuffers:
+    """For backends that capture Steps by address: `buffers` hands out the same tensors for a key on
+    every call, zeroed (a captured graph writes into the tensors it was captured with)."""
+
+    def buffers(self, key, make):
+        kept = self.__dict__.setdefault("_captured_buffers", {})
+        if key not in kept:
+            kept[key] = make()
+        for t in kept[key] if isinstance(kept[key], tuple) else (kept[key],):
+            t.zero_()
+        return kept[key]
 
 
 @dataclass

@@ -262,7 +262,11 @@ class ScalewiseAR(OuterModel):
     def generate(self, backend, cond, bsz, guided, cfg, cfg_schedule, temperature, forced, dtype, progress):
         """The scale loop: f_hat [bsz, D, n, n] after the last scale."""
         both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
-        state = self.new_state(cond.shape[0], cond.device)
+        rows, device = cond.shape[0], cond.device
+        lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        # from the backend: a CUDA-graph backend captured the state by address and hands out the same tensors
+        state = backend.buffers((f"scalewise.{self.mixer}.state", rows, device, lowp),
+                                lambda: self.new_state(rows, device))
         step = Step(f"scalewise.{self.mixer}", self, ScalewiseAR.scale_step,
                     inplace=tuple(range(3, 3 + len(state))))
         f_hat = torch.zeros(bsz, self.token_dim, self.side, self.side, dtype=dtype, device=cond.device)

@@ -28,15 +28,19 @@ def activation_dtype(x):
     return x.dtype
 
 
-def full_precision_linear(x, linear):
-    """linear(x) in at least float32 even under autocast (float64 stays float64).
+class FullPrecisionLinear(nn.Linear):
+    """nn.Linear computed in at least float32 even under autocast (float64 stays float64).
 
     The mixture parameters and the fed-back features go through these layers: rounded to bf16,
-    a mean near 3 would move by up to ~0.008.
+    a mean near 3 would move by up to ~0.008. Backends that cast Linear weights for autocast once per
+    call (sampling/cuda_graphs.py) leave modules with `keeps_full_precision` alone.
     """
-    dtype = torch.promote_types(linear.weight.dtype, torch.float32)
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(dtype), linear.weight.to(dtype), None if linear.bias is None else linear.bias.to(dtype))
+    keeps_full_precision = True
+
+    def forward(self, x):
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -137,11 +141,11 @@ class InnerAR(nn.Module):
         self.num_steps = token_dim // feature_group
         self.start_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embedding = nn.Parameter(torch.zeros(1, self.num_steps, width))
-        self.input_proj = nn.Linear(feature_group, width)
+        self.input_proj = FullPrecisionLinear(feature_group, width)
         self.cond_proj = nn.Linear(cond_dim, width)
         self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, cond_dim, mlp_ratio) for _ in range(depth))
         self.head_nm = AdaLNBeforeHead(width, cond_dim)
-        self.head = nn.Linear(width, (2 * feature_group + 1) * num_gaussians)
+        self.head = FullPrecisionLinear(width, (2 * feature_group + 1) * num_gaussians)
         self.initialize_weights()
 
     @property
@@ -173,7 +177,7 @@ class InnerAR(nn.Module):
 
     def embed_features(self, x):
         """input_proj of feature groups x [N, L, g] -> [N, L, W], in at least float32 (fed back unrounded)."""
-        return full_precision_linear(x, self.input_proj)
+        return self.input_proj(x)
 
     def mixture(self, out):
         """Head output [..., K(2g+1)] -> (mu, logvar, logits): [..., K] each for g = 1, else
@@ -189,7 +193,7 @@ class InnerAR(nn.Module):
         block_mods, head_mod = mods
         for i, block in enumerate(self.blocks):
             h = block(h, block_mods[i], None if kv_caches is None else kv_caches[i], pos)
-        return full_precision_linear(self.head_nm(h, head_mod), self.head)
+        return self.head(self.head_nm(h, head_mod))
 
     def forward(self, x, z):
         """Teacher forcing. x: [N, D] features, z: [N, C] conditions -> head output [N, D/g, K(2g+1)]."""
