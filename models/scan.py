@@ -75,6 +75,27 @@ def kernel_usable(u, *others):
     return mamba_selective_scan is not None and u.is_cuda and not wide
 
 
+# most [b, d, steps, n] values the kernel path's carried-state readout makes at once (fp32: 256 MiB); at
+# mvar_base's size, 512 rows (batch 256 with CFG) of a 16x16 scale make 3.2e9 in one go
+MAX_CARRIED_VALUES = 1 << 26
+
+
+def carried_readout(dt, A, C, h0):
+    """What an initial state h0 [b, d, n] adds to the scan: C_t . (exp(sum_{s<=t} dt_s A) h0) for every
+    step, [b, d, L], and its part of the last state, [b, d, n]. dt [b, d, L], A [d, n], C [b, n, L], all
+    in the math dtype. Steps go a chunk at a time (the decays are [b, d, chunk, n]), each chunk's sums
+    continuing from the last; A <= 0 and dt >= 0 in a Mamba block, so the exponentials never overflow."""
+    b, d, length = dt.shape
+    chunk = max(1, MAX_CARRIED_VALUES // (b * d * A.shape[1]))
+    log_decay, parts = torch.zeros_like(h0), []
+    for start in range(0, length, chunk):
+        steps = dt[:, :, start:start + chunk].unsqueeze(-1) * A[:, None, :]              # [b, d, c, n]
+        cum = log_decay.unsqueeze(2) + torch.cumsum(steps, dim=2)
+        parts.append(torch.einsum("bdln,bnl->bdl", torch.exp(cum) * h0.unsqueeze(2), C[:, :, start:start + chunk]))
+        log_decay = cum[:, :, -1]
+    return torch.cat(parts, dim=2) if parts else dt.new_zeros(dt.shape), torch.exp(log_decay) * h0
+
+
 def selective_scan_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False, initial_state=None):
     """mamba-ssm's kernel, with an initial state added through linearity (see module doc)."""
@@ -83,11 +104,8 @@ def selective_scan_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     y, last = mamba_selective_scan(u, delta, A, B, C, None, None, delta_bias, delta_softplus, True)
     dtype = math_dtype(u, A, initial_state)
     dt = step_sizes(delta, delta_bias, delta_softplus, dtype)
-    # the decay of h_0 up to step t; A <= 0 and dt >= 0 in a Mamba block, so this never overflows
-    carried = torch.exp(torch.cumsum(dt.unsqueeze(-1) * A.to(dtype)[:, None, :], dim=2)) \
-        * initial_state.to(dtype).unsqueeze(2)                               # [b, d, L, n]
-    y = y.to(dtype) + torch.einsum("bdln,bnl->bdl", carried, C.to(dtype))
-    return finish(y, u, D, z, last.to(dtype) + carried[:, :, -1], return_last_state)
+    carried_y, carried_last = carried_readout(dt, A.to(dtype), C.to(dtype), initial_state.to(dtype))
+    return finish(y.to(dtype) + carried_y, u, D, z, last.to(dtype) + carried_last, return_last_state)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

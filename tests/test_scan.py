@@ -123,3 +123,22 @@ def test_mamba_kernel_agrees_with_the_reference(with_state):
     want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(last, want_last, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("cap", [1, 2 * 3 * 4 * 3, 1 << 26])
+def test_the_carried_state_is_read_out_in_chunks_of_steps(monkeypatch, cap):
+    """One step, three steps (of seven: a short last chunk) or all at once: the same readout, the same
+    last state, as the reference scan from that state with nothing driving it (u = 0)."""
+    monkeypatch.setattr(scan, "MAX_CARRIED_VALUES", cap)
+    monkeypatch.setattr(scan, "mamba_selective_scan", kernel_standin)
+    x = inputs()
+    out, last = selective_scan_kernel(**x, delta_softplus=True, return_last_state=True)
+    want, want_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, want_last, rtol=1e-12, atol=1e-12)
+    dt = scan.step_sizes(x["delta"], x["delta_bias"], True, torch.float64)
+    readout, carried = scan.carried_readout(dt, x["A"], x["C"], x["initial_state"])
+    free = selective_scan_ref(torch.zeros_like(x["u"]), x["delta"], x["A"], x["B"], x["C"], delta_bias=x["delta_bias"],
+                              delta_softplus=True, return_last_state=True, initial_state=x["initial_state"])
+    torch.testing.assert_close(readout, free[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(carried, free[1], rtol=1e-12, atol=1e-12)
