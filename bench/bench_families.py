@@ -49,8 +49,7 @@ def parse_args(argv=None):
 def side_configs(args):
     """(reference config, contender config) from the flags: --family/--model pick the contender (--family
     alone: its preset nearest in outer parameters to the reference, ARINAR-B's by default), --reference_model
-    the MAR side; every other
-    model flag goes to both and must be a setting of at least one."""
+    the MAR side; every other model flag goes to both and must be a setting of at least one."""
     given = flags.given_model_flags(args)
     family = given.pop("family", None)
     model = given.pop("model", None)
