@@ -205,9 +205,10 @@ def grid_cells(path, cols, height, width):
     return [grid[PAD:PAD + height, PAD + c * (width + PAD):PAD + c * (width + PAD) + width] for c in range(cols)]
 
 
-def test_box_edit_keeps_the_rest_bit_for_bit(pixel_run, digit_png, tmp_path):  # noqa: F811
-    image, crop = digit_png
-    out = edit(pixel_run, tmp_path / "e.png", image, "--box", "4", "0", "8", "3", "--class", "5", "--cfg", "2")
+def box_edit(run, image, crop, tmp_path):
+    """sample.py --edit --box 4 0 8 3 --class 5 on an 8x8 run: (its results, the cells to regenerate),
+    after checking the grid's original and mask cells and that each result is also saved alone."""
+    out = edit(run, tmp_path / "e.png", image, "--box", "4", "0", "8", "3", "--class", "5", "--cfg", "2")
     original, mask, *results = grid_cells(out, 5, 8, 8)
     assert np.array_equal(original, crop)
     regenerate = np.zeros((8, 8), dtype=bool)
@@ -215,6 +216,13 @@ def test_box_edit_keeps_the_rest_bit_for_bit(pixel_run, digit_png, tmp_path):  #
     assert np.array_equal(mask, np.where(regenerate, 255, 0))
     for i, result in enumerate(results):
         assert np.array_equal(result, np.asarray(Image.open(tmp_path / f"e-{i}.png")))
+    return results, regenerate
+
+
+def test_box_edit_keeps_the_rest_bit_for_bit(pixel_run, digit_png, tmp_path):  # noqa: F811
+    image, crop = digit_png
+    results, regenerate = box_edit(pixel_run, image, crop, tmp_path)
+    for result in results:
         assert np.array_equal(result[~regenerate], crop[~regenerate])
         assert not np.array_equal(result[regenerate], crop[regenerate])
     assert len({r[regenerate].tobytes() for r in results}) == 3  # several seeds

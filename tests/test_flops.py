@@ -35,13 +35,19 @@ def test_cpu_attention_is_counted_forward_and_backward():
     assert both == 7 * product
 
 
-def test_training_step_count_is_close_to_a_measured_backward():
-    """3x the forward against FlopCounterMode on a real forward + backward (same mask)."""
+def masked_step_inputs():
+    """A tiny MAR in training mode, a batch of 4 and a fixed mask of 12 of its 16 tokens."""
     torch.manual_seed(0)
     model = randomize_(tiny_mar(), std=0.1).train()
     latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
     mask = torch.zeros(4, 16, dtype=torch.bool)
     mask[:, :12] = True
+    return model, latents, labels, mask
+
+
+def test_training_step_count_is_close_to_a_measured_backward():
+    """3x the forward against FlopCounterMode on a real forward + backward (same mask)."""
+    model, latents, labels, mask = masked_step_inputs()
     measured, _ = flops.count_flops(lambda: model(latents, labels, mask=mask).backward())
     estimate = flops.training_step_flops(lambda: model(latents, labels, mask=mask), torch.device("cpu"), draws=1)
     assert estimate == pytest.approx(measured, rel=0.05)
@@ -132,11 +138,7 @@ def test_training_log_shows_mfu_when_the_peak_is_known(monkeypatch, caplog):
 def test_count_agrees_with_flop_counter_mode():
     """The lean counter against torch's own FlopCounterMode on a whole training step."""
     from torch.utils.flop_counter import FlopCounterMode
-    torch.manual_seed(0)
-    model = randomize_(tiny_mar(), std=0.1).train()
-    latents, labels = torch.randn(4, 16, 4, 4), torch.randint(0, 10, (4,))
-    mask = torch.zeros(4, 16, dtype=torch.bool)
-    mask[:, :12] = True
+    model, latents, labels, mask = masked_step_inputs()
     ours, _ = flops.count_flops(lambda: model(latents, labels, mask=mask).backward())
     with FlopCounterMode(display=False, custom_mapping=flops.CPU_ATTENTION) as counter:
         model(latents, labels, mask=mask).backward()
