@@ -7,7 +7,7 @@ from PIL import Image
 
 from models import create_model
 from tests.conftest import randomize_
-from tests.test_editing import box_edit, digit_png, edit, grid_cells  # noqa: F401  (the 12x8 grey image)
+from tests.test_editing import box_edit, digit_png, edit, grid_cells, outpaint  # noqa: F401  (the 12x8 grey image)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # grey 8x8 images in 2x2 patches: a 4x4 grid of 4-feature tokens; stored with its config, as main_mar.py does
@@ -55,9 +55,5 @@ def test_mask_edit_unconditional(causal_run, digit_png, tmp_path):  # noqa: F811
 def test_outpaint(causal_run, digit_png, tmp_path, direction, shape, where):  # noqa: F811
     """4 or 6 new pixel rows/columns: the window slides, each later window keeps what the earlier drew."""
     image, crop = digit_png
-    pixels = str(shape[0] * shape[1] // 8 - 8)
-    out = edit(causal_run, tmp_path / "o.png", image, "--outpaint", direction, pixels, "--class", "2", "--cfg", "3")
-    original, mask, *results = grid_cells(out, 5, *shape)
-    assert np.array_equal(original[where], crop) and (mask[where] == 0).all()
-    assert (mask == 255).sum() == shape[0] * shape[1] - 64
+    original, mask, results = outpaint(causal_run, image, crop, tmp_path, direction, shape, where)
     kept_and_redrawn(results, original, mask == 255)

@@ -248,14 +248,21 @@ def test_mask_edit_and_unconditional_at_cfg_1(pixel_run, digit_png, tmp_path, ca
     assert (tmp_path / "a.png").exists()
 
 
-@pytest.mark.parametrize("direction, shape, where", [("right", (8, 12), np.s_[:, :8]), ("up", (14, 8), np.s_[6:, :])])
-def test_outpaint_extends_the_canvas(pixel_run, digit_png, tmp_path, direction, shape, where):  # noqa: F811
-    image, crop = digit_png
+def outpaint(run, image, crop, tmp_path, direction, shape, where):
+    """sample.py --edit --outpaint DIRECTION to a `shape` canvas whose `where` holds the 8x8 crop:
+    (the grid's original cell, its mask cell, the results), after checking the original and the mask."""
     pixels = str(shape[0] * shape[1] // 8 - 8)
-    out = edit(pixel_run, tmp_path / "o.png", image, "--outpaint", direction, pixels, "--class", "2", "--cfg", "3")
+    out = edit(run, tmp_path / "o.png", image, "--outpaint", direction, pixels, "--class", "2", "--cfg", "3")
     original, mask, *results = grid_cells(out, 5, *shape)
     assert np.array_equal(original[where], crop) and (mask[where] == 0).all()
     assert (mask == 255).sum() == shape[0] * shape[1] - 64
+    return original, mask, results
+
+
+@pytest.mark.parametrize("direction, shape, where", [("right", (8, 12), np.s_[:, :8]), ("up", (14, 8), np.s_[6:, :])])
+def test_outpaint_extends_the_canvas(pixel_run, digit_png, tmp_path, direction, shape, where):  # noqa: F811
+    image, crop = digit_png
+    _, _, results = outpaint(pixel_run, image, crop, tmp_path, direction, shape, where)
     for result in results:
         assert result.shape == shape and np.array_equal(result[where], crop)
 
