@@ -40,13 +40,19 @@ def naive(u, delta, A, B, C, D, z, delta_bias, initial_state):
     return out, last
 
 
-def test_reference_equals_a_naive_loop_in_float64():
+@pytest.mark.parametrize("cap", [1, 3 * 2 * 3 * 4, 1 << 26])
+def test_reference_equals_a_naive_loop_in_float64(monkeypatch, cap):
+    """Decays and drives made one step, three steps (of seven: a short last chunk) or all steps at a
+    time: each the naive loop, and bit for bit the same as one another."""
     x = inputs()
+    whole, whole_last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    monkeypatch.setattr(scan, "MAX_SCAN_VALUES", cap)
     out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     want_out, want_last = naive(**x)
     assert out.dtype == last.dtype == torch.float64  # never narrowed
     np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out, whole) and torch.equal(last, whole_last)
 
 
 def test_zero_initial_state_is_the_default():
