@@ -35,6 +35,41 @@ def test_cpu_attention_is_counted_forward_and_backward():
     assert both == 7 * product
 
 
+@pytest.fixture(scope="module")
+def flash_attn_standins():
+    """Stand-ins with the signatures flash-attn (>= 2.6) registers its kernels under (the first
+    arguments: tensors [b, s, h, d]); only sizes matter to a counter. A namespace of their own, so
+    a real flash-attn, if installed, is left alone."""
+    from torch import Tensor
+
+    @torch.library.custom_op("arinar_flash_standin::_flash_attn_forward", mutates_args=())
+    def forward(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, softmax_scale: float, causal: bool) -> Tensor:
+        return torch.empty_like(q)
+
+    @torch.library.custom_op("arinar_flash_standin::_flash_attn_backward", mutates_args=("dq", "dk", "dv"))
+    def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, dq: Tensor, dk: Tensor, dv: Tensor,
+                 dropout_p: float, softmax_scale: float, causal: bool) -> None:
+        pass
+
+    return torch.ops.arinar_flash_standin
+
+
+def test_flash_attn_kernels_are_counted_like_sdpa(monkeypatch, flash_attn_standins):
+    """The same sizes as the test above in flash-attn's layout (5 queries, 3 heads: a layout mix-up
+    changes the count), forward and backward."""
+    ops = flash_attn_standins
+    formulas = flops.flash_attn_formulas
+    monkeypatch.setattr(flops, "flash_attn_formulas", lambda namespace: formulas(ops))
+    q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 7, 3, 8), torch.randn(2, 7, 3, 8)
+    product = 2 * (2 * 3) * 5 * 7 * 8
+    forward, out = flops.count_flops(ops._flash_attn_forward, q, k, v, 0.0, 0.125, False)
+    assert forward == 2 * product
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    backward, _ = flops.count_flops(ops._flash_attn_backward, out, q, k, v, out, *grads, 0.0, 0.125, False)
+    assert backward == 5 * product
+    assert formulas(torch.ops.no_such_namespace) == {}  # no flash-attn: nothing added
+
+
 def masked_step_inputs():
     """A tiny MAR in training mode, a batch of 4 and a fixed mask of 12 of its 16 tokens."""
     torch.manual_seed(0)

@@ -33,6 +33,26 @@ CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _attention_fl
                  aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops}
 
 
+def heads_second(shape):
+    """[b, s, h, d] (flash-attn's layout) -> [b, h, s, d] (SDPA's, which the formulas read)."""
+    b, s, h, d = shape
+    return b, h, s, d
+
+
+def flash_attn_formulas(ops):
+    """Formulas for flash-attn's kernels, which it registers as torch ops (namespace `ops`, e.g.
+    torch.ops.flash_attn) from version 2.6 on: _flash_attn_forward(q, k, v, ...) and
+    _flash_attn_backward(dout, q, k, v, ...), tensors [b, s, h, d]. Counted as SDPA's are; older
+    versions call their extension directly, out of a counter's sight. {} when the ops are absent."""
+    try:
+        forward, backward = ops._flash_attn_forward, ops._flash_attn_backward
+    except (AttributeError, RuntimeError):
+        return {}
+    return {forward: lambda q, k, v, *args, **kwargs: _attention_flops(*map(heads_second, (q, k, v))),
+            backward: lambda grad_out, q, k, v, *args, **kwargs: _attention_backward_flops(
+                grad_out, *map(heads_second, (q, k, v)))}
+
+
 class _Counter(TorchDispatchMode):
     """FlopCounterMode's formulas without its per-module bookkeeping, which costs ~8x more per op:
     a sampling run dispatches hundreds of thousands of small ops (MAR's diffusion head: 100 per
@@ -40,7 +60,8 @@ class _Counter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.formulas = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION).flop_registry
+        custom = {**CPU_ATTENTION, **flash_attn_formulas(torch.ops.flash_attn)}
+        self.formulas = FlopCounterMode(display=False, custom_mapping=custom).flop_registry
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
