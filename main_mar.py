@@ -33,7 +33,7 @@ from models.config import check_flags_apply
 from util import distributed, flags
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
 from util.evaluation import sweep
-from util.io.checkpoints import (config_from_checkpoint, freeze_outer, load_outer_from_mar, model_state_from_checkpoint,
+from util.io.checkpoints import (config_from_checkpoint, freeze_outer, load_outer_weights, model_state_from_checkpoint,
                                  read_checkpoint)
 from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
@@ -275,7 +275,7 @@ def main(args):
     model = build(config).to(device)
     model.grad_checkpointing = args.grad_checkpointing
     if args.init_outer_from and ckpt_file is None and not args.evaluate:
-        load_outer_from_mar(model, args.init_outer_from)
+        load_outer_weights(model, args.init_outer_from)
     if args.freeze_outer:
         freeze_outer(model)
     ema = EMA(model, args.ema_rate)

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from models import create_model
 from tests.conftest import load_manifest, randomize_, tiny_mar
 from util.io.checkpoints import (check_state_dict, checkpoint_args, export_safetensors, freeze_outer,
-                          load_model_weights, load_outer_from_mar, model_state_from_checkpoint,
+                          load_model_weights, load_outer_weights, model_state_from_checkpoint,
                           read_checkpoint, strip_wrapper_prefixes)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,7 +113,7 @@ def test_outer_init_from_mar_b_ignores_diffloss_and_keeps_arhead(mar_release, ar
     path, entries = mar_release
     assert any(e["key"].startswith("diffloss.") for e in entries)
     arhead_before = {k: v.clone() for k, v in arinar_12.arhead.state_dict().items()}
-    load_outer_from_mar(arinar_12, path)
+    load_outer_weights(arinar_12, path)
     state = arinar_12.state_dict()
     for i, e in enumerate(entries):
         if not e["key"].startswith("diffloss."):
@@ -131,7 +131,7 @@ def test_mar_b_into_arinar_b_names_depth_and_init_outer_from(mar_release, arinar
     path, _ = mar_release
     before = arinar_b.encoder_blocks[0].attn.qkv.weight.clone()
     with pytest.raises(ValueError, match=r"--enc_dec_depth 12") as err:
-        load_outer_from_mar(arinar_b, path)
+        load_outer_weights(arinar_b, path)
     assert "\n" not in str(err.value) and "encoder_blocks.12" in str(err.value)
     with pytest.raises(ValueError, match=r"--init_outer_from") as err:
         load_model_weights(arinar_b, model_state_from_checkpoint(read_checkpoint(path)), source=str(path))
@@ -169,6 +169,31 @@ def test_mismatch_names_the_flag(file_config, model_config, fix):
     assert str(err.value).startswith("ckpt.pth does not fit the model") and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("preset, file_config, model_config, fix", [
+    ("causal_tiny", dict(depth=6), dict(depth=4), "--depth 6 (checkpoint has 6 blocks, model 4)"),
+    ("scalewise_tiny", dict(depth=3), dict(depth=2), "--depth 3 (checkpoint has 3 blocks, model 2)"),
+    ("mvar_tiny", dict(depth=1), dict(depth=2), "--depth 1 (checkpoint has 1 blocks, model 2)"),
+    ("causal_tiny", dict(width=96), dict(width=128), "(checkpoint width 96, model width 128)"),
+    ("scalewise_tiny", dict(width=128), dict(width=96), "--model scalewise_tiny (checkpoint width 128, model width 96)"),
+])
+def test_mismatch_names_the_flag_in_every_family(preset, file_config, model_config, fix):
+    with torch.device("meta"):
+        found = create_model(preset, **file_config).state_dict()
+        model = create_model(preset, **model_config)
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        check_state_dict(model.state_dict(), found, family=model.config.family)
+
+
+def test_outer_weights_of_another_family_are_named(tmp_path):
+    causal = create_model("causal_tiny")
+    path = save_checkpoint(tmp_path / "causal.pth", model=causal.state_dict(), config=causal.config.to_dict())
+    with pytest.raises(ValueError, match=r"holds a causal-family outer model, this run builds a mar one: "
+                                         r"pass --init_outer_from a mar checkpoint, or --model a causal preset "
+                                         r"\(causal_tiny, causal_base, causal_large, causal_huge\)") as err:
+        load_outer_weights(tiny_mar(), path)
+    assert "\n" not in str(err.value)
+
+
 def test_mismatch_without_a_known_cause_still_lists_keys():
     state = tiny_mar().state_dict()
     state["extra.weight"] = torch.zeros(1)
@@ -194,12 +219,12 @@ def test_load_outer_from_small_mar_checkpoint(tmp_path):
     ema = {k: v + 1 for k, v in mar.items()}
     path = save_checkpoint(tmp_path / "mar.pth", model=mar, model_ema=ema, args={"model": "mar_base"})
     model = tiny_mar()
-    load_outer_from_mar(model, path, use_ema=False)
+    load_outer_weights(model, path, use_ema=False)
     assert torch.equal(model.mask_token, mar["mask_token"])
-    load_outer_from_mar(model, path)
+    load_outer_weights(model, path)
     assert torch.equal(model.mask_token, ema["mask_token"])
     with pytest.raises(ValueError, match="--enc_dec_depth 2"):
-        load_outer_from_mar(tiny_mar(enc_dec_depth=1), path)
+        load_outer_weights(tiny_mar(enc_dec_depth=1), path)
 
 
 def test_freeze_outer_small():

@@ -224,8 +224,9 @@ def _likely_fixes(expected, found, family):
     if carried and carried != built:
         fixes.append(f"--head {carried} (the checkpoint carries the {carried} head, the model the {built} "
                      f"one; or keep --head {built} and take only the outer model with --init_outer_from PATH)")
-    width_file, width_model = _shape(found, "fake_latent"), _shape(expected, "fake_latent")
-    if width_file and width_model and width_file != width_model:
+    # every family embeds the class as [classes (+ a null row), width]
+    width_file, width_model = _shape(found, "class_emb.weight"), _shape(expected, "class_emb.weight")
+    if width_file and width_model and width_file[-1] != width_model[-1]:
         names = _model_names_with_width(width_file[-1], family)
         fixes.append(f"--model {' or '.join(names) or '<a model of that width>'} (checkpoint width "
                      f"{width_file[-1]}, model width {width_model[-1]})")
@@ -234,6 +235,11 @@ def _likely_fixes(expected, found, family):
         if n_file and n_file != n_model:
             fixes.append(f"--enc_dec_depth {n_file} (checkpoint has {n_file} {part}, model {n_model})")
             break
+    # --depth counts the scale-wise family's blocks and the causal family's self- and cross-attention ones
+    depth_file, depth_model = (sum(_num_blocks(state, part) for part in ("blocks", "self_blocks", "cross_blocks"))
+                               for state in (found, expected))
+    if depth_file and depth_model and depth_file != depth_model:
+        fixes.append(f"--depth {depth_file} (checkpoint has {depth_file} blocks, model {depth_model})")
     tokens_file, tokens_model = _shape(found, "z_proj.weight"), _shape(expected, "z_proj.weight")
     if tokens_file and tokens_model and tokens_file[1] != tokens_model[1]:
         fixes.append(f"--vae_embed_dim / --patch_size / --tokenizer (checkpoint tokens have {tokens_file[1]} "
@@ -295,16 +301,19 @@ def load_model_weights(model, state_dict, source=""):
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_outer_from_mar(model, path, use_ema=True):
-    """Initialise everything but the per-token head from a MAR (or ARINAR, ...) checkpoint, ignoring its head.
-
-    Every outer key must match strictly.
-    """
+def load_outer_weights(model, path, use_ema=True):
+    """Initialise everything but the per-token head from a checkpoint of the model's family (for MAR's: the
+    MAR and ARINAR releases too), ignoring the file's head. Every outer key must match strictly."""
     ckpt = read_checkpoint(path)
+    model = unwrap_model(model)
+    file_family = (ckpt.get("config") or {}).get("family")
+    if file_family and file_family != model.config.family:
+        raise ValueError(f"{path} holds a {file_family}-family outer model, this run builds a {model.config.family} "
+                         f"one: pass --init_outer_from a {model.config.family} checkpoint, or --model a "
+                         f"{file_family} preset ({', '.join(n for n, (f, _) in PRESETS.items() if f == file_family)})")
     state = strip_wrapper_prefixes(model_state_from_checkpoint(ckpt, use_ema))
     heads = tuple(head_prefixes())
     outer = {k: v for k, v in state.items() if not k.startswith(heads)}
-    model = unwrap_model(model)
     own = head_prefix(model)
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(own)}
     check_state_dict(expected, outer, f"{path} (outer part)", model.config.family)
