@@ -51,12 +51,18 @@ else
 fi
 SAMPLE="$PY -m bench.bench_sampling $RUN $MODEL --cfg 4.5 --num_iter $STEPS"
 
-# part NAME CAP COMMAND...: run COMMAND under timeout min(CAP, budget left); log to NAME.log
+# part_limit CAP: the seconds a part capped at CAP may run now, min(CAP, budget left)
+part_limit() {
+    local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
+    echo $(( $1 < left ? $1 : left ))
+}
+
+# part NAME CAP COMMAND...: run COMMAND under timeout part_limit CAP; log to NAME.log
 part() {
     local name=$1 cap=$2; shift 2
     if [ -n "$PARTS" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
     local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
-    local limit=$(( cap < left ? cap : left ))
+    local limit=$(part_limit "$cap")
     if [ "$limit" -lt 20 ]; then
         printf '%s\tskipped\t0\t%s\tonly %s s of the %s s budget left\n' "$name" "$cap" "$left" "$BUDGET" >> "$OUT/parts.tsv"
         echo "== $name: skipped (only $left s of the budget left)"
@@ -74,7 +80,9 @@ part() {
 
 # 1. every test that skips without CUDA: the files that ask for CUDA (grep), and in them the tests
 #    bench/cuda_tests.py finds skipped without it (a module that fails to import costs only itself)
+#    (the compile variants last; no test starts in the part's last 30 s, so pytest writes its report)
 CUDA_TEST_FILES=$(grep -l "cuda.is_available" tests/test_*.py)
+export CUDA_TESTS_SECONDS=$(( $(part_limit 180) - 30 ))
 part cuda_tests 180 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests --continue-on-collection-errors \
     $CUDA_TEST_FILES --junitxml "$OUT/cuda_tests.xml"
 # 2. issue 30's eager crash: at batch 256 with 2 steps, step 1 draws 75 tokens per image (x2 for CFG):

@@ -1,7 +1,7 @@
 """The CUDA-graph backend's own logic on a CPU, with capture and replay emulated (tests/conftest.py:
 EmulatedReplay): cast weights, padded head rows, static copies, graph keys and the buffers handed out
 for in-place Steps. With a draw-free head sampler its samples must be the eager backend's bit for bit,
-batch after batch on the same graphs. tests/test_cuda_graphs.py and test_causal_cuda.py capture for real
+batch after batch on the same graphs. tests/test_cuda_graphs.py and test_families_cuda.py capture for real
 on a GPU."""
 import pytest
 import torch

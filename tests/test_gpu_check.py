@@ -84,3 +84,42 @@ def test_summary_shows_the_batch_each_card_fits(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| train | ")][1:]  # after the parts table
     assert lines[0].rstrip().endswith("| 2.00 | 82 | 180 |") and lines[1].rstrip().endswith("| 1.00 | 40 | 90 |")
+
+
+CUDA_STANDINS = '''
+import os
+import time
+import pytest
+
+@pytest.mark.skipif(False, reason="needs a CUDA device")  # kept by its reason; runs here
+@pytest.mark.parametrize("compile", [True, False])
+@pytest.mark.parametrize("case", [1, 2])
+def test_on_cuda(case, compile):
+    time.sleep(float(os.environ["STANDIN_SECONDS"]))
+
+def test_cpu_only():
+    pass
+'''
+
+
+@pytest.mark.parametrize("seconds, ran", [(None, 4), ("2.5", 2), ("0", 0)])
+def test_cuda_tests_plugin_keeps_cuda_tests_compile_last_and_stops_at_its_deadline(tmp_path, seconds, ran):
+    """The plugin's selection, its order (compile variants after the rest, file order otherwise) and its
+    deadline: a test due after CUDA_TESTS_SECONDS is skipped, so pytest still writes its report. With a
+    deadline the tests take 1.5 s each: the second starts at 1.5 s (+ collection, well under 1 s), the
+    third at 3 s."""
+    import xml.etree.ElementTree as ET
+    (tmp_path / "test_standins.py").write_text(CUDA_STANDINS)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_TESTS_SECONDS"}
+    if seconds is not None:
+        env["CUDA_TESTS_SECONDS"] = seconds
+    env.update(PYTHONPATH=str(REPO), STANDIN_SECONDS="0" if seconds is None else "1.5")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench.cuda_tests", "-p", "no:cacheprovider",
+                          str(tmp_path), "--junitxml", str(tmp_path / "report.xml")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    cases = ET.parse(tmp_path / "report.xml").getroot().iter("testcase")
+    order = [(case.get("name"), case.find("skipped") is None) for case in cases]
+    assert [name for name, _ in order] == ["test_on_cuda[1-False]", "test_on_cuda[2-False]",
+                                           "test_on_cuda[1-True]", "test_on_cuda[2-True]"]
+    assert [ran_ for _, ran_ in order] == [True] * ran + [False] * (4 - ran)
