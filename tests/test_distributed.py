@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo): caching and training split the data and stay in sync."""
 import json
+import types
 
 import numpy as np
 import pytest
@@ -73,3 +74,15 @@ def test_online_eval_splits_images_across_ranks(two_process_run):
         assert sorted(p.name for p in (folder / "images").iterdir()) == [f"{i:06d}.png" for i in range(4)]
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and metrics["num_images"] == 4
+
+
+def test_collectives_put_cpu_tensors_where_nccl_takes_them(monkeypatch):
+    """NCCL serves CUDA tensors only: the evaluation's counts and features (CPU tensors) would raise
+    "No backend type associated with device type cpu" in every torchrun run on GPUs."""
+    from util import distributed
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    cpu = torch.zeros(2)
+    assert distributed.collective_device(cpu, "nccl") == torch.device("cuda", 3)
+    assert distributed.collective_device(cpu, "gloo") == torch.device("cpu")
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))  # a tensor already on a GPU stays there
+    assert distributed.collective_device(on_gpu, "nccl") == torch.device("cuda", 1)

@@ -53,10 +53,21 @@ def barrier():
         dist.barrier()
 
 
+def collective_device(tensor, backend):
+    """Where `tensor` must be for a collective of `backend`: NCCL serves CUDA tensors only (a CPU tensor
+    there raises), so a CPU tensor goes to this process's GPU; gloo takes tensors where they are."""
+    if backend == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor):
-    """In-place sum over ranks (identity when single-process)."""
+    """In-place sum over ranks (identity when single-process); `tensor` may live anywhere."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        work = tensor.to(collective_device(tensor, dist.get_backend()))
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
     return tensor
 
 
@@ -83,11 +94,12 @@ def all_gather_rows(tensor):
     if not is_distributed():
         return tensor
     counts = all_gather_object(tensor.shape[0])
-    padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]))
+    padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]),
+                              device=collective_device(tensor, dist.get_backend()))
     padded[:tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
 
 
 def setup_logging(log_file=None):
