@@ -198,8 +198,10 @@ class MAR(OuterModel):
             return fake
         check_labels(labels, batch_size, self.class_num)
         emb = self.class_emb(labels.long())
-        if drop_labels and self.label_drop_prob > 0:
-            drop = torch.rand(batch_size, device=emb.device) < self.label_drop_prob
+        if drop_labels:
+            # fake_latent stays in every training graph, dropped or not: DDP expects a gradient for each parameter
+            drop = (torch.rand(batch_size, device=emb.device) < self.label_drop_prob if self.label_drop_prob > 0
+                    else torch.zeros(batch_size, dtype=torch.bool, device=emb.device))
             emb = torch.where(drop[:, None], fake.to(emb.dtype), emb)
         return emb
 
