@@ -60,6 +60,15 @@ class Schedule:
         self.posterior_coef_x0 = betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar)
         self.posterior_coef_xt = (1.0 - alpha_bar_prev) * np.sqrt(1.0 - betas) / (1.0 - alpha_bar)
 
+    def tensor(self, name, device):
+        """Table `name` as a float64 tensor on `device`, made once per device: a copy from host memory at
+        every training step would wait for the GPU's queued work each time."""
+        cache = self.__dict__.setdefault("_tensors", {})
+        key = (name, torch.device(device))
+        if key not in cache:
+            cache[key] = torch.as_tensor(getattr(self, name), device=device)
+        return cache[key]
+
     @classmethod
     def respaced(cls, betas, kept):
         """The schedule on the kept original steps, its betas recomputed from alpha_bar there."""
@@ -75,24 +84,25 @@ def compute_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def table_at(table, t, like):
-    """table[t] ready to broadcast against like [N, C]: a Python float for an int step, else [N, 1]."""
+def table_at(schedule, name, t, like):
+    """The schedule's table `name` at t, ready to broadcast against like [N, C]: a Python float for an
+    int step, else [N, 1]."""
     if isinstance(t, int):
-        return float(table[t])
-    return torch.as_tensor(table, device=like.device)[t].to(like.dtype).unsqueeze(-1)
+        return float(getattr(schedule, name)[t])
+    return schedule.tensor(name, like.device)[t].to(like.dtype).unsqueeze(-1)
 
 
 def q_sample(schedule, x0, t, noise):
     """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
-    return (table_at(schedule.sqrt_alpha_bar, t, x0) * x0
-            + table_at(schedule.sqrt_one_minus_alpha_bar, t, x0) * noise)
+    return (table_at(schedule, "sqrt_alpha_bar", t, x0) * x0
+            + table_at(schedule, "sqrt_one_minus_alpha_bar", t, x0) * noise)
 
 
 def q_posterior(schedule, x0, x_t, t):
     """Mean and (t=0-borrowed) log variance of q(x_{t-1} | x_t, x_0)."""
-    mean = (table_at(schedule.posterior_coef_x0, t, x_t) * x0
-            + table_at(schedule.posterior_coef_xt, t, x_t) * x_t)
-    return mean, table_at(schedule.posterior_log_variance, t, x_t)
+    mean = (table_at(schedule, "posterior_coef_x0", t, x_t) * x0
+            + table_at(schedule, "posterior_coef_xt", t, x_t) * x_t)
+    return mean, table_at(schedule, "posterior_log_variance", t, x_t)
 
 
 def p_mean_variance(schedule, eps, v, x_t, t):
@@ -101,10 +111,10 @@ def p_mean_variance(schedule, eps, v, x_t, t):
     log var = frac * log beta_t + (1 - frac) * log posterior variance, frac = (v + 1) / 2.
     """
     frac = (v + 1) / 2
-    log_var = (frac * table_at(schedule.log_betas, t, x_t)
-               + (1 - frac) * table_at(schedule.posterior_log_variance, t, x_t))
-    x0 = (table_at(schedule.sqrt_recip_alpha_bar, t, x_t) * x_t
-          - table_at(schedule.sqrt_recipm1_alpha_bar, t, x_t) * eps)
+    log_var = (frac * table_at(schedule, "log_betas", t, x_t)
+               + (1 - frac) * table_at(schedule, "posterior_log_variance", t, x_t))
+    x0 = (table_at(schedule, "sqrt_recip_alpha_bar", t, x_t) * x_t
+          - table_at(schedule, "sqrt_recipm1_alpha_bar", t, x_t) * eps)
     mean, _ = q_posterior(schedule, x0, x_t, t)
     return mean, log_var
 

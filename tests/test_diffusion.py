@@ -85,11 +85,16 @@ def test_p_mean_variance_learned_range():
     np.testing.assert_allclose(log_var[:, 0].numpy(), expected, rtol=1e-12)
 
 
-def test_table_at_keeps_dtype_and_gives_floats_for_int_steps():
-    table = np.array([0.1, 0.2, 0.3])
-    assert isinstance(table_at(table, 2, torch.zeros(1)), float)
-    assert table_at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).dtype == torch.float64
-    assert table_at(table, torch.tensor([1]), torch.zeros(1, 2, dtype=torch.float64)).item() == 0.2
+def test_table_at_keeps_dtype_and_gives_floats_for_int_steps(monkeypatch):
+    schedule = Schedule(np.array([0.1, 0.2, 0.3]))
+    assert isinstance(table_at(schedule, "log_betas", 2, torch.zeros(1)), float)
+    assert table_at(schedule, "log_betas", 2, torch.zeros(1)) == math.log(0.3)
+    wide = table_at(schedule, "log_betas", torch.tensor([1, 0]), torch.zeros(2, 2, dtype=torch.float64))
+    assert wide.dtype == torch.float64 and wide[:, 0].tolist() == [math.log(0.2), math.log(0.1)]
+    # the table reaches a device once: a host copy per training step would wait for the GPU's queued work
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: pytest.fail("table copied again"))
+    narrow = table_at(schedule, "log_betas", torch.tensor([1]), torch.zeros(1, 2))
+    assert narrow.dtype == torch.float32 and narrow.item() == pytest.approx(math.log(0.2), rel=1e-7)
 
 
 def test_normal_kl_closed_form():
