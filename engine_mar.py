@@ -18,6 +18,7 @@ import torch
 from numpy.lib import format as npformat
 from tqdm import tqdm
 
+from models.families.common import check_labels
 from sampling import PRECISIONS, make_backend
 
 from util import distributed, flops
@@ -71,6 +72,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
                    args.epochs, args.lr_schedule, args.min_lr)
         set_lr(optimizer, lr)
         batch = batch.to(device, non_blocking=True)
+        check_labels(labels, labels.shape[0], unwrapped.config.class_num)  # on the host: the model's check would sync
         labels = labels.to(device, non_blocking=True)
         latents = to_latents(tokenizer, batch, args.use_cached)
         if peak is not None and step_flops is None:

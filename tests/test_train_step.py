@@ -178,3 +178,33 @@ def test_every_parameter_gets_a_gradient_in_a_training_step(preset, head, label_
     model(latents, labels).backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+@pytest.mark.parametrize("preset", ["mar_tiny", "causal_tiny", "scalewise_tiny"])
+def test_training_forwards_leave_the_labels_range_to_the_loop(monkeypatch, preset):
+    """Reading the labels' range on a GPU makes the host wait for its queued work, at every step in a
+    training forward; the training loop checks them on the host, sampling once per call."""
+    from models import create_model
+    from models.families import causal, mar, scalewise
+    digits = dict(tokenizer="pixel", img_size=8, vae_stride=1, vae_embed_dim=1, img_channels=1, patch_size=2,
+                  class_num=10)
+    torch.manual_seed(0)
+    model = create_model(preset, **digits).train()
+    asked = []
+    for module in (mar, causal, scalewise):
+        real = module.check_labels
+        monkeypatch.setattr(module, "check_labels", lambda *a, _real=real, **k: (asked.append(k.get("values", True)),
+                                                                                 _real(*a, **k))[1])
+    model(torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 5, 9])).backward()
+    assert asked and not any(asked)
+    asked.clear()
+    model.eval().sample_tokens(1, num_iter=2, labels=torch.tensor([3]))
+    assert any(asked)
+
+
+def test_training_loop_refuses_labels_out_of_range(tmp_path):
+    model = tiny_mar(class_num=10)
+    loader = [(torch.randn(2, 3, 64, 64), torch.tensor([3, 10]))]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) \(class_num\); got values in \[3, 10\]"):
+        train_one_epoch(model, PixelTokenizer(), loader, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                        EMA(model, 0.9), TrainState(), step_args(tmp_path), steps_in_epoch=1)

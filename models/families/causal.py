@@ -236,7 +236,7 @@ class CausalAR(OuterModel):
         null = torch.full((batch_size,), self.null_class, dtype=torch.long, device=device)
         if labels is None:
             return null
-        check_labels(labels, batch_size, self.class_num)
+        check_labels(labels, batch_size, self.class_num, values=not self.training)
         ids = labels.to(device=device, dtype=torch.long)
         if drop_labels and self.label_drop_prob > 0:
             ids = torch.where(torch.rand(batch_size, device=device) < self.label_drop_prob, null, ids)

@@ -196,7 +196,7 @@ class MAR(OuterModel):
         fake = self.fake_latent.expand(batch_size, -1)
         if labels is None:
             return fake
-        check_labels(labels, batch_size, self.class_num)
+        check_labels(labels, batch_size, self.class_num, values=not self.training)
         emb = self.class_emb(labels.long())
         if drop_labels:
             # fake_latent stays in every training graph, dropped or not: DDP expects a gradient for each parameter

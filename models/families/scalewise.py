@@ -155,10 +155,7 @@ class ScalewiseAR(OuterModel):
         if labels is None:
             ids = torch.full((batch_size,), self.null_class, device=device)
         else:
-            # shape and dtype only: checking the values would sync with the host (sample_tokens does)
-            check_labels(labels[:0], 0, self.class_num)
-            if labels.numel() != batch_size:
-                raise ValueError(f"labels must hold {batch_size} class ids (one per image); got {labels.numel()}")
+            check_labels(labels, batch_size, self.class_num, values=False)  # sample_tokens checks the values
             ids = labels.to(device=device, dtype=torch.long)
             if drop_labels and self.label_drop_prob > 0:
                 drop = torch.rand(batch_size, device=device) < self.label_drop_prob
