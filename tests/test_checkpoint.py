@@ -65,6 +65,25 @@ def test_rng_state_round_trip():
     np.testing.assert_array_equal(expected[3], got[3])
 
 
+def test_cuda_rng_state_is_this_process_gpu_s(monkeypatch):
+    """A process saves and restores its own GPU's CUDA RNG state: a list of every visible GPU's made a
+    resume on another layout (2 nodes x 4 GPUs for 1 x 8) fail or restore another GPU's stream."""
+    mine, other = torch.tensor([3], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: (mine if device == 3 else other).clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s.tolist(), device)))
+    state = capture_rng_state()
+    assert torch.equal(state["cuda"], mine)
+    restore_rng_state(state)
+    restore_rng_state({**state, "cuda": [other, other, other, mine]})  # an older checkpoint's list per GPU
+    assert restored == [([3], 3), ([3], 3)]
+    with pytest.raises(ValueError, match="CUDA RNG states for 2 GPUs, this process runs on GPU 3"):
+        restore_rng_state({**state, "cuda": [other, other]})
+
+
 def test_checkpoint_path_semantics(tmp_path):
     assert checkpoint.checkpoint_path("") is None
     # first launch of a job always started with --resume OUTPUT_DIR; any other missing path is a typo

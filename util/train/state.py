@@ -63,8 +63,8 @@ def capture_rng_state():
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may see other GPUs (2x4 for 1x8)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -76,7 +76,19 @@ def restore_rng_state(state):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(cuda_rng_state_of_this_device(state["cuda"], torch.cuda.current_device()),
+                                 torch.cuda.current_device())
+
+
+def cuda_rng_state_of_this_device(saved, device_index):
+    """The saved CUDA RNG state for this process's GPU: one state, or (older checkpoints) a list with one
+    per visible GPU, of which this process used the entry at its device index."""
+    if isinstance(saved, (list, tuple)):
+        if device_index >= len(saved):
+            raise ValueError(f"the checkpoint holds CUDA RNG states for {len(saved)} GPUs, this process runs on "
+                             f"GPU {device_index}: resume with the GPU layout that wrote it (or a newer checkpoint)")
+        return saved[device_index]
+    return saved
 
 
 # ----------------------------------------------------------------------------- save / load
