@@ -48,6 +48,13 @@ def to_latents(tokenizer, batch, use_cached):
 
 
 # ----------------------------------------------------------------------------- training
+def synchronized_time(device):
+    """time.time() once the device's queued work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, args, steps_in_epoch,
                     writer=None, on_step=None, stop=None):
     """Run the remaining steps of epoch `state.epoch`; `on_step(state)` is called after each step.
@@ -79,9 +86,10 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
             def forward():
                 with autocast(args, device):
                     return unwrapped(latents, labels)
-            counting = time.time()
+            # not training time: the window skips it (synchronised, so that the GPU's share of it is out too)
+            counting = synchronized_time(device)
             step_flops = flops.training_step_flops(forward, device)
-            window_start += time.time() - counting  # not training time
+            window_start += synchronized_time(device) - counting
 
         with autocast(args, device):
             loss = model(latents, labels)
