@@ -1,5 +1,5 @@
-"""Small layers several networks share: the AdaLN modulation, the tanh-GELU feed-forward block and
-the ViT-style initialisation."""
+"""Small layers several networks share: the AdaLN modulation, the tanh-GELU feed-forward block, a
+Linear that stays in full precision under autocast, and the ViT-style initialisation."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +24,21 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class FullPrecisionLinear(nn.Linear):
+    """nn.Linear computed in at least float32 even under autocast (float64 stays float64).
+
+    Mixture parameters (and ARINAR's fed-back features) go through these layers: rounded to bf16,
+    a mean near 3 would move by up to ~0.008. Backends that cast Linear weights for autocast once per
+    call (sampling/cuda_graphs.py) leave modules with `keeps_full_precision` alone.
+    """
+    keeps_full_precision = True
+
+    def forward(self, x):
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
 
 
 @torch.no_grad()

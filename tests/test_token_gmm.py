@@ -161,3 +161,16 @@ def test_exact_cfg_sampler_refused():
     with pytest.raises(ValueError, match="--cfg_sampler") as err:
         head.sample(torch.randn(4, 8), cfg=2.0, cfg_sampler="exact")
     assert "\n" not in str(err.value)
+
+
+def test_mixture_parameters_are_not_rounded_to_bf16_under_autocast():
+    """Under bf16 autocast a plain Linear would round the means and log-variances (~0.4% relative);
+    the mixture math then runs on what comes out."""
+    head = randomize_(TokenGMM(C, 8, 32, 1, 4), std=0.2)
+    x = 3 * torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head.final_layer.linear(x)
+    linear = head.final_layer.linear
+    want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)

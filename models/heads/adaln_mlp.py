@@ -6,7 +6,7 @@ its checkpoints load strictly.
 """
 import torch.nn as nn
 
-from models.layers import modulate
+from models.layers import FullPrecisionLinear, modulate
 
 
 def silu_linear(width, out):
@@ -29,11 +29,12 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Linear(LN(x) * (1 + scale) + shift) with a LayerNorm without affine parameters."""
+    """Linear(LN(x) * (1 + scale) + shift) with a LayerNorm without affine parameters; `full_precision`:
+    the Linear stays in at least float32 under autocast (a mixture's parameters)."""
 
-    def __init__(self, width, out_dim):
+    def __init__(self, width, out_dim, full_precision=False):
         super().__init__()
-        self.linear = nn.Linear(width, out_dim)
+        self.linear = (FullPrecisionLinear if full_precision else nn.Linear)(width, out_dim)
         self.adaLN_modulation = silu_linear(width, 2 * width)
 
     def forward(self, x, y):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from models.attention import attention
 from models.config import flag
-from models.layers import FeedForward, modulate
+from models.layers import FeedForward, FullPrecisionLinear, modulate
 from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
                         sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 from models.registry import register_head
@@ -26,21 +26,6 @@ def activation_dtype(x):
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-class FullPrecisionLinear(nn.Linear):
-    """nn.Linear computed in at least float32 even under autocast (float64 stays float64).
-
-    The mixture parameters and the fed-back features go through these layers: rounded to bf16,
-    a mean near 3 would move by up to ~0.008. Backends that cast Linear weights for autocast once per
-    call (sampling/cuda_graphs.py) leave modules with `keeps_full_precision` alone.
-    """
-    keeps_full_precision = True
-
-    def forward(self, x):
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
 
 
 class CausalSelfAttention(nn.Module):

@@ -50,7 +50,7 @@ class TokenGMM(nn.Module):
         self.train_repeats = 1  # the NLL is exact: no need to tile rows
         self.cond_embed = nn.Linear(cond_dim, width)
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
-        self.final_layer = FinalLayer(width, num_gaussians * (2 * token_dim + 1))
+        self.final_layer = FinalLayer(width, num_gaussians * (2 * token_dim + 1), full_precision=True)
         # the output Linear keeps its Xavier init: zeroed, all components would start equal and
         # get equal gradients forever
         init_adaln_mlp_(self)
