@@ -7,6 +7,9 @@ to add torch.compile), at every --batch_sizes, and prints images/s, each setting
 image and the fraction of the GPU's dense peak (util/flops.py; counted once per setting on an eager
 batch of --flops_batch), and each head's time relative to ARINAR's. Random weights (speed does not
 depend on them). The paper (one A100, 100 images one by one): MAR-B 65.69 s / ARINAR-B 11.57 s = 5.7x.
+The JSON's "ratios" ({batch: {setting: its seconds per image / ARINAR's}}) need the arinar setting in
+--only; "settings" records every setting's steps and cfg, so that bench/gpu_summary.py can take ARINAR's
+row from a bench_sampling run of the same model instead (bench/gpu_check.sh runs --only mar_64).
 
     python -m bench.bench_heads --device cuda --precision bf16 --batch_sizes 1 256     # ARINAR-B size
     python -m bench.bench_heads --width 128 --enc_dec_depth 2 --num_heads 4 --inner_ar_width 128 --diffloss_w 256 \\
@@ -52,7 +55,9 @@ def main(argv=None):
     head_args = {"arinar": {}, "gmm": {"head": "gmm"}, "diffloss": {"head": "diffloss"}}
     log.info("machine: %s", machine_line(device))
     peak = flops.peak_flops(device, args.precision)
-    results = {"machine_before": machine_line(device), "args": vars(args), "peak_flops": peak, "rows": []}
+    results = {"machine_before": machine_line(device), "args": vars(args), "peak_flops": peak, "rows": [],
+               "settings": {name: {"head": head, "num_iter": num_iter, "cfg": cfg}  # every one, timed or not
+                            for name, head, num_iter, cfg in SETTINGS}}
     models = {}
     for name, head, num_iter, cfg in (s for s in SETTINGS if s[0] in args.only):
         if head not in models:

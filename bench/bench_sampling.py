@@ -8,6 +8,13 @@ with optional --compile), or each of --backends. Weights are random (no download
 depend on them. Beside images/s: each side's model FLOPs per image (util/flops.py, counted once on
 a small eager batch) and the fraction of the GPU's dense peak they reach (none on CPU).
 
+peak_memory_mib (CUDA only; None on CPU, where counting every storage would slow the runs a lot): per
+side, the most bytes allocated above what was allocated before the call (bench/memory.py: peak_memory),
+the maximum over its first call(s) (the capture, for CUDA graphs; torch.compile's compilation with
+--compile) and its timed runs; the same over the baseline's warm-up and timed runs. Weights and what
+earlier calls keep (KV caches, the graphs' pools) are not in it; a first call's peak includes what it
+makes and keeps, such as a graph pool, whose replays then reuse it.
+
 CPU configuration (inner model at ARINAR-B size dominates):
     python -m bench.bench_sampling --width 128 --enc_dec_depth 2 --num_heads 4 --batch_size 8 --cfg 4.5 \
         --num_iter 64 --threads 1
@@ -21,7 +28,8 @@ import torch
 
 from bench.baseline import release_sample_tokens
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
-                          parser, setup_runtime, time_runs, write_json)
+                          parser, setup_runtime, synchronize, time_runs, write_json)
+from bench.memory import peak_memory
 from util import flags
 from models.vae import LATENT_SCALE, AutoencoderKL
 from sampling import make_backend
@@ -91,15 +99,16 @@ def main(argv=None):
     # which capture per schedule step and row bucket on first use (and compile with --compile)
     for side in sides:
         warm_iter = args.num_iter if side.backend.name == "cuda_graphs" else min(2, args.num_iter)
-        results["first_call_s"][side.name] = sum(time_runs(lambda: ours(side.backend, warm_iter), device, 0,
-                                                           args.warmup))
+        results["first_call_s"][side.name] = sum(side.call(lambda: ours(side.backend, warm_iter))
+                                                 for _ in range(args.warmup))
         log.info("%s: first %d call(s) of %d steps took %.1f s", side.name, args.warmup, warm_iter,
                  results["first_call_s"][side.name])
         write_json(args.json, results)  # so far: a later side that times out leaves these behind
-    if args.baseline_repeats:
-        time_runs(lambda: baseline(min(2, args.num_iter)), device, args.warmup, 0)
-    # timed runs alternate between the sides, so load from other users hits all alike
     base = Side("baseline", None, device, False)
+    if args.baseline_repeats:
+        for _ in range(args.warmup):
+            base.call(lambda: baseline(min(2, args.num_iter)))
+    # timed runs alternate between the sides, so load from other users hits all alike
     for i in range(max(args.repeats, args.baseline_repeats)):
         for side in sides if i < args.repeats else ():
             side.timer.reset()
@@ -134,21 +143,32 @@ def backend_choices(args):
 
 
 class Side:
-    """One timed contender: its backend (None for the baseline), times and peak CUDA memory."""
+    """One timed contender: its backend (None for the baseline), times and peak memory (peak_mib: the most
+    MiB allocated above what was allocated before a call, over every call; measured when `memory`, by
+    default on CUDA only)."""
 
-    def __init__(self, name, backend, device, breakdown):
+    def __init__(self, name, backend, device, breakdown, memory=None):
         self.name, self.backend, self.device, self.times, self.peak_mib = name, backend, device, [], None
+        self.memory = device.type == "cuda" if memory is None else memory
         self.timer = PieceTimer(device)
         if breakdown:  # instance attributes shadow the methods the loop looks up
             self.timer.wrap(backend, "run", "outer")  # every Step a family runs
             self.timer.wrap(backend, "sample_head", "head")
 
+    def call(self, fn):
+        """Seconds of one call of fn(), whose peak memory above what was allocated before it joins peak_mib."""
+        if not self.memory:
+            return time_runs(fn, self.device, 0, 1)[0]
+        synchronize(self.device)
+        start = time.perf_counter()
+        peak, _ = peak_memory(fn, self.device)  # synchronizes after the call
+        seconds = time.perf_counter() - start
+        self.peak_mib = max(self.peak_mib or 0.0, peak / 2 ** 20)
+        return seconds
+
     def run(self, fn):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.times += time_runs(fn, self.device, 0, 1)
-        if self.device.type == "cuda":
-            self.peak_mib = max(self.peak_mib or 0, torch.cuda.max_memory_allocated(self.device) / 2 ** 20)
+        """A timed run."""
+        self.times.append(self.call(fn))
 
 
 def record(results, sides, base, args):

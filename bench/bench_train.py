@@ -2,8 +2,10 @@
 
 MAR.forward runs the inner model on the masked tokens only; the release ran it on all tokens
 and masked the loss (bench/baseline.py: release_style_loss). Both are timed in this process
-on the same weights and the same random masks (same seed); the losses agree. A step is
-forward + backward + AdamW update on random latents (no data or weights needed).
+on the same weights and the same random masks (same seed); the losses agree (the JSON's
+"losses_agree": relative difference and tolerance per precision). A step is forward + backward + AdamW
+update on random latents (no data or weights needed). The JSON is written after the losses, the timing
+and each peak-memory measurement, so a run killed later keeps what was measured.
 
 Memory: the activations autograd saves for backward (exact, on the same mask for both paths);
 and the peak: on CUDA torch.cuda.max_memory_allocated in this process, on CPU the peak resident
@@ -40,6 +42,7 @@ log = logging.getLogger("bench.train")
 PATHS = ("masked_only", "all_tokens")
 CARDS_GIB = (40, 80)
 HEADROOM = 0.9  # of a card's memory that the peak may take
+LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}  # relative, of the two paths' losses
 
 
 def parse_args(argv=None):
@@ -160,7 +163,11 @@ def main(argv=None):
         with torch.no_grad():
             losses[path] = loss_of(path).item()
     results["losses"] = losses
-    log.info("losses on the same draws (should agree): %s", losses)
+    results["losses_agree"] = losses_agree(losses, args.precision)
+    log.info("losses on the same draws (should agree): %s; relative difference %.1e (tolerance %.0e): %s", losses,
+             results["losses_agree"]["relative_difference"], results["losses_agree"]["tolerance"],
+             "agree" if results["losses_agree"]["agree"] else "DIFFER")
+    write_json(args.json, results)  # so far: a part killed later keeps what was measured
     for path in PATHS:
         torch.manual_seed(args.seed)  # the same mask for both
         mib = saved_activation_mib(params, loss_of, path)
@@ -185,6 +192,7 @@ def main(argv=None):
     ratio = median(results["all_tokens"]["s_per_step"]) / median(results["masked_only"]["s_per_step"])
     results["speedup"] = ratio
     log.info("speed-up (masked-only steps/s / all-tokens steps/s, medians): %.2fx", ratio)
+    write_json(args.json, results)
 
     if not args.no_memory:
         del loss_of, step, params  # on CUDA the peak is taken in this process: free the timed model first
@@ -196,15 +204,26 @@ def main(argv=None):
             results[path]["peak_memory_mib"] = peak
             if before is None:
                 log.info("%-12s peak memory %.0f MiB (max_memory_allocated)", path, peak)
+                write_json(args.json, results)  # before the second measurement, at a quarter of the batch
                 fits_cards(args, path, peak, results[path])
             else:
                 results[path]["rss_before_steps_mib"] = before
                 log.info("%-12s peak memory %.0f MiB (child peak RSS; %.0f MiB of it before the first step)",
                          path, peak, before)
+            write_json(args.json, results)
     results["machine_after"] = machine_line(device)
     log.info("machine after: %s", results["machine_after"])
     write_json(args.json, results)
     return results
+
+
+def losses_agree(losses, precision):
+    """Whether the two paths' losses on the same draws agree: |masked_only - all_tokens| / max(1, |all_tokens|)
+    within LOSS_TOLERANCE of the precision (half precisions round the two paths' different shapes apart)."""
+    a, b = losses["masked_only"], losses["all_tokens"]
+    difference = abs(a - b) / max(1.0, abs(b))
+    tolerance = LOSS_TOLERANCE[precision]
+    return {"relative_difference": difference, "tolerance": tolerance, "agree": difference <= tolerance}
 
 
 def fits_cards(args, path, peak, row):

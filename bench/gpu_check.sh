@@ -2,7 +2,7 @@
 # Every GPU check of issue 30 in one run on one GPU, in <= 8 minutes, nothing downloaded:
 #   the CUDA tests, sampling (ours: eager, CUDA graphs, graphs + compile; the release-cost baseline)
 #   at batch 1 and 256, the heads table, training on both loss paths (+ --grad_checkpointing),
-#   and every other outer family against MAR's at ARINAR-B size (bench/bench_families.py).
+#   and every other outer family (and mvar_base) against MAR's at ARINAR-B size (bench/bench_families.py).
 # ARINAR-B (--model mar_base), bf16, cfg 4.5, 64 steps, random weights.
 #
 #   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."]
@@ -78,39 +78,51 @@ part() {
     echo "   rc $rc in $(( $(date +%s) - t0 )) s ${note:+($note)}"
 }
 
-# 1. every test that skips without CUDA: the files that ask for CUDA (grep), and in them the tests
+# Order and caps (s): eager_rows 45, cuda_tests 120, families 150, sampling_b256 100, sampling_b1 70, train 60,
+# train_ckpt 60, heads 80, compile_b256 120, compile_b1 90; the caps add up to more than the budget, so the
+# last parts run only as far as the time the earlier ones left.
+# 1. issue 30's eager crash: at batch 256 with 2 steps, step 1 draws 75 tokens per image (x2 for CFG):
+#    38,400 rows x 4 heads in one attention call, past CUDA's grid limit unless split (the first call, 2 steps,
+#    is timed apart as "first call s")
+part eager_rows 45 $SAMPLE --num_iter $ROWS_ITER --batch_size $BIG --backends eager --warmup 1 --repeats 1 \
+    --baseline_repeats 0 --flops_batch 0 --json "$OUT/eager_rows.json"
+# 2. every test that skips without CUDA: the files that ask for CUDA (grep), and in them the tests
 #    bench/cuda_tests.py finds skipped without it (a module that fails to import costs only itself)
 #    (the compile variants last; no test starts in the part's last 30 s, so pytest writes its report)
 CUDA_TEST_FILES=$(grep -l "cuda.is_available" tests/test_*.py)
-export CUDA_TESTS_SECONDS=$(( $(part_limit 180) - 30 ))
-part cuda_tests 180 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests --continue-on-collection-errors \
+export CUDA_TESTS_SECONDS=$(( $(part_limit 120) - 30 ))
+part cuda_tests 120 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests --continue-on-collection-errors \
     $CUDA_TEST_FILES --junitxml "$OUT/cuda_tests.xml"
-# 2. issue 30's eager crash: at batch 256 with 2 steps, step 1 draws 75 tokens per image (x2 for CFG):
-#    38,400 rows x 4 heads in one attention call, past CUDA's grid limit unless split
-part eager_rows 60 $SAMPLE --num_iter $ROWS_ITER --batch_size $BIG --backends eager --warmup 0 --repeats 1 \
-    --baseline_repeats 0 --flops_batch 0 --json "$OUT/eager_rows.json"
-# 3. every outer family against MAR's (the same head, the same backend; bench/bench_families.py): b1 and b256;
-#    early, since it is all the family issues need besides the CUDA tests
-FAMILIES=""
-if [ -z "$PARTS" ] || [[ " $PARTS " == *" family_"* ]]; then  # (asking costs a torch import)
-    FAMILIES=$($PY -c "import models; print(' '.join(f for f in models.FAMILIES if f != 'mar'))" 2>/dev/null)
+# 3. every other outer family against MAR's in one process (bench/bench_families.py: the same head and backend,
+#    MAR measured once), b1 and b256, one timed call each after the first (memory, capture): each family's preset
+#    nearest to mar_base (models.FAMILIES), and mvar_base, so that M-VAR's mixer (plain-PyTorch scan) runs on
+#    the GPU too (var_base is the scale-wise family's nearest); a contender that fails (out of memory) is
+#    recorded and the others go on. Early: it is all the family issues need besides the CUDA tests.
+if [ "$SMOKE" = 1 ]; then
+    CONTENDERS="--reference_model mar_tiny --contenders causal_tiny scalewise_tiny mvar_tiny"
+    FAMILY_SIZES="$MODEL --batch_sizes 1 2"
+else
+    FAMILY_NAMES=""
+    if [ -z "$PARTS" ] || [[ " $PARTS " == *" families "* ]]; then  # (asking costs a torch import)
+        FAMILY_NAMES=$($PY -c "import models; print(' '.join(f for f in models.FAMILIES if f != 'mar'))" 2>/dev/null)
+    fi
+    CONTENDERS="--contenders $FAMILY_NAMES mvar_base"
+    FAMILY_SIZES="--batch_sizes 1 $BIG"
 fi
-if [ "$SMOKE" = 1 ]; then FAMILY_SIZES="$MODEL --batch_sizes 1 2 --repeats 1"; else FAMILY_SIZES="--batch_sizes 1 $BIG"; fi
-for family in $FAMILIES; do
-    part "family_$family" 150 $PY -m bench.bench_families --family "$family" $RUN $FAMILY_SIZES --num_iter $STEPS \
-        --cfg 4.5 --json "$OUT/family_$family.json"
-done
+part families 150 $PY -m bench.bench_families $RUN $FAMILY_SIZES $CONTENDERS --num_iter $STEPS --cfg 4.5 \
+    --repeats 1 --json "$OUT/families.json"
 # 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1)
-part sampling_b256 150 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
+part sampling_b256 100 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
     --flops_batch 0 --json "$OUT/sampling_b256.json"
-part sampling_b1 120 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
+part sampling_b1 70 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
     --flops_batch 1 --json "$OUT/sampling_b1.json"
 # 6-7. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
 TRAIN="$PY -m bench.bench_train $RUN $MODEL --batch_size $TRAIN_BATCH --steps $TRAIN_STEPS --repeats $TRAIN_REPEATS"
-part train 90 $TRAIN --json "$OUT/train.json"
-part train_ckpt 90 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
-# 8. the heads table: ARINAR's inner AR against MAR's diffusion head, both at 64 outer steps
-part heads 150 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only arinar mar_64 --batch_sizes 1 $BIG \
+part train 60 $TRAIN --json "$OUT/train.json"
+part train_ckpt 60 $TRAIN --grad_checkpointing --json "$OUT/train_ckpt.json"
+# 8. the heads table: MAR's diffusion head at 64 outer steps; ARINAR's row (64 steps, cfg 4.5, the same model and
+#    backend) is the sampling parts' (bench/gpu_summary.py), so it is not timed twice
+part heads 80 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only mar_64 --batch_sizes 1 $BIG \
     --warmup 1 --repeats 1 --json "$OUT/heads.json"
 # 9-10. CUDA graphs + torch.compile last: its first call (compilation) is the slowest and least sure part
 if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1"; else COMPILE_RUN=$RUN; fi

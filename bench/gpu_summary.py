@@ -109,16 +109,57 @@ def sampling_rows(folder):
     return rows
 
 
+def heads_backend(args):
+    """The backend a bench_heads or bench_sampling run without --backends used, from its flags (the engine's
+    rule: CUDA graphs by default on CUDA, --compile on top of them)."""
+    if args.get("compile"):
+        return "cuda_graphs+compile"
+    graphs = args.get("cuda_graphs")
+    return "cuda_graphs" if (str(args.get("device", "")).startswith("cuda") if graphs is None else graphs) else "eager"
+
+
+# the flags that must agree for a sampling part to stand for the heads part's ARINAR setting
+SAME_MODEL = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
+              "num_gaussians", "img_size", "class_num", "device", "precision", "cfg_sampler", "temperature")
+ARINAR_SETTING = {"num_iter": 64, "cfg": 4.5}  # bench_heads' "arinar" setting, for files that do not record it
+
+
+def arinar_rows(folder, heads):
+    """{batch: row} of ARINAR's setting taken from the sampling parts, for a heads part run without it
+    (--only mar_64: the sampling parts time the same model, backend, steps and cfg): the side of the
+    heads part's backend in a sampling part at that batch with the same model flags, steps and cfg."""
+    setting = heads.get("settings", {}).get("arinar", ARINAR_SETTING)
+    backend = heads_backend(heads["args"])
+    found = {}
+    for row in sampling_rows(folder):
+        res = load(folder, row["part"])
+        args = res["args"]
+        if (row["side"] != backend or row["images_per_s"] is None or row["batch"] in found or args.get("decode")
+                or args.get("num_iter") != setting["num_iter"] or args.get("cfg") != setting["cfg"]
+                or any(args.get(k) != heads["args"].get(k) for k in SAME_MODEL)):
+            continue
+        found[row["batch"]] = {"setting": f"arinar ({row['part']}, {backend})", "batch_size": row["batch"],
+                               "num_iter": setting["num_iter"], "cfg": setting["cfg"],
+                               "images_per_s": row["images_per_s"], "flops_per_image": row["flops_per_image"],
+                               "fraction_of_peak": row["fraction_of_peak"], "vs_arinar": 1.0}
+    return found
+
+
 def heads_rows(folder):
+    """bench_heads' rows with each setting's seconds per image over ARINAR's at the same batch: ARINAR's from
+    the heads part itself when it timed it, else from the sampling parts (arinar_rows)."""
     res = load(folder, "heads")
-    if not res:
+    if not res or "rows" not in res:
         return []
-    ratios = {int(b): r for b, r in res.get("ratios", {}).items()}
-    return [{**{k: row[k] for k in ("setting", "batch_size", "num_iter", "cfg", "images_per_s", "flops_per_image",
-                                     "fraction_of_peak")},
-             "vs_arinar": ratios.get(row["batch_size"], {}).get(row["setting"], 1.0 if row["setting"] == "arinar"
-                                                                  else None)}
-            for row in res["rows"]]
+    own = {row["batch_size"]: row["images_per_s"] for row in res["rows"] if row["setting"] == "arinar"}
+    borrowed = {} if own else arinar_rows(folder, res)
+    rows = [borrowed[b] for b in sorted(borrowed)]
+    for row in res["rows"]:
+        arinar = own.get(row["batch_size"]) or borrowed.get(row["batch_size"], {}).get("images_per_s")
+        rows.append({**{k: row[k] for k in ("setting", "batch_size", "num_iter", "cfg", "images_per_s",
+                                            "flops_per_image", "fraction_of_peak")},
+                     "vs_arinar": arinar / row["images_per_s"] if arinar else None})
+    return rows
 
 
 def train_rows(folder):
@@ -141,22 +182,56 @@ def train_rows(folder):
     return rows
 
 
+def family_results(folder):
+    """(part, result) of each bench_families run: the families part, and the family_NAME parts of older runs."""
+    for name in ["families"] + sorted(path.stem for path in folder.glob("family_*.json")):
+        res = load(folder, name)
+        if res and "sides" in res:
+            yield name, res
+
+
+def contender_ratios(res):
+    """{contender preset: {batch: ratios}}; a file of one contender in the older layout ({batch: ratios})
+    is read as that."""
+    ratios = res.get("ratios", {})
+    if all(str(key).isdigit() for key in ratios):
+        return {res["sides"][-1]["model"]: ratios}
+    return ratios
+
+
 def family_rows(folder):
-    """One row per (family part, side, batch) of bench_families, with the side's images/s over MAR's."""
+    """One row per (bench_families part, batch, side), with the side's images/s over MAR's (the reference,
+    the first side; from the JSON's ratios, or from the rows of a run killed before it wrote them); a side
+    that failed to build, or at a batch, gets a row with its error, one killed before its timed call a note."""
     rows = []
-    for path in sorted(folder.glob("family_*.json")):
-        res = load(folder, path.stem)
-        if not res or "sides" not in res:
-            continue
-        ratios = res.get("ratios", {})
+    for order, (name, res) in enumerate(family_results(folder)):
+        ratios = contender_ratios(res)
+        reference = {row["batch_size"]: row.get("images_per_s") for row in res["sides"][0].get("rows", [])}
         for i, side in enumerate(res["sides"]):
-            for row in side["rows"]:
-                ratio = ratios.get(str(row["batch_size"]), {}).get("images_per_s") if i else 1.0
-                rows.append({"part": path.stem, "family": side["family"], "model": side["model"],
-                             "head": side["head"], "batch": row["batch_size"], "steps": res["args"]["num_iter"],
-                             "images_per_s": row["images_per_s"], "s_per_image": row["s_per_image"],
-                             "flops_per_image": row["flops_per_image"], "fraction_of_peak": row["fraction_of_peak"],
-                             "peak_memory_mib": row["peak_memory_mib"], "vs_mar": ratio})
+            mine = ratios.get(side["model"], {})
+            base = {"part": name, "family": side["family"], "model": side["model"], "head": side.get("head"),
+                    "steps": side.get("steps", res["args"]["num_iter"]), "note": None,
+                    **dict.fromkeys(("batch", "images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
+                                     "peak_memory_mib", "vs_mar"))}
+            if side.get("error"):
+                rows.append({**base, "note": side["error"], "key": (order, float("inf"), i)})
+            for row in side.get("rows", []):
+                batch = row["batch_size"]
+                key = (order, batch, i)
+                if "error" in row:
+                    rows.append({**base, "batch": batch, "note": row["error"], "key": key})
+                    continue
+                ips = row.get("images_per_s")
+                ratio = (mine.get(str(batch)) or mine.get(batch) or {}).get("images_per_s")
+                if i == 0:
+                    ratio = 1.0 if ips else None
+                elif ratio is None and ips and reference.get(batch):
+                    ratio = ips / reference[batch]
+                rows.append({**base, "batch": batch, "key": key, "vs_mar": ratio,
+                             "note": None if ips else "killed after its first call (not timed)",
+                             **{k: row.get(k) for k in ("images_per_s", "s_per_image", "flops_per_image",
+                                                        "fraction_of_peak", "peak_memory_mib")}})
+    rows.sort(key=lambda r: r.pop("key"))  # by part, then batch, then side (MAR first)
     return rows
 
 
@@ -165,7 +240,7 @@ def family_goals(rows):
     out = []
     for family, goal in FAMILY_GOALS.items():
         at = {r["batch"]: r for r in rows if r["family"] == family and r["model"] == goal["model"]
-              and r["head"] == "arinar"}
+              and r["head"] == "arinar" and r["images_per_s"] is not None}
         b256, b1 = at.get(256, {}).get("images_per_s"), at.get(1, {}).get("s_per_image")
         text = (f"{goal['model']}: >= {goal['images_per_s_b256']:g} images/s at batch 256, "
                 f"<= {goal['s_per_image_b1']:g} s/image at batch 1")
@@ -177,16 +252,36 @@ def family_goals(rows):
 
 
 def table(header, rows):
+    """Markdown table lines; a "|" inside a cell (an error message, a note) is escaped."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
 def machine(folder):
-    for name in SAMPLING_PARTS + TRAIN_PARTS + ("heads",):
+    """The machine line of the first part JSON that has one (the usual parts first, then any other)."""
+    names = SAMPLING_PARTS + TRAIN_PARTS + ("heads", "families")
+    names += tuple(sorted(path.stem for path in folder.glob("*.json") if path.stem not in names + ("summary",)))
+    for name in names:
         res = load(folder, name)
-        if res and res.get("machine_before"):
+        if isinstance(res, dict) and res.get("machine_before"):
             return res["machine_before"]
     return "unknown (no part left a JSON file)"
+
+
+def train_losses(folder):
+    """bench_train's losses of both paths on the same draws (they should agree), per training part."""
+    out = []
+    for name in TRAIN_PARTS:
+        res = load(folder, name)
+        losses = (res or {}).get("losses") or {}
+        if "masked_only" not in losses or "all_tokens" not in losses:
+            continue
+        check = res.get("losses_agree") or {}
+        a, b = losses["masked_only"], losses["all_tokens"]
+        out.append({"part": name, "masked_only": a, "all_tokens": b,
+                    "relative_difference": check.get("relative_difference", abs(a - b) / max(1.0, abs(b))),
+                    "tolerance": check.get("tolerance"), "agree": check.get("agree")})
+    return out
 
 
 def commit():
@@ -209,7 +304,8 @@ def markdown(summary):
                 f"passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
                 + (": " + ", ".join(t["failed_ids"][:10]) if t["failed_ids"] else "")]
     if summary["sampling"]:
-        out += ["", "Sampling (cfg 4.5): ours against the release-cost baseline", ""]
+        out += ["", "Sampling (cfg 4.5): ours against the release-cost baseline (peak: the most allocated above "
+                "what was allocated before a call, over the first call and the timed ones)", ""]
         out += table(["part", "batch", "steps", "side", "images/s", "s/image", "FLOP/image", "% of peak",
                       "vs release", "first call s", "peak GiB"],
                      [[r["part"], r["batch"], r["steps"], r["side"], fmt(r["images_per_s"], ".3f"),
@@ -217,7 +313,8 @@ def markdown(summary):
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["speedup"], ".2f"), fmt(r["first_call_s"], ".1f"),
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024)] for r in summary["sampling"]])
     if summary["heads"]:
-        out += ["", "Heads (same outer model)", ""]
+        out += ["", "Heads (same outer model; ARINAR's rows from the sampling part at that batch when the heads part "
+                "did not time it)", ""]
         out += table(["setting", "batch", "steps", "cfg", "images/s", "FLOP/image", "% of peak", "s/image vs ARINAR"],
                      [[r["setting"], r["batch_size"], r["num_iter"], r["cfg"], fmt(r["images_per_s"], ".3f"),
                        fmt_flops(r["flops_per_image"]), fmt(r["fraction_of_peak"], ".1f", 100),
@@ -232,14 +329,19 @@ def markdown(summary):
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024), fmt(r["vs_all_tokens"], ".2f"),
                        fmt(r["largest_batch"].get("40GB"), ".0f"), fmt(r["largest_batch"].get("80GB"), ".0f")]
                       for r in summary["training"]])
+    for r in summary.get("train_losses", []):
+        verdict = {True: "agree", False: "DIFFER", None: "no verdict recorded"}[r["agree"]]
+        tolerance = "" if r["tolerance"] is None else f", tolerance {r['tolerance']:.0e}"
+        out += ["", f"Losses on the same draws ({r['part']}): masked-only {r['masked_only']:.6g}, all-tokens "
+                f"{r['all_tokens']:.6g}, relative difference {r['relative_difference']:.1e}{tolerance}: {verdict}"]
     if summary["families"]:
         out += ["", "Outer families (the same head and backend; the reference: the MAR family through our engine)", ""]
         out += table(["part", "family", "model", "batch", "steps", "images/s", "s/image", "FLOP/image", "% of peak",
-                      "peak GiB", "images/s vs MAR"],
-                     [[r["part"], r["family"], r["model"], r["batch"], r["steps"], fmt(r["images_per_s"], ".3f"),
-                       fmt(r["s_per_image"], ".4f"), fmt_flops(r["flops_per_image"]),
+                      "peak GiB", "images/s vs MAR", "note"],
+                     [[r["part"], r["family"], r["model"], "–" if r["batch"] is None else r["batch"], r["steps"],
+                       fmt(r["images_per_s"], ".3f"), fmt(r["s_per_image"], ".4f"), fmt_flops(r["flops_per_image"]),
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["peak_memory_mib"], ".2f", 1 / 1024),
-                       fmt(r["vs_mar"], ".2f")] for r in summary["families"]])
+                       fmt(r["vs_mar"], ".2f"), r["note"] or ""] for r in summary["families"]])
         out.append("")
         for g in summary["family_goals"]:
             verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
@@ -257,7 +359,8 @@ def main(argv=None):
     summary = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(args.folder),
                "seconds": args.seconds, "budget": args.budget, "parts": parts(args.folder),
                "tests": tests(args.folder), "sampling": sampling_rows(args.folder), "heads": heads_rows(args.folder),
-               "training": train_rows(args.folder), "families": family_rows(args.folder)}
+               "training": train_rows(args.folder), "train_losses": train_losses(args.folder),
+               "families": family_rows(args.folder)}
     summary["family_goals"] = family_goals(summary["families"])
     (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary)

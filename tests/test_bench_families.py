@@ -1,4 +1,4 @@
-"""bench/bench_families.py (MAR family against another, one run), its peak-memory counter, and its part
+"""bench/bench_families.py (MAR family against others, one run), its peak-memory counter, and its part
 in bench/gpu_check.sh and the summary. Plumbing and counts only: no timing is asserted."""
 import json
 import os
@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--family", "causal", "--width", "32", "--num_heads", "4", "--enc_dec_depth", "1", "--depth", "2",
         "--inner_ar_width", "32", "--img_size", "64", "--class_num", "10", "--device", "cpu", "--warmup", "1",
         "--repeats", "1", "--cfg", "2.0"]
+SIZES = TINY[2:]  # the same without --family
 MB = 2 ** 20
 
 
@@ -49,13 +50,14 @@ def test_causal_outer_passes_each_token_once_and_mar_s_every_step():
     assert count[1]["mar"] < count[2]["mar"] and count[16]["mar"] > 4 * count[1]["mar"]
     res = runs[16]
     (mar_row,), (causal_row,) = (side["rows"] for side in res["sides"])
-    ratios = res["ratios"][2]
+    ratios = res["ratios"]["causal_base"][2]
     assert ratios["images_per_s"] == causal_row["images_per_s"] / mar_row["images_per_s"]
     assert ratios["flops_per_image"] == count[16]["causal"] / count[16]["mar"]
     assert ratios["peak_memory"] == causal_row["peak_memory_mib"] / mar_row["peak_memory_mib"]
     assert all(row["peak_memory_mib"] > 0 and len(row["seconds"]) == 1 for row in (mar_row, causal_row))
     mar, causal = res["sides"]
-    assert (mar["model"], causal["model"], mar["head"], causal["head"]) == ("mar_base", "causal_base", "arinar", "arinar")
+    assert (mar["model"], causal["model"]) == ("mar_base", "causal_base")
+    assert (mar["head"], causal["head"]) == ("arinar", "arinar")
 
 
 def test_family_alone_picks_its_preset_nearest_to_the_reference_in_outer_parameters():
@@ -72,12 +74,97 @@ def test_family_alone_picks_its_preset_nearest_to_the_reference_in_outer_paramet
 
 
 def test_flags_of_neither_side_and_mismatched_presets_are_refused():
-    with pytest.raises(ValueError, match="--diffloss_w is a setting of neither mar_base nor causal_base"):
+    with pytest.raises(ValueError, match="--diffloss_w is a setting of none of mar_base, causal_base"):
         bench_families.main(TINY + ["--diffloss_w", "64"])
     with pytest.raises(ValueError, match="--model mar_tiny is a mar model, not --family causal"):
         bench_families.main(TINY + ["--model", "mar_tiny"])
     with pytest.raises(ValueError, match="name the family to compare"):
-        bench_families.main(TINY[2:])
+        bench_families.main(SIZES)
+    with pytest.raises(ValueError, match="--contenders names every contender: leave out --family and --model"):
+        bench_families.main(TINY + ["--contenders", "scalewise"])
+    with pytest.raises(ValueError, match="--contenders var: neither a family"):
+        bench_families.main(SIZES + ["--contenders", "causal", "var"])
+    with pytest.raises(ValueError, match="mar_base is the reference"):
+        bench_families.main(SIZES + ["--contenders", "causal", "mar"])  # mar's nearest preset is the reference
+    with pytest.raises(ValueError, match="--reference_model causal_tiny is not a mar model"):
+        bench_families.main(SIZES + ["--contenders", "scalewise", "--reference_model", "causal_tiny"])
+
+
+def test_contenders_run_against_one_reference_in_alternation(monkeypatch, tmp_path):
+    """--contenders: a family (its nearest preset) and a preset; the reference runs once in the same process,
+    first calls then timed calls alternate mar, causal, scalewise; a scale-wise model takes one step per scale
+    (4 on the 4x4 grid of 64-pixel images), the others --num_iter; ratios per contender preset."""
+    calls = []
+    sample = bench_families.Side.sample
+    monkeypatch.setattr(bench_families.Side, "sample",
+                        lambda self, labels, args, backend=None: calls.append(self.preset) or sample(self, labels, args,
+                                                                                                 backend))
+    path = tmp_path / "families.json"
+    res = bench_families.main(SIZES + ["--contenders", "causal", "scalewise_tiny", "causal_base", "--num_iter", "2",
+                                       "--batch_sizes", "2", "--repeats", "2", "--flops_batch", "0",
+                                       "--json", str(path)])
+    order = ["mar_base", "causal_base", "scalewise_tiny"]
+    assert calls == order * 3  # first calls, then 2 timed rounds; causal_base named twice runs once
+    assert [(side["model"], side["steps"]) for side in res["sides"]] == list(zip(order, [2, 2, 4]))
+    rows = {side["model"]: side["rows"][0] for side in res["sides"]}
+    assert all(len(row["seconds"]) == 2 for row in rows.values())
+    assert list(res["ratios"]) == ["causal_base", "scalewise_tiny"]
+    for model in ("causal_base", "scalewise_tiny"):
+        assert res["ratios"][model][2]["images_per_s"] == rows[model]["images_per_s"] / rows["mar_base"]["images_per_s"]
+    written = json.loads(path.read_text())
+    assert written["ratios"]["scalewise_tiny"]["2"] == res["ratios"]["scalewise_tiny"][2]
+
+
+def test_a_failing_contender_is_recorded_and_the_others_go_on(monkeypatch, tmp_path):
+    """One contender cannot be built, another runs out of CUDA memory in its timed call at batch 2 (the cache is
+    emptied once): both are recorded in one line each, the reference and the rest keep their rows, and the
+    summary shows the errors in its table."""
+    build = bench_families.Side.build
+    sample = bench_families.Side.sample
+
+    def failing_build(self, args, device):
+        if self.preset == "scalewise_tiny":
+            raise ValueError("no room | at all\nsecond line")
+        build(self, args, device)
+
+    seen = []
+
+    def failing_sample(self, labels, args, backend=None):
+        seen.append((self.preset, labels.numel()))
+        if seen[-1] == ("causal_base", 2) and seen.count(seen[-1]) == 2:  # its timed call at batch 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return sample(self, labels, args, backend)
+
+    emptied = []
+    monkeypatch.setattr(bench_families.Side, "build", failing_build)
+    monkeypatch.setattr(bench_families.Side, "sample", failing_sample)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    path = tmp_path / "families.json"
+    bench_families.main(SIZES + ["--contenders", "causal", "scalewise_tiny", "mvar_tiny", "--num_iter", "2",
+                                 "--batch_sizes", "1", "2", "--flops_batch", "0", "--json", str(path)])
+    res = json.loads(path.read_text())
+    assert emptied == [1]
+    assert res["ratios"]["scalewise_tiny"] == {"error": "ValueError: no room | at all second line"}
+    oom = "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert res["ratios"]["causal_base"]["2"] == {"error": oom}
+    assert set(res["ratios"]["causal_base"]["1"]) == {"images_per_s", "peak_memory"}
+    assert set(res["ratios"]["mvar_tiny"]) == {"1", "2"} and "error" not in res["ratios"]["mvar_tiny"]["2"]
+    sides = {side["model"]: side for side in res["sides"]}
+    assert sides["scalewise_tiny"] == {"family": "scalewise", "model": "scalewise_tiny",
+                                       "error": "ValueError: no room | at all second line", "rows": []}
+    assert sides["causal_base"]["rows"][1] == {"batch_size": 2, "error": oom}
+    assert [len(sides[m]["rows"][1]["seconds"]) for m in ("mar_base", "mvar_tiny")] == [1, 1]
+
+    (tmp_path / "parts.tsv").write_text("families\t0\t80\t150\t\n")
+    gpu_summary.main([str(tmp_path)])
+    table = (tmp_path / "summary.md").read_text()
+    assert "| families | causal | causal_base | 2 | 2 | – | – | – | – | – | – | " + oom + " |" in table
+    assert "| families | scalewise | scalewise_tiny | – | 2 | – |" in table
+    assert table.count("no room \\| at all second line |") == 1  # the pipe escaped: the row keeps its 12 cells
+    rows = {(r["model"], r["batch"]): r for r in json.loads((tmp_path / "summary.json").read_text())["families"]}
+    assert rows["mvar_tiny", 2]["steps"] == 4 and rows["mar_base", 2]["vs_mar"] == 1.0
+    assert rows["mvar_tiny", 2]["vs_mar"] == pytest.approx(
+        sides["mvar_tiny"]["rows"][1]["images_per_s"] / sides["mar_base"]["rows"][1]["images_per_s"])
 
 
 def family_result(family, model, b1_s_per_image, b256_images_per_s):
@@ -92,6 +179,7 @@ def family_result(family, model, b1_s_per_image, b256_images_per_s):
 @pytest.mark.parametrize("b1, b256, verdict", [(0.08, 250.0, "met"), (0.08, 150.0, "NOT met"),
                                                (0.2, 250.0, "NOT met")])
 def test_summary_reports_the_families_and_the_goal(tmp_path, b1, b256, verdict):
+    """A file of the older layout (one family_NAME part, ratios {batch: ...}) still reads."""
     result = {"args": {"num_iter": 64}, "sides": [family_result("mar", "mar_base", 0.5, 25.0),
                                                   family_result("causal", "causal_base", b1, b256)],
               "ratios": {"1": {"images_per_s": 0.5 / b1}, "256": {"images_per_s": b256 / 25.0}}}
@@ -107,15 +195,49 @@ def test_summary_reports_the_families_and_the_goal(tmp_path, b1, b256, verdict):
     assert (tmp_path / "summary.md").read_text().rstrip().endswith(f"s/image: {verdict}")
 
 
-def test_gpu_check_runs_the_family_part(tmp_path):
+def family_side(family, model, steps, rows):
+    return {"family": family, "model": model, "head": "arinar", "steps": steps,
+            "rows": [{"batch_size": b, "seconds": [b / ips], "images_per_s": ips, "s_per_image": 1 / ips,
+                      "flops_per_image": None, "fraction_of_peak": None, "peak_memory_mib": 10.0} for b, ips in rows]}
+
+
+def test_summary_reads_several_contenders_and_a_run_killed_midway(tmp_path):
+    """The families part's layout: ratios per contender preset; the scale-wise rows show their scales as steps;
+    a run killed during batch 256 (no ratios yet, the last side only through its first call) still shows the
+    rows' ratios and the untimed side."""
+    killed = family_side("scalewise", "mvar_base", 10, [(1, 4.0)])
+    killed["rows"].append({"batch_size": 256, "peak_memory_mib": 500.0, "seconds": []})
+    result = {"args": {"num_iter": 64},
+              "sides": [family_side("mar", "mar_base", 64, [(1, 2.0), (256, 20.0)]),
+                        family_side("causal", "causal_base", 64, [(1, 5.0), (256, 300.0)]),
+                        family_side("scalewise", "var_base", 10, [(1, 8.0), (256, 50.0)]), killed],
+              "ratios": {"causal_base": {"1": {"images_per_s": 2.5}}, "var_base": {"1": {"images_per_s": 4.0}},
+                         "mvar_base": {"1": {"images_per_s": 2.0}}}}
+    (tmp_path / "families.json").write_text(json.dumps(result))
+    (tmp_path / "parts.tsv").write_text("families\t124\t150\t150\ttimed out after 150 s\n")
+    gpu_summary.main([str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    got = [(r["model"], r["batch"], r["steps"], r["vs_mar"], r["note"]) for r in summary["families"]]
+    assert got == [("mar_base", 1, 64, 1.0, None), ("causal_base", 1, 64, 2.5, None), ("var_base", 1, 10, 4.0, None),
+                   ("mvar_base", 1, 10, 2.0, None), ("mar_base", 256, 64, 1.0, None),
+                   ("causal_base", 256, 64, 15.0, None), ("var_base", 256, 10, 2.5, None),
+                   ("mvar_base", 256, 10, None, "killed after its first call (not timed)")]
+    assert summary["machine"].startswith("unknown")
+    (goal,) = summary["family_goals"]
+    assert (goal["images_per_s_b256"], goal["s_per_image_b1"], goal["met"]) == (300.0, 0.2, False)
+
+
+def test_gpu_check_runs_the_families_part(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path), "--cpu-smoke",
-                          "--parts", "family_causal"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          "--parts", "families"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     parts = [line.split("\t")[:2] for line in (tmp_path / "parts.tsv").read_text().splitlines()]
-    assert parts == [["family_causal", "0"]], (tmp_path / "family_causal.log").read_text()[-2000:]
-    res = json.loads((tmp_path / "family_causal.json").read_text())
-    assert [side["family"] for side in res["sides"]] == ["mar", "causal"]
-    assert [row["batch_size"] for row in res["sides"][1]["rows"]] == [1, 2]
-    assert "| family_causal | causal | causal_base | 2 | 4 |" in out.stdout
+    assert parts == [["families", "0"]], (tmp_path / "families.log").read_text()[-2000:]
+    res = json.loads((tmp_path / "families.json").read_text())
+    assert [(side["family"], side["model"]) for side in res["sides"]] == [
+        ("mar", "mar_tiny"), ("causal", "causal_tiny"), ("scalewise", "scalewise_tiny"), ("scalewise", "mvar_tiny")]
+    assert all([row["batch_size"] for row in side["rows"]] == [1, 2] for side in res["sides"])
+    assert all(len(side["rows"][0]["seconds"]) == 1 for side in res["sides"])  # --repeats 1
+    assert "| families | mvar_tiny |" not in out.stdout and "| families | scalewise | mvar_tiny | 2 | 4 |" in out.stdout

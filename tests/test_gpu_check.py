@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench import bench_sampling, gpu_summary
+from bench import bench_sampling, bench_train, gpu_summary
 from bench.config import median
 from tests.conftest import REPO
 
@@ -30,7 +30,7 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
     (tmp_path / "compile_b1.json").write_text(json.dumps(killed))
     # a part with other work per image (fewer steps) must not borrow b1's FLOPs
     (tmp_path / "eager_rows.json").write_text(json.dumps({**big, "args": {**big["args"], "num_iter": 1}}))
-    (tmp_path / "parts.tsv").write_text("sampling_b1\t0\t5\t120\t\nheads\t1\t3\t150\tValueError: x\n"
+    (tmp_path / "parts.tsv").write_text("sampling_b1\t0\t5\t120\t\nheads\t1\t3\t150\tValueError: x | y\n"
                                         "train\t124\t90\t90\ttimed out after 90 s\n"
                                         "compile_b1\tskipped\t0\t90\tbudget\n")
     gpu_summary.main([str(tmp_path), "--seconds", "98", "--budget", "470"])
@@ -47,6 +47,7 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
         median(big["sides"]["baseline"]["seconds"]) / 0.5)  # against the plain part's baseline
     table = (tmp_path / "summary.md").read_text()
     assert "| compile_b256 | 2 | 2 | cuda_graphs+compile |" in table and "timed out" in table
+    assert "| heads | failed (rc 1) | 3 | 150 | ValueError: x \\| y |" in table  # the note's pipe escaped
 
 
 def test_script_runs_a_part_and_writes_the_table(tmp_path):
@@ -57,7 +58,9 @@ def test_script_runs_a_part_and_writes_the_table(tmp_path):
     assert out.returncode == 0, out.stderr
     parts = [line.split("\t")[:2] for line in (tmp_path / "parts.tsv").read_text().splitlines()]
     assert parts == [["eager_rows", "0"], ["compile_b1", "1"]]  # no CUDA here: compile fails, and is reported
-    assert json.loads((tmp_path / "eager_rows.json").read_text())["sides"]["eager"]["images_per_s"] > 0
+    rows = json.loads((tmp_path / "eager_rows.json").read_text())
+    assert rows["sides"]["eager"]["images_per_s"] > 0 and rows["first_call_s"]["eager"] > 0  # --warmup 1, timed apart
+    assert rows["args"]["warmup"] == 1 and len(rows["sides"]["eager"]["seconds"]) == 1
     assert "| eager_rows | ok |" in out.stdout and "| compile_b1 | failed (rc 1) |" in out.stdout
     assert (tmp_path / "summary.md").read_text() in out.stdout
 
@@ -84,6 +87,124 @@ def test_summary_shows_the_batch_each_card_fits(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| train | ")][1:]  # after the parts table
     assert lines[0].rstrip().endswith("| 2.00 | 82 | 180 |") and lines[1].rstrip().endswith("| 1.00 | 40 | 90 |")
+
+
+def sampling_part(batch, num_iter, sides, model="mar_base", device="cuda"):
+    args = {"batch_size": batch, "num_iter": num_iter, "cfg": 4.5, "model": model, "device": device,
+            "precision": "bf16", "cfg_sampler": "sir", "temperature": 1.0, "decode": False}
+    return {"args": args, "peak_flops": None, "flops_per_image": {"ours": 5e11} if batch == 1 else {},
+            "sides": {name: {"seconds": [batch / ips], "images_per_s": ips, "flops_per_image": None,
+                             "fraction_of_peak": None, "peak_memory_mib": None} for name, ips in sides.items()}}
+
+
+def test_heads_take_arinar_from_the_sampling_parts(tmp_path):
+    """heads runs --only mar_64: ARINAR's rows (64 steps, cfg 4.5) come from the sampling part at the same
+    batch, on the heads part's backend (CUDA graphs on CUDA), with the same model; a part with other steps
+    or another model, or another backend (compile_b256's), does not stand in. s/image vs ARINAR = ARINAR's images/s over the head's."""
+    (tmp_path / "sampling_b1.json").write_text(json.dumps(sampling_part(1, 64, {"eager": 2.0, "cuda_graphs": 8.0})))
+    (tmp_path / "sampling_b256.json").write_text(json.dumps(sampling_part(256, 64, {"cuda_graphs": 100.0})))
+    (tmp_path / "compile_b256.json").write_text(json.dumps(sampling_part(256, 64, {"cuda_graphs+compile": 999.0})))
+    (tmp_path / "eager_rows.json").write_text(json.dumps(sampling_part(256, 2, {"cuda_graphs": 999.0})))
+    heads_args = {"device": "cuda", "cuda_graphs": None, "compile": False, "model": "mar_base", "precision": "bf16",
+                  "cfg_sampler": "sir", "temperature": 1.0, "num_iter": 32, "cfg": 1.0}
+    rows = [{"setting": "mar_64", "head": "diffloss", "num_iter": 64, "cfg": 2.9, "batch_size": b, "seconds": [1.0],
+             "images_per_s": ips, "flops_per_image": 1e12, "fraction_of_peak": 0.2}
+            for b, ips in ((1, 2.0), (256, 40.0))]
+    heads = {"args": heads_args, "rows": rows, "ratios": {},
+             "settings": {"arinar": {"head": "arinar", "num_iter": 64, "cfg": 4.5}}}
+    (tmp_path / "parts.tsv").write_text("heads\t0\t60\t80\t\n")
+
+    def summarised(*keys):
+        (tmp_path / "heads.json").write_text(json.dumps(heads))
+        gpu_summary.main([str(tmp_path)])
+        return [tuple(r[k] for k in keys) for r in json.loads((tmp_path / "summary.json").read_text())["heads"]]
+
+    assert summarised("setting", "batch_size", "images_per_s", "flops_per_image", "vs_arinar") == [
+        ("arinar (sampling_b1, cuda_graphs)", 1, 8.0, 5e11, 1.0),
+        ("arinar (sampling_b256, cuda_graphs)", 256, 100.0, 5e11, 1.0),  # FLOPs per image from b1
+        ("mar_64", 1, 2.0, 1e12, 4.0), ("mar_64", 256, 40.0, 1e12, 2.5)]
+    heads["args"].update(model="mar_large")  # another model: no stand-in
+    assert summarised("setting", "batch_size", "vs_arinar") == [("mar_64", 1, None), ("mar_64", 256, None)]
+    heads["args"].update(model="mar_base", cuda_graphs=False)  # eager: sampling_b1's eager side, but 64 steps
+    heads["settings"]["arinar"]["num_iter"] = 2  # as if the heads' ARINAR setting took eager_rows' 2 steps
+    got = summarised("setting", "batch_size", "vs_arinar")
+    assert got == [("mar_64", 1, None), ("mar_64", 256, None)]  # eager_rows has no eager side: no stand-in
+    heads["settings"]["arinar"]["num_iter"] = 64
+    assert summarised("setting", "batch_size", "vs_arinar") == [("arinar (sampling_b1, eager)", 1, 1.0),
+                                                                ("mar_64", 1, 1.0), ("mar_64", 256, None)]
+
+
+def test_summary_machine_and_training_losses_from_any_part(tmp_path):
+    """The machine line from the families part when no other part left one; bench_train's losses check."""
+    (tmp_path / "families.json").write_text(json.dumps({"machine_before": "NVIDIA H200; torch 2.11", "args": {}}))
+    losses = {"masked_only": 20.001, "all_tokens": 20.0}
+    res = {"args": {"batch_size": 64}, "losses": losses, "losses_agree": bench_train.losses_agree(losses, "bf16")}
+    (tmp_path / "train.json").write_text(json.dumps(res))
+    (tmp_path / "train_ckpt.json").write_text(json.dumps({**res, "losses_agree": bench_train.losses_agree(losses,
+                                                                                                         "fp32")}))
+    (tmp_path / "parts.tsv").write_text("families\t124\t150\t150\t\ntrain\t124\t60\t60\t\n")
+    gpu_summary.main([str(tmp_path)])
+    text = (tmp_path / "summary.md").read_text()
+    assert "Machine: NVIDIA H200; torch 2.11;" in text
+    assert ("Losses on the same draws (train): masked-only 20.001, all-tokens 20, relative difference 5.0e-05, "
+            "tolerance 2e-02: agree") in text
+    assert "Losses on the same draws (train_ckpt): masked-only 20.001, all-tokens 20, relative difference 5.0e-05, " \
+           "tolerance 1e-05: DIFFER" in text
+
+
+def test_losses_agree_within_the_precision_s_tolerance():
+    assert bench_train.losses_agree({"masked_only": 20.0, "all_tokens": 20.0}, "fp32")["agree"]
+    assert not bench_train.losses_agree({"masked_only": 20.001, "all_tokens": 20.0}, "fp32")["agree"]
+    assert bench_train.losses_agree({"masked_only": 20.2, "all_tokens": 20.0}, "bf16")["agree"]
+    assert not bench_train.losses_agree({"masked_only": 20.5, "all_tokens": 20.0}, "bf16")["agree"]
+    near_zero = bench_train.losses_agree({"masked_only": 0.001, "all_tokens": 0.0}, "bf16")  # not divided by 0
+    assert near_zero == {"relative_difference": 0.001, "tolerance": 2e-2, "agree": True}
+
+
+def test_bench_train_writes_what_it_measured_before_a_kill(monkeypatch, tmp_path):
+    """The JSON is written after the timing and after each peak-memory measurement: a run killed while it
+    measures the second path's memory leaves the timings and the first path's peak."""
+    def peak_in_child(args, path):
+        if path == "all_tokens":
+            raise KeyboardInterrupt  # stands for the part's timeout
+        return 123.0, 45.0
+    monkeypatch.setattr(bench_train, "peak_memory_in_child", peak_in_child)
+    path = tmp_path / "train.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.main(TINY[:-4] + ["--batch_size", "2", "--steps", "1", "--repeats", "1", "--json", str(path)])
+    res = json.loads(path.read_text())
+    assert res["masked_only"]["peak_memory_mib"] == 123.0 and res["masked_only"]["rss_before_steps_mib"] == 45.0
+    assert "peak_memory_mib" not in res["all_tokens"] and res["all_tokens"]["steps_per_s"] > 0
+    assert res["losses_agree"]["agree"] and "machine_after" not in res
+
+
+def test_bench_sampling_peak_is_the_most_above_what_was_allocated_over_every_call():
+    """A side's peak memory: the most MiB a call allocates above what was allocated before it, the maximum
+    over its first call (a capture that keeps a pool) and its timed runs; what exists before is not counted."""
+    import torch
+    side = bench_sampling.Side("cuda_graphs", None, torch.device("cpu"), False, memory=True)
+    kept = []
+    weights = torch.empty(2 ** 20)  # 4 MiB before any call: not counted
+
+    def capture():  # keeps 1 MiB (a pool), 3 MiB at its most
+        kept.append(torch.empty(2 ** 18))
+        scratch = torch.empty(2 ** 19)
+        weights.view(-1, 2).add_(1)  # an in-place op on what was there: nothing new
+        del scratch
+
+    def replay(values):
+        return lambda: torch.empty(values)
+
+    side.call(capture)
+    assert side.peak_mib == 3.0 and side.times == []
+    side.run(replay(2 ** 18))  # 1 MiB
+    side.run(replay(2 ** 19 + 2 ** 18))  # 3 MiB
+    assert side.peak_mib == 3.0 and len(side.times) == 2
+    side.run(replay(2 ** 20 + 2 ** 16))  # 4.25 MiB: above the capture's
+    assert side.peak_mib == 4.25
+    cpu = bench_sampling.Side("eager", None, torch.device("cpu"), False)  # CPU default: not measured
+    cpu.run(replay(2 ** 18))
+    assert cpu.peak_mib is None and len(cpu.times) == 1
 
 
 CUDA_STANDINS = '''
