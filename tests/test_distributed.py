@@ -86,3 +86,17 @@ def test_collectives_put_cpu_tensors_where_nccl_takes_them(monkeypatch):
     assert distributed.collective_device(cpu, "gloo") == torch.device("cpu")
     on_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))  # a tensor already on a GPU stays there
     assert distributed.collective_device(on_gpu, "nccl") == torch.device("cuda", 1)
+
+
+def test_collectives_wait_longer_than_nccl_s_ten_minutes(monkeypatch):
+    """Other ranks wait in a barrier while rank 0 alone scores an evaluation and writes its npz: minutes
+    on a slow file system, past NCCL's default 10-minute watchdog."""
+    import datetime
+    from util import distributed
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    distributed.init_distributed()
+    assert seen["timeout"] == datetime.timedelta(hours=1)

@@ -83,3 +83,29 @@ def test_cached_file_is_checked_and_good_weights_reach_the_extractor(tmp_path, m
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def test_each_node_downloads_and_a_failure_stops_every_rank(tmp_path, monkeypatch):
+    """Nodes may each have their own torch hub cache: each node's first process downloads (global rank 0
+    alone left the other nodes without the file). A failed download anywhere raises on every rank."""
+    from util import distributed
+    path = tmp_path / "hub" / INCEPTION_FILE
+    fetched = []
+
+    def fetch(url, dest, progress=True):
+        fetched.append(dest)
+        raise OSError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fetch)
+    gathered = []
+    # global rank 8, the first process of the second node: it downloads, and every rank sees its error
+    monkeypatch.setattr(distributed, "get_local_rank", lambda: 0)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: gathered.append(obj) or [None, obj])
+    with pytest.raises(FileNotFoundError, match=r"could not download the Inception weights .* \(no network\)"):
+        inception_weights.download_inception(str(path))
+    assert fetched == [str(path)] and gathered[0] is not None
+    # its node's second process waits for it and raises the same error
+    monkeypatch.setattr(distributed, "get_local_rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [None, "could not download (rank 8)"])
+    with pytest.raises(FileNotFoundError, match=r"rank 8"):
+        inception_weights.download_inception(str(path))
+    assert len(fetched) == 1

@@ -4,6 +4,7 @@ Launch with `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 `python` process: without those variables everything runs single-process and the collectives
 below become no-ops. NCCL is used when CUDA is available, gloo otherwise.
 """
+import datetime
 import logging
 import os
 import sys
@@ -12,12 +13,22 @@ import torch
 import torch.distributed as dist
 
 
+# how long a collective may wait before the run is stopped: above NCCL's 10 minutes, since the other ranks
+# wait while rank 0 alone scores an evaluation (FID, precision / recall) and writes its 50k-image npz
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
+
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank():
     return dist.get_rank() if is_distributed() else 0
+
+
+def get_local_rank():
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 when single-process)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
 
 
 def get_world_size():
@@ -38,7 +49,7 @@ def init_distributed():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed():
         backend = "nccl" if use_cuda else "gloo"
         kwargs = {"device_id": device} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+        dist.init_process_group(backend=backend, init_method="env://", timeout=COLLECTIVE_TIMEOUT, **kwargs)
     return device
 
 

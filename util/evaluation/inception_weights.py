@@ -3,7 +3,7 @@
 torch-fidelity would read its weights with full unpickling (`torch.load(weights_only=False)`, also
 for the copy it caches under $TORCH_HOME/hub/checkpoints), so a file planted in a shared cache would
 run code during evaluation. Here the file is found (`--inception_path`, else torch-fidelity's file
-in the torch hub cache, downloaded there by rank 0 when missing), its SHA-256 checked against the
+in the torch hub cache, downloaded there by each node's first process when missing), its SHA-256 checked against the
 hash prefix its name carries (the torch hub convention: `name-<first hex digits of the SHA-256>.ext`),
 and its tensors read weights-only.
 """
@@ -51,16 +51,21 @@ def check_inception_checksum(path):
 
 
 def download_inception(path):
-    """torch-fidelity's weights into `path` (rank 0 downloads, the others wait)."""
-    if distributed.is_main_process() and not os.path.isfile(path):
+    """torch-fidelity's weights into `path`: the first process of each node downloads them when missing
+    (nodes may each have their own cache), the others wait; a failed download stops every rank with its
+    message (rather than leaving the others waiting for it)."""
+    error = None
+    if distributed.get_local_rank() == 0 and not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         logger.info("downloading the Inception weights %s to %s", URL_INCEPTION_V3, path)
         try:
             torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=True)
         except OSError as err:  # URLError, timeouts, refused connections: no network, one line
-            raise FileNotFoundError(f"could not download the Inception weights {URL_INCEPTION_V3} into {path} "
-                                    f"({err}); fetch the file elsewhere and pass --inception_path") from None
-    distributed.barrier()
+            error = (f"could not download the Inception weights {URL_INCEPTION_V3} into {path} ({err}); fetch "
+                     "the file elsewhere and pass --inception_path")
+    failed = [e for e in distributed.all_gather_object(error) if e]
+    if failed:
+        raise FileNotFoundError(failed[0])
 
 
 def read_inception_state(weights_path=None):
