@@ -120,6 +120,13 @@ def write_index(root, settings, num_shards):
     return index
 
 
+def shards_of(rank, world, num_shards, done):
+    """The shards rank `rank` of `world` encodes: every `world`-th of those not `done`, so that the work
+    left is shared evenly (dealing all shards round-robin, then skipping the done ones, could leave some
+    ranks idle and give the others everything, as after a resume). Every rank must pass the same `done`."""
+    return [s for s in range(num_shards) if s not in done][rank::world]
+
+
 def main(args):
     device = distributed.init_distributed()
     distributed.setup_logging()
@@ -141,8 +148,9 @@ def main(args):
     distributed.barrier()
 
     num_shards = math.ceil(len(folder) / args.shard_size)
-    done = {s for s in range(num_shards) if os.path.isfile(os.path.join(args.cached_path, shard_stem(s) + ".json"))}
-    mine = [s for s in range(rank, num_shards, world) if s not in done]
+    done = distributed.broadcast_object(
+        {s for s in range(num_shards) if os.path.isfile(os.path.join(args.cached_path, shard_stem(s) + ".json"))})
+    mine = shards_of(rank, world, num_shards, done)
     logger.info("%d images in %d shards: %d already done, %d left (%d on this rank)", len(folder), num_shards,
                 len(done), num_shards - len(done), len(mine))
     spans = {s: range(s * args.shard_size, min((s + 1) * args.shard_size, len(folder))) for s in mine}

@@ -203,3 +203,13 @@ def test_tokenizer_bad_input():
                                         img_channels=1), levels=17)
     assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.token_dim, pixel.levels) == (1, 1, 1.0, 16, 17)
 
+
+
+def test_shards_left_are_shared_evenly_by_the_ranks():
+    """24 shards, the first 8 done (a resumed run), 16 ranks: each rank gets one of the 16 left; dealt
+    round-robin before skipping the done ones, ranks 0-7 would get none and ranks 8-15 two each."""
+    from main_cache import shards_of
+    done = set(range(8))
+    split = [shards_of(rank, 16, 24, done) for rank in range(16)]
+    assert split == [[8 + rank] for rank in range(16)]
+    assert shards_of(1, 3, 7, {2}) == [1, 5]  # left: 0 1 3 4 5 6 -> ranks 0: 0 4, 1: 1 5, 2: 3 6
