@@ -30,6 +30,7 @@ from engine_mar import (class_balanced_labels, evaluate, fid_enabled, ref_batch_
                         train_one_epoch)
 from models import build, config_from_flags
 from models.config import check_flags_apply
+from sampling import default_precision
 from util import distributed, flags
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
 from util.evaluation import sweep
@@ -117,7 +118,7 @@ def get_args_parser():
 def resolve_args(args):
     """Fill the defaults that depend on the device or the data set (the model's come from its config)."""
     if args.precision is None:
-        args.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        args.precision = default_precision("cuda" if torch.cuda.is_available() else "cpu")
     if args.fid_stats is None:
         args.fid_stats = DEFAULT_FID_STATS if args.dataset == "imagenet" else "none"
     args.log_dir = args.log_dir or args.output_dir

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from engine_mar import generate, sampling_backend
 from models import build
+from sampling import default_precision
 from util import flags
 from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
 from util.images import save_grid, save_png
@@ -104,7 +105,7 @@ def resolve_device(name):
 def resolve_precision(name, device):
     if name is not None:
         return name
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return default_precision(device)
 
 
 def check_sampling_args(args):

@@ -16,6 +16,15 @@ from models.families.common import EagerSteps
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+def default_precision(device):
+    """--precision when none is given: bf16 on a GPU with bf16 tensor cores (Ampere on), else fp32. Emulated
+    bf16 (V100, T4: torch's is_bf16_supported() says yes by default) would run slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16"
+    return "fp32"
+
+
 class EagerBackend(EagerSteps):
     """The model's steps run as they are. precision None = leave the caller's autocast alone."""
 

@@ -92,3 +92,14 @@ def test_bad_vae_file_is_one_line_without_weights_only_advice(tmp_path, content)
     assert message.startswith(f"--vae_path {path}") and "\n" not in message, message
     assert "weights_only" not in message and "file an issue" not in message, message
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("native, emulated, want", [(True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")])
+def test_default_precision_is_bf16_only_on_bf16_tensor_cores(monkeypatch, native, emulated, want):
+    """A V100 or T4 emulates bf16 (torch's is_bf16_supported() says yes unless asked otherwise), slower
+    than fp32 there."""
+    from sampling import default_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        native or (including_emulation and emulated))
+    assert default_precision("cuda") == want
+    assert default_precision("cpu") == "fp32"

@@ -14,6 +14,7 @@ import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
 from models.families import mar as mar_family
+from sampling import default_precision
 from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
 from util.train.state import LAST
 from util.train.ema import EMA
@@ -263,9 +264,7 @@ def test_defaults_follow_the_dataset():
             tokens.vae_embed_dim) == (10, 1, "none", 1, 1)
     args = resolve_args(parse([]))
     assert (model_config(args, None)[0].class_num, args.fid_stats, args.precision) == (
-        1000, "fid_stats/adm_in256_stats.npz",
-                                                                "bf16" if torch.cuda.is_available()
-                                                                and torch.cuda.is_bf16_supported() else "fp32")
+        1000, "fid_stats/adm_in256_stats.npz", default_precision("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
