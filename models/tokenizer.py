@@ -10,6 +10,8 @@ are divided by it before `decode`), `encode(images) -> posterior` with .sample()
   the pixel value plus, when `levels` is set, uniform dequantisation noise within the grey-level
   bin, so a continuous density can be fitted to discrete intensities.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -35,14 +37,23 @@ class KLTokenizer(Tokenizer):
         self.vae = AutoencoderKL(embed_dim=embed_dim)  # weights: util/io/tokenizers.py
 
     def encode(self, images):
-        return self.vae.encode(images)
+        with self.full_precision(images) as images:
+            return self.vae.encode(images)
 
     @staticmethod
     def posterior(parameters):
         return DiagonalGaussian(parameters.float())
 
     def decode(self, latents):
-        return self.vae.decode(latents)
+        with self.full_precision(latents) as latents:
+            return self.vae.decode(latents)
+
+    @contextlib.contextmanager
+    def full_precision(self, x):
+        """x in the VAE's dtype, with autocast off: the VAE runs as its weights were trained, whatever
+        autocast its caller runs under (its latents and pixels in bf16 would lose detail)."""
+        with torch.autocast(x.device.type, enabled=False):
+            yield x.to(next(self.vae.parameters()).dtype)
 
 
 class PixelPosterior:

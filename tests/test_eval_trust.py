@@ -116,6 +116,21 @@ def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path,
     assert metrics.reference_features_path(tmp_path / "ref.npz", None) != str(cached)
 
 
+def test_reference_features_in_a_read_only_folder_are_computed_not_cached(tmp_path, monkeypatch, caplog):
+    """Shared data folders are often read-only: the run used to stop there, after drawing every image."""
+    images = np.random.default_rng(2).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=images, arr_1=np.arange(5))
+    monkeypatch.setattr(metrics, "inception_features", cheap_features)
+
+    def refuse(path, write):
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(metrics, "atomic_write", refuse)
+    pool = metrics.reference_features(tmp_path / "ref.npz", "net", "cpu")
+    assert torch.equal(pool, cheap_features(None, images, "cpu")[0])
+    assert "could not cache the reference batch's Inception features" in caplog.text
+    assert not list(tmp_path.glob("ref.npz.pool-*"))
+
+
 # ----------------------------------------------------------------------------- resumable folders
 def test_complete_pngs_are_read_back_and_others_refused(tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)

@@ -199,3 +199,21 @@ def test_resample_match_naive_reference(vae):
     with torch.no_grad():
         assert torch.allclose(down(x), ref_down, atol=1e-5, rtol=0)
         assert torch.allclose(up(x), ref_up, atol=1e-5, rtol=0)
+
+
+def test_tokenizer_runs_the_vae_in_its_own_precision_under_autocast():
+    """A caller's bf16 autocast (or bf16 inputs) must not reach the VAE: its convolutions would run in
+    bf16 and its pixels and latents lose detail."""
+    from models.tokenizer import KLTokenizer
+    torch.manual_seed(0)
+    tok = KLTokenizer().eval()
+    latents, images = torch.randn(1, 16, 2, 2), torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want_images, want_latents = tok.decode(latents), tok.encode(images).parameters
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got_images = tok.decode(latents.bfloat16())
+            got_latents = tok.encode(images).parameters
+    assert got_images.dtype == got_latents.dtype == torch.float32
+    assert torch.equal(got_images, tok.decode(latents.bfloat16().float()))  # the input's rounding only
+    assert torch.equal(got_latents, want_latents)
+    assert want_images.shape == (1, 3, 32, 32)

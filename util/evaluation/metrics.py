@@ -205,6 +205,10 @@ def reference_features(ref_path, extractor, device, inception_path=None):
     for block in tqdm(iter_npz_rows(ref_path), total=-(-shape[0] // 500), desc="reference batch features"):
         pools.append(inception_features(extractor, block, device)[0].cpu())
     pool = torch.cat(pools)
-    atomic_write(cache, lambda f: np.save(f, pool.numpy()))
-    logger.info("cached the reference batch's Inception features in %s", cache)
+    try:
+        atomic_write(cache, lambda f: np.save(f, pool.numpy()))
+        logger.info("cached the reference batch's Inception features in %s", cache)
+    except OSError as err:  # a read-only data folder: the scores are still computed, only not cached
+        logger.warning("could not cache the reference batch's Inception features in %s (%s); they are "
+                       "computed again at each evaluation", cache, err)
     return pool
