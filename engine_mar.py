@@ -11,6 +11,7 @@ import math
 import os
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import numpy as np
@@ -226,6 +227,15 @@ def write_adm_npz(path, png_paths, labels, shape):
     atomic_write(path, write)
 
 
+PNG_WRITERS = 4  # threads writing a drawn batch's PNGs
+
+
+def finish(futures):
+    """Wait for every future; the first that failed raises its error here."""
+    for future in futures:
+        future.result()
+
+
 def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, backend=None, on_batch=None):
     """Make sure this rank's batches (round-robin over ranks) exist as PNGs in folder/images.
 
@@ -242,9 +252,11 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, back
     point = argparse.Namespace(**{**vars(args), "cfg": cfg, "temperature": temperature})
     all_batches = eval_folder.batches(args.num_images, args.eval_bsz)
     mine = range(rank, len(all_batches), world)
-    times, drawn, kept = [], 0, 0
-    # a private RNG stream: evaluating in the middle of training must not change what training draws
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    times, drawn, kept, writing = [], 0, 0, []
+    # a private RNG stream: evaluating in the middle of training must not change what training draws;
+    # a batch's PNGs are written while the next batch is drawn (Pillow's encoder releases the GIL)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            ThreadPoolExecutor(PNG_WRITERS) as writer:
         for b in tqdm(mine, desc=f"generating (cfg {cfg:g}, temperature {temperature:g})", disable=rank != 0):
             idx = all_batches[b]
             paths = [eval_folder.png_path(image_dir, i) for i in idx]
@@ -259,11 +271,12 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, back
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append((time.time() - start, len(idx)))
-                for image, path in zip(images, paths):
-                    save_png(image, path)
+                finish(writing)  # at most one batch in flight: its images wait in memory
+                writing = [writer.submit(save_png, image, path) for image, path in zip(images, paths)]
                 drawn += len(idx)
             if on_batch is not None:
                 on_batch(b, idx, images)
+        finish(writing)
     timed = times[1:] or times  # the first drawn batch pays for warm-up
     sec_per_image = sum(t for t, _ in timed) / sum(n for _, n in timed) if timed else None
     return drawn, kept, sec_per_image

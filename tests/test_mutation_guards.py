@@ -296,3 +296,24 @@ def test_evaluation_draws_each_batch_from_its_pinned_seed(tmp_path, monkeypatch)
         (folder / "images").mkdir(parents=True)
         engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(folder))
     assert seeds == [SEEDS[3, 0], SEEDS[3, 1], SEEDS[4, 0], eval_folder.batch_seed(4, 1)]
+
+
+def test_every_drawn_image_is_written_and_a_failed_write_stops_the_evaluation(tmp_path, monkeypatch):
+    """PNGs are written in the background while the next batch is drawn: bugs are a batch never waited
+    for (the last), a write that fails silently in its thread, or images written under another index."""
+    from util.images import load_png
+    drawn, real = [], engine_mar.generate
+    monkeypatch.setattr(engine_mar, "generate", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    args, model, tokenizer, _ = eval_setup(tmp_path, seed=3, num_images=6, eval_bsz=2, num_iter=1)
+    folder = tmp_path / "eval"
+    (folder / "images").mkdir(parents=True)
+    assert engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(folder))[:2] == (6, 0)
+    for i, image in enumerate(np.concatenate(drawn)):
+        assert np.array_equal(load_png(eval_folder.png_path(str(folder / "images"), i)), image)
+
+    def full_disk(image, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(engine_mar, "save_png", full_disk)
+    (tmp_path / "other" / "images").mkdir(parents=True)
+    with pytest.raises(OSError, match="No space left on device"):
+        engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / "other"))
