@@ -349,8 +349,9 @@ def test_cached_z_matches_the_reference(schedule):
             torch.testing.assert_close(z[row].double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_cfg_scale_ramps_and_temperature_reaches_the_head():
-    model = tiny()
+@pytest.mark.parametrize("head", ["arinar", "diffloss", "gmm"])
+def test_cfg_scale_ramps_and_temperature_reaches_the_head(head):
+    model = tiny(head)
     rec = Recorder()
     model.sample_tokens(2, num_iter=4, cfg=4.0, labels=torch.tensor([1, 2]), temperature=0.7, backend=rec)
     heads = [args for name, args, _ in rec.calls if name == "head"]

@@ -219,8 +219,9 @@ def test_cached_sampling_equals_teacher_forcing(mixer, cfg):
     np.testing.assert_allclose(got.double().numpy(), f_hat, rtol=1e-5, atol=1e-5)
 
 
-def test_cfg_ramps_linearly_over_the_scales_and_temperature_reaches_the_head():
-    model = tiny()
+@pytest.mark.parametrize("head", ["arinar", "diffloss", "gmm"])
+def test_cfg_ramps_linearly_over_the_scales_and_temperature_reaches_the_head(head):
+    model = tiny(head=head)
     for schedule, want in (("linear", [1 + 3.0 * k / 4 for k in (1, 2, 3, 4)]), ("constant", [4.0] * 4)):
         rec = Recorder()
         model.sample_tokens(2, cfg=4.0, cfg_schedule=schedule, labels=torch.tensor([0, 1]), temperature=1.3,
