@@ -25,25 +25,29 @@ def flash_usable(q):
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention(q, k, v, scale, causal=False, dropout_p=0.0, use_flash=True):
+def attention(q, k, v, scale, causal=False, dropout_p=0.0, use_flash=True, mask=None):
     """softmax(q k^T * scale) v over [B, H, L, head_dim] tensors.
 
     `causal` masks keys after each query, aligned top-left (query i sees keys 0..i); only use it
     when q and k have the same length. Decoding one new query against a KV cache needs no mask.
+    `mask`: a bool tensor broadcastable to [B, H, L_q, L_k] (True = the query sees that key), taken
+    by SDPA (flash-attn has no such masks).
     """
     cap = MAX_KERNEL_ROWS.get(q.device.type)
     batch, heads = q.shape[:2]
     if cap is None or batch * heads <= cap:
-        return _kernel(q, k, v, scale, causal, dropout_p, use_flash)
+        return _kernel(q, k, v, scale, causal, dropout_p, use_flash, mask)
     # rows are independent: slices along the batch are views (no copies of a sliced KV cache)
     step = max(1, cap // heads)
-    return torch.cat([_kernel(q[i:i + step], k[i:i + step], v[i:i + step], scale, causal, dropout_p, use_flash)
+    per_image = mask is not None and mask.dim() == 4 and mask.shape[0] > 1
+    return torch.cat([_kernel(q[i:i + step], k[i:i + step], v[i:i + step], scale, causal, dropout_p, use_flash,
+                              mask[i:i + step] if per_image else mask)
                       for i in range(0, batch, step)])
 
 
-def _kernel(q, k, v, scale, causal, dropout_p, use_flash):
-    if use_flash and flash_usable(q) and q.dtype == k.dtype == v.dtype:
+def _kernel(q, k, v, scale, causal, dropout_p, use_flash, mask):
+    if mask is None and use_flash and flash_usable(q) and q.dtype == k.dtype == v.dtype:
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               dropout_p=dropout_p, softmax_scale=scale, causal=causal)
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale)

@@ -55,10 +55,7 @@ class ScaleAttention(nn.Module):
             cache[0, :, :, start:end] = k
             cache[1, :, :, start:end] = v
             k, v = cache[0, :, :, :end], cache[1, :, :, :end]
-        if mask is None:
-            out = attention(q, k, v, 1.0)  # everything in k is visible (flash-attn when usable)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        out = attention(q, k, v, 1.0, mask=mask)  # mask None: everything in k is visible (flash-attn when usable)
         return self.proj(out.transpose(1, 2).reshape(b, length, width))
 
 

@@ -121,3 +121,22 @@ def test_cuda_attention_past_the_grid_limit():  # pragma: no cover - GPU only
         ref = by_hand(q[i:i + 4096].float(), k[i:i + 4096].float(), v[i:i + 4096].float(), 0.25 / math.sqrt(dim),
                       causal=False)
         torch.testing.assert_close(out[i:i + 4096].double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_masked_attention_is_chunked_with_its_mask(monkeypatch, kernel_calls, shared):
+    """The causal family's visibility mask (one per image, [B, 1, L_q, L_k]) and the scale-wise
+    family's block-causal one (shared, [L_q, L_k]) past the row cap: each chunk of images takes its
+    own slice of a per-image mask (a misaligned slice gives a query another image's visibility)."""
+    q, k, v = inputs(batch=5, length=6, cached=False, dtype=torch.float32, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(6, 6, generator=gen) < 0.5 if shared else torch.rand(5, 1, 6, 6, generator=gen) < 0.5
+    mask |= torch.eye(6, dtype=torch.bool)  # every query sees at least itself
+    whole = attention(q, k, v, 0.3, mask=mask)
+    cap_cpu_rows(monkeypatch, 2 * HEADS)
+    kernel_calls.clear()
+    chunked = attention(q, k, v, 0.3, mask=mask)
+    assert kernel_calls == [(2, HEADS), (2, HEADS), (1, HEADS)]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(chunked.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-5)

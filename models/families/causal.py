@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -51,10 +50,8 @@ def merge_heads(x):
 
 def attend(q, k, v, visible=None, causal=False, dropout_p=0.0):
     """softmax(q k^T / sqrt(d)) v; visible: optional bool [B, n_q, n_k] (True = the query sees that key)."""
-    scale = q.shape[-1] ** -0.5
-    if visible is None:
-        return attention(q, k, v, scale, causal=causal, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(1), dropout_p=dropout_p, scale=scale)
+    return attention(q, k, v, q.shape[-1] ** -0.5, causal=causal, dropout_p=dropout_p,
+                     mask=None if visible is None else visible.unsqueeze(1))
 
 
 def write_slots(buffer, slots, values):
