@@ -19,6 +19,10 @@ TRAIN_PARTS = ("train", "train_ckpt")
 # a family's speed goal at its ARINAR-B-sized preset with the ARINAR head on one H100/H200 (issue 28):
 # images/s at batch 256, s/image at batch 1
 FAMILY_GOALS = {"causal": {"model": "causal_base", "images_per_s_b256": 200.0, "s_per_image_b1": 0.1}}
+# issue 30's goals for ARINAR-B (mar_base, cfg 4.5, 64 steps) on one H100/H200, met by our best backend:
+# (what, batch, the row's value, the better direction, the bound)
+SAMPLING_GOALS = (("images/s", 256, "images_per_s", max, 40.0), ("s/image", 1, "s_per_image", min, 0.15),
+                  ("s for the first call with torch.compile (compilation)", 256, "first_call_s", min, 60.0))
 
 
 def load(folder, name):
@@ -83,7 +87,7 @@ def sampling_rows(folder):
             continue
         batch, peak = res["args"]["batch_size"], res.get("peak_flops")
         for side in set(res.get("first_call_s", {})) - set(res.get("sides", {})):  # killed after its first call
-            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side,
+            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side, **work(res),
                          **dict.fromkeys(("images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
                                           "speedup", "peak_memory_mib")), "first_call_s": res["first_call_s"][side]})
         if "sides" not in res:
@@ -101,12 +105,33 @@ def sampling_rows(folder):
             speedup = row.get("speedup")
             if speedup is None and base.get("seconds") and side != "baseline":
                 speedup = median(base["seconds"]) / median(row["seconds"])
-            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side,
+            rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side, **work(res),
                          "images_per_s": row["images_per_s"], "s_per_image": 1 / row["images_per_s"],
                          "flops_per_image": per_image, "fraction_of_peak": fraction, "speedup": speedup,
                          "first_call_s": res.get("first_call_s", {}).get(side),
                          "peak_memory_mib": row.get("peak_memory_mib")})
     return rows
+
+
+def work(res):
+    """The model and guidance a sampling part ran (a goal holds for one setting only)."""
+    return {"model": res["args"].get("model"), "cfg": res["args"].get("cfg")}
+
+
+def sampling_goals(rows):
+    """Issue 30's goals (SAMPLING_GOALS) with the best of our sides at ARINAR-B's setting; met None when
+    no part measured it."""
+    ours = [r for r in rows if r["side"] != "baseline" and r.get("model") == "mar_base" and r["steps"] == 64
+            and r.get("cfg") == 4.5]
+    out = []
+    for what, batch, key, better, bound in SAMPLING_GOALS:
+        measured = [r for r in ours if r["batch"] == batch and r[key] is not None
+                    and (key != "first_call_s" or "compile" in r["side"])]
+        best = better(measured, key=lambda r: r[key]) if measured else None
+        text = f"{'>=' if better is max else '<='} {bound:g} {what} at batch {batch}"
+        out.append({"goal": text, "value": best and best[key], "side": best and best["side"],
+                    "met": None if best is None else (best[key] >= bound if better is max else best[key] <= bound)})
+    return out
 
 
 def heads_backend(args):
@@ -312,6 +337,12 @@ def markdown(summary):
                        fmt(r["s_per_image"], ".3f"), fmt_flops(r["flops_per_image"]),
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["speedup"], ".2f"), fmt(r["first_call_s"], ".1f"),
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024)] for r in summary["sampling"]])
+    if summary["sampling"]:
+        out.append("")
+        for g in summary["sampling_goals"]:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+            measured = "" if g["value"] is None else f"; measured {g['value']:.3g} ({g['side']})"
+            out.append(f"Goal (ARINAR-B, cfg 4.5, 64 steps): {g['goal']}{measured}: {verdict}")
     if summary["heads"]:
         out += ["", "Heads (same outer model; ARINAR's rows from the sampling part at that batch when the heads part "
                 "did not time it)", ""]
@@ -362,6 +393,7 @@ def main(argv=None):
                "training": train_rows(args.folder), "train_losses": train_losses(args.folder),
                "families": family_rows(args.folder)}
     summary["family_goals"] = family_goals(summary["families"])
+    summary["sampling_goals"] = sampling_goals(summary["sampling"])
     (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))
     text = markdown(summary)
     (args.folder / "summary.md").write_text(text)

@@ -244,3 +244,21 @@ def test_cuda_tests_plugin_keeps_cuda_tests_compile_last_and_stops_at_its_deadli
     assert [name for name, _ in order] == ["test_on_cuda[1-False]", "test_on_cuda[2-False]",
                                            "test_on_cuda[1-True]", "test_on_cuda[2-True]"]
     assert [ran_ for _, ran_ in order] == [True] * ran + [False] * (4 - ran)
+
+
+def test_sampling_goals_take_our_best_side_at_arinar_b_s_setting():
+    """Issue 30: >= 40 images/s at batch 256, <= 0.15 s/image at batch 1, compilation <= 60 s; the
+    baseline, other settings and other models never count."""
+    def row(part, batch, side, images_per_s, first=None, model="mar_base", steps=64, cfg=4.5):
+        return {"part": part, "batch": batch, "side": side, "steps": steps, "model": model, "cfg": cfg,
+                "images_per_s": images_per_s, "s_per_image": None if images_per_s is None else 1 / images_per_s,
+                "first_call_s": first}
+    rows = [row("sampling_b256", 256, "cuda_graphs", 25.3, 14.0), row("compile_b256", 256, "cuda_graphs+compile",
+            41.0, 55.0), row("sampling_b256", 256, "baseline", 99.0), row("x", 256, "eager", 90.0, cfg=3.0),
+            row("y", 256, "eager", 95.0, model="mar_large"), row("z", 256, "eager", 97.0, steps=16),
+            row("sampling_b1", 1, "cuda_graphs", 1 / 0.336), row("compile_b1", 1, "cuda_graphs+compile", 1 / 0.31)]
+    goals = gpu_summary.sampling_goals(rows)
+    assert [(g["side"], g["met"]) for g in goals] == [("cuda_graphs+compile", True), ("cuda_graphs+compile", False),
+                                                      ("cuda_graphs+compile", True)]
+    assert [g["value"] for g in goals] == [41.0, pytest.approx(0.31), 55.0]
+    assert [g["met"] for g in gpu_summary.sampling_goals(rows[2:6])] == [None, None, None]
