@@ -135,6 +135,9 @@ LAUNCHER = textwrap.dedent(f"""
     PRESETS[TINY] = TINY_PRESET
     import engine_mar, main_mar, sample
     module, stop_at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    # a shell without job control starts background commands (`cmd &`, nohup) with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: restore the one a terminal would give
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     owner = engine_mar if module == "main_mar" else sample
     real, calls = owner.generate, []
 
