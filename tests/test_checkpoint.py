@@ -65,7 +65,7 @@ def test_rng_state_round_trip():
     np.testing.assert_array_equal(expected[3], got[3])
 
 
-def test_cuda_rng_state_is_this_process_gpu_s(monkeypatch):
+def test_cuda_rng_state_is_this_process_gpu_s(monkeypatch, caplog):
     """A process saves and restores its own GPU's CUDA RNG state: a list of every visible GPU's made a
     resume on another layout (2 nodes x 4 GPUs for 1 x 8) fail or restore another GPU's stream."""
     mine, other = torch.tensor([3], dtype=torch.uint8), torch.tensor([0], dtype=torch.uint8)
@@ -75,13 +75,17 @@ def test_cuda_rng_state_is_this_process_gpu_s(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: (mine if device == 3 else other).clone())
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     state = capture_rng_state()
     assert torch.equal(state["cuda"], mine)
     restore_rng_state(state)
     restore_rng_state({**state, "cuda": [other, other, other, mine]})  # an older checkpoint's list per GPU
     assert restored == [([3], 3), ([3], 3)]
+    assert "may not be" not in caplog.text  # the layout that wrote the list: no warning
     with pytest.raises(ValueError, match="CUDA RNG states for 2 GPUs, this process runs on GPU 3"):
         restore_rng_state({**state, "cuda": [other, other]})
+    restore_rng_state({**state, "cuda": [other] * 3 + [mine] + [other] * 4})  # written on 8 GPUs, read on 4
+    assert restored[-1] == ([3], 3) and "CUDA RNG states for 8 GPUs, this node has 4" in caplog.text
 
 
 def test_checkpoint_path_semantics(tmp_path):

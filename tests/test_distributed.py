@@ -100,3 +100,26 @@ def test_collectives_wait_longer_than_nccl_s_ten_minutes(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
     distributed.init_distributed()
     assert seen["timeout"] == datetime.timedelta(hours=1)
+
+
+def test_collectives_bring_their_results_back_from_the_collective_s_device(monkeypatch):
+    """Under NCCL a CPU tensor travels as a GPU copy: the sum must come back into the caller's tensor,
+    the gathered rows onto the caller's device, in its dtype (a copy stands in for the GPU one here)."""
+    from util import distributed
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "for_collective", lambda t: t.clone())
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: t.mul_(2))  # two ranks holding the same
+    counts = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    assert distributed.all_reduce_sum(counts) is counts and counts.tolist() == [6.0, 2.0]
+
+    monkeypatch.setattr(distributed, "all_gather_object", lambda n: [n, 1])  # rank 1 holds one row
+
+    def gather(parts, padded):
+        parts[0].copy_(padded)
+        parts[1].copy_(torch.full_like(padded, 7))
+    monkeypatch.setattr(torch.distributed, "all_gather", gather)
+    rows = torch.tensor([[1, 2], [3, 4]], dtype=torch.int64)
+    got = distributed.all_gather_rows(rows)
+    assert got.dtype == torch.int64 and got.device == rows.device
+    assert got.tolist() == [[1, 2], [3, 4], [7, 7]]

@@ -4,6 +4,8 @@ in float64 against an independent float64 computation written from the spec (doc
 Each test names the bug it guards against; the oracles are numpy formulas, literal values, or the
 public behaviour of another entry point (teacher forcing for sampling), never the code under test.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -311,9 +313,17 @@ def test_every_drawn_image_is_written_and_a_failed_write_stops_the_evaluation(tm
     for i, image in enumerate(np.concatenate(drawn)):
         assert np.array_equal(load_png(eval_folder.png_path(str(folder / "images"), i)), image)
 
-    def full_disk(image, path):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(engine_mar, "save_png", full_disk)
-    (tmp_path / "other" / "images").mkdir(parents=True)
-    with pytest.raises(OSError, match="No space left on device"):
-        engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / "other"))
+    # a write failing in the last batch (images 4 and 5 of 6), or in a rank's only batch (2 images): no
+    # later batch waits for it, only the loop's final wait
+    real_save = engine_mar.save_png
+
+    def full_disk_from_image_4(image, path):
+        if int(os.path.basename(path)[:6]) >= 4 or args.num_images == 2:
+            raise OSError(28, "No space left on device")
+        real_save(image, path)
+    monkeypatch.setattr(engine_mar, "save_png", full_disk_from_image_4)
+    for name, num_images in (("last", 6), ("only", 2)):
+        (tmp_path / name / "images").mkdir(parents=True)
+        args.num_images = num_images
+        with pytest.raises(OSError, match="No space left on device"):
+            engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / name))

@@ -72,10 +72,15 @@ def collective_device(tensor, backend):
     return tensor.device
 
 
+def for_collective(tensor):
+    """`tensor` where the process group's backend takes it (itself, or a copy on this process's GPU)."""
+    return tensor.to(collective_device(tensor, dist.get_backend()))
+
+
 def all_reduce_sum(tensor):
     """In-place sum over ranks (identity when single-process); `tensor` may live anywhere."""
     if is_distributed():
-        work = tensor.to(collective_device(tensor, dist.get_backend()))
+        work = for_collective(tensor)
         dist.all_reduce(work, op=dist.ReduceOp.SUM)
         if work is not tensor:
             tensor.copy_(work)
@@ -105,8 +110,7 @@ def all_gather_rows(tensor):
     if not is_distributed():
         return tensor
     counts = all_gather_object(tensor.shape[0])
-    padded = tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:]),
-                              device=collective_device(tensor, dist.get_backend()))
+    padded = for_collective(tensor.new_zeros((max(counts),) + tuple(tensor.shape[1:])))
     padded[:tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)

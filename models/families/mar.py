@@ -199,7 +199,8 @@ class MAR(OuterModel):
         check_labels(labels, batch_size, self.class_num, values=not self.training)
         emb = self.class_emb(labels.long())
         if drop_labels:
-            # fake_latent stays in every training graph, dropped or not: DDP expects a gradient for each parameter
+            # fake_latent stays in every training graph, as in the release: DDP expects a gradient for each
+            # parameter (with --label_drop_prob 0 it is zero, so AdamW's decay alone moves the fake class)
             drop = (torch.rand(batch_size, device=emb.device) < self.label_drop_prob if self.label_drop_prob > 0
                     else torch.zeros(batch_size, dtype=torch.bool, device=emb.device))
             emb = torch.where(drop[:, None], fake.to(emb.dtype), emb)

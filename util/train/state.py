@@ -84,6 +84,10 @@ def cuda_rng_state_of_this_device(saved, device_index):
     """The saved CUDA RNG state for this process's GPU: one state, or (older checkpoints) a list with one
     per visible GPU, of which this process used the entry at its device index."""
     if isinstance(saved, (list, tuple)):
+        if len(saved) != torch.cuda.device_count():
+            logger.warning("the checkpoint holds CUDA RNG states for %d GPUs, this node has %d: GPU %d's state is "
+                           "taken, which may not be the stream this rank drew from before (resume is then not "
+                           "bit-exact)", len(saved), torch.cuda.device_count(), device_index)
         if device_index >= len(saved):
             raise ValueError(f"the checkpoint holds CUDA RNG states for {len(saved)} GPUs, this process runs on "
                              f"GPU {device_index}: resume with the GPU layout that wrote it (or a newer checkpoint)")
