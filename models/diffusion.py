@@ -59,15 +59,15 @@ class Schedule:
         self.posterior_log_variance = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
         self.posterior_coef_x0 = betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar)
         self.posterior_coef_xt = (1.0 - alpha_bar_prev) * np.sqrt(1.0 - betas) / (1.0 - alpha_bar)
+        self._tensors = {}  # (table name, device) -> the table there (tensor)
 
     def tensor(self, name, device):
         """Table `name` as a float64 tensor on `device`, made once per device: a copy from host memory at
         every training step would wait for the GPU's queued work each time."""
-        cache = self.__dict__.setdefault("_tensors", {})
         key = (name, torch.device(device))
-        if key not in cache:
-            cache[key] = torch.as_tensor(getattr(self, name), device=device)
-        return cache[key]
+        if key not in self._tensors:
+            self._tensors[key] = torch.as_tensor(getattr(self, name), device=device)
+        return self._tensors[key]
 
     @classmethod
     def respaced(cls, betas, kept):
