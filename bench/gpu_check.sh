@@ -90,7 +90,8 @@ part eager_rows 45 $SAMPLE --num_iter $ROWS_ITER --batch_size $BIG --backends ea
 #    bench/cuda_tests.py finds skipped without it (a module that fails to import costs only itself)
 #    (the compile variants last; no test starts in the part's last 30 s, so pytest writes its report)
 CUDA_TEST_FILES=$(grep -l "cuda.is_available" tests/test_*.py)
-export CUDA_TESTS_SECONDS=$(( $(part_limit 120) - 30 ))
+CUDA_TESTS_LIMIT=$(part_limit 120)
+export CUDA_TESTS_SECONDS=$(( CUDA_TESTS_LIMIT > 60 ? CUDA_TESTS_LIMIT - 30 : CUDA_TESTS_LIMIT / 2 ))
 part cuda_tests 120 $PY -m pytest -q -rs -p no:cacheprovider -p bench.cuda_tests --continue-on-collection-errors \
     $CUDA_TEST_FILES --junitxml "$OUT/cuda_tests.xml"
 # 3. every other outer family against MAR's in one process (bench/bench_families.py: the same head and backend,
