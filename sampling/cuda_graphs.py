@@ -18,6 +18,7 @@ size-0/1 dimension (see compiles_well).
 import contextlib
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn as nn
 from torch.func import functional_call
 
@@ -92,15 +93,22 @@ class _Replay:
 
 
 class _StepModule(nn.Module):
-    """A Step as a module's forward, so torch.func.functional_call can swap the cast weights in."""
+    """A Step as a module's forward, so torch.func.functional_call can swap the cast weights in.
+
+    Compiled, its sizes get a symbol each: by default ("duck sizing") two sizes equal when the graph
+    is traced share one, and the first call where they differ compiles again (the causal family's
+    first step has as many targets as its cache has layers: one extra compilation per Step)."""
 
     def __init__(self, module, fn, compile=False):
         super().__init__()
         self.module = module
         self.fn = torch.compile(fn, dynamic=True) if compile else fn
+        self.compiled = compile
 
     def forward(self, *args, **kwargs):
-        return self.fn(self.module, *args, **kwargs)
+        # read when the graph is traced (the warm-up); replays do not come here
+        with fx_config.patch(use_duck_shape=False) if self.compiled else contextlib.nullcontext():
+            return self.fn(self.module, *args, **kwargs)
 
 
 class CudaGraphsBackend(CapturedBuffers, EagerBackend):

@@ -50,3 +50,24 @@ def test_full_precision_layers_keep_their_weights(emulated_graphs):
         cast = graphs.lowp[torch.bfloat16]
     assert "arhead.head.weight" not in cast and "arhead.input_proj.weight" not in cast
     assert cast["arhead.cond_proj.weight"].dtype == torch.bfloat16 and "z_proj.weight" in cast
+
+
+@pytest.mark.parametrize("name, graphs_per_run", [("causal", 2), ("mar", 1)])
+def test_compiled_steps_compile_once_each(emulated_graphs, monkeypatch, name, graphs_per_run):
+    """--compile builds one graph per Step for a whole run (and each later batch reuses it). With duck
+    sizing (sizes equal when traced share one symbol) the causal family compiled each of its two Steps
+    twice: a first step with as many targets as its cache has layers. Dynamo's own graphs are counted;
+    its "eager" backend stands in for Inductor (no C++ compiler needed)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
+    torch._dynamo.reset()
+    counters.clear()
+    model = MODELS[name]().eval()
+    graphs = emulated_graphs(model, precision="fp32", compile=True)
+    for seed, batch in ((3, 3), (4, 5)):
+        torch.manual_seed(seed)
+        model.sample_tokens(batch, num_iter=8, cfg=2.5, labels=torch.arange(batch) % 10, backend=graphs)
+    assert counters["stats"]["unique_graphs"] == graphs_per_run
+    torch._dynamo.reset()
