@@ -67,9 +67,11 @@ def fmt_flops(value):
     return "–" if value is None else "0"
 
 
+# the flags that size a benchmark's model
+MODEL_FLAGS = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
+               "num_gaussians", "img_size")
 # the flags that set a sampling run's work per image (batch, backend and timing flags do not)
-SAME_WORK = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
-             "num_gaussians", "img_size", "num_iter", "cfg", "decode")
+SAME_WORK = MODEL_FLAGS + ("num_iter", "cfg", "decode")
 
 
 def same_work(a, b):
@@ -144,8 +146,7 @@ def heads_backend(args):
 
 
 # the flags that must agree for a sampling part to stand for the heads part's ARINAR setting
-SAME_MODEL = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
-              "num_gaussians", "img_size", "class_num", "device", "precision", "cfg_sampler", "temperature")
+SAME_MODEL = MODEL_FLAGS + ("class_num", "device", "precision", "cfg_sampler", "temperature")
 ARINAR_SETTING = {"num_iter": 64, "cfg": 4.5}  # bench_heads' "arinar" setting, for files that do not record it
 
 
@@ -207,56 +208,34 @@ def train_rows(folder):
     return rows
 
 
-def family_results(folder):
-    """(part, result) of each bench_families run: the families part, and the family_NAME parts of older runs."""
-    for name in ["families"] + sorted(path.stem for path in folder.glob("family_*.json")):
-        res = load(folder, name)
-        if res and "sides" in res:
-            yield name, res
-
-
-def contender_ratios(res):
-    """{contender preset: {batch: ratios}}; a file of one contender in the older layout ({batch: ratios})
-    is read as that."""
-    ratios = res.get("ratios", {})
-    if all(str(key).isdigit() for key in ratios):
-        return {res["sides"][-1]["model"]: ratios}
-    return ratios
-
-
 def family_rows(folder):
-    """One row per (bench_families part, batch, side), with the side's images/s over MAR's (the reference,
-    the first side; from the JSON's ratios, or from the rows of a run killed before it wrote them); a side
-    that failed to build, or at a batch, gets a row with its error, one killed before its timed call a note."""
+    """One row per (batch, side) of the families part, with the side's images/s over MAR's (the reference,
+    the first side) at that batch; a side that failed to build, or at a batch, gets a row with its error,
+    one killed before its timed call a note."""
+    res = load(folder, "families")
+    if not res or "sides" not in res:
+        return []
+    reference = {row["batch_size"]: row.get("images_per_s") for row in res["sides"][0].get("rows", [])}
     rows = []
-    for order, (name, res) in enumerate(family_results(folder)):
-        ratios = contender_ratios(res)
-        reference = {row["batch_size"]: row.get("images_per_s") for row in res["sides"][0].get("rows", [])}
-        for i, side in enumerate(res["sides"]):
-            mine = ratios.get(side["model"], {})
-            base = {"part": name, "family": side["family"], "model": side["model"], "head": side.get("head"),
-                    "steps": side.get("steps", res["args"]["num_iter"]), "note": None,
-                    **dict.fromkeys(("batch", "images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
-                                     "peak_memory_mib", "vs_mar"))}
-            if side.get("error"):
-                rows.append({**base, "note": side["error"], "key": (order, float("inf"), i)})
-            for row in side.get("rows", []):
-                batch = row["batch_size"]
-                key = (order, batch, i)
-                if "error" in row:
-                    rows.append({**base, "batch": batch, "note": row["error"], "key": key})
-                    continue
-                ips = row.get("images_per_s")
-                ratio = (mine.get(str(batch)) or mine.get(batch) or {}).get("images_per_s")
-                if i == 0:
-                    ratio = 1.0 if ips else None
-                elif ratio is None and ips and reference.get(batch):
-                    ratio = ips / reference[batch]
-                rows.append({**base, "batch": batch, "key": key, "vs_mar": ratio,
-                             "note": None if ips else "killed after its first call (not timed)",
-                             **{k: row.get(k) for k in ("images_per_s", "s_per_image", "flops_per_image",
-                                                        "fraction_of_peak", "peak_memory_mib")}})
-    rows.sort(key=lambda r: r.pop("key"))  # by part, then batch, then side (MAR first)
+    for i, side in enumerate(res["sides"]):
+        base = {"part": "families", "family": side["family"], "model": side["model"], "head": side.get("head"),
+                "steps": side.get("steps", res["args"]["num_iter"]), "note": None,
+                **dict.fromkeys(("batch", "images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
+                                 "peak_memory_mib", "vs_mar"))}
+        if side.get("error"):
+            rows.append({**base, "note": side["error"], "key": (float("inf"), i)})
+        for row in side.get("rows", []):
+            batch = row["batch_size"]
+            if "error" in row:
+                rows.append({**base, "batch": batch, "note": row["error"], "key": (batch, i)})
+                continue
+            ips = row.get("images_per_s")
+            rows.append({**base, "batch": batch, "key": (batch, i),
+                         "vs_mar": ips / reference[batch] if ips and reference.get(batch) else None,
+                         "note": None if ips else "killed after its first call (not timed)",
+                         **{k: row.get(k) for k in ("images_per_s", "s_per_image", "flops_per_image",
+                                                    "fraction_of_peak", "peak_memory_mib")}})
+    rows.sort(key=lambda r: r.pop("key"))  # by batch, then side (MAR first)
     return rows
 
 

@@ -179,12 +179,11 @@ def family_result(family, model, b1_s_per_image, b256_images_per_s):
 @pytest.mark.parametrize("b1, b256, verdict", [(0.08, 250.0, "met"), (0.08, 150.0, "NOT met"),
                                                (0.2, 250.0, "NOT met")])
 def test_summary_reports_the_families_and_the_goal(tmp_path, b1, b256, verdict):
-    """A file of the older layout (one family_NAME part, ratios {batch: ...}) still reads."""
     result = {"args": {"num_iter": 64}, "sides": [family_result("mar", "mar_base", 0.5, 25.0),
                                                   family_result("causal", "causal_base", b1, b256)],
-              "ratios": {"1": {"images_per_s": 0.5 / b1}, "256": {"images_per_s": b256 / 25.0}}}
-    (tmp_path / "family_causal.json").write_text(json.dumps(result))
-    (tmp_path / "parts.tsv").write_text("family_causal\t0\t80\t150\t\n")
+              "ratios": {"causal_base": {"1": {"images_per_s": 0.5 / b1}, "256": {"images_per_s": b256 / 25.0}}}}
+    (tmp_path / "families.json").write_text(json.dumps(result))
+    (tmp_path / "parts.tsv").write_text("families\t0\t80\t150\t\n")
     gpu_summary.main([str(tmp_path)])
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {(r["family"], r["batch"]): r for r in summary["families"]}
