@@ -11,11 +11,14 @@ The math and the random draws are the eager backend's. Under autocast, the Linea
 weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
 otherwise re-cast every weight on every replay. The values are autocast's own casts (layers marked
 `keeps_full_precision`, which autocast does not cast, keep their weights).
---compile runs the family's Steps through torch.compile with dynamic shapes (fusing the elementwise
-work between its matmuls): one compilation per Step, shared by every call whose tensors have no
-size-0/1 dimension (see compiles_well).
+--compile runs the repeated blocks of the family's Steps (`Step.regions`) through torch.compile with
+dynamic shapes, fusing the elementwise work between their matmuls: one compilation per block class,
+shared by every block of it and by every call whose tensors have no size-0/1 dimension (see
+compiles_well). Compiling whole Steps instead costs a compilation the size of the network: on a CPU
+probe with Inductor's C++ backend, ARINAR-B's outer Step took 54 s to compile whole and 15 s block by block.
 """
 import contextlib
+import functools
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -47,14 +50,14 @@ def copy_into_bucket(bucket, z, n, rows, guided):
 
 
 def compiles_well(args):
-    """Whether torch.compile should build this call: not when a tensor has a size-0 or size-1 dimension,
-    nor when an argument is a Python value, which the compiled graph bakes in: one compilation per
-    value (the scale-wise Step's scale index would cost ten, past Dynamo's recompile limit).
+    """Whether a Step call should run its compiled regions: not when a tensor has a size-0 or size-1
+    dimension, nor when an argument is a Python value, which a compiled graph bakes in: one compilation
+    per value (the scale-wise Step's scale index would cost ten, past Dynamo's recompile limit).
 
     Compiled with dynamic shapes, a function still gets a separate graph for every size-0/1
     specialisation it meets; MAR's first outer steps (nothing visible yet, one token predicted) would
-    cost three extra compilations (~4x the warm-up) to speed up a handful of steps. Those run
-    uncompiled inside their CUDA graphs; every other step shares one dynamic compiled graph.
+    cost three extra compilations of each block graph to speed up a handful of steps. Those run
+    uncompiled inside their CUDA graphs; every other step shares the blocks' dynamic graphs.
     """
     return all(torch.is_tensor(a) and min(a.shape, default=2) >= 2 for a in args)
 
@@ -92,22 +95,38 @@ class _Replay:
         return result
 
 
+@contextlib.contextmanager
+def compiled_forwards(modules, compiled):
+    """Inside, each module's forward is compiled[its class] (an instance attribute shadows the class's
+    forward); the modules are as they were afterwards, for training and other backends."""
+    for module in modules:
+        module.forward = functools.partial(compiled[type(module)], module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
 class _StepModule(nn.Module):
     """A Step as a module's forward, so torch.func.functional_call can swap the cast weights in.
 
-    Compiled, its sizes get a symbol each: by default ("duck sizing") two sizes equal when the graph
-    is traced share one, and the first call where they differ compiles again (the causal family's
-    first step has as many targets as its cache has layers: one extra compilation per Step)."""
+    With `regions` (compiled), each region's forward goes through one torch.compile of its class's forward,
+    shared by every region of that class: their weights are the graph's inputs. Sizes get a symbol each: by
+    default ("duck sizing") two sizes equal when the graph is traced share one, and the first call where
+    they differ compiles again (so the causal family's blocks compiled twice: sizes equal at its first step).
+    """
 
-    def __init__(self, module, fn, compile=False):
+    def __init__(self, module, fn, regions=()):
         super().__init__()
-        self.module = module
-        self.fn = torch.compile(fn, dynamic=True) if compile else fn
-        self.compiled = compile
+        self.module, self.fn, self.regions = module, fn, tuple(regions)
+        self.compiled = {cls: torch.compile(cls.forward, dynamic=True) for cls in {type(r) for r in self.regions}}
 
     def forward(self, *args, **kwargs):
-        # read when the graph is traced (the warm-up); replays do not come here
-        with fx_config.patch(use_duck_shape=False) if self.compiled else contextlib.nullcontext():
+        if not self.regions:
+            return self.fn(self.module, *args, **kwargs)
+        # read when the graphs are traced (the warm-up); replays do not come here
+        with fx_config.patch(use_duck_shape=False), compiled_forwards(self.regions, self.compiled):
             return self.fn(self.module, *args, **kwargs)
 
 
@@ -153,9 +172,9 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         cast = self.lowp.get(autocast_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
 
-    def _wrapper(self, key, module, fn, compile):
+    def _wrapper(self, key, module, fn, regions=()):
         if key not in self.wrappers:
-            self.wrappers[key] = _StepModule(module, fn, compile)
+            self.wrappers[key] = _StepModule(module, fn, regions)
         return self.wrappers[key]
 
     def _replay(self, key, make_fn):
@@ -175,8 +194,8 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
 
         def make():
             static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
-            compiled = self.compile and compiles_well(args)
-            wrapper = self._wrapper((step.name, compiled), step.module, step.fn, compiled)
+            compiled = self.compile and bool(step.regions) and compiles_well(args)
+            wrapper = self._wrapper((step.name, compiled), step.module, step.fn, step.regions if compiled else ())
             weights = self._weights(step.module)
             return static, lambda: functional_call(wrapper, weights, tuple(static), strict=False)
 
@@ -196,7 +215,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         def make():
             static_z = pad_rows(z, n, rows, guided)
             static_cfg = torch.ones((), device=self.device)
-            wrapper = self._wrapper(("head", id(head)), head, type(head).sample, compile=False)
+            wrapper = self._wrapper(("head", id(head)), head, type(head).sample)
             weights = self._weights(head)
             args = (static_z, float(temperature), static_cfg if guided else 1.0)
             return (static_z, static_cfg), lambda: functional_call(

@@ -463,7 +463,7 @@ def test_a_backend_keeps_its_cache_and_graphs_across_calls():
 def test_the_capturing_backend_catches_an_unmarked_cache(monkeypatch):
     """The check above has teeth: a cache not marked inplace is written into a static clone, and lost."""
     model = tiny()
-    monkeypatch.setattr(causal, "Step", lambda name, module, fn, inplace=(): Step(name, module, fn))
+    monkeypatch.setattr(causal, "Step", lambda name, module, fn, inplace=(), regions=(): Step(name, module, fn))
     assert not torch.equal(sample_with(CapturingSteps(), model), sample_with(EagerSteps(), model))
 
 

@@ -52,22 +52,45 @@ def test_full_precision_layers_keep_their_weights(emulated_graphs):
     assert cast["arhead.cond_proj.weight"].dtype == torch.bfloat16 and "z_proj.weight" in cast
 
 
-@pytest.mark.parametrize("name, graphs_per_run", [("causal", 2), ("mar", 1)])
-def test_compiled_steps_compile_once_each(emulated_graphs, monkeypatch, name, graphs_per_run):
-    """--compile builds one graph per Step for a whole run (and each later batch reuses it). With duck
-    sizing (sizes equal when traced share one symbol) the causal family compiled each of its two Steps
-    twice: a first step with as many targets as its cache has layers. Dynamo's own graphs are counted;
-    its "eager" backend stands in for Inductor (no C++ compiler needed)."""
+DEEPER = {"mar": lambda: tiny_mar(enc_dec_depth=3), "causal": lambda: tiny_causal("arinar", depth=8)}
+
+
+@pytest.fixture
+def traced_graphs(monkeypatch):
+    """torch.compile with a backend that keeps each graph Dynamo traces (then runs it as traced: no C++
+    compiler needed); yields that list."""
     import torch._dynamo
-    from torch._dynamo.utils import counters
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager", **kwargs))
+    graphs, real_compile = [], torch.compile
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, **{**kwargs, "backend": keep}))
     torch._dynamo.reset()
-    counters.clear()
-    model = MODELS[name]().eval()
-    graphs = emulated_graphs(model, precision="fp32", compile=True)
-    for seed, batch in ((3, 3), (4, 5)):
-        torch.manual_seed(seed)
-        model.sample_tokens(batch, num_iter=8, cfg=2.5, labels=torch.arange(batch) % 10, backend=graphs)
-    assert counters["stats"]["unique_graphs"] == graphs_per_run
+    yield graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["mar", "causal"])
+def test_compile_traces_each_block_class_once(draw_free, emulated_graphs, traced_graphs, name):  # noqa: F811
+    """--compile traces the Steps' repeated blocks (Step.regions), one graph per block class and call form
+    for a whole run and the next batch, the same graphs at any depth: a whole Step compiled grows with the
+    network (ARINAR-B's outer: 54 s to compile on a CPU, 15 s block by block). With duck sizing (sizes
+    equal when traced share one symbol) the causal blocks compiled twice. The samples are the eager backend's, and the blocks are left as they were."""
+    ops = {}
+    for depth, make in (("tiny", MODELS[name]), ("deeper", DEEPER[name])):
+        traced_graphs.clear()
+        torch._dynamo.reset()  # else the deeper blocks reuse the graphs traced for the tiny ones
+        model = make().eval()
+        graphs = emulated_graphs(model, cfg_sampler="draw_free", precision="fp32", compile=True)
+        eager = EagerBackend(model, cfg_sampler="draw_free", precision="fp32")
+        for seed, batch in ((3, 3), (4, 5)):
+            labels = torch.arange(batch) % 10
+            torch.manual_seed(seed)
+            compiled = model.sample_tokens(batch, num_iter=8, cfg=2.5, labels=labels, backend=graphs)
+            torch.manual_seed(seed)
+            assert torch.equal(compiled, model.sample_tokens(batch, num_iter=8, cfg=2.5, labels=labels, backend=eager))
+        ops[depth] = sorted(len(gm.graph.nodes) for gm in traced_graphs)
+        assert len(ops[depth]) == 2  # mar: the blocks, the last decoder block at queries; causal: self, cross
+        assert not any("forward" in vars(m) for m in model.modules())
+    assert ops["tiny"] == ops["deeper"]

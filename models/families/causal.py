@@ -83,15 +83,13 @@ class SelfAttentionBlock(nn.Module):
         x = x + self.proj_drop(self.proj(merge_heads(out)))
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x, angles):
-        """The whole sequence x [B, n, W] at once: token i sees tokens 0..i."""
+    def forward(self, x, angles, cache=None, slots=None):
+        """Without a cache, the whole sequence x [B, n, W] at once: token i sees tokens 0..i. With one, new
+        tokens x written to cache [2, B, heads, S, d] at slots [B, n]; each sees the slots up to its own
+        (its order's earlier tokens and the class token)."""
         q, k, v = self.qkv_heads(x, angles)
-        return self.finish(x, attend(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0))
-
-    def extend(self, x, angles, cache, slots):
-        """New tokens x [B, n, W] written to cache [2, B, heads, S, d] at slots [B, n]; each sees the
-        slots up to its own (its order's earlier tokens and the class token)."""
-        q, k, v = self.qkv_heads(x, angles)
+        if cache is None:
+            return self.finish(x, attend(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0))
         write_slots(cache[0], slots, k)
         write_slots(cache[1], slots, v)
         visible = torch.arange(cache.shape[3], device=slots.device) <= slots.unsqueeze(-1)
@@ -127,7 +125,7 @@ def append_step(model, cache, x, positions, slots):
     angles = model.angles(positions)
     x = model.input_norm(x)
     for block, layer_cache in zip(model.self_blocks, cache[:-1]):
-        x = block.extend(x, angles, layer_cache, slots)
+        x = block(x, angles, layer_cache, slots)
     k, v = model.shared_kv(x, angles)
     write_slots(cache[-1, 0], slots, k)
     write_slots(cache[-1, 1], slots, v)
@@ -369,8 +367,8 @@ class CausalAR(OuterModel):
         # the kept tokens first (in a random order: any order is a valid prefill), then the rest at random
         orders = both(torch.argsort(torch.rand(b, self.seq_len, device=device) + (~keep), dim=1))
         cache = self.kv_cache(backend, rows, cache_dtype(self, device), device)
-        append = Step("causal.append", self, append_step, inplace=(0,))
-        query = Step("causal.query", self, query_step, inplace=(0,))
+        append = Step("causal.append", self, append_step, inplace=(0,), regions=tuple(self.self_blocks))
+        query = Step("causal.query", self, query_step, inplace=(0,), regions=tuple(self.cross_blocks))
 
         def append_tokens(start, count):
             """The content tokens at places start..start+count-1 of the orders, into slots start+1..."""

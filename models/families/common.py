@@ -29,12 +29,15 @@ class Step:
     fn must not synchronise with the host, and its output shapes must depend only on its input
     shapes. `inplace` lists argument positions that are persistent buffers fn writes into (a KV
     cache): a capturing backend uses those tensors themselves, so the caller preallocates them and
-    passes the same tensors on every call. `module` holds the weights fn reads.
+    passes the same tensors on every call. `module` holds the weights fn reads. `regions` lists the
+    repeated blocks that fn calls (submodules of `module`): a compiling backend compiles their class's
+    forward once for all of them and runs the rest of fn as it is.
     """
     name: str
     module: nn.Module
     fn: Callable
     inplace: tuple = ()
+    regions: tuple = ()
 
     def __call__(self, *args):
         return self.fn(self.module, *args)

@@ -322,7 +322,7 @@ class MAR(OuterModel):
         both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         if guided:
             class_vec = torch.cat([class_vec, self.fake_latent.expand(b, -1).to(class_vec.dtype)])
-        outer = Step("mar.outer", self, MAR.condition_at)
+        outer = Step("mar.outer", self, MAR.condition_at, regions=(*self.encoder_blocks, *self.decoder_blocks))
         # a random order per image; kept tokens sort last, so the first `masked` entries are still to generate
         scores = torch.rand(b, self.seq_len, device=tokens.device)
         orders = torch.argsort(scores.masked_fill(keep, 2.0), dim=1)
