@@ -14,7 +14,6 @@ import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
 from models.families import mar as mar_family
-from sampling import default_precision
 from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
 from util.train.state import LAST
 from util.train.ema import EMA
@@ -256,15 +255,18 @@ def test_evaluation_flags_checked_at_start_up(tmp_path):
     expect_startup_error(tmp_path, ValueError, "--evaluate needs a checkpoint", evaluate=True, fid_stats="none")
 
 
-def test_defaults_follow_the_dataset():
+@pytest.mark.parametrize("cuda, precision", [(False, "fp32"), (True, "bf16")])
+def test_defaults_follow_the_dataset_and_device(monkeypatch, cuda, precision):
     from main_mar import model_config, resolve_args
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     args = resolve_args(parse(["--dataset", "digits", "--tokenizer", "pixel", "--img_size", "8"]))
     tokens = model_config(args, None)[0].tokens
     assert (model_config(args, None)[0].class_num, tokens.img_channels, args.fid_stats, tokens.vae_stride,
-            tokens.vae_embed_dim) == (10, 1, "none", 1, 1)
+            tokens.vae_embed_dim, args.precision) == (10, 1, "none", 1, 1, precision)
     args = resolve_args(parse([]))
     assert (model_config(args, None)[0].class_num, args.fid_stats, args.precision) == (
-        1000, "fid_stats/adm_in256_stats.npz", default_precision("cuda" if torch.cuda.is_available() else "cpu"))
+        1000, "fid_stats/adm_in256_stats.npz", precision)
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
