@@ -8,7 +8,8 @@
 #   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."]
 #
 # RESULTS_DIR (default bench/results/gpu/) receives one JSON and one log per part, parts.tsv,
-# summary.json and summary.md (the table, also printed at the end). Each part runs under its own
+# summary.json and summary.md (the table, also printed at the end). A part replaces what an earlier run
+# left for it; --parts leaves the other parts' results, so a second run completes the first one's table. Each part runs under its own
 # `timeout`; a part that fails or times out is recorded and the next one runs. Parts run in order
 # of importance and share the budget (default 470 s): a part gets min(its cap, what is left) and
 # is skipped when under 20 s are left. --cpu-smoke (or GPU_CHECK_SMOKE=1) shrinks every part to
@@ -26,13 +27,15 @@ while [ $# -gt 0 ]; do
         --cpu-smoke) SMOKE=1 ;;
         --budget) BUDGET=$2; shift ;;
         --parts) PARTS=$2; shift ;;
-        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) OUT=$1 ;;
     esac
     shift
 done
 mkdir -p "$OUT"
-: > "$OUT/parts.tsv"
+# a whole run starts a new parts.tsv; --parts keeps the other parts' rows and files, to complete an earlier run
+[ -z "$PARTS" ] && : > "$OUT/parts.tsv"
+touch "$OUT/parts.tsv"
 START=$(date +%s)
 
 if [ "$SMOKE" = 1 ]; then
@@ -61,6 +64,9 @@ part_limit() {
 part() {
     local name=$1 cap=$2; shift 2
     if [ -n "$PARTS" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
+    # what an earlier run left for this part goes: a part that fails now must not show old numbers
+    rm -f "$OUT/$name.json" "$OUT/$name.log" "$OUT/$name.xml"
+    grep -v "^$name"$'\t' "$OUT/parts.tsv" > "$OUT/parts.tsv.new"; mv "$OUT/parts.tsv.new" "$OUT/parts.tsv"
     local left=$(( BUDGET - ($(date +%s) - START) - 5 ))
     local limit=$(part_limit "$cap")
     if [ "$limit" -lt 20 ]; then

@@ -51,13 +51,21 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
 
 
 def test_script_runs_a_part_and_writes_the_table(tmp_path):
+    """--parts runs the parts it names, each replacing what an earlier run left for it (compile_b1 fails here:
+    its old numbers must not stay in the table), and keeps the other parts' results (heads)."""
     env = {**os.environ, "PYTHON": sys.executable}
+    old = {"args": {"batch_size": 1, "num_iter": 4, "cfg": 4.5}, "sides": {"cuda_graphs+compile": {
+        "seconds": [9.0], "images_per_s": 123.456, "flops_per_image": None, "fraction_of_peak": None,
+        "peak_memory_mib": None}}}
+    (tmp_path / "compile_b1.json").write_text(json.dumps(old))
+    (tmp_path / "parts.tsv").write_text("heads\t0\t5\t80\t\ncompile_b1\t0\t9\t90\t\n")
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path), "--cpu-smoke",
                           "--parts", "eager_rows compile_b1"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     parts = [line.split("\t")[:2] for line in (tmp_path / "parts.tsv").read_text().splitlines()]
-    assert parts == [["eager_rows", "0"], ["compile_b1", "1"]]  # no CUDA here: compile fails, and is reported
+    assert parts == [["heads", "0"], ["eager_rows", "0"], ["compile_b1", "1"]]  # no CUDA: compile fails, reported
+    assert "123.456" not in out.stdout and not (tmp_path / "compile_b1.json").exists()
     rows = json.loads((tmp_path / "eager_rows.json").read_text())
     assert rows["sides"]["eager"]["images_per_s"] > 0 and rows["first_call_s"]["eager"] > 0  # --warmup 1, timed apart
     assert rows["args"]["warmup"] == 1 and len(rows["sides"]["eager"]["seconds"]) == 1
