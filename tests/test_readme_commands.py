@@ -1,0 +1,66 @@
+"""Every command in the READMEs' shell blocks parses with today's flags: main_mar.py, sample.py, main_cache.py
+and the benchmarks (a renamed or dropped flag, a family or head flag on the wrong model, a choice that is
+gone, all fail here before a user copies the line). A new main_mar.py run also builds its model's config."""
+import importlib
+import re
+import shlex
+
+import pytest
+
+from tests.conftest import REPO
+
+READMES = ("README.md", "bench/README.md")
+PLACEHOLDER = re.compile(r"\$\{?\w+\}?|<[^>]*>")  # ${OUTPUT_DIR}, <time>: values, not flags
+OPTIONAL = re.compile(r"(?<!\S)\[|\](?!\S)")  # [--save_dir DIR]: an optional part, parsed as given
+
+
+def shell_lines(text):
+    """The lines of the ```bash blocks, continuations joined, comments dropped."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return lines
+
+
+def commands():
+    """(readme, line, script, argv) for each command that runs one of the project's entry points."""
+    found = []
+    for readme in READMES:
+        for line in shell_lines((REPO / readme).read_text()):
+            words = shlex.split(OPTIONAL.sub("", PLACEHOLDER.sub("VALUE", line)), comments=True)
+            for i, word in enumerate(words):
+                script = (word if word in ("main_mar.py", "sample.py", "main_cache.py")
+                          else words[i + 1] if word == "-m" and words[i + 1].startswith("bench.") else None)
+                if script:
+                    argv = [w for w in words[i + (2 if word == "-m" else 1):] if w not in ("...", "&")]
+                    found.append(pytest.param(script, argv, id=f"{readme}: {line.strip()[:80]}"))
+                    break
+    return found
+
+
+def parser_of(script):
+    if script == "main_mar.py":
+        return importlib.import_module("main_mar").get_args_parser()
+    if script == "sample.py":
+        return importlib.import_module("sample").get_parser()
+    if script == "main_cache.py":
+        return importlib.import_module("main_cache").get_args_parser()
+    return importlib.import_module(script)  # bench.*: its parse_args(argv) stands in for a parser's
+
+
+def test_the_readmes_have_commands_of_every_entry_point():
+    scripts = {p.values[0] for p in commands()}
+    assert {"main_mar.py", "sample.py", "main_cache.py", "bench.bench_sampling", "bench.bench_families",
+            "bench.bench_train", "bench.bench_heads"} <= scripts
+
+
+@pytest.mark.parametrize("script, argv", commands())
+def test_readme_command_parses(script, argv, capsys):
+    parser = parser_of(script)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"{script} {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    if script == "main_mar.py" and not args.resume:
+        from main_mar import model_config, resolve_args
+        model_config(resolve_args(args), None)  # the preset exists and every model flag applies to it
