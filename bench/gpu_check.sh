@@ -5,7 +5,7 @@
 #   and every other outer family (and mvar_base) against MAR's at ARINAR-B size (bench/bench_families.py).
 # ARINAR-B (--model mar_base), bf16, cfg 4.5, 64 steps, random weights.
 #
-#   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."]
+#   bench/gpu_check.sh [RESULTS_DIR] [--cpu-smoke] [--budget SECONDS] [--parts "NAME ..."] [--dry-run]
 #
 # RESULTS_DIR (default bench/results/gpu/) receives one JSON and one log per part, parts.tsv,
 # summary.json and summary.md (the table, also printed at the end). A part replaces what an earlier run
@@ -14,6 +14,7 @@
 # of importance and share the budget (default 470 s): a part gets min(its cap, what is left) and
 # is skipped when under 20 s are left. --cpu-smoke (or GPU_CHECK_SMOKE=1) shrinks every part to
 # tiny CPU sizes to check the script itself; the compile parts then fail (no CUDA), on purpose.
+# --dry-run prints each part's command and runs nothing.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -22,9 +23,11 @@ OUT=bench/results/gpu
 SMOKE=${GPU_CHECK_SMOKE:-0}
 BUDGET=470
 PARTS=""
+DRY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu-smoke) SMOKE=1 ;;
+        --dry-run) DRY=1 ;;
         --budget) BUDGET=$2; shift ;;
         --parts) PARTS=$2; shift ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -32,10 +35,12 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-mkdir -p "$OUT"
-# a whole run starts a new parts.tsv; --parts keeps the other parts' rows and files, to complete an earlier run
-[ -z "$PARTS" ] && : > "$OUT/parts.tsv"
-touch "$OUT/parts.tsv"
+if [ "$DRY" = 0 ]; then
+    mkdir -p "$OUT"
+    # a whole run starts a new parts.tsv; --parts keeps the other parts' rows and files, to complete an earlier run
+    [ -z "$PARTS" ] && : > "$OUT/parts.tsv"
+    touch "$OUT/parts.tsv"
+fi
 START=$(date +%s)
 
 if [ "$SMOKE" = 1 ]; then
@@ -64,6 +69,7 @@ part_limit() {
 part() {
     local name=$1 cap=$2; shift 2
     if [ -n "$PARTS" ] && [[ " $PARTS " != *" $name "* ]]; then return; fi
+    if [ "$DRY" = 1 ]; then echo "$name (cap $cap s): $*"; return; fi
     # what an earlier run left for this part goes: a part that fails now must not show old numbers
     rm -f "$OUT/$name.json" "$OUT/$name.log" "$OUT/$name.xml"
     grep -v "^$name"$'\t' "$OUT/parts.tsv" > "$OUT/parts.tsv.new"; mv "$OUT/parts.tsv.new" "$OUT/parts.tsv"
@@ -138,5 +144,6 @@ part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 
 part compile_b1 90 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size 1 \
     --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b1.json"
 
+[ "$DRY" = 1 ] && exit 0
 echo "== summary ($(( $(date +%s) - START )) s in all)"
 $PY -m bench.gpu_summary "$OUT" --seconds "$(( $(date +%s) - START ))" --budget "$BUDGET"

@@ -270,3 +270,37 @@ def test_sampling_goals_take_our_best_side_at_arinar_b_s_setting():
                                                       ("cuda_graphs+compile", True)]
     assert [g["value"] for g in goals] == [41.0, pytest.approx(0.31), 55.0]
     assert [g["met"] for g in gpu_summary.sampling_goals(rows[2:6])] == [None, None, None]
+
+
+def test_the_gpu_commands_parse_and_name_real_models(tmp_path):
+    """The GPU run's own commands (--dry-run prints them, runs nothing): each benchmark's flags parse, and its
+    model, or each side of the families part, builds (on the meta device: nothing allocated). On a CPU the
+    script runs only its --cpu-smoke commands, so a typo in the GPU ones would cost a GPU run."""
+    import importlib
+    import shlex
+
+    import torch
+
+    from bench.bench_families import side_configs
+    from bench.config import build_model
+    env = {**os.environ, "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "gpu"), "--dry-run"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    assert [name.split()[0] for name in lines] == ["eager_rows", "cuda_tests", "families", "sampling_b256",
+                                                   "sampling_b1", "train", "train_ckpt", "heads", "compile_b256",
+                                                   "compile_b1"]
+    assert not (tmp_path / "gpu").exists()
+    for name, command in lines.items():
+        words = shlex.split(command)
+        if words[2] == "pytest":
+            continue
+        assert words[1] == "-m" and "--device" in words and words[words.index("--device") + 1] == "cuda", name
+        args = importlib.import_module(words[2]).parse_args(words[3:])
+        with torch.device("meta"):
+            if words[2] == "bench.bench_families":
+                names = [c.model for c in side_configs(args)]
+                assert names == ["mar_base", "causal_base", "var_base", "mvar_base"], names
+            else:
+                assert build_model(args).config.model == "mar_base", name
