@@ -99,13 +99,17 @@ class _Replay:
 def compiled_forwards(modules, compiled):
     """Inside, each module's forward is compiled[its class] (an instance attribute shadows the class's
     forward); the modules are as they were afterwards, for training and other backends."""
-    for module in modules:
+    before = {module: vars(module).get("forward") for module in modules}
+    for module in before:
         module.forward = functools.partial(compiled[type(module)], module)
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, forward in before.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class _StepModule(nn.Module):

@@ -116,7 +116,8 @@ def add_sampling_args(parser, cfg=1.0, sweep=True):
                        help="replay each sampling step as CUDA graphs (default: on with CUDA, off elsewhere; same "
                             "math, far fewer launches)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the family's steps inside the CUDA-graph backend (CUDA only)")
+                       help="torch.compile the outer network's repeated blocks inside the CUDA-graph backend (CUDA only; "
+                            "one compilation per block class)")
     return group
 
 

@@ -60,6 +60,13 @@ def write_slots(buffer, slots, values):
     buffer.scatter_(2, index, values.to(buffer.dtype))
 
 
+@torch.compiler.disable  # compiled, the writes became a copy of the whole layer cache; eager, they are in place
+def write_kv(cache, slots, k, v):
+    """A layer's cache [2, B, heads, S, d]: keys k and values v [B, heads, n, d] written at slots [B, n]."""
+    write_slots(cache[0], slots, k)
+    write_slots(cache[1], slots, v)
+
+
 class SelfAttentionBlock(nn.Module):
     """Pre-norm block: causal self-attention with RoPE on q and k, then an MLP."""
 
@@ -90,8 +97,7 @@ class SelfAttentionBlock(nn.Module):
         q, k, v = self.qkv_heads(x, angles)
         if cache is None:
             return self.finish(x, attend(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0))
-        write_slots(cache[0], slots, k)
-        write_slots(cache[1], slots, v)
+        write_kv(cache, slots, k, v)
         visible = torch.arange(cache.shape[3], device=slots.device) <= slots.unsqueeze(-1)
         return self.finish(x, attend(q, cache[0], cache[1], visible))
 
@@ -126,9 +132,7 @@ def append_step(model, cache, x, positions, slots):
     x = model.input_norm(x)
     for block, layer_cache in zip(model.self_blocks, cache[:-1]):
         x = block(x, angles, layer_cache, slots)
-    k, v = model.shared_kv(x, angles)
-    write_slots(cache[-1, 0], slots, k)
-    write_slots(cache[-1, 1], slots, v)
+    write_kv(cache[-1], slots, *model.shared_kv(x, angles))
     return x
 
 
