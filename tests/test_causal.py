@@ -470,7 +470,7 @@ def test_the_capturing_backend_catches_an_unmarked_cache(monkeypatch):
 def test_no_host_sync_in_the_steps(no_host_sync):
     assert not host_sync_calls(causal.append_step, causal.query_step, causal.SelfAttentionBlock,
                                causal.CrossAttentionBlock, causal.CausalAR.ask, causal.CausalAR.shared_kv,
-                               causal.CausalAR.angles, causal.attend, causal.write_slots, rotate)
+                               causal.CausalAR.angles, causal.attend, causal.write_slots, causal.write_kv, rotate)
     # a whole unguided sample without a partial canvas, the loop included, runs without one
     tiny().sample_tokens(2, num_iter=4)
 
