@@ -15,7 +15,8 @@ otherwise re-cast every weight on every replay. The values are autocast's own ca
 dynamic shapes, fusing the elementwise work between their matmuls: one compilation per block class,
 shared by every block of it and by every call whose tensors have no size-0/1 dimension (see
 compiles_well). Compiling whole Steps instead costs a compilation the size of the network: on a CPU
-probe with Inductor's C++ backend, ARINAR-B's outer Step took 54 s to compile whole and 15 s block by block.
+with Inductor's C++ backend, ARINAR-B's outer Step took 46 s to compile whole and 13 s block by block
+(bench/bench_compile.py).
 """
 import contextlib
 import functools
@@ -112,7 +113,7 @@ def compiled_forwards(modules, compiled):
                 module.forward = forward
 
 
-class _StepModule(nn.Module):
+class StepModule(nn.Module):
     """A Step as a module's forward, so torch.func.functional_call can swap the cast weights in.
 
     With `regions` (compiled), each region's forward goes through one torch.compile of its class's forward,
@@ -121,10 +122,11 @@ class _StepModule(nn.Module):
     they differ compiles again (so the causal family's blocks compiled twice: sizes equal at its first step).
     """
 
-    def __init__(self, module, fn, regions=()):
+    def __init__(self, module, fn, regions=(), backend="inductor"):
         super().__init__()
         self.module, self.fn, self.regions = module, fn, tuple(regions)
-        self.compiled = {cls: torch.compile(cls.forward, dynamic=True) for cls in {type(r) for r in self.regions}}
+        self.compiled = {cls: torch.compile(cls.forward, dynamic=True, backend=backend)
+                         for cls in {type(r) for r in self.regions}}
 
     def forward(self, *args, **kwargs):
         if not self.regions:
@@ -141,7 +143,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         super().__init__(model, cfg_sampler, precision)
         self.compile, self.min_rows = compile, min_rows
         self.prefixes = {id(m): name + "." if name else "" for name, m in model.named_modules()}
-        self.wrappers = {}  # (step name, compiled) -> _StepModule
+        self.wrappers = {}  # (step name, compiled) -> StepModule
         self.replays = {}
         self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
         self.pool = None
@@ -171,14 +173,14 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
                 cast[n].copy_(p)
 
     def _weights(self, module):
-        """The cast weights of `module` (a submodule of the model) as functional_call wants them for a _StepModule."""
+        """The cast weights of `module` (a submodule of the model) as functional_call wants them for a StepModule."""
         prefix = self.prefixes[id(module)]
         cast = self.lowp.get(autocast_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
 
     def _wrapper(self, key, module, fn, regions=()):
         if key not in self.wrappers:
-            self.wrappers[key] = _StepModule(module, fn, regions)
+            self.wrappers[key] = StepModule(module, fn, regions)
         return self.wrappers[key]
 
     def _replay(self, key, make_fn):

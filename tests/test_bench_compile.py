@@ -1,0 +1,27 @@
+"""bench/bench_compile.py on CPU with Dynamo's "eager" backend (no C++ compiler): each way in its own
+process, the whole Step traced as one graph against one graph per block class and call form."""
+import json
+
+import pytest
+
+from bench import bench_compile
+
+TINY = ["--width", "32", "--enc_dec_depth", "2", "--num_heads", "4", "--inner_ar_width", "32", "--img_size", "64",
+        "--class_num", "10", "--threads", "1", "--compiler", "eager", "--repeats", "1"]
+
+
+def test_both_ways_each_in_a_fresh_process(tmp_path):
+    out = tmp_path / "compile.json"
+    results = bench_compile.main([*TINY, "--json", str(out)])
+    assert json.loads(out.read_text())["ways"] == results["ways"]
+    whole, blocks = results["ways"]["whole"]["mar.outer"], results["ways"]["blocks"]["mar.outer"]
+    assert whole["graphs"] == 1 and blocks["graphs"] == 2  # the blocks; the last decoder block at its queries
+    for row in (whole, blocks):
+        assert row["first_s"] > 0 and row["compile_s"] == row["first_s"] - row["later_s"]
+
+
+def test_only_calls_compile_would_build_are_measured():
+    """As --compile: calls with a size-0/1 dimension are left out (16 tokens in 16 steps: one a step)."""
+    args = bench_compile.parse_args([*TINY, "--way", "blocks", "--num_iter", "16"])
+    with pytest.raises(ValueError, match="size-0/1 dimension.*fewer --num_iter"):
+        bench_compile.measure(args)
