@@ -91,8 +91,8 @@ part() {
 }
 
 # Order and caps (s): eager_rows 45, cuda_tests 120, families 150, sampling_b256 100, sampling_b1 70, train 60,
-# train_ckpt 60, heads 80, compile_b256 120, compile_b1 90; the caps add up to more than the budget, so the
-# last parts run only as far as the time the earlier ones left.
+# train_ckpt 60, heads 80, compile_b256 120, compile_b1 90, compile_ways 150; the caps add up to more than the
+# budget, so the last parts run only as far as the time the earlier ones left.
 # 1. issue 30's eager crash: at batch 256 with 2 steps, step 1 draws 75 tokens per image (x2 for CFG):
 #    38,400 rows x 4 heads in one attention call, past CUDA's grid limit unless split (the first call, 2 steps,
 #    is timed apart as "first call s")
@@ -144,6 +144,10 @@ part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 
 part compile_b1 90 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size 1 \
     --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b1.json"
 
+# 11. the compile time of each Step whole against block by block (--compile's way), each in a fresh process with
+#     an empty Inductor cache: whether compiling by blocks is what keeps the warm-up short on a GPU too
+if [ "$SMOKE" = 1 ]; then COMPILER="--compiler eager"; else COMPILER=""; fi
+part compile_ways 150 $PY -m bench.bench_compile $RUN $MODEL $COMPILER --json "$OUT/compile_ways.json"
 [ "$DRY" = 1 ] && exit 0
 echo "== summary ($(( $(date +%s) - START )) s in all)"
 $PY -m bench.gpu_summary "$OUT" --seconds "$(( $(date +%s) - START ))" --budget "$BUDGET"

@@ -267,8 +267,8 @@ def machine(folder):
     names += tuple(sorted(path.stem for path in folder.glob("*.json") if path.stem not in names + ("summary",)))
     for name in names:
         res = load(folder, name)
-        if isinstance(res, dict) and res.get("machine_before"):
-            return res["machine_before"]
+        if isinstance(res, dict) and (res.get("machine_before") or res.get("machine")):
+            return res.get("machine_before") or res["machine"]
     return "unknown (no part left a JSON file)"
 
 
@@ -286,6 +286,21 @@ def train_losses(folder):
                     "relative_difference": check.get("relative_difference", abs(a - b) / max(1.0, abs(b))),
                     "tolerance": check.get("tolerance"), "agree": check.get("agree")})
     return out
+
+
+def compile_rows(folder):
+    """bench_compile's rows: per Step, the compile time of the Step whole and block by block (--compile's way)."""
+    res = load(folder, "compile_ways")
+    ways = (res or {}).get("ways", {})
+    names = dict.fromkeys(name for way in ways.values() for name in way)
+    rows = []
+    for name in names:
+        whole, blocks = ways.get("whole", {}).get(name), ways.get("blocks", {}).get(name)
+        rows.append({"step": name, "model": res["args"].get("model"),
+                     "whole_s": whole and whole["compile_s"], "blocks_s": blocks and blocks["compile_s"],
+                     "ratio": whole["compile_s"] / blocks["compile_s"] if whole and blocks and blocks["compile_s"] > 0
+                     else None})
+    return rows
 
 
 def commit():
@@ -344,6 +359,12 @@ def markdown(summary):
         tolerance = "" if r["tolerance"] is None else f", tolerance {r['tolerance']:.0e}"
         out += ["", f"Losses on the same draws ({r['part']}): masked-only {r['masked_only']:.6g}, all-tokens "
                 f"{r['all_tokens']:.6g}, relative difference {r['relative_difference']:.1e}{tolerance}: {verdict}"]
+    if summary.get("compile"):
+        out += ["", "torch.compile time per Step with an empty cache, whole against block by block (--compile's way; "
+                "bench/bench_compile.py)", ""]
+        out += table(["model", "step", "whole s", "block by block s", "ratio"],
+                     [[r["model"] or "–", r["step"], fmt(r["whole_s"], ".1f"), fmt(r["blocks_s"], ".1f"), fmt(r["ratio"], ".2f")]
+                      for r in summary["compile"]])
     if summary["families"]:
         out += ["", "Outer families (the same head and backend; the reference: the MAR family through our engine)", ""]
         out += table(["part", "family", "model", "batch", "steps", "images/s", "s/image", "FLOP/image", "% of peak",
@@ -370,7 +391,7 @@ def main(argv=None):
                "seconds": args.seconds, "budget": args.budget, "parts": parts(args.folder),
                "tests": tests(args.folder), "sampling": sampling_rows(args.folder), "heads": heads_rows(args.folder),
                "training": train_rows(args.folder), "train_losses": train_losses(args.folder),
-               "families": family_rows(args.folder)}
+               "families": family_rows(args.folder), "compile": compile_rows(args.folder)}
     summary["family_goals"] = family_goals(summary["families"])
     summary["sampling_goals"] = sampling_goals(summary["sampling"])
     (args.folder / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -290,7 +290,7 @@ def test_the_gpu_commands_parse_and_name_real_models(tmp_path):
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
     assert [name.split()[0] for name in lines] == ["eager_rows", "cuda_tests", "families", "sampling_b256",
                                                    "sampling_b1", "train", "train_ckpt", "heads", "compile_b256",
-                                                   "compile_b1"]
+                                                   "compile_b1", "compile_ways"]
     assert not (tmp_path / "gpu").exists()
     for name, command in lines.items():
         words = shlex.split(command)
@@ -304,3 +304,19 @@ def test_the_gpu_commands_parse_and_name_real_models(tmp_path):
                 assert names == ["mar_base", "causal_base", "var_base", "mvar_base"], names
             else:
                 assert build_model(args).config.model == "mar_base", name
+
+
+def test_summary_compile_rows_whole_against_blocks(tmp_path):
+    """The compile_ways part's rows: per Step both ways and their ratio; a part killed after the first way
+    still shows it, without a ratio."""
+    row = {"first_s": 50.0, "later_s": 2.0, "graphs": 1}
+    ways = {"whole": {"mar.outer": {**row, "compile_s": 48.0}},
+            "blocks": {"mar.outer": {**row, "compile_s": 12.0, "graphs": 2}}}
+    (tmp_path / "compile_ways.json").write_text(json.dumps({"args": {"model": "mar_base"}, "ways": ways}))
+    (tmp_path / "parts.tsv").write_text("compile_ways\t0\t70\t150\t\n")
+    gpu_summary.main([str(tmp_path)])
+    assert "| mar_base | mar.outer | 48.0 | 12.0 | 4.00 |" in (tmp_path / "summary.md").read_text()
+    del ways["blocks"]
+    (tmp_path / "compile_ways.json").write_text(json.dumps({"args": {"model": "mar_base"}, "ways": ways}))
+    gpu_summary.main([str(tmp_path)])
+    assert "| mar_base | mar.outer | 48.0 | – | – |" in (tmp_path / "summary.md").read_text()
