@@ -115,15 +115,16 @@ def main(argv=None):
         print(json.dumps(measure(args)))
         return None
     device = setup_runtime(args)
-    results = {"machine": machine_line(device), "args": vars(args), "ways": {}}
-    log.info("machine: %s", results["machine"])
+    results = {"machine_before": machine_line(device), "args": vars(args), "ways": {}}
+    log.info("machine: %s", results["machine_before"])
     for way in WAYS:
         with tempfile.TemporaryDirectory() as cache:  # an empty Inductor cache for each way
             out = subprocess.run([sys.executable, "-m", "bench.bench_compile", *argv, "--way", way],
                                  env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}, capture_output=True,
                                  text=True, check=False)
         if out.returncode != 0:
-            raise RuntimeError(f"bench_compile --way {way} failed: {out.stderr.strip().splitlines()[-1:]}")
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"bench_compile --way {way} failed: {last}")
         results["ways"][way] = json.loads(out.stdout.strip().splitlines()[-1])
         write_json(args.json, results)
     for name, whole in results["ways"]["whole"].items():
@@ -133,6 +134,8 @@ def main(argv=None):
                      row["compile_s"], row["first_s"], row["later_s"], row["graphs"])
         if blocks["compile_s"] > 0:
             log.info("%-16s compile time whole / block by block: %.2fx", name, whole["compile_s"] / blocks["compile_s"])
+    results["machine_after"] = machine_line(device)
+    write_json(args.json, results)
     return results
 
 

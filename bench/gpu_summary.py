@@ -267,8 +267,8 @@ def machine(folder):
     names += tuple(sorted(path.stem for path in folder.glob("*.json") if path.stem not in names + ("summary",)))
     for name in names:
         res = load(folder, name)
-        if isinstance(res, dict) and (res.get("machine_before") or res.get("machine")):
-            return res.get("machine_before") or res["machine"]
+        if isinstance(res, dict) and res.get("machine_before"):
+            return res["machine_before"]
     return "unknown (no part left a JSON file)"
 
 
