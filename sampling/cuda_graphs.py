@@ -20,6 +20,7 @@ with Inductor's C++ backend, ARINAR-B's outer Step took 46 s to compile whole an
 """
 import contextlib
 import functools
+import logging
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -29,6 +30,8 @@ from torch.func import functional_call
 from models.families.common import CapturedBuffers
 from models.gmm import is_guided
 from sampling.backends import EagerBackend
+
+log = logging.getLogger(__name__)
 
 
 def bucket_rows(n, min_rows=8):
@@ -201,6 +204,8 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         def make():
             static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
             compiled = self.compile and bool(step.regions) and compiles_well(args)
+            if self.compile and not step.regions and (step.name, False) not in self.wrappers:
+                log.info("--compile: %s declares no repeated blocks (Step.regions); it runs uncompiled", step.name)
             wrapper = self._wrapper((step.name, compiled), step.module, step.fn, step.regions if compiled else ())
             weights = self._weights(step.module)
             return static, lambda: functional_call(wrapper, weights, tuple(static), strict=False)

@@ -111,3 +111,14 @@ def test_compiled_forwards_leave_the_modules_as_they_were():
             raise RuntimeError("in the Step")
     assert routed == [a, b] and "forward" not in vars(a) and b.forward is mine
     assert torch.equal(a(x), torch.nn.functional.linear(x, a.weight, a.bias))
+
+
+def test_compile_says_once_which_steps_it_leaves_uncompiled(emulated_graphs, caplog):
+    """The scale-wise Steps declare no regions (each scale would be a compilation): --compile says so, once."""
+    model = MODELS["var"]().eval()
+    graphs = emulated_graphs(model, precision="fp32", compile=True)
+    with caplog.at_level("INFO", logger="sampling.cuda_graphs"):
+        for seed in (3, 4):
+            sample(model, graphs, seed)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sampling.cuda_graphs"]
+    assert lines == ["--compile: scalewise.var declares no repeated blocks (Step.regions); it runs uncompiled"]
