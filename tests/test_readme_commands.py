@@ -15,7 +15,7 @@ OPTIONAL = re.compile(r"(?<!\S)\[|\](?!\S)")  # [--save_dir DIR]: an optional pa
 
 
 def shell_lines(text):
-    """The lines of the ```bash blocks, continuations joined, comments dropped."""
+    """The lines of the ```bash blocks, continuations joined (commands() drops the comments)."""
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         lines += [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
@@ -23,7 +23,7 @@ def shell_lines(text):
 
 
 def commands():
-    """(readme, line, script, argv) for each command that runs one of the project's entry points."""
+    """pytest params (script, argv), named by README and line, of each command that runs an entry point."""
     found = []
     for readme in READMES:
         for line in shell_lines((REPO / readme).read_text()):
@@ -39,13 +39,14 @@ def commands():
 
 
 def parser_of(script):
+    """What parses the script's flags: its argparse parser, or a benchmark module (its parse_args(argv))."""
     if script == "main_mar.py":
         return importlib.import_module("main_mar").get_args_parser()
     if script == "sample.py":
         return importlib.import_module("sample").get_parser()
     if script == "main_cache.py":
         return importlib.import_module("main_cache").get_args_parser()
-    return importlib.import_module(script)  # bench.*: its parse_args(argv) stands in for a parser's
+    return importlib.import_module(script)
 
 
 def test_the_readmes_have_commands_of_every_entry_point():
