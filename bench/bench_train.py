@@ -63,6 +63,8 @@ def make_step(args, device):
     model = build_model(args).to(device).train()
     model.grad_checkpointing = args.grad_checkpointing
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
+    # as in main_mar.py: fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     tokens = model.config.tokens
     side = tokens.seq_h * tokens.patch_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -77,8 +79,9 @@ def make_step(args, device):
 
     def step(path):
         loss = loss_of(path)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 

@@ -7,11 +7,14 @@ A test is kept when a skipif marker on it (or on its module) names CUDA in its r
 its own code calls pytest.skip after asking torch.cuda.is_available(). Found by inspection rather
 than listed, so a CUDA test added later is run too. The torch.compile variants (slowest: each
 compiles) run last, and with CUDA_TESTS_SECONDS set a test due after that many seconds is skipped
-with a reason saying so: the run ends on its own and its report (--junitxml) is written, where a
-kill from outside would leave none.
+with a reason saying so: the run ends on its own and its report (--junitxml) is written. A test that
+outlives the deadline is stopped by gpu_check.sh's `timeout` (SIGTERM): the plugin turns that into
+a KeyboardInterrupt, which pytest ends on as on Ctrl-C, writing the report of the tests that ran
+(SIGTERM's default action would kill it with no report at all).
 """
 import inspect
 import os
+import signal
 import time
 
 import pytest
@@ -34,9 +37,18 @@ def compiles(item):
     return bool(params.get("compile"))
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def pytest_configure(config):
     seconds = os.environ.get("CUDA_TESTS_SECONDS")
     config.cuda_tests_deadline = time.monotonic() + float(seconds) if seconds else None
+    config.cuda_tests_sigterm = signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_unconfigure(config):
+    signal.signal(signal.SIGTERM, config.cuda_tests_sigterm)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -377,6 +377,30 @@ def test_bench_train_runs():
                                            median(res["masked_only"]["s_per_step"]))
 
 
+@pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False), ("fp32", False)])
+def test_bench_train_scales_the_fp16_loss_as_training_does(monkeypatch, precision, scaled):
+    """Under fp16 a step without loss scaling is not the training loop's step (small gradients flush to
+    zero): the benchmark's step goes through a GradScaler, enabled for fp16 only, as main_mar.py's does."""
+    seen = []
+
+    class Recording(torch.amp.GradScaler):
+        def scale(self, outputs):
+            seen.append(("scale", self.is_enabled()))
+            return super().scale(outputs)
+
+        def step(self, optimizer, *args, **kwargs):
+            seen.append(("step", self.is_enabled()))
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    args = bench_train.parse_args(TINY + ["--precision", precision])
+    _, step, params = bench_train.make_step(args, torch.device("cpu"))
+    before = [p.detach().clone() for p in params]
+    step("masked_only")
+    assert seen == [("scale", scaled), ("step", scaled)]
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))  # the update was taken
+
+
 def test_bench_rejects_bad_heads():
     with pytest.raises(ValueError, match="--width 100 must be a multiple of --num_heads 12"):
         bench_sampling.main(["--width", "100", "--device", "cpu"])

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,27 @@ def test_script_runs_a_part_and_writes_the_table(tmp_path):
     assert rows["args"]["warmup"] == 1 and len(rows["sides"]["eager"]["seconds"]) == 1
     assert "| eager_rows | ok |" in out.stdout and "| compile_b1 | failed (rc 1) |" in out.stdout
     assert (tmp_path / "summary.md").read_text() in out.stdout
+
+
+def test_each_part_compiles_into_its_own_empty_cache(tmp_path):
+    """compile_b1 after compile_b256 must not find the block graphs compile_b256 left in a shared Inductor
+    cache: its first call would look like a warm one. A stand-in for python records each part's cache."""
+    record = tmp_path / "caches.txt"
+    python = tmp_path / "python"
+    python.write_text('#!/bin/bash\n'
+                      '[ "$2" = bench.gpu_summary ] && exit 0\n'
+                      'echo "$TORCHINDUCTOR_CACHE_DIR $(ls -A "$TORCHINDUCTOR_CACHE_DIR" | wc -l)" >> "$RECORD"\n'
+                      'touch "$TORCHINDUCTOR_CACHE_DIR/compiled"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python), "RECORD": str(record)}
+    out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "gpu"), "--cpu-smoke",
+                          "--parts", "compile_b256 compile_b1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    caches = [line.split() for line in record.read_text().splitlines()]
+    assert len(caches) == 2 and caches[0][0] != caches[1][0], caches
+    assert [count for _, count in caches] == ["0", "0"]  # each empty when its part starts
+    assert not any(Path(cache).exists() for cache, _ in caches)  # and removed after it
 
 
 def test_largest_batch_fits_the_line_through_two_peaks():
@@ -252,6 +274,50 @@ def test_cuda_tests_plugin_keeps_cuda_tests_compile_last_and_stops_at_its_deadli
     assert [name for name, _ in order] == ["test_on_cuda[1-False]", "test_on_cuda[2-False]",
                                            "test_on_cuda[1-True]", "test_on_cuda[2-True]"]
     assert [ran_ for _, ran_ in order] == [True] * ran + [False] * (4 - ran)
+
+
+STUCK_STANDINS = '''
+import os
+import pathlib
+import time
+import pytest
+
+@pytest.mark.skipif(False, reason="needs a CUDA device")
+def test_quick():
+    pass
+
+@pytest.mark.skipif(False, reason="needs a CUDA device")
+def test_stuck():
+    pathlib.Path(os.environ["STARTED_FILE"]).touch()
+    time.sleep(120)
+'''
+
+
+def test_cuda_tests_plugin_writes_its_report_when_killed_by_timeout(tmp_path):
+    """A test that outlives the part's limit (a cold compile) is ended by `timeout`'s SIGTERM: the report of
+    the tests that ran must still be written (SIGTERM's default action leaves no --junitxml at all)."""
+    import signal
+    import time
+    import xml.etree.ElementTree as ET
+    (tmp_path / "test_stuck.py").write_text(STUCK_STANDINS)
+    started = tmp_path / "started"
+    env = {**{k: v for k, v in os.environ.items() if k != "CUDA_TESTS_SECONDS"}, "PYTHONPATH": str(REPO),
+           "STARTED_FILE": str(started)}
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "bench.cuda_tests", "-p", "no:cacheprovider",
+                             str(tmp_path), "--junitxml", str(tmp_path / "report.xml")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.communicate()[0] if proc.poll() is not None else "test_stuck never started"
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out  # pytest's "interrupted"
+    cases = {case.get("name"): case for case in ET.parse(tmp_path / "report.xml").getroot().iter("testcase")}
+    assert "test_quick" in cases and not list(cases["test_quick"]), out
 
 
 def test_sampling_goals_take_our_best_side_at_arinar_b_s_setting():
