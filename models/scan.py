@@ -102,7 +102,9 @@ def carried_readout(dt, A, C, h0):
     for start in range(0, length, chunk):
         steps = dt[:, :, start:start + chunk].unsqueeze(-1) * A[:, None, :]              # [b, d, c, n]
         cum = log_decay.unsqueeze(2) + torch.cumsum(steps, dim=2)
-        parts.append(torch.einsum("bdln,bnl->bdl", torch.exp(cum) * h0.unsqueeze(2), C[:, :, start:start + chunk]))
+        # a product and a sum, not an einsum: autocast would run an einsum (a bmm) in bf16
+        readout = C[:, :, start:start + chunk].transpose(1, 2).unsqueeze(1)                # [b, 1, c, n]
+        parts.append((torch.exp(cum) * h0.unsqueeze(2) * readout).sum(-1))
         log_decay = cum[:, :, -1]
     return torch.cat(parts, dim=2) if parts else dt.new_zeros(dt.shape), torch.exp(log_decay) * h0
 

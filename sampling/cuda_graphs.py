@@ -79,23 +79,31 @@ class _Replay:
         self.graph = self.out = None
 
     def __call__(self):
-        if self.graph is not None:
-            self.graph.replay()
-            return self.out.clone()
+        # on the model's device, whichever is current: a capture stream of another device would record
+        # none of the model's kernels (an empty graph, whose replays return the capture's output again)
+        with torch.cuda.device(self.device):
+            if self.graph is not None:
+                self.graph.replay()
+                return self.out.clone()
+            return self.capture()
+
+    def capture(self):
         dtype = autocast_dtype(self.device)
         # autocast's weight-cast cache must be off while capturing; the warm-up runs the same way,
         # so torch.compile (which guards on autocast state) compiles there and not mid-capture
         cast = (torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                 else contextlib.nullcontext())
-        # warm up on a side stream (lazy cuBLAS/attention initialisation must not be captured)
+        # warm up on a side stream (lazy cuBLAS/attention initialisation must not be captured), then
+        # capture on it: torch.cuda.graph's own default stream belongs to the device current at its first use
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with cast, torch.cuda.stream(stream):
             result = self.fn()
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with cast, torch.cuda.graph(self.graph, pool=self.pool):
+        graph = torch.cuda.CUDAGraph()
+        with cast, torch.cuda.graph(graph, pool=self.pool, stream=stream):
             self.out = self.fn()
+        self.graph = graph  # only once captured: after a failed capture the next call tries again
         return result
 
 
@@ -170,7 +178,9 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
                  if isinstance(m, nn.Linear) and not getattr(m, "keeps_full_precision", False)
                  for p in ("weight", "bias")}
         params = {n: p for n, p in self.model.named_parameters() if n in names}
-        cast = self.lowp.setdefault(dtype, {n: torch.empty_like(p, dtype=dtype) for n, p in params.items()})
+        if dtype not in self.lowp:  # allocated once: captured graphs read these very tensors
+            self.lowp[dtype] = {n: torch.empty_like(p, dtype=dtype) for n, p in params.items()}
+        cast = self.lowp[dtype]
         with torch.no_grad():
             for n, p in params.items():
                 cast[n].copy_(p)
@@ -225,7 +235,8 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
 
         def make():
             static_z = pad_rows(z, n, rows, guided)
-            static_cfg = torch.ones((), device=self.device)
+            # float64, so that casting it to the head's dtype rounds as a Python float does in eager
+            static_cfg = torch.ones((), dtype=torch.float64, device=self.device)
             wrapper = self._wrapper(("head", id(head)), head, type(head).sample)
             weights = self._weights(head)
             args = (static_z, float(temperature), static_cfg if guided else 1.0)

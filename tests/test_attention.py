@@ -107,12 +107,14 @@ def test_inner_sampling_with_chunks_draws_the_same(monkeypatch, kernel_calls, cf
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_attention_past_the_grid_limit():  # pragma: no cover - GPU only
-    """Issue 30's crash: 38,400 one-query rows x 4 heads (head dim 192, bf16) against a sliced KV
-    cache, as the inner model decodes at batch 256 with 16 outer steps; the oracle is the softmax
-    written out in fp32, a few thousand rows at a time."""
+    """Issue 30's crash: one-query rows x 4 heads (head dim 192, bf16) against a sliced KV cache, as the
+    inner model decodes at batch 256 with CFG and 2 outer steps: the second step's 181 tokens per image
+    make 92,672 rows, past 65,535 even before the heads multiply them (the first step's 38,400 x 4 heads
+    are past it only as batch x heads, which some kernels' grids do not put in one dimension); the
+    oracle is the softmax written out in fp32, a few thousand rows at a time."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    rows, heads, dim = 38400, 4, 192
+    rows, heads, dim = 92672, 4, 192
     q = torch.randn(rows, heads, 1, dim, device=device, generator=gen).bfloat16()
     k_cache, v_cache = (torch.randn(rows, heads, 16, dim, device=device, generator=gen).bfloat16() for _ in range(2))
     k, v = k_cache[:, :, :5], v_cache[:, :, :5]

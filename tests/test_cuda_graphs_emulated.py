@@ -3,6 +3,8 @@ EmulatedReplay): cast weights, padded head rows, static copies, graph keys and t
 for in-place Steps. With a draw-free head sampler its samples must be the eager backend's bit for bit,
 batch after batch on the same graphs. tests/test_cuda_graphs.py and test_families_cuda.py capture for real
 on a GPU."""
+import contextlib
+
 import pytest
 import torch
 
@@ -43,6 +45,19 @@ def test_graphs_sample_what_eager_does_batch_after_batch(draw_free, emulated_gra
     assert steps and all(replay.calls >= 3 for replay in steps)  # every step graph replayed on later batches
 
 
+def test_a_float64_model_gets_the_cfg_scale_eager_gets(draw_free, emulated_graphs):  # noqa: F811
+    """The graphs' CFG scale is a static tensor filled each call: float32, a float64 model would guide
+    with 2.9000000953674316 where eager uses 2.9."""
+    model = tiny_mar().double().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free")
+    eager = EagerBackend(model, cfg_sampler="draw_free")
+
+    def guided(backend):
+        torch.manual_seed(3)
+        return model.sample_tokens(3, num_iter=5, cfg=2.9, labels=torch.tensor([1, 2, 3]), backend=backend)
+    assert torch.equal(guided(graphs), guided(eager))
+
+
 def test_full_precision_layers_keep_their_weights(emulated_graphs):
     model = tiny_mar()
     graphs = emulated_graphs(model, precision="bf16")
@@ -50,6 +65,24 @@ def test_full_precision_layers_keep_their_weights(emulated_graphs):
         cast = graphs.lowp[torch.bfloat16]
     assert "arhead.head.weight" not in cast and "arhead.input_proj.weight" not in cast
     assert cast["arhead.cond_proj.weight"].dtype == torch.bfloat16 and "z_proj.weight" in cast
+
+
+def test_cast_weights_are_allocated_once(emulated_graphs, monkeypatch):
+    """Later calls copy into the first call's cast weights (the graphs read those tensors); making a
+    fresh set to throw away (~400 MB of bf16 at ARINAR-B size) would inflate every call's peak memory."""
+    model = tiny_mar()
+    graphs = emulated_graphs(model, precision="bf16")
+    with graphs.autocast():
+        first = dict(graphs.lowp[torch.bfloat16])
+    allocations = []
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: allocations.append(a) or real(*a, **k))
+    with torch.no_grad():
+        model.z_proj.weight.add_(1.0)
+    with graphs.autocast():
+        cast = graphs.lowp[torch.bfloat16]
+    assert not allocations and all(cast[n] is t for n, t in first.items())
+    assert torch.equal(cast["z_proj.weight"], model.z_proj.weight.bfloat16())  # refreshed in place
 
 
 DEEPER = {"mar": lambda: tiny_mar(enc_dec_depth=3), "causal": lambda: tiny_causal("arinar", depth=8)}
@@ -122,3 +155,79 @@ def test_compile_says_once_which_steps_it_leaves_uncompiled(emulated_graphs, cap
             sample(model, graphs, seed)
     lines = [r.getMessage() for r in caplog.records if r.name == "sampling.cuda_graphs"]
     assert lines == ["--compile: scalewise.var declares no repeated blocks (Step.regions); it runs uncompiled"]
+
+
+class FakeCuda:
+    """Stand-ins for the torch.cuda calls of sampling.cuda_graphs._Replay, recording which device was
+    current and which stream was current or capturing when fn ran; `fail_captures` captures raise."""
+
+    def __init__(self, monkeypatch, fail_captures=0):
+        self.current, self.stream, self.events, self.fail_captures = "cuda:0", "default", [], fail_captures
+        fake = self
+
+        class Stream:
+            def __init__(self, device):
+                self.device = device
+
+            def wait_stream(self, other):
+                pass
+
+        class CUDAGraph:
+            def replay(self):
+                fake.events.append(("replay", fake.current))
+
+        @contextlib.contextmanager
+        def switch(attribute, value):
+            before = getattr(fake, attribute)
+            setattr(fake, attribute, value)
+            try:
+                yield
+            finally:
+                setattr(fake, attribute, before)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None):
+            if fake.fail_captures:
+                fake.fail_captures -= 1
+                raise RuntimeError("capture failed")
+            # torch.cuda.graph's default stream: made once, on the device current at its first use (cuda:0)
+            with switch("stream", stream if stream is not None else Stream(torch.device("cuda:0"))):
+                fake.events.append(("capture", fake.current, fake.stream.device))
+                yield
+
+        for name, value in {"Stream": Stream, "CUDAGraph": CUDAGraph, "graph": graph,
+                            "device": lambda device: switch("current", str(device)),
+                            "stream": lambda stream: switch("stream", stream),
+                            "current_stream": lambda device=None: Stream(device)}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+    def fn(self):
+        self.events.append(("run", self.current, getattr(self.stream, "device", self.stream)))
+        return torch.zeros(1)
+
+
+def test_a_graph_is_captured_and_replayed_on_its_model_s_device(monkeypatch):
+    """A model on cuda:1 while cuda:0 is current: warm-up, capture (on a stream of cuda:1, not
+    torch.cuda.graph's default stream of the device current at its first use) and replay all happen
+    with cuda:1 current; captured on cuda:0's stream, the graph would hold none of the model's kernels."""
+    from sampling.cuda_graphs import _Replay
+    fake = FakeCuda(monkeypatch)
+    replay = _Replay(fake.fn, torch.device("cuda:1"), pool=None)
+    replay()
+    replay()
+    assert fake.events == [("run", "cuda:1", torch.device("cuda:1")), ("capture", "cuda:1", torch.device("cuda:1")),
+                           ("run", "cuda:1", torch.device("cuda:1")), ("replay", "cuda:1")]
+
+
+def test_a_failed_capture_is_tried_again(monkeypatch):
+    """After a capture that raised, the next call warms up and captures again, rather than replaying an
+    empty graph."""
+    from sampling.cuda_graphs import _Replay
+    fake = FakeCuda(monkeypatch, fail_captures=1)
+    replay = _Replay(fake.fn, torch.device("cuda:0"), pool=None)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        replay()
+    assert replay.graph is None
+    replay()
+    replay()
+    assert [event[0] for event in fake.events] == ["run", "run", "capture", "run", "replay"]

@@ -39,7 +39,8 @@ FAMILIES = {"causal": (lambda: tiny_causal("arinar"), causal_edit, {"causal.appe
 
 
 def sample(model, backend, seed=3, **kwargs):
-    labels = torch.tensor([1, 2, 3], device=DEVICE)
+    """Seed 3 captures; other seeds give the replays other inputs (labels, and the causal family's order)."""
+    labels = torch.tensor([1, 2, 3], device=DEVICE).roll(seed)
     torch.manual_seed(seed)
     return model.sample_tokens(3, num_iter=5, cfg=2.5, labels=labels, backend=backend, **kwargs)
 
@@ -57,9 +58,10 @@ def test_captured_graphs_give_the_eager_samples(draw_free, family, precision, to
     eager = make_backend(model, cuda_graphs=False, cfg_sampler="draw_free", precision=precision)
     assert isinstance(graphs, CudaGraphsBackend)
     for kwargs in ({}, edit):
-        expected = sample(model, eager, **kwargs)
-        for seed in (3, 3):  # capture, then replay
-            torch.testing.assert_close(sample(model, graphs, seed, **kwargs), expected, rtol=tol, atol=tol)
+        expected = {seed: sample(model, eager, seed, **kwargs) for seed in (3, 4, 5)}
+        assert not torch.allclose(expected[3], expected[4], rtol=tol, atol=tol)  # the replays' inputs matter
+        for seed in (3, 4, 5):  # capture, then replays on other inputs
+            torch.testing.assert_close(sample(model, graphs, seed, **kwargs), expected[seed], rtol=tol, atol=tol)
     graph_count = len(graphs.replays)
     replays = [r for _, r in graphs.replays.values()]
     assert replays and all(r.graph is not None for r in replays)

@@ -121,6 +121,22 @@ def test_mamba_kernel_agrees_with_the_reference(with_state):
     torch.testing.assert_close(last, want_last, rtol=1e-3, atol=1e-3)
 
 
+def test_carried_readout_stays_float32_under_autocast():
+    """The kernel path runs inside the sampler's bf16 autocast; the initial state's readout (M-VAR's
+    dependency across scales) is scan math and must not drop to bf16 (an einsum there did)."""
+    gen = torch.Generator().manual_seed(0)
+    b, d, length, n = 2, 3, 5, 4
+    dt, A = torch.rand(b, d, length, generator=gen), -torch.rand(d, n, generator=gen)
+    C, h0 = torch.randn(b, n, length, generator=gen), torch.randn(b, d, n, generator=gen)
+    want = [t.double() for t in (dt, A, C, h0)]
+    want = torch.stack([(want[2][:, None, :, t] * want[3] * torch.exp(want[0][:, :, :t + 1].sum(-1, keepdim=True)
+                                                                     * want[1])).sum(-1) for t in range(length)], -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        readout, _ = scan.carried_readout(dt, A, C, h0)
+    assert readout.dtype == torch.float32
+    torch.testing.assert_close(readout.double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("cap", [1, 2 * 3 * 4 * 3, 1 << 26])
 def test_an_initial_state_reaches_the_kernel_through_linearity(monkeypatch, cap):
     """The kernel path's bookkeeping, with a stand-in of the kernel's signature (runs on CPU). The
