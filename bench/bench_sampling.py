@@ -113,6 +113,7 @@ def main(argv=None):
         for side in sides if i < args.repeats else ():
             side.timer.reset()
             side.run(lambda: ours(side.backend))
+            side.pieces.append(side.timer.seconds())
             log.info("run %d: %s %.2f s%s", i + 1, side.name, side.times[-1], side.timer.summary())
         if i < args.baseline_repeats:
             base.run(baseline)
@@ -149,6 +150,7 @@ class Side:
 
     def __init__(self, name, backend, device, breakdown, memory=None):
         self.name, self.backend, self.device, self.times, self.peak_mib = name, backend, device, [], None
+        self.pieces = []  # per timed run with --breakdown: {"outer": s, "head": s}
         self.memory = device.type == "cuda" if memory is None else memory
         self.timer = PieceTimer(device)
         if breakdown:  # instance attributes shadow the methods the loop looks up
@@ -186,6 +188,9 @@ def record(results, sides, base, args):
                           "peak_memory_mib": side.peak_mib}
         if base.times and side is not base:
             out[side.name]["speedup"] = median(base.times) / median(side.times)
+        if any(side.pieces):  # --breakdown: the median seconds per batch of each piece
+            out[side.name]["breakdown_s"] = {k: median([p.get(k, 0.0) for p in side.pieces])
+                                             for k in dict.fromkeys(k for p in side.pieces for k in p)}
     results["sides"] = out
     if sides[0].times:  # the first side under the keys older results use
         results["ours_s"] = sides[0].times

@@ -129,11 +129,12 @@ else
 fi
 part families 150 $PY -m bench.bench_families $RUN $FAMILY_SIZES $CONTENDERS --num_iter $STEPS --cfg 4.5 \
     --repeats 1 --json "$OUT/families.json"
-# 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1)
+# 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1;
+#      at batch 1, where launches rather than FLOPs bound a step, the time split between outer Steps and head)
 part sampling_b256 100 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
     --flops_batch 0 --json "$OUT/sampling_b256.json"
 part sampling_b1 70 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
-    --flops_batch 1 --json "$OUT/sampling_b1.json"
+    --flops_batch 1 --breakdown --json "$OUT/sampling_b1.json"
 # 6-7. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
 TRAIN="$PY -m bench.bench_train $RUN $MODEL --batch_size $TRAIN_BATCH --steps $TRAIN_STEPS --repeats $TRAIN_REPEATS"
 part train 60 $TRAIN --json "$OUT/train.json"

@@ -111,7 +111,7 @@ def sampling_rows(folder):
                          "images_per_s": row["images_per_s"], "s_per_image": 1 / row["images_per_s"],
                          "flops_per_image": per_image, "fraction_of_peak": fraction, "speedup": speedup,
                          "first_call_s": res.get("first_call_s", {}).get(side),
-                         "peak_memory_mib": row.get("peak_memory_mib")})
+                         "peak_memory_mib": row.get("peak_memory_mib"), "breakdown_s": row.get("breakdown_s")})
     return rows
 
 
@@ -331,6 +331,12 @@ def markdown(summary):
                        fmt(r["s_per_image"], ".3f"), fmt_flops(r["flops_per_image"]),
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["speedup"], ".2f"), fmt(r["first_call_s"], ".1f"),
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024)] for r in summary["sampling"]])
+    split = [r for r in summary["sampling"] if r.get("breakdown_s")]
+    if split:
+        out += ["", "Where a batch's time goes (--breakdown, median per timed run: the family's outer Steps and "
+                "the head's sampling, in seconds per batch): " + "; ".join(
+                    f"{r['part']} {r['side']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_s"].items())
+                    for r in split)]
     if summary["sampling"]:
         out.append("")
         for g in summary["sampling_goals"]:

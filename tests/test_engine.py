@@ -363,10 +363,16 @@ def test_bench_sampling_reports_both_sides_and_their_ratio(tmp_path):
 def test_bench_sampling_breakdown_splits_outer_and_head(caplog):
     """--breakdown times every Step the family runs (outer) and every head call (head) in each timed run."""
     caplog.set_level(logging.INFO, logger="bench.sampling")
-    bench_sampling.main(TINY + ["--num_iter", "2", "--cfg", "2.0", "--baseline_repeats", "0", "--breakdown",
-                                "--flops_batch", "0"])
+    res = bench_sampling.main(TINY + ["--num_iter", "2", "--cfg", "2.0", "--baseline_repeats", "0", "--breakdown",
+                                      "--flops_batch", "0", "--repeats", "3"])
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run 1: eager")]
     assert ", outer " in line and ", head " in line
+    # recorded too: each piece's median over the timed runs, inside the batch's time
+    side = res["sides"]["eager"]
+    assert set(side["breakdown_s"]) == {"outer", "head"} and min(side["breakdown_s"].values()) > 0
+    assert sum(side["breakdown_s"].values()) <= median(side["seconds"]) * 1.05
+    assert "breakdown_s" not in bench_sampling.main(TINY + ["--num_iter", "2", "--baseline_repeats", "0",
+                                                           "--flops_batch", "0"])["sides"]["eager"]
 
 
 def test_bench_train_runs():

@@ -18,8 +18,8 @@ TINY = ["--width", "32", "--num_heads", "4", "--enc_dec_depth", "1", "--inner_ar
 
 
 def test_summary_reads_what_the_benchmarks_write(tmp_path):
-    bench_sampling.main(TINY + ["--batch_size", "1", "--repeats", "1", "--baseline_repeats", "1",
-                                "--json", str(tmp_path / "sampling_b1.json")])
+    small = bench_sampling.main(TINY + ["--batch_size", "1", "--repeats", "1", "--baseline_repeats", "1",
+                                        "--breakdown", "--json", str(tmp_path / "sampling_b1.json")])
     big = bench_sampling.main(TINY + ["--batch_size", "2", "--repeats", "1", "--baseline_repeats", "1",
                                       "--flops_batch", "0", "--json", str(tmp_path / "sampling_b256.json")])
     # a compile part as the CUDA run writes it: its own side, no baseline of its own
@@ -48,6 +48,9 @@ def test_summary_reads_what_the_benchmarks_write(tmp_path):
         median(big["sides"]["baseline"]["seconds"]) / 0.5)  # against the plain part's baseline
     table = (tmp_path / "summary.md").read_text()
     assert "| compile_b256 | 2 | 2 | cuda_graphs+compile |" in table and "timed out" in table
+    split = small["sides"]["eager"]["breakdown_s"]  # batch 1's time split (--breakdown), that part's only
+    assert f"sampling_b1 eager: outer {split['outer']:.3f}, head {split['head']:.3f}" in table
+    assert table.count(": outer ") == 1
     assert "| heads | failed (rc 1) | 3 | 150 | ValueError: x \\| y |" in table  # the note's pipe escaped
 
 
