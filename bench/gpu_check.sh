@@ -86,7 +86,8 @@ part() {
     # an empty Inductor (and Triton) cache per part: a compile part's first call is a cold compile, as a
     # user's first run is, not one warmed by the part before it
     local cache=$(mktemp -d)
-    TORCHINDUCTOR_CACHE_DIR="$cache" timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    TORCHINDUCTOR_CACHE_DIR="$cache" TRITON_CACHE_DIR="$cache/triton" timeout -k 10 "$limit" "$@" \
+        > "$OUT/$name.log" 2>&1
     local rc=$? note=""
     rm -rf "$cache"
     [ "$rc" = 124 ] || [ "$rc" = 137 ] && note="timed out after $limit s"

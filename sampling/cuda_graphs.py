@@ -74,8 +74,8 @@ class _Replay:
     """fn() over static buffers the caller fills: run eagerly once (the warm-up, whose result is
     returned), then captured; later calls replay."""
 
-    def __init__(self, fn, device, pool):
-        self.fn, self.device, self.pool = fn, device, pool
+    def __init__(self, fn, device, pool, stream):
+        self.fn, self.device, self.pool, self.stream = fn, device, pool, stream
         self.graph = self.out = None
 
     def __call__(self):
@@ -93,9 +93,9 @@ class _Replay:
         # so torch.compile (which guards on autocast state) compiles there and not mid-capture
         cast = (torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                 else contextlib.nullcontext())
-        # warm up on a side stream (lazy cuBLAS/attention initialisation must not be captured), then
+        # warm up on the side stream (lazy cuBLAS/attention initialisation must not be captured), then
         # capture on it: torch.cuda.graph's own default stream belongs to the device current at its first use
-        stream = torch.cuda.Stream(self.device)
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with cast, torch.cuda.stream(stream):
             result = self.fn()
@@ -157,7 +157,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         self.wrappers = {}  # (step name, compiled) -> StepModule
         self.replays = {}
         self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
-        self.pool = None
+        self.pool = self.stream = None
 
     def describe(self):
         return super().describe().replace("compile off", f"compile {'on' if self.compile else 'off'}")
@@ -198,10 +198,12 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
 
     def _replay(self, key, make_fn):
         if key not in self.replays:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()  # one pool: replays never overlap
+            if self.pool is None:  # one pool (replays never overlap), captured on one stream: the caching
+                # allocator reuses a freed block only on the stream that allocated it, so graphs captured
+                # on different streams would each keep their own intermediates
+                self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
             static, fn = make_fn()
-            self.replays[key] = (static, _Replay(fn, self.device, self.pool))
+            self.replays[key] = (static, _Replay(fn, self.device, self.pool, self.stream))
         return self.replays[key]
 
     def run(self, step, *args):

@@ -102,8 +102,8 @@ class EmulatedReplay:
     that runs fn again on whatever its static buffers and weights hold then, and hands back a copy.
     Autocast's cast cache is off, as in the real capture. Counts its calls."""
 
-    def __init__(self, fn, device, pool):
-        self.fn, self.device, self.graph, self.calls = fn, device, None, 0
+    def __init__(self, fn, device, pool, stream):
+        self.fn, self.device, self.pool, self.stream, self.graph, self.calls = fn, device, pool, stream, None, 0
 
     def __call__(self):
         from sampling.cuda_graphs import autocast_dtype
@@ -124,4 +124,5 @@ def emulated_graphs(monkeypatch):
     from sampling import cuda_graphs
     monkeypatch.setattr(cuda_graphs, "_Replay", EmulatedReplay)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: ("stream", object()))
     return lambda model, **kwargs: cuda_graphs.CudaGraphsBackend(model, **kwargs)

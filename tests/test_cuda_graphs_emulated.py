@@ -207,12 +207,12 @@ class FakeCuda:
 
 
 def test_a_graph_is_captured_and_replayed_on_its_model_s_device(monkeypatch):
-    """A model on cuda:1 while cuda:0 is current: warm-up, capture (on a stream of cuda:1, not
+    """A model on cuda:1 while cuda:0 is current: warm-up, capture (on the backend's stream of cuda:1, not
     torch.cuda.graph's default stream of the device current at its first use) and replay all happen
     with cuda:1 current; captured on cuda:0's stream, the graph would hold none of the model's kernels."""
     from sampling.cuda_graphs import _Replay
     fake = FakeCuda(monkeypatch)
-    replay = _Replay(fake.fn, torch.device("cuda:1"), pool=None)
+    replay = _Replay(fake.fn, torch.device("cuda:1"), pool=None, stream=torch.cuda.Stream(torch.device("cuda:1")))
     replay()
     replay()
     assert fake.events == [("run", "cuda:1", torch.device("cuda:1")), ("capture", "cuda:1", torch.device("cuda:1")),
@@ -224,10 +224,22 @@ def test_a_failed_capture_is_tried_again(monkeypatch):
     empty graph."""
     from sampling.cuda_graphs import _Replay
     fake = FakeCuda(monkeypatch, fail_captures=1)
-    replay = _Replay(fake.fn, torch.device("cuda:0"), pool=None)
+    replay = _Replay(fake.fn, torch.device("cuda:0"), pool=None, stream=torch.cuda.Stream(torch.device("cuda:0")))
     with pytest.raises(RuntimeError, match="capture failed"):
         replay()
     assert replay.graph is None
     replay()
     replay()
     assert [event[0] for event in fake.events] == ["run", "run", "capture", "run", "replay"]
+
+
+def test_every_graph_of_a_backend_shares_one_pool_and_one_capture_stream(draw_free, emulated_graphs):  # noqa: F811
+    """Graphs share freed memory only when captured into one pool on one stream (the caching allocator
+    reuses a block only on the stream that allocated it): a stream per graph would keep every graph's
+    intermediates apart, up to one peak per stream at batch 256."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free")
+    sample(model, graphs, 3)
+    replays = [replay for _, replay in graphs.replays.values()]
+    assert len(replays) > 2
+    assert {id(r.stream) for r in replays} == {id(graphs.stream)} and {r.pool for r in replays} == {"pool"}

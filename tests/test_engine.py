@@ -367,10 +367,11 @@ def test_bench_sampling_breakdown_splits_outer_and_head(caplog):
                                       "--flops_batch", "0", "--repeats", "3"])
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run 1: eager")]
     assert ", outer " in line and ", head " in line
-    # recorded too: each piece's median over the timed runs, inside the batch's time
+    # recorded too: each piece's median over the 3 timed runs; both pieces are at least their medians in one
+    # run (2 of 3 runs each), inside that run's time, so the medians add up to at most the slowest run
     side = res["sides"]["eager"]
     assert set(side["breakdown_s"]) == {"outer", "head"} and min(side["breakdown_s"].values()) > 0
-    assert sum(side["breakdown_s"].values()) <= median(side["seconds"]) * 1.05
+    assert sum(side["breakdown_s"].values()) <= max(side["seconds"])
     assert "breakdown_s" not in bench_sampling.main(TINY + ["--num_iter", "2", "--baseline_repeats", "0",
                                                            "--flops_batch", "0"])["sides"]["eager"]
 

@@ -84,18 +84,20 @@ def test_each_part_compiles_into_its_own_empty_cache(tmp_path):
     python = tmp_path / "python"
     python.write_text('#!/bin/bash\n'
                       '[ "$2" = bench.gpu_summary ] && exit 0\n'
-                      'echo "$TORCHINDUCTOR_CACHE_DIR $(ls -A "$TORCHINDUCTOR_CACHE_DIR" | wc -l)" >> "$RECORD"\n'
+                      'echo "$TORCHINDUCTOR_CACHE_DIR $TRITON_CACHE_DIR $(ls -A "$TORCHINDUCTOR_CACHE_DIR" | wc -l)"'
+                      ' >> "$RECORD"\n'
                       'touch "$TORCHINDUCTOR_CACHE_DIR/compiled"\n')
     python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(python), "RECORD": str(record)}
+    env = {**os.environ, "PYTHON": str(python), "RECORD": str(record), "TRITON_CACHE_DIR": str(tmp_path / "shared")}
     out = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "gpu"), "--cpu-smoke",
                           "--parts", "compile_b256 compile_b1"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     caches = [line.split() for line in record.read_text().splitlines()]
     assert len(caches) == 2 and caches[0][0] != caches[1][0], caches
-    assert [count for _, count in caches] == ["0", "0"]  # each empty when its part starts
-    assert not any(Path(cache).exists() for cache, _ in caches)  # and removed after it
+    assert all(triton == f"{cache}/triton" for cache, triton, _ in caches)  # Triton's kernels too, even if set
+    assert [count for _, _, count in caches] == ["0", "0"]  # each empty when its part starts
+    assert not any(Path(cache).exists() for cache, _, _ in caches)  # and removed after it
 
 
 def test_largest_batch_fits_the_line_through_two_peaks():

@@ -15,7 +15,10 @@ PRESETS = ["mar_tiny", "causal_tiny", "scalewise_tiny", "mvar_tiny"]
 HEADS = ["arinar", "diffloss", "gmm"]
 DIGITS = dict(tokenizer="pixel", img_size=8, vae_stride=1, vae_embed_dim=1, img_channels=1, patch_size=2,
               class_num=10)
-SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy")
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy", "multinomial",
+         "masked_select")
+SYNC_FUNCTIONS = ("nonzero", "multinomial", "masked_select")  # the same as torch.* functions (boolean-mask
+# indexing, x[mask], syncs inside C++ where no patch sees it)
 
 
 def tiny(preset, head, **flags):
@@ -41,14 +44,15 @@ def test_training_step_makes_no_host_sync(monkeypatch, request, preset, head):
 def host_syncs(fn):
     """How many tensor reads that sync with the host fn() makes."""
     counts = collections.Counter()
-    real = {name: getattr(torch.Tensor, name) for name in SYNCS}
-    for name in SYNCS:
-        setattr(torch.Tensor, name, lambda *a, _name=name, **k: (counts.update([_name]), real[_name](*a, **k))[1])
+    real = {(owner, name): getattr(owner, name) for owner, names in ((torch.Tensor, SYNCS), (torch, SYNC_FUNCTIONS))
+            for name in names}
+    for (owner, name), method in real.items():
+        setattr(owner, name, lambda *a, _name=name, _method=method, **k: (counts.update([_name]), _method(*a, **k))[1])
     try:
         fn()
     finally:
-        for name, method in real.items():
-            setattr(torch.Tensor, name, method)
+        for (owner, name), method in real.items():
+            setattr(owner, name, method)
     return sum(counts.values())
 
 
