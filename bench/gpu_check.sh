@@ -149,7 +149,8 @@ if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1
 part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size $BIG \
     --backends cuda_graphs+compile --repeats 1 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b256.json"
 part compile_b1 90 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size 1 \
-    --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b1.json"
+    --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --breakdown \
+    --json "$OUT/compile_b1.json"
 
 # 11. the compile time of each Step whole against block by block (--compile's way), each in a fresh process with
 #     an empty Inductor cache: whether compiling by blocks is what keeps the warm-up short on a GPU too
