@@ -11,10 +11,10 @@
 # summary.json and summary.md (the table, also printed at the end). A part replaces what an earlier
 # run left for it; --parts leaves the other parts' results, so a second run completes the first one's
 # table. Each part runs under its own `timeout`, with an empty Inductor cache of its own; a part that
-# fails or times out is recorded and the next one runs. Parts run in order of importance and share the budget (default 470 s): a part gets
-# min(its cap, what is left) and is skipped when under 20 s are left. --cpu-smoke (or GPU_CHECK_SMOKE=1)
-# shrinks every part to tiny CPU sizes to check the script itself; the compile parts then fail (no
-# CUDA), on purpose.
+# fails or times out is recorded and the next one runs. Parts run in order of importance and share the
+# budget (default 470 s): a part gets min(its cap, what is left) and is skipped when under 20 s are left.
+# --cpu-smoke (or GPU_CHECK_SMOKE=1) shrinks every part to tiny CPU sizes to check the script itself; the
+# compile parts then fail (no CUDA), on purpose.
 # --dry-run prints each part's command and runs nothing.
 set -u
 cd "$(dirname "$0")/.."

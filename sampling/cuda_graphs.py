@@ -95,13 +95,12 @@ class _Replay:
                 else contextlib.nullcontext())
         # warm up on the side stream (lazy cuBLAS/attention initialisation must not be captured), then
         # capture on it: torch.cuda.graph's own default stream belongs to the device current at its first use
-        stream = self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with cast, torch.cuda.stream(stream):
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with cast, torch.cuda.stream(self.stream):
             result = self.fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with cast, torch.cuda.graph(graph, pool=self.pool, stream=stream):
+        with cast, torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             self.out = self.fn()
         self.graph = graph  # only once captured: after a failed capture the next call tries again
         return result

@@ -108,8 +108,9 @@ def traced_graphs(monkeypatch):
 def test_compile_traces_each_block_class_once(draw_free, emulated_graphs, traced_graphs, name):  # noqa: F811
     """--compile traces the Steps' repeated blocks (Step.regions), one graph per block class and call form
     for a whole run and the next batch, the same graphs at any depth: a whole Step compiled grows with the
-    network (ARINAR-B's outer: 46 s to compile on a CPU, 13 s block by block: bench/bench_compile.py). With duck sizing (sizes
-    equal when traced share one symbol) the causal blocks compiled twice. The samples are the eager backend's, and the blocks are left as they were."""
+    network (ARINAR-B's outer: 46 s to compile on a CPU, 13 s block by block: bench/bench_compile.py).
+    With duck sizing (sizes equal when traced share one symbol) the causal blocks compiled twice. The
+    samples are the eager backend's, and the blocks are left as they were."""
     ops = {}
     for depth, make in (("tiny", MODELS[name]), ("deeper", DEEPER[name])):
         traced_graphs.clear()
