@@ -10,7 +10,8 @@ its "steps" in the JSON); their timed runs alternate so that load from other use
 Per side and batch: images/s, model FLOPs per image (util/flops.py, counted once on an eager batch of
 --flops_batch), the fraction of the GPU's dense peak, and peak memory (bench/memory.py: the most bytes
 the sampler allocates above what was allocated before, taken on each side's first call at that batch,
-which also makes the KV caches and CUDA graphs). Ratios are each contender's over MAR's. A side that
+which also makes the KV caches and CUDA graphs); with --breakdown, each timed call's split between the
+outer Steps and the head (bench/config.py: PieceTimer). Ratios are each contender's over MAR's. A side that
 raises (CUDA out of memory, say) while it is built or at one batch is logged in one line and recorded
 as {"error": ...} there; the others go on. Random weights: speed does not depend on them.
 
@@ -25,7 +26,8 @@ import math
 
 import torch
 
-from bench.config import add_runtime_args, machine_line, median, parser, setup_runtime, time_runs, write_json
+from bench.config import (PieceTimer, add_runtime_args, machine_line, median, median_pieces, parser, setup_runtime,
+                          time_runs, write_json)
 from bench.memory import peak_memory
 from models import FAMILIES, PRESETS, build, config_from_flags
 from models.config import check_flags_apply
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     g.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 256])
     g.add_argument("--flops_batch", type=int, default=1,
                    help="count model FLOPs per image on an eager run of this batch (0 = do not count)")
+    g.add_argument("--breakdown", action="store_true",
+                   help="also split each timed call between the outer Steps and the head (breakdown_s)")
     p.set_defaults(repeats=2)
     return p.parse_args(argv)
 
@@ -132,7 +136,7 @@ class Side:
 
     def __init__(self, config):
         self.config, self.name, self.preset = config, config.family, config.model
-        self.model = self.backend = self.error = None
+        self.model = self.backend = self.error = self.timer = None
         self.flops_per_image, self.rows = None, {}
 
     def build(self, args, device):
@@ -141,6 +145,9 @@ class Side:
         backend = make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile,
                                cfg_sampler=args.cfg_sampler, precision=args.precision)
         self.model, self.backend = model, backend
+        if args.breakdown:
+            self.timer = PieceTimer(device)
+            self.timer.split(backend)
         self.params = sum(p.numel() for p in model.parameters())
         self.outer_params = outer_parameters(model)
         scales = getattr(model, "scales", None)  # a scale-wise model: one step per scale, num_iter ignored
@@ -211,8 +218,12 @@ def run_batch(sides, batch, args, device, peak, save=lambda: None):
         save()
     for _ in range(args.repeats):
         for side in list(live):
+            if side.timer:
+                side.timer.reset()
             if attempt(side, batch, lambda: side.rows[batch]["seconds"].extend(
                     time_runs(lambda: side.sample(labels, args), device, 0, 1))):
+                if side.timer:
+                    side.rows[batch].setdefault("pieces", []).append(side.timer.seconds())
                 finish_row(side.rows[batch], side.flops_per_image, peak)
             else:
                 live.remove(side)
@@ -233,6 +244,8 @@ def finish_row(row, flops_per_image, peak):
     row["flops_per_image"] = flops_per_image
     row["fraction_of_peak"] = None if flops_per_image is None else flops.mfu(
         flops_per_image * row["images_per_s"], 1.0, peak)
+    if row.get("pieces"):  # --breakdown
+        row["breakdown_s"] = median_pieces(row["pieces"])
 
 
 def ratios(reference, contender, batch):
@@ -314,9 +327,10 @@ def report(side, batch):
         return
     per_image = "?" if row["flops_per_image"] is None else flops.human(row["flops_per_image"])
     share = "" if row["fraction_of_peak"] is None else f"  {100 * row['fraction_of_peak']:.1f}% of peak"
-    log.info("batch %4d  %-9s %-14s %9.3f images/s  %8.4f s/image  %s/image%s  peak %.1f MiB  (runs: %s s)", batch,
+    split = "".join(f", {k} {v:.3f} s" for k, v in row.get("breakdown_s", {}).items())
+    log.info("batch %4d  %-9s %-14s %9.3f images/s  %8.4f s/image  %s/image%s  peak %.1f MiB  (runs: %s s%s)", batch,
              side.name, side.preset, row["images_per_s"], row["s_per_image"], per_image, share,
-             row["peak_memory_mib"], ", ".join(f"{t:.2f}" for t in row["seconds"]))
+             row["peak_memory_mib"], ", ".join(f"{t:.2f}" for t in row["seconds"]), split)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import time
 import torch
 
 from bench.baseline import release_sample_tokens
-from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
-                          parser, setup_runtime, synchronize, time_runs, write_json)
+from bench.config import (PieceTimer, add_model_args, add_runtime_args, autocast, build_model, machine_line,
+                          median, median_pieces, parser, setup_runtime, synchronize, time_runs, write_json)
 from bench.memory import peak_memory
 from util import flags
 from models.vae import LATENT_SCALE, AutoencoderKL
@@ -153,9 +153,8 @@ class Side:
         self.pieces = []  # per timed run with --breakdown: {"outer": s, "head": s}
         self.memory = device.type == "cuda" if memory is None else memory
         self.timer = PieceTimer(device)
-        if breakdown:  # instance attributes shadow the methods the loop looks up
-            self.timer.wrap(backend, "run", "outer")  # every Step a family runs
-            self.timer.wrap(backend, "sample_head", "head")
+        if breakdown:
+            self.timer.split(backend)
 
     def call(self, fn):
         """Seconds of one call of fn(), whose peak memory above what was allocated before it joins peak_mib."""
@@ -188,9 +187,8 @@ def record(results, sides, base, args):
                           "peak_memory_mib": side.peak_mib}
         if base.times and side is not base:
             out[side.name]["speedup"] = median(base.times) / median(side.times)
-        if any(side.pieces):  # --breakdown: the median seconds per batch of each piece
-            out[side.name]["breakdown_s"] = {k: median([p.get(k, 0.0) for p in side.pieces])
-                                             for k in dict.fromkeys(k for p in side.pieces for k in p)}
+        if any(side.pieces):  # --breakdown
+            out[side.name]["breakdown_s"] = median_pieces(side.pieces)
     results["sides"] = out
     if sides[0].times:  # the first side under the keys older results use
         results["ours_s"] = sides[0].times
@@ -198,42 +196,6 @@ def record(results, sides, base, args):
         results["baseline_s"] = base.times
         if sides[0].times:
             results["speedup"] = median(base.times) / median(sides[0].times)
-
-
-class PieceTimer:
-    """Seconds spent inside wrapped callables (CUDA events on GPU, so no extra syncs in the loop)."""
-
-    def __init__(self, device):
-        self.device, self.marks = device, {}
-
-    def wrap(self, owner, attr, name):
-        fn = getattr(owner, attr)
-
-        def timed(*args, **kwargs):
-            start = self._mark()
-            out = fn(*args, **kwargs)
-            self.marks.setdefault(name, []).append((start, self._mark()))
-            return out
-        setattr(owner, attr, timed)
-
-    def _mark(self):
-        if self.device.type != "cuda":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def reset(self):
-        self.marks = {}
-
-    def seconds(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.marks.items()}
-        return {k: sum(b - a for a, b in v) for k, v in self.marks.items()}
-
-    def summary(self):
-        return "".join(f", {k} {v:.2f} s" for k, v in self.seconds().items())
 
 
 def report(logger, name, times, batch_size, num_iter, row):

@@ -108,3 +108,50 @@ def write_json(path, results):
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+
+
+class PieceTimer:
+    """Seconds spent inside wrapped callables (CUDA events on GPU, so no extra syncs in the loop)."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, {}
+
+    def split(self, backend):
+        """Time a sampling backend's two pieces: every Step a family runs ("outer") and every head call
+        ("head"); instance attributes shadow the methods the sampling loop looks up."""
+        self.wrap(backend, "run", "outer")
+        self.wrap(backend, "sample_head", "head")
+
+    def wrap(self, owner, attr, name):
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = self._mark()
+            out = fn(*args, **kwargs)
+            self.marks.setdefault(name, []).append((start, self._mark()))
+            return out
+        setattr(owner, attr, timed)
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def reset(self):
+        self.marks = {}
+
+    def seconds(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return {k: sum(a.elapsed_time(b) for a, b in v) / 1000 for k, v in self.marks.items()}
+        return {k: sum(b - a for a, b in v) for k, v in self.marks.items()}
+
+    def summary(self):
+        return "".join(f", {k} {v:.2f} s" for k, v in self.seconds().items())
+
+
+def median_pieces(pieces):
+    """{piece: median seconds} over timed runs' PieceTimer.seconds() (a piece absent from a run: 0 s there)."""
+    return {k: median([p.get(k, 0.0) for p in pieces]) for k in dict.fromkeys(k for p in pieces for k in p)}

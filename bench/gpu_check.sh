@@ -129,7 +129,7 @@ else
     FAMILY_SIZES="--batch_sizes 1 $BIG"
 fi
 part families 150 $PY -m bench.bench_families $RUN $FAMILY_SIZES $CONTENDERS --num_iter $STEPS --cfg 4.5 \
-    --repeats 1 --json "$OUT/families.json"
+    --repeats 1 --breakdown --json "$OUT/families.json"
 # 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1;
 #      at batch 1, where launches rather than FLOPs bound a step, the time split between outer Steps and head)
 part sampling_b256 100 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \

@@ -234,7 +234,7 @@ def family_rows(folder):
                          "vs_mar": ips / reference[batch] if ips and reference.get(batch) else None,
                          "note": None if ips else "killed after its first call (not timed)",
                          **{k: row.get(k) for k in ("images_per_s", "s_per_image", "flops_per_image",
-                                                    "fraction_of_peak", "peak_memory_mib")}})
+                                                    "fraction_of_peak", "peak_memory_mib", "breakdown_s")}})
     rows.sort(key=lambda r: r.pop("key"))  # by batch, then side (MAR first)
     return rows
 
@@ -311,6 +311,16 @@ def commit():
         return "unknown"
 
 
+def time_split(rows, name):
+    """The summary's line of where each batch's time goes, for the rows a --breakdown run measured."""
+    split = [r for r in rows if r.get("breakdown_s")]
+    if not split:
+        return []
+    return ["", "Where a batch's time goes (--breakdown, median per timed run: the family's outer Steps and "
+            "the head's sampling, in seconds per batch): " + "; ".join(
+                f"{name(r)}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_s"].items()) for r in split)]
+
+
 def markdown(summary):
     out = [f"## GPU check, {summary['date']}", "",
            f"Machine: {summary['machine']}; commit {summary['commit']}; {summary['seconds']} s of a "
@@ -331,12 +341,7 @@ def markdown(summary):
                        fmt(r["s_per_image"], ".3f"), fmt_flops(r["flops_per_image"]),
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["speedup"], ".2f"), fmt(r["first_call_s"], ".1f"),
                        fmt(r["peak_memory_mib"], ".1f", 1 / 1024)] for r in summary["sampling"]])
-    split = [r for r in summary["sampling"] if r.get("breakdown_s")]
-    if split:
-        out += ["", "Where a batch's time goes (--breakdown, median per timed run: the family's outer Steps and "
-                "the head's sampling, in seconds per batch): " + "; ".join(
-                    f"{r['part']} {r['side']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["breakdown_s"].items())
-                    for r in split)]
+    out += time_split(summary["sampling"], lambda r: f"{r['part']} {r['side']}")
     if summary["sampling"]:
         out.append("")
         for g in summary["sampling_goals"]:
@@ -379,6 +384,7 @@ def markdown(summary):
                        fmt(r["images_per_s"], ".3f"), fmt(r["s_per_image"], ".4f"), fmt_flops(r["flops_per_image"]),
                        fmt(r["fraction_of_peak"], ".1f", 100), fmt(r["peak_memory_mib"], ".2f", 1 / 1024),
                        fmt(r["vs_mar"], ".2f"), r["note"] or ""] for r in summary["families"]])
+        out += time_split(summary["families"], lambda r: f"{r['model']} at batch {r['batch']}")
         out.append("")
         for g in summary["family_goals"]:
             verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]

@@ -101,13 +101,16 @@ def test_contenders_run_against_one_reference_in_alternation(monkeypatch, tmp_pa
                                                                                                  backend))
     path = tmp_path / "families.json"
     res = bench_families.main(SIZES + ["--contenders", "causal", "scalewise_tiny", "causal_base", "--num_iter", "2",
-                                       "--batch_sizes", "2", "--repeats", "2", "--flops_batch", "0",
+                                       "--batch_sizes", "2", "--repeats", "2", "--flops_batch", "0", "--breakdown",
                                        "--json", str(path)])
     order = ["mar_base", "causal_base", "scalewise_tiny"]
     assert calls == order * 3  # first calls, then 2 timed rounds; causal_base named twice runs once
     assert [(side["model"], side["steps"]) for side in res["sides"]] == list(zip(order, [2, 2, 4]))
     rows = {side["model"]: side["rows"][0] for side in res["sides"]}
     assert all(len(row["seconds"]) == 2 for row in rows.values())
+    for row in rows.values():  # --breakdown: each timed call's split (not the first call's), inside its time
+        assert len(row["pieces"]) == 2 and set(row["breakdown_s"]) == {"outer", "head"}
+        assert all(0 < sum(p.values()) <= t for p, t in zip(row["pieces"], row["seconds"]))
     assert list(res["ratios"]) == ["causal_base", "scalewise_tiny"]
     for model in ("causal_base", "scalewise_tiny"):
         assert res["ratios"][model][2]["images_per_s"] == rows[model]["images_per_s"] / rows["mar_base"]["images_per_s"]
@@ -240,3 +243,5 @@ def test_gpu_check_runs_the_families_part(tmp_path):
     assert all([row["batch_size"] for row in side["rows"]] == [1, 2] for side in res["sides"])
     assert all(len(side["rows"][0]["seconds"]) == 1 for side in res["sides"])  # --repeats 1
     assert "| families | mvar_tiny |" not in out.stdout and "| families | scalewise | mvar_tiny | 2 | 4 |" in out.stdout
+    split = res["sides"][3]["rows"][0]["breakdown_s"]  # --breakdown, in the summary's line
+    assert f"mvar_tiny at batch 1: outer {split['outer']:.3f}, head {split['head']:.3f}" in out.stdout
