@@ -1,8 +1,9 @@
 """torch.compile warm-up: each sampling Step compiled whole against block by block (Step.regions), in one run.
 
 --compile compiles the Steps' repeated blocks (sampling/cuda_graphs.py: StepModule), one graph per block
-class that every block shares; compiling each Step whole, as one graph, costs a compilation the size of
-the network. Both ways here, each in a fresh process with an empty Inductor cache (so neither reuses
+class that every block shares, and the head's compile_regions inside its sampler (ARINAR: its block, the
+pre-head norm, the mixture draw, shared by the 16 features); compiling each whole, as one graph, costs a
+compilation the size of the network (the head's sampler unrolled over its 16 features). Both ways here, each in a fresh process with an empty Inductor cache (so neither reuses
 the other's kernels): for every Step of one sampling run (recorded on the eager backend: a call of each
 Step with no size-0/1 dimension, as --compile compiles it), the first call (compilation included), a later
 call, and how many graphs Dynamo traced. The compile time is first - later. Outside CUDA graphs: the
@@ -27,6 +28,7 @@ import torch.fx.experimental._config as fx_config
 
 from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median, parser,
                           setup_runtime, synchronize, write_json)
+from models.families.common import Step
 from sampling import EagerBackend
 from sampling.cuda_graphs import StepModule, compiles_well
 
@@ -48,7 +50,8 @@ def parse_args(argv=None):
 
 
 class RecordingBackend(EagerBackend):
-    """The eager backend, keeping each Step's last call that --compile would compile."""
+    """The eager backend, keeping the last call that --compile would compile of each Step and of the head's
+    sampler (as a Step whose regions are the head's compile_regions)."""
 
     def __init__(self, model, precision):
         super().__init__(model, precision=precision)
@@ -58,6 +61,13 @@ class RecordingBackend(EagerBackend):
         if compiles_well(args):
             self.calls[step.name] = (step, [a.clone() for a in args])
         return super().run(step, *args)
+
+    def sample_head(self, head, z, temperature, cfg):
+        regions = getattr(head, "compile_regions", ())
+        if regions:
+            step = Step(f"head.{type(head).__name__}", head, type(head).sample, regions=tuple(regions))
+            self.calls[step.name] = (step, [z.clone(), temperature, cfg])
+        return super().sample_head(head, z, temperature, cfg)
 
 
 def compiled_step(step, way, compiler):
@@ -81,7 +91,7 @@ def measure(args):
     labels = torch.arange(args.batch_size, device=device) % model.config.class_num
     recorder = RecordingBackend(model, args.precision)
     model.sample_tokens(args.batch_size, args.num_iter, cfg=args.cfg, labels=labels, backend=recorder)
-    if not recorder.calls:
+    if all(step.module is model.head for step, _ in recorder.calls.values()):
         raise ValueError(f"every Step call of {args.num_iter} steps has a size-0/1 dimension (--compile leaves "
                          "those uncompiled): use fewer --num_iter or a larger --batch_size")
     results = {}

@@ -16,7 +16,9 @@ dynamic shapes, fusing the elementwise work between their matmuls: one compilati
 shared by every block of it and by every call whose tensors have no size-0/1 dimension (see
 compiles_well). Compiling whole Steps instead costs a compilation the size of the network: on a CPU
 with Inductor's C++ backend, ARINAR-B's outer Step took 46 s to compile whole and 13 s block by block
-(bench/bench_compile.py).
+(bench/bench_compile.py). The head's sampler likewise compiles the pieces it declares
+(`head.compile_regions`; ARINAR: its block, pre-head norm and mixture draw, shared by its 16 features):
+at batch 1 its ~77 small kernels a feature, not the outer network, would bound a replay.
 """
 import contextlib
 import functools
@@ -153,7 +155,8 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         super().__init__(model, cfg_sampler, precision)
         self.compile, self.min_rows = compile, min_rows
         self.prefixes = {id(m): name + "." if name else "" for name, m in model.named_modules()}
-        self.wrappers = {}  # (step name, compiled) -> StepModule
+        self.wrappers = {}  # (step name or id(head), compiled) -> StepModule
+        self.uncompiled = set()  # names --compile found no regions in (logged once)
         self.replays = {}
         self.lowp = {}  # autocast dtype -> {Linear parameter name: its cast}
         self.pool = self.stream = None
@@ -190,6 +193,15 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         cast = self.lowp.get(autocast_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
 
+    def _regions(self, name, regions, declared_by):
+        """The regions --compile compiles in `name` (none without --compile); says once when there are none."""
+        if not self.compile:
+            return ()
+        if not regions and name not in self.uncompiled:
+            self.uncompiled.add(name)
+            log.info("--compile: %s declares no repeated blocks (%s); it runs uncompiled", name, declared_by)
+        return tuple(regions)
+
     def _wrapper(self, key, module, fn, regions=()):
         if key not in self.wrappers:
             self.wrappers[key] = StepModule(module, fn, regions)
@@ -214,10 +226,9 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
 
         def make():
             static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
-            compiled = self.compile and bool(step.regions) and compiles_well(args)
-            if self.compile and not step.regions and (step.name, False) not in self.wrappers:
-                log.info("--compile: %s declares no repeated blocks (Step.regions); it runs uncompiled", step.name)
-            wrapper = self._wrapper((step.name, compiled), step.module, step.fn, step.regions if compiled else ())
+            regions = self._regions(step.name, step.regions, "Step.regions")
+            regions = regions if compiles_well(args) else ()
+            wrapper = self._wrapper((step.name, bool(regions)), step.module, step.fn, regions)
             weights = self._weights(step.module)
             return static, lambda: functional_call(wrapper, weights, tuple(static), strict=False)
 
@@ -238,7 +249,9 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
             static_z = pad_rows(z, n, rows, guided)
             # float64, so that casting it to the head's dtype rounds as a Python float does in eager
             static_cfg = torch.ones((), dtype=torch.float64, device=self.device)
-            wrapper = self._wrapper(("head", id(head)), head, type(head).sample)
+            name = f"the {type(head).__name__} head"
+            regions = self._regions(name, getattr(head, "compile_regions", ()), "compile_regions")
+            wrapper = self._wrapper((id(head), bool(regions)), head, type(head).sample, regions)
             weights = self._weights(head)
             args = (static_z, float(temperature), static_cfg if guided else 1.0)
             return (static_z, static_cfg), lambda: functional_call(

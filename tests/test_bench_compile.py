@@ -18,6 +18,10 @@ def test_both_ways_each_in_a_fresh_process(tmp_path):
     assert whole["graphs"] == 1 and blocks["graphs"] == 2  # the blocks; the last decoder block at its queries
     for row in (whole, blocks):
         assert row["first_s"] > 0 and row["compile_s"] == row["first_s"] - row["later_s"]
+    # the head's sampler, recorded at its last call: its regions (bench_compile's docstring; test_cuda_graphs_emulated
+    # names the six graphs), or the whole sampler, cut into more graphs at its cache writes (left out of the graphs)
+    head_whole, head_blocks = results["ways"]["whole"]["head.InnerAR"], results["ways"]["blocks"]["head.InnerAR"]
+    assert head_blocks["graphs"] == 6 and head_whole["graphs"] > head_blocks["graphs"]
 
 
 def test_only_calls_compile_would_build_are_measured():

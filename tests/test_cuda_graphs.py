@@ -71,16 +71,19 @@ def test_captured_graphs_draw_the_eager_law(compile):
     assert min(pvalues) > 0.01 / 16
 
 
-def test_a_replayed_head_draws_new_numbers_from_the_generator():
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("cfg", [1.0, 4.5])
+def test_a_replayed_head_draws_new_numbers_from_the_generator(compile, cfg):
     """Random numbers frozen at capture (a generator the graph does not advance) would pass the marginals
-    above: on the same input, each replay must draw anew, and the same seed must repeat the draws."""
+    above: on the same input, each replay must draw anew, and the same seed must repeat the draws. Compiled,
+    the head's draws are Inductor's own random numbers, seeded from torch's generator on each replay."""
     m = cuda_model()
-    graphs = make_backend(m, cuda_graphs=True)
-    z = torch.randn(8, 32, device=DEVICE)  # tiny_mar's width
+    graphs = make_backend(m, cuda_graphs=True, compile=compile)
+    z = torch.randn(16 if cfg != 1.0 else 8, 32, device=DEVICE)  # tiny_mar's width; guided: [cond; uncond]
 
     def draws(seed):
         torch.manual_seed(seed)
-        return [graphs.sample_head(m.head, z, 1.0, 1.0) for _ in range(2)]
+        return [graphs.sample_head(m.head, z, 1.0, cfg) for _ in range(2)]
     with graphs.autocast():
         draws(0)  # warm-up and capture
         first, again, other = draws(0), draws(0), draws(1)

@@ -85,7 +85,8 @@ def test_cast_weights_are_allocated_once(emulated_graphs, monkeypatch):
     assert torch.equal(cast["z_proj.weight"], model.z_proj.weight.bfloat16())  # refreshed in place
 
 
-DEEPER = {"mar": lambda: tiny_mar(enc_dec_depth=3), "causal": lambda: tiny_causal("arinar", depth=8)}
+DEEPER = {"mar": lambda: tiny_mar(enc_dec_depth=3, inner_ar_depth=2),
+          "causal": lambda: tiny_causal("arinar", depth=8, inner_ar_depth=2)}
 
 
 @pytest.fixture
@@ -110,7 +111,9 @@ def test_compile_traces_each_block_class_once(draw_free, emulated_graphs, traced
     for a whole run and the next batch, the same graphs at any depth: a whole Step compiled grows with the
     network (ARINAR-B's outer: 46 s to compile on a CPU, 13 s block by block: bench/bench_compile.py).
     With duck sizing (sizes equal when traced share one symbol) the causal blocks compiled twice. The
-    samples are the eager backend's, and the blocks are left as they were."""
+    ARINAR head's regions (compile_regions) are traced once for all its features, every row bucket (3 and
+    5 images: buckets of 8 and 16 rows) and any inner depth. The samples are the eager backend's, and the blocks are
+    left as they were."""
     ops = {}
     for depth, make in (("tiny", MODELS[name]), ("deeper", DEEPER[name])):
         traced_graphs.clear()
@@ -126,10 +129,26 @@ def test_compile_traces_each_block_class_once(draw_free, emulated_graphs, traced
             assert torch.equal(compiled, model.sample_tokens(batch, num_iter=8, cfg=2.5, labels=labels, backend=eager))
         ops[depth] = sorted(len(gm.graph.nodes) for gm in traced_graphs)
         # mar: the blocks, the last decoder block at queries; causal: the self block before and after its cache
-        # write (left out of the graphs, which would copy the whole cache for it), the cross block
-        assert len(ops[depth]) == {"mar": 2, "causal": 3}[name]
+        # write (left out of the graphs, which would copy the whole cache for it), the cross block; the head:
+        # its block before the attention, the attention before and after its cache write, the rest of the
+        # block, the pre-head norm, the mixture draw
+        assert len(ops[depth]) == {"mar": 2, "causal": 3}[name] + 6
         assert not any("forward" in vars(m) for m in model.modules())
     assert ops["tiny"] == ops["deeper"]
+
+
+@pytest.mark.parametrize("head", ["diffloss", "gmm"])
+def test_compile_traces_the_mlp_heads_blocks_once(emulated_graphs, traced_graphs, head):
+    """The MLP heads' compile_regions, their residual blocks: one graph shared by every block (and by
+    every diffusion step), and the samples of the uncompiled graphs (same padding, same draws)."""
+    model = tiny_mar(head=head, diffloss_w=32, diffloss_d=3, num_sampling_steps=5).eval()
+    compiled = emulated_graphs(model, precision="fp32", compile=True)
+    plain = emulated_graphs(model, precision="fp32")
+    for seed in (3, 4):
+        assert torch.equal(sample(model, compiled, seed), sample(model, plain, seed))
+    # MAR's two block graphs (as above); the ResBlock's, and for gmm its first block's too, whose two
+    # inputs are one tensor (its residual stream starts from the condition): Dynamo traces aliasing apart
+    assert len(traced_graphs) == 2 + {"diffloss": 1, "gmm": 2}[head]
 
 
 def test_compiled_forwards_leave_the_modules_as_they_were():
@@ -147,8 +166,9 @@ def test_compiled_forwards_leave_the_modules_as_they_were():
     assert torch.equal(a(x), torch.nn.functional.linear(x, a.weight, a.bias))
 
 
-def test_compile_says_once_which_steps_it_leaves_uncompiled(emulated_graphs, caplog):
-    """The scale-wise Steps declare no regions (each scale would be a compilation): --compile says so, once."""
+def test_compile_says_once_which_steps_it_leaves_uncompiled(emulated_graphs, traced_graphs, caplog):
+    """The scale-wise Steps declare no regions (each scale would be a compilation): --compile says so, once.
+    The ARINAR head declares its compile_regions: nothing said."""
     model = MODELS["var"]().eval()
     graphs = emulated_graphs(model, precision="fp32", compile=True)
     with caplog.at_level("INFO", logger="sampling.cuda_graphs"):

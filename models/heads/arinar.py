@@ -28,6 +28,13 @@ def activation_dtype(x):
     return x.dtype
 
 
+@torch.compiler.disable  # compiled, the writes would become a copy of the whole cache; eager, they are in place
+def write_kv(k_cache, v_cache, pos, k, v):
+    """Keys and values [N, H, L, hd] written at positions pos..pos+L-1 of the caches [N, H, D, hd]."""
+    k_cache[:, :, pos:pos + k.shape[2]] = k
+    v_cache[:, :, pos:pos + v.shape[2]] = v
+
+
 class CausalSelfAttention(nn.Module):
     """q and v carry learned biases, k a fixed zero one (kept as a buffer for checkpoint parity)."""
 
@@ -52,8 +59,7 @@ class CausalSelfAttention(nn.Module):
             out = attention(q, k, v, self.scale, causal=True)
         else:
             k_cache, v_cache = kv_cache
-            k_cache[:, :, pos:pos + length] = k
-            v_cache[:, :, pos:pos + length] = v
+            write_kv(k_cache, v_cache, pos, k, v)
             # the new query may see every cached key, so no mask is needed
             out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
         return self.proj(out.transpose(1, 2).reshape(n, length, width))
@@ -87,6 +93,38 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x, mod):
         scale, shift = mod
         return modulate(x, scale, shift)
+
+
+def mixture_params(out, num_gaussians, feature_group):
+    """Head output [..., K(2g+1)] -> (mu, logvar, logits) in at least float32: [..., K] each for g = 1,
+    else mu and logvar [..., K, g] laid out component-major, logits [..., K]."""
+    if feature_group == 1:
+        return split_gmm_params(out, num_gaussians)
+    k, g = num_gaussians, feature_group
+    mu, logvar, logits = at_least_fp32(out).split([k * g, k * g, k], dim=-1)
+    return mu.unflatten(-1, (k, g)), logvar.unflatten(-1, (k, g)), logits
+
+
+class MixtureDraw(nn.Module):
+    """One inner step's draw: head outputs [N, K(2g+1)] -> features [n, g]. No weights (the checkpoint's
+    keys are unchanged); a module so that a compiling backend can fuse the mixture math (compile_regions)."""
+
+    def __init__(self, num_gaussians, feature_group):
+        super().__init__()
+        self.num_gaussians, self.feature_group = num_gaussians, feature_group
+
+    def forward(self, out, temperature=1.0, cfg=1.0, cfg_sampler="sir"):
+        """Unguided: one draw per row. Guided (cfg != 1 or a tensor): rows [cond; uncond], one draw per
+        pair from the guided target by `cfg_sampler` (a name in models.gmm.CFG_SAMPLERS)."""
+        mu, logvar, logits = mixture_params(out, self.num_gaussians, self.feature_group)
+        g = self.feature_group
+        if not is_guided(cfg):
+            x = (sample_gmm if g == 1 else sample_diag_gmm)(mu, logvar, logits, temperature)
+        else:
+            n = out.shape[0] // 2
+            draw = CFG_SAMPLERS[cfg_sampler] if g == 1 else sample_diag_gmm_cfg
+            x = draw((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]), cfg, temperature)
+        return x.reshape(-1, g)
 
 
 @dataclass
@@ -131,12 +169,19 @@ class InnerAR(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(width, num_heads, cond_dim, mlp_ratio) for _ in range(depth))
         self.head_nm = AdaLNBeforeHead(width, cond_dim)
         self.head = FullPrecisionLinear(width, (2 * feature_group + 1) * num_gaussians)
+        self.draw = MixtureDraw(num_gaussians, feature_group)
         self.initialize_weights()
 
     @property
     def cfg_samplers(self):
         """The exact sampler inverts a 1-D CDF: feature groups of g > 1 use the resampling only."""
         return tuple(CFG_SAMPLERS) if self.feature_group == 1 else ("sir",)
+
+    @property
+    def compile_regions(self):
+        """What a compiling backend compiles in `sample` (sampling/cuda_graphs.py): each class's forward
+        once, so the 16 features share a few small graphs (one block's, the pre-head norm's, the draw's)."""
+        return (*self.blocks, self.head_nm, self.draw)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -165,13 +210,7 @@ class InnerAR(nn.Module):
         return self.input_proj(x)
 
     def mixture(self, out):
-        """Head output [..., K(2g+1)] -> (mu, logvar, logits): [..., K] each for g = 1, else
-        mu and logvar [..., K, g] laid out component-major, logits [..., K]."""
-        g, k = self.feature_group, self.num_gaussians
-        if g == 1:
-            return split_gmm_params(out, k)
-        mu, logvar, logits = at_least_fp32(out).split([k * g, k * g, k], dim=-1)
-        return mu.unflatten(-1, (k, g)), logvar.unflatten(-1, (k, g)), logits
+        return mixture_params(out, self.num_gaussians, self.feature_group)
 
     def run(self, h, mods, kv_caches=None, pos=0):
         """Blocks + head on inputs h [N, L, W] at positions pos..pos+L-1 -> mixture parameters [N, L, 3K]."""
@@ -210,8 +249,6 @@ class InnerAR(nn.Module):
         if cfg_sampler not in self.cfg_samplers:
             raise ValueError(f"--cfg_sampler {cfg_sampler} is not available with --feature_group {self.feature_group}")
         g = self.feature_group
-        draw, draw_guided = (sample_gmm, CFG_SAMPLERS[cfg_sampler]) if g == 1 else (sample_diag_gmm,
-                                                                                    sample_diag_gmm_cfg)
         guided = is_guided(cfg)
         rows = z.shape[0]
         n = rows // 2 if guided else rows
@@ -223,13 +260,9 @@ class InnerAR(nn.Module):
         kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
         features = z.new_empty(n, self.token_dim, dtype=at_least_fp32(self.head.weight).dtype)
         for t in range(self.num_steps):
-            mu, logvar, logits = self.mixture(self.run(h, mods, kv_caches, pos=t)[:, -1])
-            if guided:
-                x = draw_guided((mu[:n], logvar[:n], logits[:n]), (mu[n:], logvar[n:], logits[n:]), cfg, temperature)
-            else:
-                x = draw(mu, logvar, logits, temperature)
-            x = x.reshape(n, 1, g)
-            features[:, t * g:(t + 1) * g] = x[:, 0]
+            x = self.draw(self.run(h, mods, kv_caches, pos=t)[:, -1], temperature, cfg, cfg_sampler)  # [n, g]
+            features[:, t * g:(t + 1) * g] = x
             if t + 1 < self.num_steps:
+                x = x.unsqueeze(1)
                 h = self.embed_features(torch.cat([x, x]) if guided else x) + self.pos_embedding[:, t + 1:t + 2]
         return features

@@ -90,6 +90,12 @@ class DiffLoss(nn.Module):
 
     cfg_samplers = ("sir",)  # guidance acts on eps; there is no other CFG rule to choose
 
+    @property
+    def compile_regions(self):
+        """What a compiling backend compiles in `sample` (sampling/cuda_graphs.py): the denoiser's residual
+        blocks, one graph for all of them at every diffusion step."""
+        return tuple(self.net.res_blocks)
+
     def __init__(self, token_dim, cond_dim, width, depth, num_sampling_steps=100, diffusion_batch_mul=4):
         super().__init__()
         num_sampling_steps = int(num_sampling_steps)

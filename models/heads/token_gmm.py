@@ -43,6 +43,11 @@ class TokenGMM(nn.Module):
 
     cfg_samplers = ("sir",)  # no exact sampler for a 16-d guided target
 
+    @property
+    def compile_regions(self):
+        """What a compiling backend compiles in `sample` (sampling/cuda_graphs.py): the residual blocks."""
+        return tuple(self.res_blocks)
+
     def __init__(self, token_dim, cond_dim, width, depth, num_gaussians):
         super().__init__()
         self.token_dim = token_dim
