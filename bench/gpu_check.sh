@@ -130,10 +130,10 @@ else
 fi
 part families 150 $PY -m bench.bench_families $RUN $FAMILY_SIZES $CONTENDERS --num_iter $STEPS --cfg 4.5 \
     --repeats 1 --breakdown --json "$OUT/families.json"
-# 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1;
-#      at batch 1, where launches rather than FLOPs bound a step, the time split between outer Steps and head)
+# 4-5. sampling, ours against the release baseline in the same process (FLOPs per image counted once, at batch 1),
+#      with each batch's GPU time split between the outer Steps and the head (CUDA events: no added syncs)
 part sampling_b256 100 $SAMPLE --batch_size $BIG --backends $GRAPHS --repeats 1 --baseline_repeats 1 \
-    --flops_batch 0 --json "$OUT/sampling_b256.json"
+    --flops_batch 0 --breakdown --json "$OUT/sampling_b256.json"
 part sampling_b1 70 $SAMPLE --batch_size 1 --backends $GRAPHS --repeats 3 --baseline_repeats 1 \
     --flops_batch 1 --breakdown --json "$OUT/sampling_b1.json"
 # 6-7. training steps/s, images/s, MFU and peak memory on both loss paths; then with --grad_checkpointing
@@ -147,7 +147,8 @@ part heads 80 $PY -m bench.bench_heads $RUN $MODEL $HEADS --only mar_64 --batch_
 # 9-10. CUDA graphs + torch.compile last: its first call (compilation) is the slowest and least sure part
 if [ "$SMOKE" = 1 ]; then COMPILE_RUN="--device cpu --precision fp32 --threads 1"; else COMPILE_RUN=$RUN; fi
 part compile_b256 120 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size $BIG \
-    --backends cuda_graphs+compile --repeats 1 --baseline_repeats 0 --flops_batch 0 --json "$OUT/compile_b256.json"
+    --backends cuda_graphs+compile --repeats 1 --baseline_repeats 0 --flops_batch 0 --breakdown \
+    --json "$OUT/compile_b256.json"
 part compile_b1 90 $PY -m bench.bench_sampling $COMPILE_RUN $MODEL --cfg 4.5 --num_iter $STEPS --batch_size 1 \
     --backends cuda_graphs+compile --repeats 3 --baseline_repeats 0 --flops_batch 0 --breakdown \
     --json "$OUT/compile_b1.json"
