@@ -28,11 +28,10 @@ def activation_dtype(x):
     return x.dtype
 
 
-@torch.compiler.disable  # compiled, the writes would become a copy of the whole cache; eager, they are in place
-def write_kv(k_cache, v_cache, pos, k, v):
-    """Keys and values [N, H, L, hd] written at positions pos..pos+L-1 of the caches [N, H, D, hd]."""
-    k_cache[:, :, pos:pos + k.shape[2]] = k
-    v_cache[:, :, pos:pos + v.shape[2]] = v
+@torch.compiler.disable  # compiled, the write would become a copy of the whole cache; eager, it is in place
+def write_kv(kv_cache, pos, kv):
+    """Keys and values kv [2, N, H, L, hd] written at positions pos..pos+L-1 of the cache [2, N, H, D, hd]."""
+    kv_cache[:, :, :, pos:pos + kv.shape[3]] = kv
 
 
 class CausalSelfAttention(nn.Module):
@@ -50,18 +49,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x, kv_cache=None, pos=0):
-        """x: [N, L, W]. With kv_cache=(k, v) of [N, H, D, hd], x is the single position `pos`."""
+        """x: [N, L, W]. With kv_cache [2, N, H, D, hd] (keys, values), x is the single position `pos`."""
         n, length, width = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(n, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         if kv_cache is None:
             out = attention(q, k, v, self.scale, causal=True)
         else:
-            k_cache, v_cache = kv_cache
-            write_kv(k_cache, v_cache, pos, k, v)
+            write_kv(kv_cache, pos, qkv[1:])  # keys and values in one copy
             # the new query may see every cached key, so no mask is needed
-            out = attention(q, k_cache[:, :, :pos + length], v_cache[:, :, :pos + length], self.scale)
+            out = attention(q, kv_cache[0, :, :, :pos + length], kv_cache[1, :, :, :pos + length], self.scale)
         return self.proj(out.transpose(1, 2).reshape(n, length, width))
 
 
@@ -248,21 +246,18 @@ class InnerAR(nn.Module):
         """
         if cfg_sampler not in self.cfg_samplers:
             raise ValueError(f"--cfg_sampler {cfg_sampler} is not available with --feature_group {self.feature_group}")
-        g = self.feature_group
         guided = is_guided(cfg)
         rows = z.shape[0]
-        n = rows // 2 if guided else rows
         mods = self.modulations(z)
         h = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
         heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
-        shape = (rows, heads, self.num_steps, width // heads)
-        dtype = activation_dtype(z)
-        kv_caches = [(z.new_empty(shape, dtype=dtype), z.new_empty(shape, dtype=dtype)) for _ in self.blocks]
-        features = z.new_empty(n, self.token_dim, dtype=at_least_fp32(self.head.weight).dtype)
+        shape = (2, rows, heads, self.num_steps, width // heads)
+        kv_caches = [z.new_empty(shape, dtype=activation_dtype(z)) for _ in self.blocks]
+        features = []
         for t in range(self.num_steps):
             x = self.draw(self.run(h, mods, kv_caches, pos=t)[:, -1], temperature, cfg, cfg_sampler)  # [n, g]
-            features[:, t * g:(t + 1) * g] = x
+            features.append(x)
             if t + 1 < self.num_steps:
                 x = x.unsqueeze(1)
                 h = self.embed_features(torch.cat([x, x]) if guided else x) + self.pos_embedding[:, t + 1:t + 2]
-        return features
+        return torch.cat(features, dim=1)  # one copy, not one a feature
