@@ -137,18 +137,28 @@ def test_compile_traces_each_block_class_once(draw_free, emulated_graphs, traced
     assert ops["tiny"] == ops["deeper"]
 
 
-@pytest.mark.parametrize("head", ["diffloss", "gmm"])
-def test_compile_traces_the_mlp_heads_blocks_once(emulated_graphs, traced_graphs, head):
-    """The MLP heads' compile_regions, their residual blocks: one graph shared by every block (and by
-    every diffusion step), and the samples of the uncompiled graphs (same padding, same draws)."""
-    model = tiny_mar(head=head, diffloss_w=32, diffloss_d=3, num_sampling_steps=5).eval()
-    compiled = emulated_graphs(model, precision="fp32", compile=True)
-    plain = emulated_graphs(model, precision="fp32")
+HEAD_VARIANTS = {  # name: (model flags, cfg sampler, graphs the head's regions add to MAR's two)
+    "diffloss": (dict(head="diffloss", diffloss_w=32, diffloss_d=3, num_sampling_steps=5), "sir", 1),
+    # its first block's two inputs are one tensor (the residual stream starts from the condition): Dynamo
+    # traces that aliasing apart
+    "gmm": (dict(head="gmm", diffloss_w=32, diffloss_d=3), "sir", 2),
+    "arinar exact": (dict(), "exact", 6),
+    "arinar groups of 4": (dict(feature_group=4), "sir", 6),
+}
+
+
+@pytest.mark.parametrize("variant", HEAD_VARIANTS)
+def test_compiled_head_regions_sample_what_the_uncompiled_graphs_do(emulated_graphs, traced_graphs, variant):
+    """Every head's compile_regions (the MLP heads' residual blocks: one graph for every block and diffusion
+    step; ARINAR's pieces with its other samplers), compiled: the samples of the uncompiled graphs, whose
+    padding and draws are the same."""
+    flags, cfg_sampler, head_graphs = HEAD_VARIANTS[variant]
+    model = tiny_mar(**flags).eval()
+    compiled = emulated_graphs(model, precision="fp32", compile=True, cfg_sampler=cfg_sampler)
+    plain = emulated_graphs(model, precision="fp32", cfg_sampler=cfg_sampler)
     for seed in (3, 4):
         assert torch.equal(sample(model, compiled, seed), sample(model, plain, seed))
-    # MAR's two block graphs (as above); the ResBlock's, and for gmm its first block's too, whose two
-    # inputs are one tensor (its residual stream starts from the condition): Dynamo traces aliasing apart
-    assert len(traced_graphs) == 2 + {"diffloss": 1, "gmm": 2}[head]
+    assert len(traced_graphs) == 2 + head_graphs  # MAR's two block graphs, as above
 
 
 def test_compiled_forwards_leave_the_modules_as_they_were():
