@@ -2,11 +2,12 @@
 
 --compile compiles the Steps' repeated blocks (sampling/cuda_graphs.py: StepModule), one graph per block
 class that every block shares, and the head's compile_regions inside its sampler (ARINAR: its block, the
-pre-head norm, the mixture draw, shared by the 16 features); compiling each whole, as one graph, costs a
-compilation the size of the network (the head's sampler unrolled over its 16 features). Both ways here, each in a fresh process with an empty Inductor cache (so neither reuses
-the other's kernels): for every Step of one sampling run (recorded on the eager backend: a call of each
-Step with no size-0/1 dimension, as --compile compiles it), the first call (compilation included), a later
-call, and how many graphs Dynamo traced. The compile time is first - later. Outside CUDA graphs: the
+pre-head norm, the mixture draw, shared by the 16 features); compiling each Step whole, as one graph, costs
+a compilation the size of the network (the head's sampler: unrolled over its 16 features). Both ways here,
+each in a fresh process with an empty Inductor cache (so neither reuses the other's kernels): for every
+Step of one sampling run (recorded on the eager backend: a call of each Step with no size-0/1 dimension,
+as --compile compiles it) and the head's sampler, the first call (compilation included), a later call, and
+how many graphs Dynamo traced. The compile time is first - later. Outside CUDA graphs: the
 compilation is the same inside them.
 
 CPU (Inductor's C++ backend; needs a C++ compiler):
