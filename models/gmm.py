@@ -58,7 +58,10 @@ def gmm_log_prob(x, mu, logvar, logits):
 
 
 def tempered(logvar, temperature):
-    """ARINAR's temperature divides each component's std: logvar - 2*log(T)."""
+    """ARINAR's temperature divides each component's std: logvar - 2*log(T). T: a float, or a 0-d tensor
+    (a captured graph's static input, read on every replay)."""
+    if torch.is_tensor(temperature):  # doubling is exact: the float path's value, one kernel more
+        return logvar.sub(torch.log(temperature), alpha=2.0)
     return logvar - 2.0 * math.log(temperature)
 
 

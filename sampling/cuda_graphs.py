@@ -6,7 +6,8 @@ captures both fixed-shape pieces once and replays them:
 - a family's Step (MAR: the outer network, condition_at): one graph per input shapes (for MAR,
   per step of the schedule); `Step.inplace` buffers (a KV cache) are captured by address;
 - the head's sample: its row count varies, so rows are padded to a power-of-two bucket (every op
-  in a head's sampler is per row: padding rows never touch real ones), one graph each.
+  in a head's sampler is per row: padding rows never touch real ones), one graph each, whose
+  temperature and CFG scale are static inputs (a sweep over either reuses the graph).
 The math and the random draws are the eager backend's. Under autocast, the Linear layers read
 weights cast once per sampling call: inside a graph autocast's cast cache is off, so it would
 otherwise re-cast every weight on every replay. The values are autocast's own casts (layers marked
@@ -243,22 +244,24 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         guided = is_guided(cfg)
         n = z.shape[0] // 2 if guided else z.shape[0]
         rows = bucket_rows(n, self.min_rows)
-        key = ("head", id(head), rows, guided, float(temperature), z.dtype, autocast_dtype(self.device))
+        key = ("head", id(head), rows, guided, z.dtype, autocast_dtype(self.device))
 
         def make():
             static_z = pad_rows(z, n, rows, guided)
-            # float64, so that casting it to the head's dtype rounds as a Python float does in eager
-            static_cfg = torch.ones((), dtype=torch.float64, device=self.device)
+            # the temperature and CFG scale as inputs, so one graph (and one compilation) serves every value;
+            # float64, so that casting them to the head's dtype rounds as a Python float does in eager
+            static_t, static_cfg = (torch.ones((), dtype=torch.float64, device=self.device) for _ in range(2))
             name = f"the {type(head).__name__} head"
             regions = self._regions(name, getattr(head, "compile_regions", ()), "compile_regions")
             wrapper = self._wrapper((id(head), bool(regions)), head, type(head).sample, regions)
             weights = self._weights(head)
-            args = (static_z, float(temperature), static_cfg if guided else 1.0)
-            return (static_z, static_cfg), lambda: functional_call(
+            args = (static_z, static_t, static_cfg if guided else 1.0)
+            return (static_z, static_t, static_cfg), lambda: functional_call(
                 wrapper, weights, args, {"cfg_sampler": self.cfg_sampler}, strict=False)
 
-        (static_z, static_cfg), replay = self._replay(key, make)
+        (static_z, static_t, static_cfg), replay = self._replay(key, make)
         copy_into_bucket(static_z, z, n, rows, guided)
+        static_t.fill_(temperature)
         if guided:
             static_cfg.fill_(cfg)
         return replay()[:n]

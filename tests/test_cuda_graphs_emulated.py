@@ -58,6 +58,33 @@ def test_a_float64_model_gets_the_cfg_scale_eager_gets(draw_free, emulated_graph
     assert torch.equal(guided(graphs), guided(eager))
 
 
+TEMPERATURE_HEADS = {"arinar": dict(), "arinar exact": dict(), "diffloss": dict(head="diffloss", num_sampling_steps=5),
+                     "gmm": dict(head="gmm")}
+
+
+@pytest.mark.parametrize("variant", TEMPERATURE_HEADS)
+def test_one_head_graph_serves_every_temperature(emulated_graphs, traced_graphs, variant):
+    """The temperature is a static input like the CFG scale: a head graph captured at T = 0.7 and replayed at
+    T = 1.3 (or a graph that baked 0.7 in) gives what a graph captured at 1.3 gives, with the same draws
+    (the same padding), and one graph per row bucket serves both; compiled, the head's regions are not
+    traced again for the new temperature."""
+    model = tiny_mar(diffloss_w=32, diffloss_d=2, **TEMPERATURE_HEADS[variant]).eval()
+    cfg_sampler = "exact" if variant.endswith("exact") else "sir"
+
+    def run(backend, temperature):
+        torch.manual_seed(4)
+        return model.sample_tokens(3, num_iter=5, cfg=2.5, labels=torch.tensor([1, 2, 3]), temperature=temperature,
+                                   backend=backend)
+    for compile in (False, True):
+        swept = emulated_graphs(model, precision="fp32", cfg_sampler=cfg_sampler, compile=compile)
+        cold = run(swept, 0.7)
+        heads, traced = sum(key[0] == "head" for key in swept.replays), len(traced_graphs)
+        hot = run(swept, 1.3)
+        assert sum(key[0] == "head" for key in swept.replays) == heads and len(traced_graphs) == traced
+        fresh = emulated_graphs(model, precision="fp32", cfg_sampler=cfg_sampler, compile=compile)
+        assert torch.equal(hot, run(fresh, 1.3)) and not torch.equal(hot, cold)
+
+
 def test_full_precision_layers_keep_their_weights(emulated_graphs):
     model = tiny_mar()
     graphs = emulated_graphs(model, precision="bf16")

@@ -143,6 +143,18 @@ def test_tempered_logvar():
     assert torch.allclose(torch.exp(0.5 * tempered(torch.zeros(1), 2.0)), torch.tensor([0.5]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_tensor_temperature_tempers_as_the_float_does(dtype):
+    """A captured graph passes T as a float64 0-d tensor: the float's values, bit for bit, in logvar's dtype
+    (float64 not narrowed), and numpy's lv - 2 log T rounded to it."""
+    logvar = torch.randn(10_000, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for t in (0.3, 0.7, 0.95, 1.0, 1.3, 2.5, 0.123456):
+        by_tensor = tempered(logvar, torch.tensor(t, dtype=torch.float64))
+        assert by_tensor.dtype == dtype and torch.equal(by_tensor, tempered(logvar, t))
+        expected = torch.from_numpy(logvar.double().numpy() - 2 * np.log(t))
+        torch.testing.assert_close(by_tensor.double(), expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-15)
+
+
 # ----------------------------------------------------------------------------- guided draws in row slices
 def test_row_slices_cut_at_the_device_cap(monkeypatch):
     monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", 1 << 18)

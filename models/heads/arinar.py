@@ -242,7 +242,8 @@ class InnerAR(nn.Module):
         z: [N, C]. With cfg != 1 the rows are [conditional; unconditional] (N = 2n), each feature
         (or group of g) is drawn from the guided target by `cfg_sampler` (a name in
         models.gmm.CFG_SAMPLERS) and fed to both halves. A tensor cfg (as CUDA-graph capture
-        passes) always means guided. Returns [n, D] in at least float32.
+        passes) always means guided; the temperature may be a 0-d tensor too. Returns [n, D] in at
+        least float32.
         """
         if cfg_sampler not in self.cfg_samplers:
             raise ValueError(f"--cfg_sampler {cfg_sampler} is not available with --feature_group {self.feature_group}")
