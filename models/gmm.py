@@ -183,10 +183,9 @@ def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):
     """The arithmetic of sample_gmm_cfg given its draws u, eps, u_pick [..., M]: one value per row."""
     mu_c, lv_c, lg_c = (at_least_fp32(t) for t in cond)
     cdf = torch.softmax(lg_c, dim=-1).cumsum(dim=-1)
-    # chosen component = count of cdf entries below u (at most K-1)
-    k = (u > cdf[..., :1]).long()
-    for j in range(1, cdf.shape[-1] - 1):
-        k += u > cdf[..., j:j + 1]
+    # chosen component = count of the first K-1 cdf entries below u (a cumsum of weights never decreases):
+    # one kernel, where a comparison per component took two
+    k = torch.searchsorted(cdf[..., :-1].contiguous(), u)
     std = torch.exp(0.5 * tempered(lv_c, temperature))
     x = mu_c.gather(-1, k) + std.gather(-1, k) * eps  # [..., M]
     log_p = stacked_log_probs(x, (cond, uncond))

@@ -19,7 +19,7 @@ compiles_well). Compiling whole Steps instead costs a compilation the size of th
 with Inductor's C++ backend, ARINAR-B's outer Step took 46 s to compile whole and 13 s block by block
 (bench/bench_compile.py). The head's sampler likewise compiles the pieces it declares
 (`head.compile_regions`; ARINAR: its block, pre-head norm and mixture draw, shared by its 16 features):
-at batch 1 its ~78 small kernels a feature, not the outer network, would bound a replay.
+at batch 1 its ~72 small kernels a feature, not the outer network, would bound a replay.
 """
 import contextlib
 import functools

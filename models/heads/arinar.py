@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from models.attention import attention
 from models.config import flag
-from models.layers import FeedForward, FullPrecisionLinear, modulate
+from models.layers import FeedForward, FullPrecisionLinear, modulate_by_gain
 from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
                         sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 from models.registry import register_head
@@ -71,13 +71,14 @@ class AdaLNBlock(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
 
     def modulation(self, z):
-        """(gamma1, gamma2, scale1, scale2, shift1, shift2), each [N, 1, W]."""
-        return self.ada_lin(z).unsqueeze(1).chunk(6, dim=-1)
+        """(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2), each [N, 1, W]."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(z).unsqueeze(1).chunk(6, dim=-1)
+        return gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2
 
     def forward(self, x, mod, kv_cache=None, pos=0):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod
-        x = x + gamma1 * self.attn(modulate(x, scale1, shift1), kv_cache, pos)
-        return x + gamma2 * self.ffn(modulate(x, scale2, shift2))
+        gamma1, gamma2, gain1, gain2, shift1, shift2 = mod
+        x = x + gamma1 * self.attn(modulate_by_gain(x, gain1, shift1), kv_cache, pos)
+        return x + gamma2 * self.ffn(modulate_by_gain(x, gain2, shift2))
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -86,11 +87,13 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
 
     def modulation(self, z):
-        return self.ada_lin(z).unsqueeze(1).chunk(2, dim=-1)  # (scale, shift)
+        """(1 + scale, shift), each [N, 1, W]."""
+        scale, shift = self.ada_lin(z).unsqueeze(1).chunk(2, dim=-1)
+        return 1 + scale, shift
 
     def forward(self, x, mod):
-        scale, shift = mod
-        return modulate(x, scale, shift)
+        gain, shift = mod
+        return modulate_by_gain(x, gain, shift)
 
 
 def mixture_params(out, num_gaussians, feature_group):
