@@ -185,7 +185,7 @@ def sir_pick(cond, uncond, cfg, temperature, u, eps, u_pick):
     cdf = torch.softmax(lg_c, dim=-1).cumsum(dim=-1)
     # chosen component = count of the first K-1 cdf entries below u (a cumsum of weights never decreases):
     # one kernel, where a comparison per component took two
-    k = torch.searchsorted(cdf[..., :-1].contiguous(), u)
+    k = torch.searchsorted(cdf[..., :-1].contiguous(), u.contiguous())  # (fresh draws are: no copy)
     std = torch.exp(0.5 * tempered(lv_c, temperature))
     x = mu_c.gather(-1, k) + std.gather(-1, k) * eps  # [..., M]
     log_p = stacked_log_probs(x, (cond, uncond))
