@@ -21,11 +21,21 @@ def grid_angles(seq_h, seq_w, head_dim, base=10000.0):
     return torch.cat([grid.new_zeros(1, 2 * quarter), grid])
 
 
-def rotate(x, angles):
-    """x [..., n, head_dim] turned pair by pair by angles [..., n, head_dim / 2] (broadcast over heads
-    by the caller); computed in at least float32, returned in x's dtype."""
+def rotation(angles, dtype):
+    """What rotate turns by, from angles [..., n, head_dim / 2]: (cos, sin) laid out per feature
+    [..., n, head_dim] in dtype, cos repeated over each pair and sin as (-sin, +sin). A model forms it
+    once per step and every block reuses it."""
+    angles = angles.to(dtype)
+    sin = torch.sin(angles)
+    return torch.cos(angles).repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+
+
+def rotate(x, rotation):
+    """x [..., n, head_dim] turned pair by pair, (even, odd) -> (even cos - odd sin, odd cos + even sin),
+    by rotation() [..., n, head_dim] (broadcast over heads by the caller): x * cos + swapped pairs * sin,
+    the same roundings as the pairwise formula; computed in at least float32, returned in x's dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    pairs = x.to(dtype).unflatten(-1, (-1, 2))
-    cos, sin = torch.cos(angles.to(dtype)), torch.sin(angles.to(dtype))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+    cos, sin = (t.to(dtype) for t in rotation)
+    x_wide = x.to(dtype)
+    swapped = x_wide.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) in each pair
+    return (x_wide * cos + swapped * sin).to(x.dtype)

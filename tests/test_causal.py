@@ -16,7 +16,7 @@ from scipy import stats
 from models import create_model
 from models.families import causal
 from models.families.common import CapturedBuffers, EagerSteps, Step, step_schedule
-from models.rope import grid_angles, rotate
+from models.rope import grid_angles, rotate, rotation
 from tests.conftest import host_sync_calls, randomize_
 
 SIDE = 6           # 12x12 grey images in 2x2 patches: a 6x6 grid of 4-feature tokens
@@ -178,12 +178,12 @@ def test_rope_turns_pairs_by_row_then_column():
     angles = grid_angles(SIDE, SIDE, 16, 100.0)
     assert angles.shape == (1 + L, 8) and angles.dtype == torch.float64
     v = torch.randn(L, 16, dtype=torch.float64)
-    got = rotate(v, angles[1:])
+    got = rotate(v, rotation(angles[1:], torch.float64))
     want = torch.stack([ref_turn(v[p], *divmod(p, SIDE), 100.0) for p in range(L)])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     # the class row turns nothing; a float32 input stays float32
-    assert torch.equal(rotate(v[:1], angles[:1]), v[:1])
-    assert rotate(v.float(), angles[1:]).dtype == torch.float32
+    assert torch.equal(rotate(v[:1], rotation(angles[:1], torch.float64)), v[:1])
+    assert rotate(v.float(), rotation(angles[1:], torch.float32)).dtype == torch.float32
 
 
 def test_rope_scores_depend_on_the_offset_only():
@@ -191,7 +191,7 @@ def test_rope_scores_depend_on_the_offset_only():
     q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
 
     def score(a, b):  # grid positions of the query and the key
-        return float(rotate(q, angles[1 + a]) @ rotate(k, angles[1 + b]))
+        return float(rotate(q, rotation(angles[1 + a], q.dtype)) @ rotate(k, rotation(angles[1 + b], k.dtype)))
 
     assert score(0, 7) == pytest.approx(score(14, 21), abs=1e-12)       # offset (1, 1) at two places
     assert abs(score(0, 7) - score(0, 1)) > 1e-3                        # another offset, another score
@@ -470,7 +470,7 @@ def test_the_capturing_backend_catches_an_unmarked_cache(monkeypatch):
 def test_no_host_sync_in_the_steps(no_host_sync):
     assert not host_sync_calls(causal.append_step, causal.query_step, causal.SelfAttentionBlock,
                                causal.CrossAttentionBlock, causal.CausalAR.ask, causal.CausalAR.shared_kv,
-                               causal.CausalAR.angles, causal.attend, causal.write_slots, causal.write_kv, rotate)
+                               causal.CausalAR.rotation, causal.attend, causal.write_slots, causal.write_kv, rotate)
     # a whole unguided sample without a partial canvas, the loop included, runs without one
     tiny().sample_tokens(2, num_iter=4)
 

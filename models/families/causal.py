@@ -35,7 +35,7 @@ from models.families.common import (STEP_SCHEDULES, EagerSteps, OuterModel, Step
 from models.families.mar import Mlp, take
 from models.layers import init_linears_and_norms_
 from models.registry import build_head, register_family
-from models.rope import grid_angles, rotate
+from models.rope import grid_angles, rotate, rotation
 
 
 # ----------------------------------------------------------------------------- attention pieces
@@ -46,6 +46,11 @@ def split_heads(x, num_heads):
 
 def merge_heads(x):
     return x.transpose(1, 2).flatten(2)
+
+
+def per_head(rot):
+    """A rotation [B, n, d] (CausalAR.rotation) broadcast over heads: [B, 1, n, d] views."""
+    return tuple(t.unsqueeze(1) for t in rot)
 
 
 def attend(q, k, v, visible=None, causal=False, dropout_p=0.0):
@@ -80,25 +85,24 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio), proj_drop)
 
-    def qkv_heads(self, x, angles):
-        """(q, k, v) [B, heads, n, d] of the normed x [B, n, W]; q and k turned by angles [B, n, d/2]."""
+    def qkv_heads(self, x, rot):
+        """(q, k, v) [B, heads, n, d] of the normed x [B, n, W]; q and k turned by rot (CausalAR.rotation)."""
         q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
-        angles = angles.unsqueeze(1)
-        return rotate(q, angles), rotate(k, angles), v
+        rot = per_head(rot)
+        return rotate(q, rot), rotate(k, rot), v
 
     def finish(self, x, out):
         x = x + self.proj_drop(self.proj(merge_heads(out)))
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x, angles, cache=None, slots=None):
+    def forward(self, x, rot, cache=None, slots=None, visible=None):
         """Without a cache, the whole sequence x [B, n, W] at once: token i sees tokens 0..i. With one, new
-        tokens x written to cache [2, B, heads, S, d] at slots [B, n]; each sees the slots up to its own
-        (its order's earlier tokens and the class token)."""
-        q, k, v = self.qkv_heads(x, angles)
+        tokens x written to cache [2, B, heads, S, d] at slots [B, n]; each sees the slots `visible`
+        [B, n, S] marks: those up to its own (its order's earlier tokens and the class token)."""
+        q, k, v = self.qkv_heads(x, rot)
         if cache is None:
             return self.finish(x, attend(q, k, v, causal=True, dropout_p=self.attn_drop if self.training else 0.0))
         write_kv(cache, slots, k, v)
-        visible = torch.arange(cache.shape[3], device=slots.device) <= slots.unsqueeze(-1)
         return self.finish(x, attend(q, cache[0], cache[1], visible))
 
 
@@ -115,9 +119,9 @@ class CrossAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
         self.mlp = Mlp(width, int(width * mlp_ratio), proj_drop)
 
-    def forward(self, x, angles, k, v, visible=None, causal=False):
-        """x [B, n, W] queries turned by angles [B, n, d/2]; k, v [B, heads, S, d]; visible as attend()."""
-        q = rotate(split_heads(self.q(self.norm1(x)), self.num_heads), angles.unsqueeze(1))
+    def forward(self, x, rot, k, v, visible=None, causal=False):
+        """x [B, n, W] queries turned by rot (CausalAR.rotation); k, v [B, heads, S, d]; visible as attend()."""
+        q = rotate(split_heads(self.q(self.norm1(x)), self.num_heads), per_head(rot))
         out = attend(q, k, v, visible, causal, self.attn_drop if self.training else 0.0)
         x = x + self.proj_drop(self.proj(merge_heads(out)))
         return x + self.mlp(self.norm2(x))
@@ -128,11 +132,12 @@ def append_step(model, cache, x, positions, slots):
     """Append inputs x [rows, n, W] (embedded: the class token or content tokens) at grid positions
     [rows, n] (-1 = the class token) to every layer's cache at slots [rows, n]. Free of host syncs.
     Returns the self half's output [rows, n, W] (a graph backend hands every Step's output back)."""
-    angles = model.angles(positions)
+    rot = model.rotation(positions)  # formed once for every block, as is the mask
+    visible = torch.arange(cache.shape[4], device=slots.device) <= slots.unsqueeze(-1)
     x = model.input_norm(x)
     for block, layer_cache in zip(model.self_blocks, cache[:-1]):
-        x = block(x, angles, layer_cache, slots)
-    write_kv(cache[-1], slots, *model.shared_kv(x, angles))
+        x = block(x, rot, layer_cache, slots, visible)
+    write_kv(cache[-1], slots, *model.shared_kv(x, rot))
     return x
 
 
@@ -247,9 +252,11 @@ class CausalAR(OuterModel):
     def embed_class(self, class_ids):
         return self.class_emb(class_ids).unsqueeze(1)
 
-    def angles(self, positions):
-        """RoPE angles [..., d/2] of grid positions (-1 = the class token, not turned)."""
-        return self.rope_angles[positions + 1]
+    def rotation(self, positions):
+        """RoPE's rotation (models/rope.py) of grid positions [B, n] (-1 = the class token, not turned),
+        formed once for every block, in at least float32 (float64 for a float64 model), as rotate computes."""
+        dtype = torch.promote_types(self.z_proj.weight.dtype, torch.float32)
+        return rotation(self.rope_angles[positions + 1], dtype)
 
     def random_orders(self, batch_size, device):
         """A random order (permutation of the grid positions) per image: [B, L]."""
@@ -264,15 +271,15 @@ class CausalAR(OuterModel):
                 x = block(x, *args, **kwargs)
         return x
 
-    def shared_kv(self, x, angles):
-        """The cross half's keys (turned by angles [B, n, d/2]) and values [B, heads, n, d] of the self half's x."""
+    def shared_kv(self, x, rot):
+        """The cross half's keys (turned by rot) and values [B, heads, n, d] of the self half's x."""
         k, v = (split_heads(t, self.num_heads) for t in self.kv(self.kv_norm(x)).chunk(2, dim=-1))
-        return rotate(k, angles.unsqueeze(1)), v
+        return rotate(k, per_head(rot)), v
 
     def ask(self, targets, k, v, visible=None, causal=False):
         """z [B, n, W] of the queries for target grid positions [B, n] over keys/values [B, heads, S, d]."""
         x = self.query_token + take(self.query_pos_embed.expand(targets.shape[0], -1, -1), targets)
-        x = self.run_blocks(self.cross_blocks, x, self.angles(targets), k, v, visible=visible, causal=causal)
+        x = self.run_blocks(self.cross_blocks, x, self.rotation(targets), k, v, visible=visible, causal=causal)
         return self.out_norm(x)
 
     def condition(self, tokens, orders, class_ids, query_at=None):
@@ -286,9 +293,9 @@ class CausalAR(OuterModel):
         sources = orders[:, :-1]  # the last token of an order is no query's key
         x = torch.cat([self.embed_class(class_ids), self.embed_tokens(take(tokens, sources))], dim=1)
         positions = torch.cat([orders.new_full((b, 1), -1), sources], dim=1)
-        angles = self.angles(positions)
-        x = self.run_blocks(self.self_blocks, self.input_norm(x), angles)
-        k, v = self.shared_kv(x, angles)
+        rot = self.rotation(positions)
+        x = self.run_blocks(self.self_blocks, self.input_norm(x), rot)
+        k, v = self.shared_kv(x, rot)
         if query_at is None:
             return self.ask(orders, k, v, causal=True)  # query i sees keys 0..i: the class and i tokens
         visible = torch.arange(self.seq_len, device=orders.device) <= query_at.unsqueeze(-1)
