@@ -30,12 +30,13 @@ def rotation(angles, dtype):
     return torch.cos(angles).repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
-def rotate(x, rotation):
+def rotate(x, rot):
     """x [..., n, head_dim] turned pair by pair, (even, odd) -> (even cos - odd sin, odd cos + even sin),
-    by rotation() [..., n, head_dim] (broadcast over heads by the caller): x * cos + swapped pairs * sin,
-    the same roundings as the pairwise formula; computed in at least float32, returned in x's dtype."""
+    by rot = rotation(...) [..., n, head_dim] (broadcast over heads by the caller): x * cos + swapped
+    pairs * sin, the same roundings as the pairwise formula; computed in at least float32, returned in
+    x's dtype."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = (t.to(dtype) for t in rotation)
+    cos, sin = (t.to(dtype) for t in rot)
     x_wide = x.to(dtype)
     swapped = x_wide.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (odd, even) in each pair
     return (x_wide * cos + swapped * sin).to(x.dtype)
