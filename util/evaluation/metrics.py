@@ -15,7 +15,6 @@ import os
 import zipfile
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -94,25 +93,6 @@ def inception_score(logits, splits=10):
     logits = torch.as_tensor(logits).cpu()
     out = isc_features_to_metric(logits, splits=min(splits, logits.shape[0]))
     return {"inception_score": out[KEY_METRIC_ISC_MEAN], "inception_score_std": out[KEY_METRIC_ISC_STD]}
-
-
-def psd_sqrt(matrix):
-    """Symmetric square root of a positive semi-definite matrix (tiny negative eigenvalues -> 0)."""
-    w, v = scipy.linalg.eigh(matrix)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), independent of torch-fidelity's route.
-
-    tr (S1 S2)^(1/2) = tr (R S2 R)^(1/2) with R = S1^(1/2): a symmetric eigenproblem, which stays
-    accurate when S1 is singular (fewer samples than feature dimensions).
-    """
-    root = psd_sqrt(np.asarray(sigma1, dtype=np.float64))
-    inner = root @ np.asarray(sigma2, dtype=np.float64) @ root
-    tr_covmean = np.sqrt(np.clip(scipy.linalg.eigvalsh(inner), 0.0, None)).sum()
-    diff = np.asarray(mu1, dtype=np.float64) - np.asarray(mu2, dtype=np.float64)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 # ----------------------------------------------------------------------------- precision and recall
