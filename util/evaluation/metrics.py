@@ -1,12 +1,12 @@
-"""FID, Inception Score, precision and recall with upstream torch-fidelity, plus an independent
-Fréchet distance.
+"""FID, Inception Score, precision and recall with upstream torch-fidelity.
 
 Features come from torch-fidelity's own InceptionV3 (the TF-ported network ADM and MAR use): the
 2048-d pool features for FID and the 1008-d unbiased logits for IS. FID compares the generated
 features' Gaussian with reference statistics (`mu`, `sigma`) through torch-fidelity's
 `fid_statistics_to_metric`. Precision and recall compare the pool features with those of ADM's
 reference batch (images, not statistics). Without a weights path torch-fidelity's Inception file is
-downloaded into the torch hub cache; either way it is read weights-only (util/inception_weights.py).
+downloaded into the torch hub cache; either way it is read weights-only
+(util/evaluation/inception_weights.py).
 """
 import hashlib
 import io
