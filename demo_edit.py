@@ -1,6 +1,6 @@
 """The CPU demo's editing check (`make demo-edit`; `make demo` runs it after training).
 
-Every held-out real digit (util/digits.py's test split) keeps its top half; the bottom half is
+Every held-out real digit (util/data/digits.py's test split) keeps its top half; the bottom half is
 regenerated once with the digit's own class (completion) and once as class (label + 1) % 10
 (repainting). The demo's digit classifier scores both: the completed digits against their true
 class, the repainted ones against the new class. Writes edit_metrics.json and edit_grid.png (one

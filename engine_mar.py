@@ -296,7 +296,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     """Generate args.num_images (equal per class) at one (cfg, temperature), save PNGs + ADM npz, score.
 
     EMA weights unless args.eval_weights == "live". Re-running with the same weights and settings
-    resumes the same folder (see util/eval_folder.py); the images do not depend on the number of
+    resumes the same folder (see util/evaluation/eval_folder.py); the images do not depend on the number of
     processes. FID / IS come from upstream torch-fidelity when args.fid_stats is set, precision /
     recall against args.ref_batch's images when that is set; `extra_score(images uint8 [N,H,W,C],
     labels) -> dict` adds scores of its own (computed on rank 0). backend: the run's sampling backend,

@@ -4,7 +4,7 @@
     python main_mar.py ...            (one process, CUDA if present, else CPU)
     ... --evaluate --resume RUN_DIR   (generate --num_images and score them)
 
-The model flags are derived from the model config (util/cli.py); a run stores its config in every
+The model flags are derived from the model config (util/flags.py); a run stores its config in every
 checkpoint, so `--resume` / `--evaluate` rebuild the model from it alone.
 """
 import contextlib

@@ -17,7 +17,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_args(parser):
-    """The model flags main_mar.py and sample.py take (util/cli.py): --model, --width, --enc_dec_depth, ..."""
+    """The model flags main_mar.py and sample.py take (util/flags.py): --model, --width, --enc_dec_depth, ..."""
     return flags.add_model_args(parser)
 
 

@@ -5,7 +5,7 @@
 
 `to_dict()` gives plain JSON values (loadable with torch.load(weights_only=True)); `from_dict`
 rebuilds and validates it. Every field carries its command-line flag (`flag(...)` metadata), so the
-flags are derived from the dataclasses (util/cli.py) and a config can be read from or compared with
+flags are derived from the dataclasses (util/flags.py) and a config can be read from or compared with
 flat {flag: value} dicts: `config_from_flags` (presets + flags) and `flat()`.
 
 A field marked `tunable` is a training-time setting (dropout, label drop, ...): a resumed run may

@@ -1,4 +1,4 @@
-"""The CPU demo: its data set and score (util/digits.py), and a shortened `make demo` run end to end."""
+"""The CPU demo: its data set and score (util/data/digits.py), and a shortened `make demo` run end to end."""
 import json
 import os
 import shlex

@@ -1,4 +1,4 @@
-"""MAR's diffusion head (models/diffloss.py): layout, network, loss, and the sampler's law."""
+"""MAR's diffusion head (models/heads/diffloss.py): layout, network, loss, and the sampler's law."""
 import math
 
 import numpy as np

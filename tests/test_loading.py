@@ -1,10 +1,11 @@
-"""Tests for util/loading.py: safe reading, strict loading with fix-naming errors, MAR outer init.
+"""Tests for util/io/checkpoints.py: safe reading, strict loading with fix-naming errors, MAR outer init.
 
 The release-layout tests write checkpoints with the manifests' full key/shape lists. To keep them
 cheap, every tensor is a window of one shared random pool (torch.save writes the pool once), at an
 offset that differs per key and between "model" and "model_ema".
 """
 import argparse
+import ast
 import os
 import re
 from pathlib import Path
@@ -298,11 +299,35 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
         read_checkpoint(tmp_path / "list.pth")
 
 
-def test_never_turns_weights_only_off():
-    for name in ("util/loading.py", "sample.py"):
-        source = REPO / name
-        if source.exists():
-            assert not re.search(r"weights_only\s*=\s*False", source.read_text()), name
+def unsafe_loads(source):
+    """Lines of `source` that may unpickle arbitrary objects: torch.load without a literal
+    weights_only=True, pickle.load(s), or np.load with allow_pickle other than a literal False."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+        keywords = {k.arg: k.value for k in node.keywords}
+
+        def literal(name, value):
+            return isinstance(keywords.get(name), ast.Constant) and keywords[name].value is value
+        if ((owner, node.func.attr) == ("torch", "load") and not literal("weights_only", True)
+                or owner == "pickle" and node.func.attr in ("load", "loads")
+                or (owner, node.func.attr) == ("np", "load") and "allow_pickle" in keywords
+                and not literal("allow_pickle", False)):
+            found.append(node.lineno)
+    return found
+
+
+def test_every_load_in_the_code_is_weights_only():
+    """Every torch.load outside the tests passes weights_only=True literally (and nothing unpickles)."""
+    assert unsafe_loads("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=flag)\n"
+                        "pickle.loads(b)\nnp.load(p, allow_pickle=True)\n"
+                        "torch.load(p, weights_only=True)\nnp.load(p, allow_pickle=False)\n") == [1, 2, 3, 4, 5]
+    files = [p for p in REPO.rglob("*.py") if not ({"tests", ".venv", ".git"} & set(p.relative_to(REPO).parts))]
+    assert len(files) > 50 and REPO / "util/io/checkpoints.py" in files
+    bad = {str(p.relative_to(REPO)): lines for p in files if (lines := unsafe_loads(p.read_text()))}
+    assert not bad, bad
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -1,4 +1,4 @@
-"""The whole-token mixture head (models/token_gmm.py) and its diagonal-mixture math (models/gmm.py)."""
+"""The whole-token mixture head (models/heads/token_gmm.py) and its diagonal-mixture math (models/gmm.py)."""
 import math
 
 import numpy as np
