@@ -85,6 +85,15 @@ def seq_to_grid(x, side):
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
 
+def kept_residual(f_hat, known, keep_grid, side):
+    """Editing: scale `side`'s residual of the kept region measured against the sampler's own f_hat,
+    resize(known - f_hat on kept positions, 0 elsewhere; side). f_hat, known [B, D, n, n], keep_grid
+    [B, 1, n, n] bool. Against f_hat as sampled (not against the ground truth's own coarse scales, which
+    the sampler did not draw), f_hat over the kept region follows the teacher-forced path from the
+    first forced scale on; nothing outside keep_grid is read."""
+    return resize(torch.where(keep_grid, known - f_hat, 0.0), side)
+
+
 def covered(keep_grid, side):
     """[B, 1, p, p] bool: the scale-p cells whose whole footprint on the n x n grid is kept.
 

@@ -16,11 +16,14 @@ the head's loss on every token of every scale. Sampling takes one step a scale (
 ignored: the grid fixes the steps); the per-scale network is one Step with a preallocated KV cache
 (var) or the scan's carried state (mvar), so a CUDA-graph backend captures one graph a scale.
 CFG doubles the batch with the null class (an extra class-embedding row) and ramps linearly over
-the scales: scale k of S (1-based) is guided with 1 + (cfg - 1) * k / S (cfg_schedule "linear").
-Editing (known/keep) is VAR's zero-shot editing: at every scale but the last, the residual of each
-cell whose footprint lies wholly in the kept region is the ground truth's (teacher-forced from the
-kept tokens, the others zeroed, so nothing outside `keep` is read); the last scale is the full grid,
-where the kept tokens are copied over the sample bit for bit.
+the scales: scale k of S (1-based) is guided with 1 + (cfg - 1) * k / S (cfg_schedule "linear": MAR's
+ramp by steps done). VAR's ramp is 1 + c * (k - 1) / (S - 1), so its cfg c is about our 1 + c; the ARINAR
+release's var sampler guides every scale alike (cfg_schedule "constant").
+Editing (known/keep) is VAR's zero-shot editing: at every scale but the last, each cell whose
+footprint lies wholly in the kept region takes the kept region's residual measured against f_hat as
+sampled so far (models.multiscale.kept_residual: the free coarse scales' offset is corrected at the
+first forced scale, so the network sees the kept region as in training; nothing outside `keep` is
+read); the last scale is the full grid, where the kept tokens are copied over the sample bit for bit.
 """
 from dataclasses import dataclass, field
 
@@ -32,8 +35,8 @@ from tqdm import tqdm
 from models.config import UNIT, flag
 from models.families.common import (EagerSteps, OuterModel, Step, canvas, canvas_dtype, cfg_scale, check_labels,
                                     check_latents, check_sampling_settings)
-from models.multiscale import (accumulate, covered, grid_to_seq, residuals, resize, scale_bounds, scale_ids,
-                               scales_for, seq_to_grid)
+from models.multiscale import (accumulate, covered, grid_to_seq, kept_residual, residuals, resize, scale_bounds,
+                               scale_ids, scales_for, seq_to_grid)
 from models.registry import build_head, register_family
 from models.scalewise_blocks import AdaLNBeforeHead, ScaleBlock, SelectiveScanMixer
 from models.token_grid import patchify, unpatchify
@@ -67,7 +70,8 @@ class ScalewiseConfig:
 
 
 PRESETS = {
-    # the ARINAR release's var_d16 (its inner head as wide as the outer model)
+    # the ARINAR release's var_d16 (its inner head as wide as the outer model); with VAR's AdaLN norm before
+    # the head (head_nm, 2.1M), which the release leaves out
     "var_d16": {"mixer": "var", "width": 1024, "depth": 16, "num_heads": 16, "drop_path": 0.1 * 16 / 24,
                 "inner_ar_width": 1024},
     # M-VAR's block (attention + scan + MLP) at var_d16's parameter count: 16 blocks of 832 (13 heads of 64)
@@ -247,7 +251,7 @@ class ScalewiseAR(OuterModel):
         with backend.autocast():
             editing = keep is not None
             tokens, keep = canvas(self.tokens, bsz, known, keep, canvas_dtype(self), device)
-            forced = self.forced_residuals(tokens, keep) if editing else None
+            forced = self.forced_cells(tokens, keep) if editing else None
             cond = self.class_vectors(labels.to(device) if labels is not None else None, bsz)
             if guided:
                 cond = torch.cat([cond, self.class_vectors(None, bsz).to(cond.dtype)])
@@ -275,18 +279,17 @@ class ScalewiseAR(OuterModel):
             h = backend.sample_head(self.head, z.flatten(0, 1), temperature, scale)
             h = seq_to_grid(h.view(bsz, p * p, self.token_dim).to(dtype), p)
             if forced is not None and k < num_scales - 1:
-                mask, truth = forced[k]
-                h = torch.where(mask, truth.to(h.dtype), h)
+                known, keep_grid, cells = forced
+                h = torch.where(cells[k], kept_residual(f_hat, known, keep_grid, p).to(h.dtype), h)
             f_hat = accumulate(f_hat, h)
             if k + 1 < num_scales:
                 inputs = grid_to_seq(resize(f_hat, self.scales[k + 1]))
         return f_hat
 
     # ---------------------------------------------------------------- editing
-    def forced_residuals(self, tokens, keep):
-        """[(cells forced at scale k [B, 1, p, p] bool, the ground truth's residual [B, D, p, p])] for every
-        scale but the last, from the canvas (kept tokens, zeros elsewhere: nothing else is read). The last
-        scale needs none: it is the full grid, whose kept tokens are copied over the sample."""
-        targets, _ = residuals(seq_to_grid(tokens, self.side), self.scales)
+    def forced_cells(self, tokens, keep):
+        """(the canvas as a grid [B, D, n, n], the kept positions [B, 1, n, n], [cells whose residual is
+        forced at scale k [B, 1, p, p] bool for every scale but the last]). The last scale needs none: it
+        is the full grid, whose kept tokens are copied over the sample."""
         keep_grid = seq_to_grid(keep.unsqueeze(-1), self.side)
-        return [(covered(keep_grid, p), truth) for p, truth in zip(self.scales[:-1], targets)]
+        return (seq_to_grid(tokens, self.side), keep_grid, [covered(keep_grid, p) for p in self.scales[:-1]])
