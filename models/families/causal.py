@@ -168,6 +168,8 @@ class CausalConfig:
         "(about 3 early, 28 last)", tunable=True))
     label_drop_prob: float = field(default=0.1, metadata=flag(
         "training: share of labels replaced by the fake class (for CFG)", tunable=True, valid=UNIT))
+    # MAR's dropouts (the flags the families share); ARPG trains with attention dropout 0, residual and
+    # MLP dropout 0.1 and a token-embedding dropout 0.1: --attn_dropout 0 comes closest
     attn_dropout: float = field(default=0.1, metadata=flag("attention dropout", tunable=True, valid=UNIT))
     proj_dropout: float = field(default=0.1, metadata=flag("projection/MLP dropout", tunable=True, valid=UNIT))
 
