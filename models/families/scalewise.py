@@ -251,7 +251,7 @@ class ScalewiseAR(OuterModel):
         with backend.autocast():
             editing = keep is not None
             tokens, keep = canvas(self.tokens, bsz, known, keep, canvas_dtype(self), device)
-            forced = self.forced_cells(tokens, keep) if editing else None
+            forced = self.kept_region(tokens, keep) if editing else None
             cond = self.class_vectors(labels.to(device) if labels is not None else None, bsz)
             if guided:
                 cond = torch.cat([cond, self.class_vectors(None, bsz).to(cond.dtype)])
@@ -287,7 +287,7 @@ class ScalewiseAR(OuterModel):
         return f_hat
 
     # ---------------------------------------------------------------- editing
-    def forced_cells(self, tokens, keep):
+    def kept_region(self, tokens, keep):
         """(the canvas as a grid [B, D, n, n], the kept positions [B, 1, n, n], [cells whose residual is
         forced at scale k [B, 1, p, p] bool for every scale but the last]). The last scale needs none: it
         is the full grid, whose kept tokens are copied over the sample."""
