@@ -14,6 +14,7 @@ import glob
 import itertools
 import json
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -34,8 +35,8 @@ from sampling import default_precision
 from util import distributed, flags
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
 from util.evaluation import sweep
-from util.io.checkpoints import (config_from_checkpoint, freeze_outer, load_outer_weights, model_state_from_checkpoint,
-                                 read_checkpoint)
+from util.io.checkpoints import (checkpoint_args, config_from_checkpoint, freeze_outer, load_outer_weights,
+                                 model_state_from_checkpoint, read_checkpoint)
 from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
 from util.train.ema import EMA
@@ -57,8 +58,9 @@ def get_args_parser():
     parser = flags.parser("ARINAR training and evaluation")
     flags.add_model_args(parser)
     data = flags.add_data_args(parser)
-    data.add_argument("--dataset", default="imagenet", choices=DATASETS,
-                      help="imagenet (ImageFolder) or the digits demo")
+    data.add_argument("--dataset", default=None, choices=DATASETS,
+                      help="imagenet (ImageFolder) or the digits demo (default: a resumed or evaluated run's own, "
+                           "else imagenet)")
     data.add_argument("--use_cached", action="store_true", help="train from --cached_path latents")
     data.add_argument("--seed", default=1, type=int, help="initial weights, data order and sampling seeds")
 
@@ -115,8 +117,11 @@ def get_args_parser():
 
 
 # ----------------------------------------------------------------------------- start-up checks
-def resolve_args(args):
-    """Fill the defaults that depend on the device or the data set (the model's come from its config)."""
+def resolve_args(args, stored=None):
+    """Fill the defaults that depend on the device or the data set (the model's come from its config).
+    stored: the run arguments of the checkpoint resumed or evaluated, if any (its data set is the default)."""
+    if args.dataset is None:
+        args.dataset = (stored or {}).get("dataset") or "imagenet"
     if args.precision is None:
         args.precision = default_precision("cuda" if torch.cuda.is_available() else "cpu")
     if args.fid_stats is None:
@@ -127,21 +132,28 @@ def resolve_args(args):
     return args
 
 
+# the digits' own token settings (the CPU demo's): 8x8 grey images as 16 pixel tokens of 2x2; a preset's
+# 256 px default would upsample them to 65,536 pixel tokens an image
+DIGITS_TOKENS = {"tokenizer": "pixel", "img_size": 8, "patch_size": 2}
+
+
 def data_set_defaults(args):
-    """Model flags the data set implies for a new run: its classes and image channels."""
-    return {"class_num": CLASS_NUM[args.dataset], "img_channels": IMG_CHANNELS[args.dataset]}
+    """Model flags the data set implies for a new run (given flags win): its classes and image channels,
+    and for the digits their token settings."""
+    implied = {"class_num": CLASS_NUM[args.dataset], "img_channels": IMG_CHANNELS[args.dataset]}
+    return {**implied, **DIGITS_TOKENS} if args.dataset == "digits" else implied
 
 
-def model_config(args, ckpt_file):
+def model_config(args, ckpt_file, ckpt=None):
     """The run's ModelConfig: a new run's from --model's preset, the data set and the model flags; a
     resumed or evaluated run's from its checkpoint (model flags that contradict it are an error).
-    Returns (config, the checkpoint dict or None)."""
+    ckpt: the checkpoint dict if already read. Returns (config, the checkpoint dict or None)."""
     given = flags.given_model_flags(args)
     if ckpt_file is None:
         config = config_from_flags({**data_set_defaults(args), **given})
         check_flags_apply(config, given)  # a flag of another family or head is a mistake, not a no-op
         return config, None
-    ckpt = read_checkpoint(ckpt_file)
+    ckpt = read_checkpoint(ckpt_file) if ckpt is None else ckpt
     state = model_state_from_checkpoint(ckpt, use_ema=False)
     config, changed = config_from_checkpoint(ckpt, state, given, source=str(ckpt_file))
     if changed:
@@ -185,17 +197,25 @@ def check_args(args, ckpt_file):
             raise FileNotFoundError(f"--init_outer_from {args.init_outer_from}: no such checkpoint")
     if args.use_cached and not args.cached_path:
         raise ValueError("--use_cached needs --cached_path (latents written by main_cache.py)")
+    if not (args.evaluate or args.online_eval):
+        given = [name for name, on in (("--compile", args.compile), ("--cuda_graphs", args.cuda_graphs is not None))
+                 if on]
+        if given:
+            raise ValueError(f"{given[0]} sets how this run draws images, and it draws none: add --online_eval "
+                             f"(or --evaluate) or drop {given[0]}")
 
 
-def check_eval_args(args, config):
-    """The evaluation flags and files, checked before any image is generated."""
+def check_eval_args(args, config, classes_known=True):
+    """The evaluation flags and files, checked before any image is generated. classes_known False: the
+    class count comes from the data set later (a new run without --class_num), which checks it then."""
     bad_cfg = [c for c in args.cfg_list if not c >= 1.0]
     if bad_cfg:
         raise ValueError(f"--cfg values must be >= 1 (1 = no guidance); got {bad_cfg[0]:g}")
     bad_temperature = [t for t in args.temperature_list if not 0.0 < t < float("inf")]
     if bad_temperature:
         raise ValueError(f"--temperature values must be > 0; got {bad_temperature[0]:g}")
-    class_balanced_labels(args.num_images, config.class_num)
+    if classes_known:
+        class_balanced_labels(args.num_images, config.class_num)
     from util.evaluation import metrics
     img_size = config.tokens.img_size
     if fid_enabled(args):
@@ -208,6 +228,9 @@ def check_eval_args(args, config):
     if (fid_enabled(args) or ref_batch_enabled(args)) and args.inception_path is not None \
             and not os.path.isfile(args.inception_path):
         raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
+    if not (fid_enabled(args) or ref_batch_enabled(args) or extra_scorer(args)):
+        logger.warning("no metric will be computed (--fid_stats none, no --ref_batch, --dataset %s has no scorer of "
+                       "its own): the evaluation only writes images", args.dataset)
 
 
 def sweep_points(args):
@@ -242,28 +265,41 @@ def extra_scorer(args):
 def main(args):
     device = distributed.init_distributed()
     distributed.setup_logging()
-    resolve_args(args)
+    # the start-up lines (resuming, changed settings, the class count, the backend) also go to log.txt,
+    # written once the run folder is claimed
+    early = logging.handlers.BufferingHandler(capacity=10_000)
+    logging.getLogger().addHandler(early)
+    try:
+        return run(args, device, early)
+    finally:
+        logging.getLogger().removeHandler(early)
+
+
+def run(args, device, early):
     rank, world = distributed.get_rank(), distributed.get_world_size()
     ckpt_file = checkpoint_path(args.resume, args.output_dir)
+    ckpt = read_checkpoint(ckpt_file) if ckpt_file is not None else None
+    resolve_args(args, checkpoint_args(ckpt) if ckpt is not None else None)
     check_args(args, ckpt_file)
     if args.resume and ckpt_file is None and not args.evaluate:
         logger.info("--resume %s holds no %s yet: starting a fresh run", args.resume, LAST)
-    config, ckpt = model_config(args, ckpt_file)
+    config, ckpt = model_config(args, ckpt_file, ckpt)
+    classes_from_data = not args.evaluate and ckpt is None and args.class_num is None
     if args.evaluate or args.online_eval:
-        check_eval_args(args, config)
+        check_eval_args(args, config, classes_known=not classes_from_data)
     scorer = extra_scorer(args) if args.evaluate or args.online_eval else None
 
     dataset = sampler = None
     if not args.evaluate:
         dataset = build_dataset(args, config.tokens, "train")
         classes = getattr(dataset, "classes", None)
-        if classes is not None and ckpt is None and args.class_num is None and len(classes) != config.class_num:
+        if classes is not None and classes_from_data and len(classes) != config.class_num:
             # the --dataset default (1000 for imagenet) would silently train unused class slots
             logger.info("the data set has %d classes: --class_num set to %d (the --dataset %s default is %d; "
                         "pass --class_num to choose)", len(classes), len(classes), args.dataset, config.class_num)
             config = dataclasses.replace(config, class_num=len(classes))
-            if args.online_eval:
-                class_balanced_labels(args.num_images, config.class_num)
+        if classes_from_data and args.online_eval:
+            class_balanced_labels(args.num_images, config.class_num)
         if classes is not None and len(classes) > config.class_num:
             raise ValueError(f"the data set has {len(classes)} classes but --class_num is {config.class_num}")
         sampler = ResumableSampler(len(dataset), world, rank, seed=args.seed)
@@ -306,14 +342,21 @@ def main(args):
     lock = None if args.evaluate else claim_run_folder(args.output_dir)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        logging.getLogger().addHandler(logging.FileHandler(os.path.join(args.output_dir, "log.txt")))
+        log_file = logging.FileHandler(os.path.join(args.output_dir, "log.txt"))
+        log_file.setFormatter(logging.getLogger().handlers[0].formatter)  # the console's: time, level, logger
+        for record in early.buffer:
+            log_file.handle(record)
+        logging.getLogger().addHandler(log_file)
+    logging.getLogger().removeHandler(early)
+    if rank == 0:
         logger.info("args: %s", " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
         logger.info("model config: %s", json.dumps(config.to_dict()))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %d processes x batch %d, "
-                    "lr %.2e, %s", config.model, config.family, config.head,
-                    sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6, world, args.batch_size, args.lr,
-                    args.precision)
+        run_line = (f"{world} processes x eval batch {args.eval_bsz}" if args.evaluate else
+                    f"{world} processes x batch {args.batch_size}, lr {args.lr:.2e}")
+        logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %s, %s", config.model,
+                    config.family, config.head, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
+                    run_line, args.precision)
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
     exit_code = 0
     try:
@@ -381,7 +424,11 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                 and state.step_in_epoch < steps:
             save()
 
-    logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, args.epochs - 1, steps)
+    if state.epoch >= args.epochs:
+        logger.info("already trained %d of --epochs %d: nothing to train (raise --epochs to go on)", state.epoch,
+                    args.epochs)
+    else:
+        logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, args.epochs - 1, steps)
     start, results = time.time(), []
     with StopRequest() as stop:
         try:
@@ -417,9 +464,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         if stop.agreed and saved["step"] != state.global_step:  # inside: a repeated signal must not cut it short
             save()
     if stop.agreed:
-        logger.info("%s: stopped after global step %d with %s saved; exiting with code %d (run the same "
-                    "command with --resume %s to continue)", stop.name, state.global_step, last, REQUEUE_EXIT,
-                    args.output_dir)
+        logger.info("%s: stopped after global step %d with %s saved; exiting with code %d; to continue: %s",
+                    stop.name, state.global_step, last, REQUEUE_EXIT, resume_command(sys.argv[1:], args.output_dir))
         return REQUEUE_EXIT
     logger.info("training done in %.1f min; %s; TensorBoard logs %s", (time.time() - start) / 60,
                 f"checkpoint {last}" if saved["step"] is not None else
@@ -472,6 +518,25 @@ def one_line(err):
     return text
 
 
+def launcher():
+    """How this script was started, as a user would type it."""
+    return "torchrun [the same options] main_mar.py" if distributed.get_world_size() > 1 else "python main_mar.py"
+
+
+def resume_command(argv, output_dir):
+    """The command line argv with --resume output_dir (added, or in place of the one given)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--resume="):
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        kept.append(arg)
+    return f"{launcher()} {shlex.join([*kept, '--resume', str(output_dir)])}"
+
+
 def interrupted_evaluation(args, argv, since):
     """The one line for Ctrl-C during --evaluate: the images kept, and the command that resumes."""
     folders = [d for d in glob.glob(os.path.join(args.output_dir, "eval-*", "images")) if os.path.getmtime(d) >= since]
@@ -481,9 +546,8 @@ def interrupted_evaluation(args, argv, since):
                 f"kept in {os.path.dirname(images)}")
     else:
         kept = "this run had written no image yet"
-    launcher = "torchrun [the same options] main_mar.py" if distributed.get_world_size() > 1 else "python main_mar.py"
     return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
-            f"(exit code {INTERRUPT_EXIT}): {launcher} {shlex.join(argv)}")
+            f"(exit code {INTERRUPT_EXIT}): {launcher()} {shlex.join(argv)}")
 
 
 def cli(argv=None):
