@@ -24,7 +24,10 @@ clean-venv:
 # FAMILY picks the outer family; its preset <FAMILY>_tiny is the demo's model, all of one size class (about
 # 1M parameters): `make demo FAMILY=causal`. The run folder is
 # output_dir/demo-<family>-<time> (plain demo-<time> for mar).
-FAMILY ?= mar
+# RUN=output_dir/demo-<time> continues that interrupted run in its own folder (--resume), then runs the editing
+# check; its FAMILY is read from the folder's name.
+RUN_FAMILY = $(filter-out 0% 1% 2% 3% 4% 5% 6% 7% 8% 9%,$(word 2,$(subst -, ,$(notdir $(patsubst %/,%,$(RUN))))))
+FAMILY ?= $(or $(RUN_FAMILY),mar)
 DEMO_RUN = output_dir/demo$(if $(filter-out mar,$(FAMILY)),-$(FAMILY))
 DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
 	--family $(FAMILY) --model $(FAMILY)_tiny \
@@ -32,10 +35,10 @@ DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 -
 	--num_workers 0 --log_freq 22 --save_last_freq 10 --online_eval --eval_freq 1000 \
 	--num_images 1000 --eval_bsz 500 --num_iter 16 --cfg 3.0 --temperature 1.0
 
-# Training and scoring, then the editing check (demo_edit.py) on the new run.
+# Training and scoring, then the editing check (demo_edit.py) on the new run (or on RUN, resumed).
 demo: $(STAMP)
-	run=$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S) && \
-	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run && \
+	run=$(or $(patsubst %/,%,$(RUN)),$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S)) && \
+	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run$(if $(RUN), --resume $$run) && \
 	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
 
 # The flags `make demo` passes to main_mar.py for this FAMILY (tests/test_demo.py runs the demo's own recipe).

@@ -124,3 +124,46 @@ def test_every_flag_has_help_and_the_help_shows_defaults(parser):
     assert re.search(r"--num_gaussians NUM_GAUSSIANS\s+mixture components.*\(default: 4", text.replace("\n", " ")) \
         or parser is main_cache.get_args_parser
     assert "(default: None)" not in text
+
+
+def _helps(parser):
+    """{option: its help as --help prints it, on one line}."""
+    formatter = parser.formatter_class(prog="x")
+    return {a.option_strings[0]: " ".join(formatter._expand_help(a).split()) for a in parser._actions
+            if a.option_strings}
+
+
+@pytest.mark.parametrize("parser", [main_mar.get_args_parser, main_cache.get_args_parser])
+def test_the_pin_memory_switches_show_their_default_once_and_truly(parser):
+    helps = _helps(parser())
+    assert helps["--pin_mem"].count("default") == 1 and helps["--pin_mem"].endswith("(default: True)")
+    assert "default" not in helps["--no_pin_mem"]  # its dest's True read as "--no_pin_mem is on"
+
+
+def test_a_flag_the_families_share_says_what_it_means_in_each():
+    """--depth is the causal family's self- plus cross-attention blocks and the scale-wise family's AdaLN blocks:
+    the help holds each family's own text, not the first family's alone."""
+    from models.config import all_flag_fields
+    helps = _helps(main_mar.get_args_parser())
+    for name, owners in all_flag_fields().items():
+        for f, owner in owners:
+            assert f.metadata["help"] in helps[f"--{name}"], (name, owner)
+    assert "--family scalewise: outer AdaLN blocks" in helps["--depth"]
+
+
+def test_main_cache_help_names_no_flag_it_lacks():
+    """main_cache.py has no --dataset: --img_channels shows the default it takes (3), not the data set's."""
+    p = main_cache.get_args_parser()
+    helps = _helps(p)
+    assert helps["--img_channels"].endswith("(default: 3)")
+    assert p.parse_args([]).img_channels is None  # None = TokenConfig's 3 (flags.token_config)
+    from util import flags
+    assert flags.token_config(p.parse_args([])).img_channels == 3
+    writer = flags.parser("x")
+    flags.add_data_args(writer, writes_cache=True)  # main_cache.py's --cached_path is its output
+    assert "write" in _helps(writer)["--cached_path"] and "--use_cached" not in _helps(writer)["--cached_path"]
+
+
+@pytest.mark.parametrize("parser", [main_mar.get_args_parser, sample.get_parser])
+def test_compile_help_names_the_head_sampler_too(parser):
+    assert "compile_regions" in _helps(parser())["--compile"]

@@ -276,6 +276,20 @@ def test_the_model_card_holds_the_facts(run, published, tmp_path):
     assert sample.main(["--ckpt", str(run), "--out", str(tmp_path / "run.png"), *same]).read_bytes() == card_png
 
 
+@pytest.mark.parametrize("args, shown, left_out", [
+    ({"dataset": "digits", "data_path": "./data/imagenet"}, [], ["data path", "cached latents"]),
+    ({"dataset": "imagenet", "data_path": "/data/in1k"}, ["| data path | /data/in1k |"], ["cached latents"]),
+    ({"dataset": "imagenet", "data_path": "./data/imagenet", "use_cached": True, "cached_path": "/cache"},
+     ["| cached latents | /cache |"], ["data path"]),
+])
+def test_the_model_card_names_only_the_data_the_run_read(args, shown, left_out):
+    """The digits demo reads no --data_path (its default ./data/imagenet would read as the training data), and
+    --use_cached reads --cached_path, not --data_path."""
+    from util.hub.card import model_card
+    card = model_card("tiny", digits_mar("arinar").config, 1000, {"args": {**ARGS, **args}}, "mit")
+    assert all(row in card for row in shown) and not any(f"| {label} |" in card for label in left_out), card
+
+
 # ----------------------------------------------------------------------------- the releases
 def release_file(path, head, **args):
     """A release-layout file of a tiny model: args pickled as a Namespace, no config, optimizer and scaler."""

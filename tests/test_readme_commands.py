@@ -65,3 +65,46 @@ def test_readme_command_parses(script, argv, capsys):
     if script == "main_mar.py" and not args.resume:
         from main_mar import model_config, resolve_args
         model_config(resolve_args(args), None)  # the preset exists and every model flag applies to it
+
+
+def test_the_demo_editing_commands_edit_a_file_the_demo_writes():
+    """The repo ships no digit to edit: each README command that edits a `make demo` run's model takes one of that
+    run's own samples, a glob that matches exactly one of the files the run's evaluations write."""
+    import fnmatch
+    import os
+
+    from main_mar import get_args_parser
+    from tests.test_demo import demo_flags
+    from util.evaluation.eval_folder import folder_name, png_path
+    found = 0
+    for line in shell_lines((REPO / "README.md").read_text()):
+        words = shlex.split(line.replace("<time>", "20261205-061344"), comments=True)
+        if "sample.py" not in words or "--edit" not in words:
+            continue
+        run = words[words.index("--ckpt") + 1]
+        match = re.fullmatch(r"output_dir/demo(?:-(causal|scalewise))?-20261205-061344", run)
+        if not match:
+            continue
+        args = get_args_parser().parse_args(demo_flags(match.group(1) or "mar"))
+        written = [png_path(os.path.join(run, folder_name(epoch, dict(
+                       num_iter=args.num_iter, cfg=cfg, cfg_schedule=args.cfg_schedule, num_images=args.num_images,
+                       temperature=args.temperature_list[0], eval_weights=args.eval_weights)), "images"), i)
+                   for epoch in (0, args.epochs - 1) for cfg in (1.0, args.cfg_list[0]) for i in (0, 1)]
+        edit = words[words.index("--edit") + 1]
+        assert len(fnmatch.filter(written, edit)) == 1, (edit, written)
+        found += 1
+    assert found == 3  # the mar, causal and scale-wise demos
+
+
+def test_the_readme_make_backend_call_runs_on_a_cpu_model():
+    """The README's `make_backend(...)` line, said to fall back to eager off CUDA, runs as written on a CPU model
+    (compile=True would raise there: --compile needs CUDA)."""
+    from models import create_model
+    from sampling import EagerBackend, make_backend
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    calls = [line.split("=", 1)[1].split("#")[0].strip() for block in blocks for line in block.splitlines()
+             if re.match(r"backend = make_backend\(", line)]
+    assert calls
+    model = create_model("mar_tiny")
+    for call in calls:
+        assert isinstance(eval(call, {"make_backend": make_backend, "model": model}), EagerBackend), call

@@ -1,5 +1,7 @@
-"""Repository hygiene: pinned dependencies agree, CI calls the README's test command."""
+"""Repository hygiene: pinned dependencies agree, CI calls the README's test command, `make demo` resumes."""
 import re
+import shlex
+import subprocess
 
 from tests.conftest import REPO
 
@@ -29,3 +31,25 @@ def test_no_bare_cuda_calls():
     offenders = [str(p.relative_to(REPO)) for p in REPO.rglob("*.py")
                  if ".venv" not in p.parts and bare in p.read_text()]
     assert offenders == []
+
+
+def demo_recipe(*variables):
+    """What `make demo` would run (a dry run; setup not redone), as lines of words with $run in place."""
+    out = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed-requirements", "demo",
+                          *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [shlex.split(line.rstrip(" &\\")) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_make_demo_run_resumes_that_run_then_checks_editing():
+    """`make demo RUN=<folder>` continues an interrupted demo in its own folder, with the family its name
+    gives; `make demo` alone starts a new timestamped run."""
+    setup, train, edit = demo_recipe("RUN=output_dir/demo-causal-20261205-064417/")
+    assert setup == ["run=output_dir/demo-causal-20261205-064417"]
+    assert train[train.index("--output_dir") + 1] == "$run" and train[train.index("--resume") + 1] == "$run"
+    assert train[train.index("--family") + 1] == "causal" and train[train.index("--model") + 1] == "causal_tiny"
+    assert edit[-3:] == ["demo_edit.py", "--ckpt", "$run/checkpoint-last.pth"]
+    _, train, _ = demo_recipe("RUN=output_dir/demo-20261205-064417")
+    assert train[train.index("--family") + 1] == "mar" and "--resume" in train
+    setup, train, _ = demo_recipe()
+    assert setup[0].startswith("run=output_dir/demo-$(date") and "--resume" not in train

@@ -19,10 +19,12 @@ CHOICES = {"model": lambda: sorted(PRESETS), "family": lambda: sorted(FAMILIES),
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None ("not given": the help says what applies then)."""
+    """Shows each flag's default, except None or "" ("not given": the help says what applies then) and on a
+    negative switch (store_false, as --no_pin_mem), whose default is its positive twin's."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is argparse.SUPPRESS or action.help is None:
+        if action.default in (None, "") or action.default is argparse.SUPPRESS or action.help is None or \
+                isinstance(action, argparse._StoreFalseAction):
             return action.help
         return super()._get_help_string(action)
 
@@ -31,15 +33,28 @@ def parser(description):
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def _default_text(owners):
-    """' (default: X)' from the dataclass defaults, per owner where they differ."""
-    shown = owners[0][0].metadata.get("shown")
+def _default_text(owners, shown=True):
+    """' (default: X)' from the dataclass defaults, per owner where they differ. shown=False: the dataclass's
+    default even where the field's `shown` names a data set's (main_cache.py has no --dataset)."""
+    shown = shown and owners[0][0].metadata.get("shown")
     if shown:
         return f" (default: {shown})"
     values = {owner: f.default for f, owner in owners}
     if len(set(map(repr, values.values()))) == 1:
         return f" (default: {next(iter(values.values()))})"
     return " (default: " + ", ".join(f"{v} with {o}" for o, v in values.items()) + ")"
+
+
+def _help_text(owners):
+    """The help of a flag that several families or heads may share: one text and its owners (when fewer than
+    three), or where the owners' helps differ (--depth), each owner's own."""
+    helps = {}
+    for f, owner in owners:
+        helps.setdefault(f.metadata.get("help", ""), []).append(owner)
+    if len(helps) > 1:
+        return "; ".join(f"{', '.join(where)}: {text}" for text, where in helps.items())
+    where = sorted({o for _, o in owners if o})
+    return next(iter(helps)) + (f" [{', '.join(where)}]" if where and len(where) < 3 else "")
 
 
 def add_model_args(parser, tokens_only=False):
@@ -54,12 +69,11 @@ def add_model_args(parser, tokens_only=False):
             continue
         f, _ = owners[0]
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-        where = sorted({o for _, o in owners if o})
-        text = f.metadata.get("help", "") + (f" [{', '.join(where)}]" if where and len(where) < 3 else "")
+        text = _help_text(owners)
         if f.metadata.get("tunable"):
             text += "; a resumed run may change it"
         group.add_argument(f"--{name}", type=kind, default=None, choices=CHOICES[name]() if name in CHOICES else None,
-                           help=text + _default_text(owners))
+                           help=text + _default_text(owners, shown=not tokens_only))
     return group
 
 
@@ -82,13 +96,16 @@ def add_tokenizer_file_args(group):
                        help="grey levels of the data for --tokenizer pixel dequantisation (0 = none)")
 
 
-def add_data_args(parser):
+def add_data_args(parser, writes_cache=False):
+    """The data flags; writes_cache: the script writes --cached_path (main_cache.py) rather than reading it."""
     group = parser.add_argument_group("data")
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root (with train/)")
-    group.add_argument("--cached_path", default="", help="cached latents (main_cache.py shards or MAR .npz)")
+    group.add_argument("--cached_path", default="", help=(
+        "folder to write the cached latents into (required)" if writes_cache else
+        "cached latents to read with --use_cached (main_cache.py shards or MAR .npz)"))
     group.add_argument("--batch_size", default=16, type=int, help="images per process (global = x processes)")
     group.add_argument("--num_workers", default=10, type=int, help="DataLoader worker processes")
-    group.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (default)")
+    group.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader (with CUDA)")
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
     parser.set_defaults(pin_mem=True)
     add_tokenizer_file_args(group)
@@ -116,8 +133,9 @@ def add_sampling_args(parser, cfg=1.0, sweep=True):
                        help="replay each sampling step as CUDA graphs (default: on with CUDA, off elsewhere; same "
                             "math, far fewer launches)")
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the outer network's repeated blocks inside the CUDA-graph backend (CUDA only; "
-                            "one compilation per block class)")
+                       help="torch.compile the outer network's repeated blocks and the pieces the head's "
+                            "sampler declares (compile_regions), inside the CUDA-graph backend (CUDA only; one "
+                            "compilation per block class)")
     return group
 
 

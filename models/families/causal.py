@@ -154,7 +154,7 @@ class CausalConfig:
     """The outer model's config; the defaults are causal_base's (ARINAR-B's outer size)."""
     width: int = field(default=768, metadata=flag("outer model width"))
     depth: int = field(default=30, metadata=flag(
-        "causal family: blocks in all, even (the first half self-attention, the second cross-attention)"))
+        "outer blocks in all, even (the first half self-attention, the second cross-attention)"))
     num_heads: int = field(default=12, metadata=flag("outer attention heads"))
     mlp_ratio: float = field(default=4.0, metadata=flag("outer MLP width / width", valid=("> 0", lambda v: v > 0)))
     rope_base: float = field(default=10000.0, metadata=flag(

@@ -108,7 +108,7 @@ def sample_mask_ratio(min_ratio=0.7, mean=1.0, std=0.25):
 @dataclass
 class MARConfig:
     """The outer model's config; the defaults are ARINAR-B's (the mar_base preset)."""
-    width: int = field(default=768, metadata=flag("outer encoder/decoder width"))
+    width: int = field(default=768, metadata=flag("outer model width"))
     depth: int = field(default=14, metadata=flag("outer blocks per side (encoder and decoder; MAR-B: 12)",
                                                  name="enc_dec_depth"))
     num_heads: int = field(default=12, metadata=flag("outer attention heads"))

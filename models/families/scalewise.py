@@ -49,8 +49,8 @@ class ScalewiseConfig:
     """The outer model's config; the defaults are the ARINAR release's var_d16."""
     mixer: str = field(default="var", metadata=flag(
         "scalewise: var = block-causal attention; mvar = attention inside a scale + a selective scan across"))
-    width: int = field(default=1024, metadata=flag("outer width"))
-    depth: int = field(default=16, metadata=flag("outer blocks"))
+    width: int = field(default=1024, metadata=flag("outer model width"))
+    depth: int = field(default=16, metadata=flag("outer AdaLN blocks (var: attention; mvar: attention + scan)"))
     num_heads: int = field(default=16, metadata=flag("outer attention heads"))
     mlp_ratio: float = field(default=4.0, metadata=flag("outer MLP width / width", valid=("> 0", lambda v: v > 0)))
     ssm_state: int = field(default=16, metadata=flag("mvar: selective-scan state size per channel"))
@@ -60,7 +60,7 @@ class ScalewiseConfig:
         "scalewise: stochastic depth of the last block (linear from 0 over the blocks)", tunable=True,
         valid=("in [0, 1)", lambda v: 0 <= v < 1)))
     label_drop_prob: float = field(default=0.1, metadata=flag(
-        "training: share of labels replaced by the null class (for CFG)", tunable=True, valid=UNIT))
+        "training: share of labels replaced by the fake class (for CFG)", tunable=True, valid=UNIT))
 
     def validate(self, tokens):
         if self.mixer not in MIXERS:

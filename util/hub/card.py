@@ -11,11 +11,20 @@ DATASETS = {"imagenet": "ILSVRC/imagenet-1k"}  # --dataset -> the Hub's data set
 SCORE_NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall",
                "accuracy": "digit accuracy", "real_accuracy": "accuracy on real digits"}
 # the run arguments the training table reports, in order
-TRAINING = (("dataset", "data set"), ("data_path", "data path"), ("epochs", "epochs (--epochs)"),
+TRAINING = (("dataset", "data set"), ("data_path", "data path"), ("cached_path", "cached latents"),
+            ("epochs", "epochs (--epochs)"),
             ("batch_size", "batch size per process"), ("world_size", "processes"), ("blr", "base lr per 256 images"),
             ("lr", "lr"), ("lr_schedule", "lr schedule"), ("warmup_epochs", "warm-up epochs"),
             ("weight_decay", "weight decay"), ("grad_clip", "gradient clip"), ("ema_rate", "EMA rate"),
             ("precision", "precision"), ("seed", "seed"))
+
+
+def data_source(args):
+    """The argument that names the data the run read: --cached_path with --use_cached, none for the digits demo
+    (shipped with scikit-learn), else --data_path; the others are unused defaults."""
+    if args.get("use_cached"):
+        return "cached_path"
+    return None if args.get("dataset") == "digits" else "data_path"
 
 
 def front_matter(config, args, license):
@@ -105,7 +114,9 @@ def model_card(name, config, num_params, facts, license):
                                f"{config.class_num} classes"),
                     ("tokenizer", tokenizer), ("license", license)]),
             "## Training\n"]
-    rows = [(label, _number(args[key])) for key, label in TRAINING if args.get(key) not in (None, "")]
+    unused = {"data_path", "cached_path"} - {data_source(args)}
+    rows = [(label, _number(args[key])) for key, label in TRAINING
+            if args.get(key) not in (None, "") and key not in unused]
     if facts.get("epoch") is not None:
         rows.append(("epochs completed", str(int(facts["epoch"]) + 1)))
     text.append(_table(rows) if rows else "The checkpoint recorded no training arguments.\n")
