@@ -22,7 +22,7 @@ from engine_mar import sampling_backend
 from util.data.digits import DigitsDataset, score_samples
 from util.editing import box_to_tokens, fill_canvas, sampling_settings, upsample_tokens
 from util.images import decode_images, save_grid, to_uint8
-from util.io.checkpoints import checkpoint_args, read_checkpoint
+from util.io.checkpoints import checkpoint_args, read_checkpoint, resolve_checkpoint_path
 from util.io.files import atomic_write
 
 logger = logging.getLogger("demo_edit")
@@ -33,9 +33,12 @@ ZOOM = 4  # 8x8 digits are shown 32x32 in the grid
 def get_parser():
     parser = argparse.ArgumentParser(description="Complete and repaint held-out digits with a digits demo model.")
     parser.add_argument("--ckpt", default=None,
-                        help="demo checkpoint (default: the newest RUNS/demo-*/checkpoint-last.pth)")
-    parser.add_argument("--runs", default="output_dir", help="where `make demo` writes its runs")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="demo run folder or checkpoint file; the results go to edit-demo/ in that folder "
+                             "(or the file's) (default: the newest RUNS/demo-*/checkpoint-last.pth)")
+    parser.add_argument("--runs", default="output_dir",
+                        help="where `make demo` writes its runs (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed; the same seed gives the same digits on the same device (default: 0)")
     parser.add_argument("--num_iter", type=int, default=None, help="outer steps (default: the run's own)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's own)")
     return parser
@@ -82,7 +85,8 @@ def main(argv=None):
     demo = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        demo.ckpt = Path(demo.ckpt) if demo.ckpt else newest_demo_checkpoint(demo.runs)
+        given = Path(demo.ckpt) if demo.ckpt else newest_demo_checkpoint(demo.runs)
+        demo.ckpt = resolve_checkpoint_path(given)  # a run folder -> its checkpoint-last.pth
         args = sample_args(demo)
         model, tokenizer, _ = sample.load_everything(args, torch.device("cpu"))
     except (FileNotFoundError, ValueError) as err:
@@ -114,7 +118,8 @@ def main(argv=None):
         "sec_per_image": seconds / (2 * len(labels)), "checkpoint": str(demo.ckpt),
         **vars(sampling_settings(args)),
     }
-    folder = demo.ckpt.parent / "edit-demo"
+    # the run folder named by --ckpt, or the folder of the checkpoint file
+    folder = (given if given.is_dir() else given.parent) / "edit-demo"
     folder.mkdir(exist_ok=True)
     grid = write_grid([real, top_only, completed, repainted], labels.numpy(), folder / "edit_grid.png")
     atomic_write(folder / "edit_metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))

@@ -26,6 +26,7 @@ from util import distributed, flags
 from util.io.files import atomic_write
 from util.data.datasets import CACHE_FORMAT, INDEX_FILE, ImageFolderADM, SkipUnreadable, collate_skipping, shard_stem
 from util.io.tokenizers import build_tokenizer
+from util.train.preemption import ignore_stop_signals
 
 logger = logging.getLogger("main_cache")
 
@@ -35,7 +36,7 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32}
 def get_args_parser():
     parser = flags.parser("ARINAR latent caching")
     flags.add_model_args(parser, tokens_only=True)
-    flags.add_data_args(parser)
+    flags.add_data_args(parser, writes_cache=True)
     parser.add_argument("--shard_size", default=10000, type=int, help="images per shard")
     parser.add_argument("--cache_dtype", default="fp16", choices=sorted(DTYPES), help="storage dtype of the moments")
     return parser
@@ -80,7 +81,7 @@ def encode_shard(shard, indices, folder, tokenizer, args, settings, device, prog
     """Encode one shard's images (original + flip) and write its files; the .json goes last."""
     loader = DataLoader(SkipUnreadable(folder, indices), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                        collate_fn=collate_skipping)
+                        collate_fn=collate_skipping, worker_init_fn=ignore_stop_signals)
     moments, labels, skipped, count = None, [], [], 0
     for images, batch_labels, _, failed in loader:
         for note in failed:

@@ -21,13 +21,14 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from engine_mar import generate, sampling_backend
 from models import build
 from sampling import default_precision
 from util import flags
-from util.editing import DIRECTIONS, prepare_edit, run_edit, sampling_settings
+from util.editing import DIRECTIONS, check_box, prepare_edit, run_edit, sampling_settings
 from util.images import save_grid, save_png
 from util.io.checkpoints import config_from_checkpoint, load_model_weights, model_state_from_checkpoint, read_checkpoint
 from util.io.tokenizers import build_tokenizer
@@ -36,13 +37,15 @@ from util.train.preemption import INTERRUPT_EXIT
 logger = logging.getLogger("sample")
 
 GRID_PADDING = 2  # pixels between (and around) the images of the grid
+# --classes' default; `args.classes is DEFAULT_CLASSES` tells it was not given (argparse keeps the object)
+DEFAULT_CLASSES = [207, 360, 387, 974]
 
 
 def get_parser():
     parser = flags.parser("Sample a PNG grid (one row per class) from a checkpoint, or edit an image.")
     parser.add_argument("--ckpt", required=True, help="checkpoint file (.pth or .safetensors), run directory, "
                         "published model folder or Hugging Face Hub repo id USER/NAME[@REVISION] (python -m util.hub)")
-    parser.add_argument("--classes", type=int, nargs="+", default=[207, 360, 387, 974], help="class ids, one row each")
+    parser.add_argument("--classes", type=int, nargs="+", default=DEFAULT_CLASSES, help="class ids, one row each")
     parser.add_argument("--num_per_class", type=int, default=4, help="images per class (per edit: results)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images on the same device")
     parser.add_argument("--batch_size", type=int, default=64, help="images generated at once")
@@ -82,6 +85,14 @@ def check_editing_args(args):
         return
     if not (args.mask or args.box or args.outpaint):
         raise ValueError("--edit needs a region: --mask MASK.png, --box X0 Y0 X1 Y1 or --outpaint DIRECTION PIXELS")
+    # grid-mode flags would be silently ignored by an edit
+    if args.save_dir is not None:
+        raise ValueError("--save_dir is for class grids, not --edit: each edit result is already written as "
+                         "OUT-0.png, OUT-1.png, ... beside --out; drop --save_dir")
+    if args.classes is not DEFAULT_CLASSES:
+        raise ValueError("--classes is for class grids, not --edit: use --class N for the regenerated region")
+    if args.box:
+        check_box(args.box)
     if args.class_id is None and args.cfg != 1:
         raise ValueError(f"--cfg {args.cfg:g} guides towards a class: add --class N (or --cfg 1 to edit "
                          "unconditionally)")
@@ -116,6 +127,18 @@ def check_sampling_args(args):
         raise ValueError(f"--cfg must be >= 1 (1 = no guidance); got {args.cfg}")
     if args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0; got {args.temperature}")
+    check_out(args.out)
+
+
+def check_out(out):
+    """--out is written only after every image is drawn: refuse now a path PIL could not write then."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory: name the image file to write, e.g. "
+                         f"--out {os.path.join(out, 'samples.png')}")
+    suffix = os.path.splitext(out)[1].lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        what = f"its extension {suffix} is not an image format PIL can write" if suffix else "it has no extension"
+        raise ValueError(f"--out {out}: {what}; use .png (or .jpg, .webp, ...)")
 
 
 def load_everything(args, device):

@@ -1,6 +1,7 @@
 """Latent caching (main_cache.py) and the cached-latent / image data sets."""
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from models.vae import LATENT_SCALE, AutoencoderKL
 from tests.pipeline_fixtures import make_image_folder, parse
 from util import flags
 from util.data.datasets import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
+from util.train.preemption import SIGNALS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +85,20 @@ def test_pixel_cache_skips_broken_images_and_resumes_by_shard(tmp_path, capsys):
     assert after["shard-00001.npy"][1] == before["shard-00001.npy"][1]
     assert after["shard-00001.npy"][0] != before["shard-00001.npy"][0]
     assert json.loads((out / "index.json").read_text())["num_cached"] == 8
+
+
+def test_cache_loader_workers_leave_stop_signals_to_the_main_process(tmp_path, monkeypatch):
+    """A SIGTERM to the process group (scancel, `timeout`) must not kill the workers under the main process."""
+    class Checked(main_cache.SkipUnreadable):
+        def __getitem__(self, i):  # runs in the worker
+            handlers = [signal.getsignal(s) for s in SIGNALS]
+            assert handlers == [signal.SIG_IGN] * len(SIGNALS), f"worker signal handlers {handlers}"
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(main_cache, "SkipUnreadable", Checked)
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
+    out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8", "--num_workers", "1")
+    assert json.loads((out / "index.json").read_text())["num_cached"] == 2
 
 
 def test_cache_refuses_a_folder_made_with_other_settings(tmp_path):

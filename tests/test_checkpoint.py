@@ -199,3 +199,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert_same_tensors(a["model"], b["model"], "model")
     assert_same_tensors(a["model_ema"], b["model_ema"], "model_ema")
     assert_same_optimizer(a["optimizer"], b["optimizer"])
+
+
+def test_a_missing_resume_path_says_how_to_fetch_released_weights(tmp_path):
+    from util.train.state import checkpoint_path
+    with pytest.raises(FileNotFoundError, match=r"--resume pretrained_models/arinar/arinar_b: no such checkpoint "
+                                                r"file or run folder; fetch it with `python -m util.io.download "
+                                                r"arinar_b`"):
+        checkpoint_path("pretrained_models/arinar/arinar_b", tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"no such checkpoint file or run folder; fetch released weights"):
+        checkpoint_path(str(tmp_path / "typo" / "run"), tmp_path / "run")

@@ -50,8 +50,11 @@ def test_box_to_tokens_marks_every_token_the_box_touches():
     assert np.array_equal(box_to_tokens((1, 4, 3, 8), 8, 2), expected)  # x 1..2 -> cols 0, 1; y 4..7 -> rows 2, 3
     assert box_to_tokens((0, 0, 8, 8), 8, 2).all()
     assert box_to_tokens((4, 4, 5, 5), 8, 2).sum() == 1
-    for box in ((0, 0, 9, 8), (-1, 0, 4, 4), (3, 0, 3, 4), (0, 5, 4, 2)):
+    for box in ((0, 0, 9, 8), (-1, 0, 4, 4)):
         with pytest.raises(ValueError, match="outside the 8x8 canvas"):
+            box_to_tokens(box, 8, 2)
+    for box in ((3, 0, 3, 4), (0, 5, 4, 2), (4, 4, 4, 4), (8, 8, 0, 4)):  # not outside: empty or reversed
+        with pytest.raises(ValueError, match="is empty or reversed: need X0 < X1 and Y0 < Y1"):
             box_to_tokens(box, 8, 2)
 
 
@@ -196,7 +199,9 @@ def digit_png(tmp_path):
 
 
 def edit(ckpt, out, image, *extra):
-    return run(ckpt, out, "--edit", image, "--num_per_class", "3", *extra)
+    """sample.py --edit (test_sample's run() without its --classes, which an edit refuses)."""
+    return sample.main(["--ckpt", str(ckpt), "--out", str(out), "--edit", str(image), "--num_per_class", "3",
+                        "--num_iter", "4", "--cfg", "1.0", "--device", "cpu", *map(str, extra)])
 
 
 def grid_cells(path, cols, height, width):
@@ -277,6 +282,11 @@ def test_outpaint_extends_the_canvas(pixel_run, digit_png, tmp_path, direction, 
     (None, ["--box", "0", "0", "4", "4", "--class", "10", "--cfg", "2"], "--class 10 out of range"),
     (None, ["--box", "0", "0", "4", "4", "--cfg", "2"], "add --class N"),
     (None, [], "--edit needs a region"),
+    (None, ["--box", "4", "4", "4", "4"], "--box 4 4 4 4 is empty or reversed"),
+    (None, ["--box", "8", "8", "0", "4"], "--box 8 8 0 4 is empty or reversed"),
+    # grid-mode flags an edit would silently ignore
+    (None, ["--box", "0", "0", "4", "4", "--save_dir", "{mask}"], "--save_dir is for class grids, not --edit"),
+    (None, ["--box", "0", "0", "4", "4", "--classes", "1", "2"], "--classes is for class grids, not --edit"),
 ])
 def test_bad_edit_input_is_one_line_and_writes_nothing(pixel_run, digit_png, tmp_path, capsys,  # noqa: F811
                                                        make, extra, message):
@@ -365,6 +375,17 @@ def test_demo_edit_scores_a_perfect_editor_as_the_real_digits(pixel_run, tmp_pat
     assert metrics["top_half_only_accuracy"] == pytest.approx(TOP_HALF_ACCURACY)
 
 
+def test_demo_edit_on_a_run_folder_writes_into_that_run(pixel_run, tmp_path, monkeypatch):  # noqa: F811
+    """--ckpt RUN_FOLDER: the results go to RUN_FOLDER/edit-demo (not beside the run, where the next run's
+    would overwrite them), and edit_metrics.json names the checkpoint file that was read."""
+    run_dir = demo_run(pixel_run, tmp_path)
+    monkeypatch.setattr(demo_edit, "regenerate_bottom", lambda model, tokenizer, images, *rest: to_uint8(images))
+    metrics = demo_edit.main(["--ckpt", str(run_dir), "--num_iter", "2"])
+    saved = json.loads((run_dir / "edit-demo" / "edit_metrics.json").read_text())
+    assert saved == metrics and saved["checkpoint"] == str(run_dir / "checkpoint-last.pth")
+    assert (run_dir / "edit-demo" / "edit_grid.png").is_file() and not (run_dir.parent / "edit-demo").exists()
+
+
 def test_demo_edit_without_a_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_edit.main(["--runs", str(tmp_path)])
@@ -376,10 +397,10 @@ def test_kl16_edit_and_outpaint_shapes(kl16_run, tmp_path):  # noqa: F811
     photo = np.random.default_rng(0).integers(0, 256, (40, 32, 3), dtype=np.uint8)  # taller: crop rows 4..35
     Image.fromarray(photo).save(tmp_path / "photo.png")
     vae = ["--vae_path", kl16_run / "kl16.ckpt", "--num_per_class", "2"]
-    out = run(kl16_run, tmp_path / "k.png", "--edit", tmp_path / "photo.png", "--box", "0", "0", "16", "16", *vae)
+    out = edit(kl16_run, tmp_path / "k.png", tmp_path / "photo.png", "--box", "0", "0", "16", "16", *vae)
     original, mask, *results = (np.asarray(Image.open(out))[PAD:PAD + 32, PAD + c * 34:PAD + c * 34 + 32]
                                 for c in range(4))
     assert np.array_equal(original, photo[4:36]) and (mask[:16, :16] == 255).all() and (mask[16:] == 0).all()
     assert len(results) == 2 and results[0].shape == (32, 32, 3)
-    out = run(kl16_run, tmp_path / "w.png", "--edit", tmp_path / "photo.png", "--outpaint", "left", "16", *vae)
+    out = edit(kl16_run, tmp_path / "w.png", tmp_path / "photo.png", "--outpaint", "left", "16", *vae)
     assert np.asarray(Image.open(tmp_path / "w-1.png")).shape == (32, 48, 3)

@@ -8,6 +8,7 @@ import argparse
 import ast
 import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,18 @@ def test_safetensors_round_trip_and_export(tmp_path):
     assert os.listdir(out.parent) == ["ema.safetensors"]  # no temp file left behind
     exported_live = read_checkpoint(export_safetensors(ckpt, tmp_path / "live.safetensors", use_ema=False))["model"]
     assert all(torch.equal(exported_live[k], live[k]) for k in live)
+
+
+def test_exported_safetensors_honour_the_umask(tmp_path):
+    """Like every other file the project writes (a team shares run folders): not safetensors' own 0600."""
+    source = tiny_mar()
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=source.state_dict(), args={},
+                           config=source.config.to_dict())
+    old = os.umask(0o022)
+    try:
+        for mask, expected in ((0o022, 0o644), (0o002, 0o664)):
+            os.umask(mask)
+            out = export_safetensors(ckpt, tmp_path / f"out-{mask:o}.safetensors")
+            assert stat.S_IMODE(out.stat().st_mode) == expected, oct(out.stat().st_mode)
+    finally:
+        os.umask(old)

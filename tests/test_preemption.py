@@ -1,9 +1,12 @@
 """Preemption: a stop signal on any rank -> every rank finishes the step, one step-granular checkpoint,
 exit code REQUEUE_EXIT; the same command with --resume continues bit-identically."""
 import os
+import shlex
 import signal
 import subprocess
+import sys
 import textwrap
+import time
 
 import pytest
 
@@ -11,7 +14,7 @@ import engine_mar
 import main_mar
 from models import PRESETS
 from tests.conftest import REPO
-from tests.pipeline_fixtures import (TINY, load, make_image_folder, subprocess_env, TINY_PRESET, tiny_flags,
+from tests.pipeline_fixtures import (TINY, load, make_image_folder, python, subprocess_env, TINY_PRESET, tiny_flags,
                                      torchrun)
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
 from util.train import state as checkpoint
@@ -55,12 +58,16 @@ def test_sigint_saves_at_the_step_and_resume_is_bit_identical(tmp_path, monkeypa
     flags = tiny_flags(output_dir=run, resume=run, **common)
     with monkeypatch.context() as patch:
         patch.setattr(engine_mar, "to_latents", signal_self_at(7, signal.SIGINT))
+        patch.setattr(sys, "argv", ["main_mar.py", *flags])
         assert main_exit_code(flags, monkeypatch) == REQUEUE_EXIT
     stopped = load(run / LAST)["train_state"]
     assert (stopped["global_step"], stopped["epoch"], stopped["step_in_epoch"]) == (7, 1, 2)
     assert signal.getsignal(signal.SIGINT) is handler  # the handlers are put back
     lines = [line for line in capsys.readouterr().err.splitlines() if "SIGINT" in line]
     assert len(lines) == 1 and f"stopped after global step 7 with {run / LAST} saved; exiting with code 75" in lines[0]
+    # the command to run, not "the same command": the one given, its --resume moved to the end
+    i = flags.index("--resume")
+    assert lines[0].endswith(f"to continue: python main_mar.py {shlex.join(flags[:i] + flags[i + 2:])} --resume {run}")
 
     assert main_exit_code(flags, monkeypatch) == 0
     assert_same_run(load(tmp_path / "whole" / LAST), load(run / LAST))
@@ -122,3 +129,44 @@ def test_sigterm_on_one_rank_of_two_stops_both_and_resume_is_bit_identical(tmp_p
     assert "a stop signal on another rank: stopped after global step 2" in result.stderr
     assert f"resuming {tmp_path / 'run' / LAST} at epoch 0 step 2" in result.stderr
     assert_same_run(load(tmp_path / "whole" / LAST), load(tmp_path / "run" / LAST))
+
+
+GROUP_LAUNCHER = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {str(REPO)!r})
+    from tests.pipeline_fixtures import TINY, TINY_PRESET
+    from models import PRESETS
+    PRESETS[TINY] = TINY_PRESET
+    import main_mar
+    sys.argv[0] = "main_mar.py"
+    main_mar.cli()
+""")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_75(tmp_path):
+    """SLURM's scancel and `timeout` signal every process of the job, DataLoader workers included: the
+    workers must leave the stop to the main process (torch's worker SIGTERM handler kills them, and the
+    main process then died of "DataLoader worker exited unexpectedly" with exit 1 and no save)."""
+    data = make_image_folder(tmp_path / "data", per_class=5)
+    run = tmp_path / "run"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(GROUP_LAUNCHER)
+    flags = tiny_flags(data_path=data, output_dir=run, epochs=100000, num_workers=1)
+    proc = subprocess.Popen([python(), str(launcher), *flags], cwd=REPO, env=subprocess_env(),
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:  # wait until a few steps ran with their worker
+            lines.append(line)
+            if "epoch 1 step" in line:
+                break
+        assert proc.poll() is None, "".join(lines)[-3000:]  # (it did not end before the signal)
+        time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = "".join(lines) + proc.stderr.read()
+        assert proc.wait(timeout=60) == REQUEUE_EXIT, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "SIGTERM: stopped after global step" in err and "Traceback" not in err, err[-3000:]
+    assert load(run / LAST)["train_state"]["global_step"] > 5

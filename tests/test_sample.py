@@ -120,6 +120,20 @@ def test_bad_config_is_a_one_line_error(pixel_run, tmp_path, capsys, extra, mess
     assert not (tmp_path / "x.png").exists()
 
 
+def test_an_out_pil_cannot_write_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--out is written after all the sampling: a name without an image extension, or a folder, used to end
+    the run with PIL's traceback then, and every image was lost."""
+    monkeypatch.setattr(sample, "load_everything", lambda *a: pytest.fail("the model loaded before --out was checked"))
+    (tmp_path / "samples").mkdir()
+    for out, message in [(tmp_path / "noext", "it has no extension; use .png"),
+                         (tmp_path / "grid.pgn", "its extension .pgn is not an image format PIL can write"),
+                         (tmp_path / "samples", "is a directory: name the image file to write")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path / "any.pth", out)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code == 2 and f"error: --out {out}" in error and message in error, error
+
+
 def test_missing_files_are_one_line_errors(kl16_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path / "nowhere.pth", tmp_path / "x.png")

@@ -82,9 +82,18 @@ def mask_to_tokens(white, grid):
     return regenerate
 
 
+def check_box(box):
+    """Refuse an empty or reversed --box (it needs no canvas size, so sample.py checks it before loading)."""
+    x0, y0, x1, y1 = box
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"--box {x0} {y0} {x1} {y1} is empty or reversed: need X0 < X1 and Y0 < Y1 "
+                         "(X1 and Y1 are exclusive)")
+
+
 def box_to_tokens(box, img_size, stride):
     """(x0, y0, x1, y1) pixels of the model-sized canvas (x1, y1 exclusive) -> bool [grid, grid] of the
     tokens the box touches."""
+    check_box(box)
     x0, y0, x1, y1 = box
     if not (0 <= x0 < x1 <= img_size and 0 <= y0 < y1 <= img_size):
         raise ValueError(f"--box {x0} {y0} {x1} {y1} is outside the {img_size}x{img_size} canvas: need "

@@ -30,6 +30,7 @@ from models import HEADS, PRESETS, ModelConfig, build, config_from_flags
 from models.config import all_flag_fields, check_flags_apply, tunable_flags
 from util.io import pretrained
 from util.io.download import ASSETS
+from util.io.files import current_umask
 from util.io.safe_load import why_unreadable
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ MAX_LISTED = 3
 
 
 # ----------------------------------------------------------------------------- reading files
-def _fetch_hint(path):
+def fetch_hint(path):
     """How to get a missing file: the download.py asset whose location it is, else the flags."""
     posix = Path(path).as_posix()
     for asset in ASSETS.values():
@@ -63,7 +64,7 @@ def resolve_checkpoint_path(path):
         if pretrained.is_pretrained_folder(path):
             return path
         raise FileNotFoundError(f"no {CHECKPOINT_NAME} in directory {path} (nor the {pretrained.CONFIG_NAME} of a "
-                                f"published model): {_fetch_hint(path)}")
+                                f"published model): {fetch_hint(path)}")
     if path.is_file():
         if path.name == pretrained.WEIGHTS_NAME and pretrained.is_pretrained_folder(path.parent):
             return path.parent  # its config.json says what the weights are
@@ -72,7 +73,7 @@ def resolve_checkpoint_path(path):
     if repo is not None:
         from util.hub.remote import download  # huggingface_hub is imported only when a repo id is named
         return download(*repo)
-    raise FileNotFoundError(f"checkpoint not found: {path}: {_fetch_hint(path)}")
+    raise FileNotFoundError(f"checkpoint not found: {path}: {fetch_hint(path)}")
 
 
 def _read_safetensors(path):
@@ -412,6 +413,7 @@ def export_safetensors(src, dest, use_ema=True):
         save_safetensors({k: v.detach().clone() for k, v in state.items()}, str(tmp),
                          metadata={"args": json.dumps(checkpoint_args(ckpt), default=str),
                                    "config": json.dumps(config.to_dict()), "weights": "ema" if ema else "live"})
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600; a team shares released weights
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)

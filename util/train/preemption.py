@@ -55,3 +55,12 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: the workers ignore SIGNALS, so that a signal sent to the whole process
+    group (SLURM's scancel, `timeout`, Ctrl-C) stops only the main process, which finishes the step,
+    saves and shuts its workers down. torch's own SIGTERM handler in a worker would otherwise kill it,
+    and the main process would die of "DataLoader worker exited unexpectedly" before it could save."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

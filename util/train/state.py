@@ -17,7 +17,7 @@ import torch
 
 from util import distributed
 from util.io.files import atomic_torch_save
-from util.io.checkpoints import load_model_weights, model_state_from_checkpoint, resolve_checkpoint_path
+from util.io.checkpoints import fetch_hint, load_model_weights, model_state_from_checkpoint, resolve_checkpoint_path
 from util.io.pretrained import is_pretrained_folder, parse_repo_id
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def checkpoint_path(resume, output_dir=None):
             return str(resolve_checkpoint_path(resume))
         except FileNotFoundError as err:
             raise FileNotFoundError(f"--resume {err}") from None
-    raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or run folder")
+    raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or run folder; {fetch_hint(resume)}")
 
 
 def optimizer_groups_match(optimizer, state):
