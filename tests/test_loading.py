@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from models import create_model
 from tests.conftest import load_manifest, randomize_, tiny_mar
-from util.io.checkpoints import (check_state_dict, checkpoint_args, export_safetensors, freeze_outer,
-                          load_model_weights, load_outer_weights, model_state_from_checkpoint,
-                          read_checkpoint, strip_wrapper_prefixes)
+from util.io.checkpoints import (check_state_dict, checkpoint_args, config_from_checkpoint, export_safetensors,
+                                 freeze_outer, load_model_weights, load_outer_weights, model_state_from_checkpoint,
+                                 read_checkpoint, strip_wrapper_prefixes)
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = torch.randn(3 * 2 ** 21, generator=torch.Generator().manual_seed(0))  # > 2 x the largest tensor
@@ -369,3 +369,11 @@ def test_exported_safetensors_honour_the_umask(tmp_path):
             assert stat.S_IMODE(out.stat().st_mode) == expected, oct(out.stat().st_mode)
     finally:
         os.umask(old)
+
+
+def test_a_bare_state_dict_that_does_not_fit_the_default_model_says_what_to_pass():
+    """No config and no run arguments: the weights give the width (32), the default preset the heads (12)."""
+    state = tiny_mar().state_dict()
+    with pytest.raises(ValueError, match=r"bare.pth is a bare state dict \(no config, no run arguments\): name its "
+                                         r"model with --model PRESET .*; as it stands: --width 32 must be a multiple"):
+        config_from_checkpoint(state, state, source="bare.pth")

@@ -392,7 +392,15 @@ def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
         if name in stored and stored[name] != value and name not in tunable and name not in LEGACY_FALLBACKS:
             raise ValueError(f"--{name} {value} contradicts {source} ({name} {stored[name]}): drop the flag")
     changed = {k: (stored[k], v) for k, v in given.items() if k in tunable and k in stored and stored[k] != v}
-    config = config_from_flags({**stored, **given})
+    try:
+        config = config_from_flags({**stored, **given})
+    except ValueError as err:
+        if checkpoint_args(ckpt):
+            raise
+        # nothing stored says what the model is: the weights' shapes and the preset's defaults disagree
+        raise ValueError(f"{source} is a bare state dict (no config, no run arguments): name its model with "
+                         f"--model PRESET and the flags it was trained with (--tokenizer, --img_size, --patch_size, "
+                         f"--img_channels, --class_num, ...); as it stands: {err}") from None
     check_flags_apply(config, given, source)  # flags of another family or head
     return config, changed
 
