@@ -55,7 +55,7 @@ def get_parser():
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if present")
     add_editing_args(parser)
     flags.add_precision_arg(flags.add_sampling_args(parser, cfg=4.5, sweep=False))
-    flags.add_model_args(parser)
+    flags.add_model_args(parser, training=False)
     flags.add_tokenizer_file_args(parser.add_argument_group("tokenizer weights"))
     return parser
 

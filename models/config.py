@@ -19,10 +19,11 @@ from models.registry import FAMILIES, HEADS, PRESETS
 TOKENIZERS = ("kl16", "pixel")
 
 
-def flag(help, name=None, tunable=False, valid=None, shown=None):
+def flag(help, name=None, tunable=False, valid=None, shown=None, training=False):
     """Field metadata: the command-line flag (--<name>, default the field's name), its help, its range as
-    (rule, predicate) (integers default to >= 1), and the default --help shows when it is not the field's."""
-    return {"flag": name, "help": help, "tunable": tunable, "valid": valid, "shown": shown}
+    (rule, predicate) (integers default to >= 1), the default --help shows when it is not the field's, and
+    whether it only shapes training (a sampling script leaves it out of its flags)."""
+    return {"flag": name, "help": help, "tunable": tunable, "valid": valid, "shown": shown, "training": training}
 
 
 UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)

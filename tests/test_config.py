@@ -167,3 +167,18 @@ def test_main_cache_help_names_no_flag_it_lacks():
 @pytest.mark.parametrize("parser", [main_mar.get_args_parser, sample.get_parser])
 def test_compile_help_names_the_head_sampler_too(parser):
     assert "compile_regions" in _helps(parser())["--compile"]
+
+
+def test_sample_py_offers_no_training_only_model_flags():
+    """Dropouts, label drop, mask ratio, ... shape training only: sample.py leaves them out of its flags;
+    main_mar.py keeps them, and sample.py keeps the sampling settings a checkpoint may change."""
+    import main_mar
+    import sample
+
+    def options(parser):
+        return {o for a in parser._actions for o in a.option_strings}
+    training_only = {"--label_drop_prob", "--mask_ratio_min", "--attn_dropout", "--proj_dropout", "--drop_path",
+                     "--target_subsample", "--diffusion_batch_mul"}
+    assert not training_only & options(sample.get_parser())
+    assert training_only <= options(main_mar.get_args_parser())
+    assert {"--num_sampling_steps", "--step_schedule", "--num_gaussians", "--width"} <= options(sample.get_parser())

@@ -57,15 +57,19 @@ def _help_text(owners):
     return next(iter(helps)) + (f" [{', '.join(where)}]" if where and len(where) < 3 else "")
 
 
-def add_model_args(parser, tokens_only=False):
+def add_model_args(parser, tokens_only=False, training=True):
     """Every model flag (top level, tokens, each family's and head's fields; or the tokenizer's alone),
-    defaulting to None = not given."""
+    defaulting to None = not given. training=False: a script that only samples (leaves out the flags that only
+    shape training: dropouts, label drop, ...)."""
     title = "tokenizer" if tokens_only else \
-        "model (a new run: the --model preset's values unless given; a stored run: its config)"
+        "model (a new run: the --model preset's values unless given; a stored run: its config)" if training else \
+        "model (a checkpoint's stored config; flags fill what a file without one does not say)"
     group = parser.add_argument_group(title)
     token_flags = {flag_name(f) for f in fields(TokenConfig)}
     for name, owners in all_flag_fields().items():
         if tokens_only and name not in token_flags:
+            continue
+        if not training and all(f.metadata.get("training") for f, _ in owners):
             continue
         f, _ = owners[0]
         kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]

@@ -162,16 +162,18 @@ class CausalConfig:
         valid=("> 1", lambda v: v > 1)))
     target_subsample: float = field(default=1.0, metadata=flag(
         "causal family, training: share of each image's tokens that are loss targets (random ones)", tunable=True,
-        valid=("in (0, 1]", lambda v: 0 < v <= 1)))
+        training=True, valid=("in (0, 1]", lambda v: 0 < v <= 1)))
     step_schedule: str = field(default="cosine", metadata=flag(
         "causal family, sampling: tokens a step, cosine (about 1 early, 7 late for 256 in 64) or arccos "
         "(about 3 early, 28 last)", tunable=True))
     label_drop_prob: float = field(default=0.1, metadata=flag(
-        "training: share of labels replaced by the fake class (for CFG)", tunable=True, valid=UNIT))
+        "training: share of labels replaced by the fake class (for CFG)", tunable=True, training=True, valid=UNIT))
     # MAR's dropouts (the flags the families share); ARPG trains with attention dropout 0, residual and
     # MLP dropout 0.1 and a token-embedding dropout 0.1: --attn_dropout 0 comes closest
-    attn_dropout: float = field(default=0.1, metadata=flag("attention dropout", tunable=True, valid=UNIT))
-    proj_dropout: float = field(default=0.1, metadata=flag("projection/MLP dropout", tunable=True, valid=UNIT))
+    attn_dropout: float = field(default=0.1, metadata=flag("attention dropout", tunable=True, training=True,
+                                                           valid=UNIT))
+    proj_dropout: float = field(default=0.1, metadata=flag("projection/MLP dropout", tunable=True, training=True,
+                                                           valid=UNIT))
 
     def validate(self, tokens):
         if self.depth % 2:

@@ -115,11 +115,13 @@ class MARConfig:
     mlp_ratio: float = field(default=4.0, metadata=flag("outer MLP width / width", valid=("> 0", lambda v: v > 0)))
     buffer_size: int = field(default=64, metadata=flag("class-vector buffer slots"))
     mask_ratio_min: float = field(default=0.7, metadata=flag(
-        "lowest training mask ratio", tunable=True, valid=("in (0, 1]", lambda v: 0 < v <= 1)))
+        "lowest training mask ratio", tunable=True, training=True, valid=("in (0, 1]", lambda v: 0 < v <= 1)))
     label_drop_prob: float = field(default=0.1, metadata=flag(
-        "training: share of labels replaced by the fake class (for CFG)", tunable=True, valid=UNIT))
-    attn_dropout: float = field(default=0.1, metadata=flag("attention dropout", tunable=True, valid=UNIT))
-    proj_dropout: float = field(default=0.1, metadata=flag("projection/MLP dropout", tunable=True, valid=UNIT))
+        "training: share of labels replaced by the fake class (for CFG)", tunable=True, training=True, valid=UNIT))
+    attn_dropout: float = field(default=0.1, metadata=flag("attention dropout", tunable=True, training=True,
+                                                           valid=UNIT))
+    proj_dropout: float = field(default=0.1, metadata=flag("projection/MLP dropout", tunable=True, training=True,
+                                                           valid=UNIT))
 
     def validate(self, tokens):
         if self.width % self.num_heads:

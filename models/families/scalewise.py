@@ -57,10 +57,10 @@ class ScalewiseConfig:
     ssm_expand: int = field(default=2, metadata=flag("mvar: scan channels / width"))
     ssm_conv: int = field(default=4, metadata=flag("mvar: causal conv width before the scan"))
     drop_path: float = field(default=0.0, metadata=flag(
-        "scalewise: stochastic depth of the last block (linear from 0 over the blocks)", tunable=True,
+        "scalewise: stochastic depth of the last block (linear from 0 over the blocks)", tunable=True, training=True,
         valid=("in [0, 1)", lambda v: 0 <= v < 1)))
     label_drop_prob: float = field(default=0.1, metadata=flag(
-        "training: share of labels replaced by the fake class (for CFG)", tunable=True, valid=UNIT))
+        "training: share of labels replaced by the fake class (for CFG)", tunable=True, training=True, valid=UNIT))
 
     def validate(self, tokens):
         if self.mixer not in MIXERS:

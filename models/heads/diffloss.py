@@ -76,7 +76,7 @@ class DiffLossConfig:
         "diffloss: diffusion steps when sampling", tunable=True,
         valid=(f"in [2, {TRAIN_STEPS}]", lambda v: 2 <= v <= TRAIN_STEPS)))
     diffusion_batch_mul: int = field(default=4, metadata=flag(
-        "diffloss: noise draws per masked token in training", tunable=True))
+        "diffloss: noise draws per masked token in training", tunable=True, training=True))
 
 
 @register_head("diffloss", config=DiffLossConfig, attr="diffloss")
