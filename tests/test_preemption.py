@@ -147,7 +147,9 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_75(tmp
     """SLURM's scancel and `timeout` signal every process of the job, DataLoader workers included: the
     workers must leave the stop to the main process (torch's worker SIGTERM handler kills them, and the
     main process then died of "DataLoader worker exited unexpectedly" with exit 1 and no save)."""
-    data = make_image_folder(tmp_path / "data", per_class=5)
+    # 40 steps an epoch: the loader forks its worker once an epoch, and a signal in the instant between torch's
+    # own worker handlers and the worker_init_fn would still kill it; long epochs make that instant rare
+    data = make_image_folder(tmp_path / "data", per_class=40)
     run = tmp_path / "run"
     launcher = tmp_path / "launch.py"
     launcher.write_text(GROUP_LAUNCHER)
