@@ -26,7 +26,8 @@ clean-venv:
 # output_dir/demo-<family>-<time> (plain demo-<time> for mar).
 # RUN=output_dir/demo-<time> continues that interrupted run in its own folder (--resume), then runs the editing
 # check; its FAMILY is read from the folder's name.
-RUN_FAMILY = $(filter-out 0% 1% 2% 3% 4% 5% 6% 7% 8% 9%,$(word 2,$(subst -, ,$(notdir $(patsubst %/,%,$(RUN))))))
+RUN_DIR = $(patsubst %/checkpoint-last.pth,%,$(patsubst %/,%,$(RUN)))
+RUN_FAMILY = $(filter causal scalewise,$(word 2,$(subst -, ,$(notdir $(RUN_DIR)))))
 FAMILY ?= $(or $(RUN_FAMILY),mar)
 DEMO_RUN = output_dir/demo$(if $(filter-out mar,$(FAMILY)),-$(FAMILY))
 DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 --patch_size 2 \
@@ -37,7 +38,7 @@ DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 -
 
 # Training and scoring, then the editing check (demo_edit.py) on the new run (or on RUN, resumed).
 demo: $(STAMP)
-	run=$(or $(patsubst %/,%,$(RUN)),$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S)) && \
+	run=$(or $(RUN_DIR),$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S)) && \
 	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run$(if $(RUN), --resume $$run) && \
 	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
 

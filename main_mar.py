@@ -228,7 +228,7 @@ def check_eval_args(args, config, classes_known=True):
     if (fid_enabled(args) or ref_batch_enabled(args)) and args.inception_path is not None \
             and not os.path.isfile(args.inception_path):
         raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
-    if not (fid_enabled(args) or ref_batch_enabled(args) or extra_scorer(args)):
+    if not (fid_enabled(args) or ref_batch_enabled(args) or extra_scorer(args)) and distributed.is_main_process():
         logger.warning("no metric will be computed (--fid_stats none, no --ref_batch, --dataset %s has no scorer of "
                        "its own): the evaluation only writes images", args.dataset)
 
@@ -278,9 +278,9 @@ def main(args):
 def run(args, device, early):
     rank, world = distributed.get_rank(), distributed.get_world_size()
     ckpt_file = checkpoint_path(args.resume, args.output_dir)
+    check_args(args, ckpt_file)  # the flags first: cheap, and their errors should not wait for a large file
     ckpt = read_checkpoint(ckpt_file) if ckpt_file is not None else None
     resolve_args(args, checkpoint_args(ckpt) if ckpt is not None else None)
-    check_args(args, ckpt_file)
     if args.resume and ckpt_file is None and not args.evaluate:
         logger.info("--resume %s holds no %s yet: starting a fresh run", args.resume, LAST)
     config, ckpt = model_config(args, ckpt_file, ckpt)

@@ -372,3 +372,5 @@ def test_a_bare_state_dict_that_does_not_fit_the_default_model_says_what_to_pass
     with pytest.raises(ValueError, match=r"bare.pth is a bare state dict \(no config, no run arguments\): name its "
                                          r"model with --model PRESET .*; as it stands: --width 32 must be a multiple"):
         config_from_checkpoint(state, state, source="bare.pth")
+    with pytest.raises(ValueError, match=r"^--width 32 must be a multiple of --num_heads 12$"):  # named: plain
+        config_from_checkpoint(state, state, given={"model": "mar_base"}, source="bare.pth")

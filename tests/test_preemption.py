@@ -172,3 +172,21 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves_and_exits_75(tmp
             os.killpg(proc.pid, signal.SIGKILL)
     assert "SIGTERM: stopped after global step" in err and "Traceback" not in err, err[-3000:]
     assert load(run / LAST)["train_state"]["global_step"] > 5
+
+
+def test_a_worker_absorbs_one_sigterm_and_the_next_ends_it():
+    """The group's SIGTERM leaves a loader worker alive (the main process stops it); a second one, as the
+    loader's terminate() of a worker that did not exit sends, ends it: nothing hangs on a stuck worker."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from util.train.preemption import ignore_stop_signals;"
+            "ignore_stop_signals(0); print('ready', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([python(), "-c", code, str(REPO)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # absorbed
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -53,3 +53,9 @@ def test_make_demo_run_resumes_that_run_then_checks_editing():
     assert train[train.index("--family") + 1] == "mar" and "--resume" in train
     setup, train, _ = demo_recipe()
     assert setup[0].startswith("run=output_dir/demo-$(date") and "--resume" not in train
+    # its checkpoint file names the run too; a name without a family is MAR's (not "--family run")
+    setup, train, _ = demo_recipe("RUN=output_dir/demo-scalewise-20261205-064417/checkpoint-last.pth")
+    assert setup == ["run=output_dir/demo-scalewise-20261205-064417"]
+    assert train[train.index("--family") + 1] == "scalewise"
+    _, train, _ = demo_recipe("RUN=runs/my-run")
+    assert train[train.index("--family") + 1] == "mar"

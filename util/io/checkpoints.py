@@ -395,7 +395,7 @@ def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
     try:
         config = config_from_flags({**stored, **given})
     except ValueError as err:
-        if checkpoint_args(ckpt):
+        if checkpoint_args(ckpt) or "model" in given:  # stored arguments, or the user named the model: their error
             raise
         # nothing stored says what the model is: the weights' shapes and the preset's defaults disagree
         raise ValueError(f"{source} is a bare state dict (no config, no run arguments): name its model with "

@@ -58,9 +58,14 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id=None):
-    """DataLoader worker_init_fn: the workers ignore SIGNALS, so that a signal sent to the whole process
-    group (SLURM's scancel, `timeout`, Ctrl-C) stops only the main process, which finishes the step,
-    saves and shuts its workers down. torch's own SIGTERM handler in a worker would otherwise kill it,
-    and the main process would die of "DataLoader worker exited unexpectedly" before it could save."""
+    """DataLoader worker_init_fn: a signal sent to the whole process group (SLURM's scancel, `timeout`,
+    Ctrl-C) stops only the main process, which finishes the step, saves and shuts its workers down. torch's
+    own SIGTERM handler in a worker would otherwise kill it, and the main process would die of "DataLoader
+    worker exited unexpectedly" before it could save. A worker absorbs one SIGTERM only: the next one (the
+    loader's own terminate() of a worker that did not exit) ends it as before."""
     for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _absorb_once if sig == signal.SIGTERM else signal.SIG_IGN)
+
+
+def _absorb_once(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)
