@@ -145,15 +145,14 @@ def data_set_defaults(args):
 
 
 def model_config(args, ckpt_file, ckpt=None):
-    """The run's ModelConfig: a new run's from --model's preset, the data set and the model flags; a
-    resumed or evaluated run's from its checkpoint (model flags that contradict it are an error).
-    ckpt: the checkpoint dict if already read. Returns (config, the checkpoint dict or None)."""
+    """The run's ModelConfig: a new run's (ckpt_file None) from --model's preset, the data set and the model
+    flags; a resumed or evaluated run's from its checkpoint dict `ckpt`, read from ckpt_file (model flags
+    that contradict it are an error). Returns (config, ckpt)."""
     given = flags.given_model_flags(args)
     if ckpt_file is None:
         config = config_from_flags({**data_set_defaults(args), **given})
         check_flags_apply(config, given)  # a flag of another family or head is a mistake, not a no-op
         return config, None
-    ckpt = read_checkpoint(ckpt_file) if ckpt is None else ckpt
     state = model_state_from_checkpoint(ckpt, use_ema=False)
     config, changed = config_from_checkpoint(ckpt, state, given, source=str(ckpt_file))
     if changed:
