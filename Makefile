@@ -40,7 +40,8 @@ DEMO_FLAGS = --dataset digits --tokenizer pixel --pixel_levels 17 --img_size 8 -
 demo: $(STAMP)
 	run=$(or $(RUN_DIR),$(DEMO_RUN)-$$(date +%Y%m%d-%H%M%S)) && \
 	OMP_NUM_THREADS=1 $(PY) main_mar.py $(DEMO_FLAGS) --output_dir $$run$(if $(RUN), --resume $$run) && \
-	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth
+	OMP_NUM_THREADS=1 $(PY) demo_edit.py --ckpt $$run/checkpoint-last.pth && \
+	echo "demo run folder: $$run"
 
 # The flags `make demo` passes to main_mar.py for this FAMILY (tests/test_demo.py runs the demo's own recipe).
 demo-flags:

@@ -326,7 +326,8 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
         folder = refused = None
         if rank == 0:
             settings = eval_folder.eval_settings(args, model.config, cfg, temperature,
-                                                 eval_folder.weights_digest(model), device.type)
+                                                 eval_folder.weights_digest(model), device.type,
+                                                 num_iter=model.sampling_steps(args.num_iter))
             try:
                 folder = eval_folder.open_folder(args.output_dir, epoch, settings)
             except ValueError as err:
@@ -339,7 +340,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     counts = distributed.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
 
     results = {"epoch": epoch, "num_images": args.num_images, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
-               "temperature": temperature, "num_iter": args.num_iter, "weights": args.eval_weights,
+               "temperature": temperature, "num_iter": model.sampling_steps(args.num_iter), "weights": args.eval_weights,
                "sec_per_image": sec_per_image, "images_drawn": int(counts[0]), "images_kept": int(counts[1]),
                "world_size": world}
     if extractor is not None:

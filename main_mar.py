@@ -356,6 +356,9 @@ def run(args, device, early):
         logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %s, %s", config.model,
                     config.family, config.head, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
                     run_line, args.precision)
+        if model.sampling_steps(args.num_iter) != args.num_iter:
+            logger.info("the %s family samples in %d steps (one a scale): --num_iter %d is not used", config.family,
+                        model.sampling_steps(args.num_iter), args.num_iter)
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
     exit_code = 0
     try:
@@ -381,13 +384,14 @@ def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer, 
     and plot and log its best point. Points already in the table from an earlier run stay in it."""
     results = [evaluate(model, tokenizer, ema, args, epoch, cfg=cfg, temperature=t, writer=writer,
                         extra_score=scorer, backend=backend) for cfg, t in dict.fromkeys(points)]
-    prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-iter{args.num_iter}-n{args.num_images}-"
+    steps = model.sampling_steps(args.num_iter)
+    prefix = os.path.join(args.output_dir, f"sweep-ep{epoch}-iter{steps}-n{args.num_images}-"
                                            f"{args.eval_weights}")
     rows = sweep.merge_rows(sweep.read_rows(f"{prefix}.json"), results) if distributed.is_main_process() else []
     if len(rows) > 1:
         csv_path, _ = sweep.write_tables(rows, prefix)
         plotted = sweep.plot(rows, f"{prefix}.png", title=f"epoch {epoch}, {args.eval_weights} weights, "
-                                                          f"{args.num_images} images, {args.num_iter} steps")
+                                                          f"{args.num_images} images, {steps} steps")
         best = sweep.best_point(rows)
         if best is not None:
             row, key, lower = best

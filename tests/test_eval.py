@@ -115,6 +115,18 @@ def test_evaluate_writes_everything_and_its_fid_matches_scipy(tmp_path, inceptio
     assert "eval_cfg1_temp1_ema/fid" in tags and "eval_cfg1_temp1_ema/sec_per_image" in tags
 
 
+def test_a_scalewise_evaluation_is_named_by_its_scales_not_by_the_unused_num_iter(tmp_path):
+    """The scale-wise sampler takes one step a scale (4 on the 4x4 token grid) whatever --num_iter says, so
+    --num_iter 16 and 3 draw the same images: one folder (named iter4), reused by the second run."""
+    from tests.pipeline_fixtures import TINY_SCALEWISE
+    args, model, tokenizer, ema = eval_setup(tmp_path, model=TINY_SCALEWISE, buffer_size=None, num_iter=16)
+    first = evaluate(model, tokenizer, ema, args, epoch=0)
+    assert "-iter4-" in first["folder"] and first["num_iter"] == 4 and first["images_drawn"] == 4
+    args.num_iter = 3
+    again = evaluate(model, tokenizer, ema, args, epoch=0)
+    assert again["folder"] == first["folder"] and again["images_drawn"] == 0 and again["images_kept"] == 4
+
+
 def test_evaluation_uses_ema_weights_and_restores_live_ones(tmp_path):
     args, model, tokenizer, ema = eval_setup(tmp_path)
     randomize_(model, std=0.3, seed=1)

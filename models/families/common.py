@@ -58,6 +58,10 @@ class OuterModel(nn.Module):
         """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
         return getattr(self, self.head_attr)
 
+    def sampling_steps(self, num_iter):
+        """How many outer steps sample_tokens(num_iter=num_iter) takes (what an evaluation is named by)."""
+        return num_iter
+
     def patchify(self, latents):
         return patchify(latents, self.tokens)
 

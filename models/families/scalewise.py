@@ -123,6 +123,9 @@ class ScalewiseAR(OuterModel):
         # created after the outer init, which must not touch it
         build_head(self, config, cond_dim=width)
 
+    def sampling_steps(self, num_iter):
+        return len(self.scales)  # one step a scale, whatever num_iter says
+
     @property
     def null_class(self):
         return self.class_num

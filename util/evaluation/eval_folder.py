@@ -45,13 +45,14 @@ def state_digest(state):
     return h.hexdigest()
 
 
-def eval_settings(args, config, cfg, temperature, weights_sha, device_type):
+def eval_settings(args, config, cfg, temperature, weights_sha, device_type, num_iter):
     """Every setting that changes the generated images (the number of processes does not): the run's
-    sampling flags, the model config and its weights."""
-    keys = ("num_images", "eval_bsz", "seed", "num_iter", "cfg_schedule", "cfg_sampler", "precision", "vae_path",
+    sampling flags, the model config and its weights. num_iter: the outer steps the family takes (a
+    scale-wise model's fixed count, not the ignored --num_iter)."""
+    keys = ("num_images", "eval_bsz", "seed", "cfg_schedule", "cfg_sampler", "precision", "vae_path",
             "compile", "cuda_graphs", "eval_weights")
     settings = {k: getattr(args, k, None) for k in keys}
-    settings.update(cfg=float(cfg), temperature=float(temperature), model=config.to_dict(),
+    settings.update(num_iter=num_iter, cfg=float(cfg), temperature=float(temperature), model=config.to_dict(),
                     weights_sha256=weights_sha, device=device_type)
     return settings
 
