@@ -31,6 +31,7 @@ from engine_mar import (class_balanced_labels, evaluate, fid_enabled, ref_batch_
                         train_one_epoch)
 from models import build, config_from_flags
 from models.config import check_flags_apply
+from models.families.common import check_sampling_settings
 from sampling import default_precision
 from util import distributed, flags
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
@@ -163,8 +164,7 @@ def model_config(args, ckpt_file, ckpt=None):
 
 # the allowed range of every numeric run flag (the model's are checked by its config)
 FLAG_RANGES = (
-    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "num_iter",
-      "max_skipped_steps"), ">= 1", lambda v: v >= 1),
+    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "max_skipped_steps"), ">= 1", lambda v: v >= 1),
     (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
       "grad_clip"), ">= 0", lambda v: v >= 0),
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
@@ -185,6 +185,8 @@ def check_flag_ranges(args):
 def check_args(args, ckpt_file):
     """Everything about the run flags that can be wrong before any heavy object is built: one clear line each."""
     check_flag_ranges(args)
+    for cfg, temperature in sweep_points(args):
+        check_sampling_settings(args.num_iter, cfg, temperature, args.cfg_schedule)
     if args.evaluate and ckpt_file is None:
         raise ValueError(f"--evaluate needs a checkpoint: --resume {args.resume or 'RUN_DIR'} holds no {LAST}")
     if not args.evaluate:
@@ -207,12 +209,6 @@ def check_args(args, ckpt_file):
 def check_eval_args(args, config, classes_known=True):
     """The evaluation flags and files, checked before any image is generated. classes_known False: the
     class count comes from the data set later (a new run without --class_num), which checks it then."""
-    bad_cfg = [c for c in args.cfg_list if not c >= 1.0]
-    if bad_cfg:
-        raise ValueError(f"--cfg values must be >= 1 (1 = no guidance); got {bad_cfg[0]:g}")
-    bad_temperature = [t for t in args.temperature_list if not 0.0 < t < float("inf")]
-    if bad_temperature:
-        raise ValueError(f"--temperature values must be > 0; got {bad_temperature[0]:g}")
     if classes_known:
         class_balanced_labels(args.num_images, config.class_num)
     from util.evaluation import metrics

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from engine_mar import generate, sampling_backend
 from models import build
+from models.families.common import check_sampling_settings
 from sampling import default_precision
 from util import flags
 from util.editing import DIRECTIONS, check_box, prepare_edit, run_edit, sampling_settings
@@ -120,13 +121,10 @@ def resolve_precision(name, device):
 
 
 def check_sampling_args(args):
-    for name in ("num_per_class", "batch_size", "num_iter"):
+    for name in ("num_per_class", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if args.cfg < 1:
-        raise ValueError(f"--cfg must be >= 1 (1 = no guidance); got {args.cfg}")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0; got {args.temperature}")
+    check_sampling_settings(args.num_iter, args.cfg, args.temperature, args.cfg_schedule)
     check_out(args.out)
 
 

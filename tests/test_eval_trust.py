@@ -198,9 +198,11 @@ def test_a_killed_evaluation_resumes_its_folder_and_gives_the_same_metrics(tmp_p
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("extra, message", [
-    (["--cfg", "1.0", "0.5"], r"--cfg values must be >= 1 \(1 = no guidance\); got 0.5"),
-    (["--temperature", "1.0", "0"], "--temperature values must be > 0; got 0"),
-    (["--temperature", "-1"], "--temperature values must be > 0"),
+    (["--cfg", "1.0", "0.5"], r"--cfg must be 1 \(no guidance\) or finite and at least 1 \+ 1e-06; got 0.5$"),
+    (["--cfg", "1.0000000001"], r"--cfg must be 1 \(no guidance\) .*; got 1.0000000001$"),
+    (["--temperature", "1.0", "0"], "--temperature must be > 0 and finite .*; got 0.0$"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--temperature", "inf"], "--temperature must be > 0 and finite"),
     (["--num_images", "5"], "--num_images 5 must be a multiple of --class_num 2"),
     (["--fid_stats", "STATS_WITHOUT_MU"], "--fid_stats .* must hold arrays 'mu' and 'sigma'"),
     (["--ref_batch", "FLOAT_BATCH"], "--ref_batch .*arr_0 must be uint8"),

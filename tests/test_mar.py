@@ -322,7 +322,10 @@ def test_sampling_under_bf16_autocast_is_finite():
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(cfg=0.5, labels=torch.tensor([1, 2])), "cfg must be >= 1"),
+    (dict(cfg=0.5, labels=torch.tensor([1, 2])), r"--cfg must be 1 \(no guidance\) or finite"),
+    # a ramped scale 1 + (cfg - 1) k / L would round to exactly 1, which the head reads as unguided
+    (dict(cfg=1 + 2 ** -52, labels=torch.tensor([1, 2])), r"--cfg must be 1 \(no guidance\) or finite"),
+    (dict(cfg=float("inf"), labels=torch.tensor([1, 2])), r"--cfg must be 1 \(no guidance\) or finite"),
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(temperature=-1.0), "temperature must be > 0"),
     (dict(labels=torch.tensor([1, 10])), r"labels must be in \[0, 10\)"),

@@ -12,7 +12,7 @@ from PIL import Image
 import sample
 from models import FAMILIES, HEADS, PRESETS, build, config_from_flags, create_model
 from models.config import flag
-from models.families.common import EagerSteps, Step, canvas, canvas_dtype, check_sampling_settings
+from models.families.common import EagerSteps, OuterModel, Step, canvas, canvas_dtype, check_sampling_settings
 from models.gmm import is_guided
 from models.registry import build_head, register_family, register_head
 from models.token_grid import patchify, unpatchify
@@ -60,20 +60,13 @@ class BagConfig:
     label_drop_prob: float = field(default=0.1, metadata=flag("label drop", tunable=True))
 
 
-class Bag(nn.Module):
-    grad_checkpointing = False
-
+class Bag(OuterModel):
     def __init__(self, config):
-        super().__init__()
-        self.config, t = config, config.tokens
+        super().__init__(config)
         width = config.family_config.width
         self.class_emb = nn.Embedding(config.class_num + 1, width)  # the last row: the null class
-        self.pos = nn.Parameter(torch.randn(t.seq_len, width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(self.tokens.seq_len, width) * 0.02)
         build_head(self, config, cond_dim=width)
-
-    @property
-    def head(self):
-        return getattr(self, self.head_attr)
 
     def condition(self, labels):
         return self.class_emb(labels)[:, None] + self.pos  # [B, L, width]

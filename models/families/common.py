@@ -113,15 +113,21 @@ class SamplingSettings:
     temperature: float = 1.0
 
 
+# below this distance from 1 a ramped guidance scale can round to exactly 1, which a head reads as "not guided"
+MIN_GUIDANCE = 1e-6
+
+
 def check_sampling_settings(num_iter, cfg, temperature, cfg_schedule):
-    if num_iter < 1:
-        raise ValueError(f"num_iter must be >= 1; got {num_iter}")
-    if not cfg >= 1:
-        raise ValueError(f"cfg must be >= 1 (1 = no guidance); got {cfg}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (it divides each Gaussian's std); got {temperature}")
+    """The outer loop's settings, checked in this one place for every family and entry point (the flags
+    carry the same names, so the messages name them)."""
+    if not num_iter >= 1:
+        raise ValueError(f"--num_iter must be >= 1; got {num_iter}")
+    if not (cfg == 1 or 1 + MIN_GUIDANCE <= cfg < math.inf):
+        raise ValueError(f"--cfg must be 1 (no guidance) or finite and at least 1 + {MIN_GUIDANCE:g}; got {cfg!r}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"--temperature must be > 0 and finite (it divides each Gaussian's std); got {temperature!r}")
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}; got {cfg_schedule!r}")
+        raise ValueError(f"--cfg_schedule must be one of {CFG_SCHEDULES}; got {cfg_schedule!r}")
 
 
 def cfg_scale(cfg, cfg_schedule, known, total):
