@@ -1,6 +1,6 @@
 """The causal random-order family (models/families/causal.py): network, training loss, KV-cached sampler.
 
-The oracle for z is `Reference` below: the network written again from FAMILIES_SPEC §1 in float64,
+The oracle for z is `Reference` below: the network written again from the module docstring's description in float64,
 one token at a time, with its own RoPE (complex numbers) and its own causal bookkeeping; it only
 borrows the model's Linear/LayerNorm/MLP weights.
 """
@@ -251,6 +251,49 @@ def test_loss_pairs_each_target_with_its_own_query():
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
 
 
+def test_subsampled_loss_pairs_each_query_with_the_token_at_its_grid_position():
+    """target_subsample 0.25: the forward draws round(0.25 * 36) = 9 places of each order (argsort of
+    torch.rand(b, L), first 9); the query at place i predicts the token at grid position orders[b, i]."""
+    model = tiny("gmm", target_subsample=0.25, label_drop_prob=0.0).train()
+    gen = torch.Generator().manual_seed(13)
+    latents, labels = torch.randn(3, 1, 12, 12, generator=gen), torch.tensor([1, 5, 8])
+    orders = torch.stack([torch.randperm(L, generator=gen) for _ in range(3)])
+    torch.manual_seed(21)
+    with torch.no_grad():
+        loss = model(latents, labels, orders=orders)
+    torch.manual_seed(21)
+    places = torch.argsort(torch.rand(3, L), dim=1)[:, :9]  # the forward's draw, by hand
+    rows = torch.arange(3)[:, None]
+    tokens = model.patchify(latents)
+    with torch.no_grad():
+        z = model.condition(tokens, orders, labels)[rows, places]  # the full teacher-forced z at those places
+        want = model.gmmhead.loss(tokens[rows, orders[rows, places]].flatten(0, 1), z.flatten(0, 1)).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_diffloss_repeats_pair_each_target_with_its_own_z():
+    """MAR's diffusion head, train_repeats 4: the rows are the targets tiled block-wise four times, each
+    block with the same z's; the head's t (randint over 1000 steps) then noise are drawn in that order."""
+    model = tiny("diffloss", diffusion_batch_mul=4, label_drop_prob=0.0).train()
+    assert model.head.train_repeats == 4
+    gen = torch.Generator().manual_seed(14)
+    latents, labels = torch.randn(2, 1, 12, 12, generator=gen), torch.tensor([2, 6])
+    orders = torch.stack([torch.randperm(L, generator=gen) for _ in range(2)])
+    torch.manual_seed(22)
+    with torch.no_grad():
+        loss = model(latents, labels, orders=orders)
+    tokens = model.patchify(latents)
+    with torch.no_grad():
+        z = model.condition(tokens, orders, labels).flatten(0, 1)  # [2 * L, W], place by place
+        target = tokens[torch.arange(2)[:, None], orders].flatten(0, 1)
+        rows = 4 * 2 * L
+        torch.manual_seed(22)
+        t, noise = torch.randint(0, 1000, (rows,)), torch.randn(rows, D)
+        want = model.diffloss.loss(torch.cat([target] * 4), torch.cat([z] * 4), t=t, noise=noise).mean()
+    # the same float32 ops: equal to rounding (mispaired repeats move this mean by about 2e-4 of it)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_every_image_gets_its_own_random_order():
     model = tiny().train()
     orders = model.random_orders(4000, torch.device("cpu"))
@@ -360,6 +403,59 @@ def test_cfg_scale_ramps_and_temperature_reaches_the_head(head):
     want = [1 + 3.0 * min(k, L - 1) / L for k in known]
     assert [cfg for _, _, cfg in heads] == pytest.approx(want)
     assert all(temperature == 0.7 for _, temperature, _ in heads)
+
+
+def head_calls(rec):
+    """(z rows, cfg) of each head call a Recorder kept."""
+    return [(args[0].shape[0], args[2]) for name, args, _ in rec.calls if name == "head"]
+
+
+def test_cfg_schedule_reaches_every_head_call():
+    """36 tokens in 4 cosine steps leave floor(36 cos(pi s / 8)) = 33, 25, 13, then 1 (clamped) tokens:
+    3, 8, 12 and 13 drawn; the linear ramp counts 3, 11, 23 and 35 known; constant is cfg throughout."""
+    model = tiny()
+    want = {"constant": [4.0] * 4,
+            "linear": [1 + 3 * 3 / 36, 1 + 3 * 11 / 36, 1 + 3 * 23 / 36, 1 + 3 * 35 / 36]}
+    for schedule, scales in want.items():
+        rec = Recorder()
+        model.sample_tokens(2, num_iter=4, cfg=4.0, cfg_schedule=schedule, labels=torch.tensor([1, 2]), backend=rec)
+        calls = head_calls(rec)
+        assert [rows for rows, _ in calls] == [2 * 2 * n for n in (3, 8, 12, 13)]  # [cond; uncond] rows
+        assert [cfg for _, cfg in calls] == pytest.approx(scales), schedule
+
+
+def test_editing_ramp_counts_the_kept_tokens_as_known():
+    """A partial canvas: the schedule spans the open tokens, the ramp 1 + 3 * known / 36 counts the kept
+    ones too. 16 kept (20 open): floor(20 cos(pi s / 8)) leaves 18, 14, 7, 1 -> 2, 4, 7, 7 drawn, known
+    18, 22, 29, 35. 30 kept (6 open): leaves 5, 4, 2, 1 -> 1, 1, 2, 2 drawn, known 31, 32, 34, 35."""
+    model = tiny()
+    gen = torch.Generator().manual_seed(8)
+    known = torch.randn(2, 1, 12, 12, generator=gen)
+    cases = {16: ((2, 4, 7, 7), [1 + 3 * 18 / 36, 1 + 3 * 22 / 36, 1 + 3 * 29 / 36, 1 + 3 * 35 / 36]),
+             30: ((1, 1, 2, 2), [1 + 3 * 31 / 36, 1 + 3 * 32 / 36, 1 + 3 * 34 / 36, 1 + 3 * 35 / 36])}
+    for kept, (counts, scales) in cases.items():
+        keep = torch.stack([torch.randperm(L, generator=gen) < kept for _ in range(2)])
+        rec = Recorder()
+        model.sample_tokens(2, num_iter=4, cfg=4.0, labels=torch.tensor([1, 2]), known=known, keep=keep, backend=rec)
+        calls = head_calls(rec)
+        assert [rows for rows, _ in calls] == [2 * 2 * n for n in counts]
+        assert [cfg for _, cfg in calls] == pytest.approx(scales), kept
+
+
+def test_sampling_never_drops_labels():
+    """label_drop_prob is for training: a sampler given labels appends their class rows (then the null
+    class's for the unguided half) whatever the model's drop rate, and draws the same samples."""
+    model = tiny()
+    samples = []
+    for drop in (1.0, 0.0):
+        model.label_drop_prob = drop
+        rec = Recorder()
+        torch.manual_seed(12)
+        samples.append(model.sample_tokens(2, num_iter=3, cfg=2.0, labels=torch.tensor([3, 7]), backend=rec))
+        name, args, _ = rec.calls[0]
+        assert name == "causal.append" and bool((args[2] == -1).all())
+        assert torch.equal(args[1], model.class_emb.weight.detach()[[3, 7, 10, 10]][:, None])
+    assert torch.equal(samples[0], samples[1])
 
 
 def pit(values, mu, logvar, logits, temperature):
