@@ -20,7 +20,7 @@ from numpy.lib import format as npformat
 from tqdm import tqdm
 
 from models.families.common import check_labels
-from sampling import PRECISIONS, make_backend
+from sampling import make_backend, precision_autocast
 
 from util import distributed, flops
 from util.evaluation import eval_folder
@@ -29,13 +29,6 @@ from util.io.files import atomic_write
 from util.train.lr_sched import lr_at, set_lr
 
 logger = logging.getLogger(__name__)
-
-def autocast(args, device):
-    """Mixed precision for the transformer; the mixture math inside the model stays fp32."""
-    if PRECISIONS[args.precision] is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[args.precision])
-
 
 def model_device(model):
     return next(model.parameters()).device
@@ -85,14 +78,14 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         latents = to_latents(tokenizer, batch, args.use_cached)
         if peak is not None and step_flops is None:
             def forward():
-                with autocast(args, device):
+                with precision_autocast(device, args.precision):
                     return unwrapped(latents, labels)
             # not training time: the window skips it (synchronised, so that the GPU's share of it is out too)
             counting = synchronized_time(device)
             step_flops = flops.training_step_flops(forward, device)
             window_start += synchronized_time(device) - counting
 
-        with autocast(args, device):
+        with precision_autocast(device, args.precision):
             loss = model(latents, labels)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -188,11 +181,9 @@ def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=Fa
 
 
 def sampling_backend(model, args):
-    """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs.
-    Flags args lacks (a namespace built by hand) take their command-line defaults."""
-    return make_backend(model, cuda_graphs=getattr(args, "cuda_graphs", None),
-                        compile=getattr(args, "compile", False), cfg_sampler=getattr(args, "cfg_sampler", "sir"),
-                        precision=getattr(args, "precision", None))
+    """The run's sampling backend from its flags (see sampling/backends.py); logs which one runs."""
+    return make_backend(model, cuda_graphs=args.cuda_graphs, compile=args.compile, cfg_sampler=args.cfg_sampler,
+                        precision=args.precision)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -209,7 +200,7 @@ def fid_enabled(args):
 
 
 def ref_batch_enabled(args):
-    return getattr(args, "ref_batch", None) not in (None, "", "none")
+    return args.ref_batch not in (None, "", "none")
 
 
 def write_adm_npz(path, png_paths, labels, shape):

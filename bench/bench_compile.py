@@ -27,10 +27,10 @@ import time
 import torch
 import torch.fx.experimental._config as fx_config
 
-from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median, parser,
+from bench.config import (add_model_args, add_runtime_args, build_model, machine_line, median, parser,
                           setup_runtime, synchronize, write_json)
 from models.families.common import Step
-from sampling import EagerBackend
+from sampling import EagerBackend, precision_autocast
 from sampling.cuda_graphs import StepModule, compiles_well
 
 log = logging.getLogger("bench.compile")
@@ -102,7 +102,7 @@ def measure(args):
         fn = compiled_step(step, args.way, args.compiler)
 
         def call():
-            with torch.no_grad(), autocast(device, args.precision):
+            with torch.no_grad(), precision_autocast(device, args.precision):
                 fn(*inputs)
             synchronize(device)
         start = time.perf_counter()

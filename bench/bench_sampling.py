@@ -27,12 +27,12 @@ import time
 import torch
 
 from bench.baseline import release_sample_tokens
-from bench.config import (PieceTimer, add_model_args, add_runtime_args, autocast, build_model, machine_line,
+from bench.config import (PieceTimer, add_model_args, add_runtime_args, build_model, machine_line,
                           median, median_pieces, parser, setup_runtime, synchronize, time_runs, write_json)
 from bench.memory import peak_memory
 from util import flags
 from models.vae import LATENT_SCALE, AutoencoderKL
-from sampling import make_backend
+from sampling import make_backend, precision_autocast
 from util import flops
 
 log = logging.getLogger("bench.sampling")
@@ -77,7 +77,7 @@ def main(argv=None):
                                    backend=backend))
 
     def baseline(num_iter=args.num_iter, bsz=args.batch_size):
-        with autocast(device, args.precision):
+        with precision_autocast(device, args.precision):
             finish(release_sample_tokens(model, bsz, num_iter, cfg=args.cfg, labels=labels[:bsz],
                                          temperature=args.temperature))
 

@@ -33,9 +33,10 @@ import resource
 
 import torch
 
-from bench.config import (add_model_args, add_runtime_args, autocast, build_model, machine_line, median,
+from bench.config import (add_model_args, add_runtime_args, build_model, machine_line, median,
                           parser, setup_runtime, synchronize, time_runs, write_json)
 from bench.baseline import release_style_loss
+from sampling import precision_autocast
 from util import flops
 
 log = logging.getLogger("bench.train")
@@ -72,7 +73,7 @@ def make_step(args, device):
     labels = torch.randint(0, model.config.class_num, (args.batch_size,), generator=gen).to(device)
 
     def loss_of(path):
-        with autocast(device, args.precision):
+        with precision_autocast(device, args.precision):
             if path == "masked_only":
                 return model(latents, labels)
             return release_style_loss(model, latents, labels)

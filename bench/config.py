@@ -1,7 +1,6 @@
 """What the benchmarks share: the model/runtime flags, the model they describe, timing, JSON output."""
 import argparse
 import importlib.metadata
-import contextlib
 import json
 import os
 import platform
@@ -11,10 +10,8 @@ import time
 import torch
 
 from models import build, config_from_flags
+from sampling import default_precision
 from util import flags
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def add_model_args(parser):
     """The model flags main_mar.py and sample.py take (util/flags.py): --model, --width, --enc_dec_depth, ..."""
@@ -37,23 +34,16 @@ def build_model(args, **overrides):
 
 
 def setup_runtime(args):
-    args.precision = args.precision or "fp32"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    args.precision = args.precision or default_precision(device)  # what main_mar.py and sample.py pick
     if args.precision == "fp16" and device.type == "cpu":
         raise ValueError("--precision fp16 is for CUDA; use fp32 or bf16 on CPU")
     torch.manual_seed(args.seed)
     return device
-
-
-def autocast(device, precision):
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def synchronize(device):

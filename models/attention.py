@@ -25,7 +25,7 @@ def flash_usable(q):
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention(q, k, v, scale, causal=False, dropout_p=0.0, use_flash=True, mask=None):
+def attention(q, k, v, scale, causal=False, dropout_p=0.0, mask=None):
     """softmax(q k^T * scale) v over [B, H, L, head_dim] tensors.
 
     `causal` masks keys after each query, aligned top-left (query i sees keys 0..i); only use it
@@ -36,17 +36,17 @@ def attention(q, k, v, scale, causal=False, dropout_p=0.0, use_flash=True, mask=
     cap = MAX_KERNEL_ROWS.get(q.device.type)
     batch, heads = q.shape[:2]
     if cap is None or batch * heads <= cap:
-        return _kernel(q, k, v, scale, causal, dropout_p, use_flash, mask)
+        return _kernel(q, k, v, scale, causal, dropout_p, mask)
     # rows are independent: slices along the batch are views (no copies of a sliced KV cache)
     step = max(1, cap // heads)
     per_image = mask is not None and mask.dim() == 4 and mask.shape[0] > 1
-    return torch.cat([_kernel(q[i:i + step], k[i:i + step], v[i:i + step], scale, causal, dropout_p, use_flash,
+    return torch.cat([_kernel(q[i:i + step], k[i:i + step], v[i:i + step], scale, causal, dropout_p,
                               mask[i:i + step] if per_image else mask)
                       for i in range(0, batch, step)])
 
 
-def _kernel(q, k, v, scale, causal, dropout_p, use_flash, mask):
-    if mask is None and use_flash and flash_usable(q) and q.dtype == k.dtype == v.dtype:
+def _kernel(q, k, v, scale, causal, dropout_p, mask):
+    if mask is None and flash_usable(q) and q.dtype == k.dtype == v.dtype:
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                               dropout_p=dropout_p, softmax_scale=scale, causal=causal)
         return out.transpose(1, 2)

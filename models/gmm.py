@@ -65,20 +65,17 @@ def tempered(logvar, temperature):
     return logvar - 2.0 * math.log(temperature)
 
 
-def sample_gmm(mu, logvar, logits, temperature=1.0, num_samples=None):
-    """Draw from the temperature-scaled mixture; one sample per row, or [..., num_samples].
+def sample_gmm(mu, logvar, logits, temperature=1.0):
+    """One draw per row from the temperature-scaled mixture (mu, logvar, logits [..., K]) -> [...].
 
     Component choice by inverse CDF on the weights (one uniform per draw), then mu + std*eps.
     """
     probs = torch.softmax(at_least_fp32(logits), dim=-1)
-    shape = probs.shape[:-1] + ((num_samples,) if num_samples else ())
-    u = torch.rand(shape, device=probs.device, dtype=probs.dtype)
-    if num_samples:
-        probs, mu, logvar = probs.unsqueeze(-2), mu.unsqueeze(-2), logvar.unsqueeze(-2)
+    u = torch.rand(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
     k = inverse_cdf_pick(probs, u)
-    mu_k = at_least_fp32(mu).expand(*shape, -1).gather(-1, k).squeeze(-1)
-    std_k = torch.exp(0.5 * tempered(at_least_fp32(logvar), temperature)).expand(*shape, -1).gather(-1, k).squeeze(-1)
-    return mu_k + std_k * torch.randn(shape, device=probs.device, dtype=probs.dtype)
+    mu_k = at_least_fp32(mu).gather(-1, k).squeeze(-1)
+    std_k = torch.exp(0.5 * tempered(at_least_fp32(logvar), temperature)).gather(-1, k).squeeze(-1)
+    return mu_k + std_k * torch.randn(probs.shape[:-1], device=probs.device, dtype=probs.dtype)
 
 
 def inverse_cdf_pick(probs, u):
@@ -109,19 +106,6 @@ def guidance_scale(cfg, like):
     use 2.9000000953674316 for 2.9."""
     w = torch.as_tensor(cfg, dtype=like.dtype, device=like.device)
     return w.unsqueeze(-1) if w.dim() > 0 else w
-
-
-def cfg_log_target(x, cond, uncond, cfg, temperature=1.0):
-    """Unnormalised log-density ARINAR's CFG sampler targets, for mixtures cond/uncond = (mu, logvar, logits).
-
-    log q_T(x) + (w-1) * (log p_cond(x) - log p_uncond(x)), q_T the tempered conditional mixture;
-    at T = 1 this is p_cond^w / p_uncond^(w-1). x: [..., M], mixtures [..., K]; cfg scalar or [...].
-    """
-    mu_c, lv_c, lg_c = (at_least_fp32(t).unsqueeze(-2) for t in cond)
-    mu_u, lv_u, lg_u = (at_least_fp32(t).unsqueeze(-2) for t in uncond)
-    w = guidance_scale(cfg, at_least_fp32(x))
-    log_q = gmm_log_prob(x, mu_c, tempered(lv_c, temperature), lg_c)
-    return log_q + (w - 1) * (gmm_log_prob(x, mu_c, lv_c, lg_c) - gmm_log_prob(x, mu_u, lv_u, lg_u))
 
 
 def stacked_log_probs(x, mixtures):
@@ -199,7 +183,8 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     Around every conditional component the grid holds `points_per_scale` evenly spaced points over
     +-`half_width` of two widths: its tempered std (where the proposal puts its mass) and the
     narrower std of the guided target's peak, std / sqrt(T^2 + w - 1) (guidance multiplies the
-    component by p_cond^(w-1), which sharpens it). The target (cfg_log_target) is taken as
+    component by p_cond^(w-1), which sharpens it). The target, log q_T + (w - 1) (log p_cond - log p_uncond)
+    with q_T the tempered conditional mixture (p_cond^w / p_uncond^(w-1) at T = 1), is taken as
     piecewise constant on the sorted grid's cells (trapezoid masses) and inverted with one uniform
     per row; the CDF error shrinks as the square of the spacing. Fixed shapes and no host syncs,
     so it can be captured in a CUDA graph.

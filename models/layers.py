@@ -1,5 +1,6 @@
-"""Small layers several networks share: the AdaLN modulation, the tanh-GELU feed-forward block, a
-Linear that stays in full precision under autocast, and the ViT-style initialisation."""
+"""Small layers several networks share: the AdaLN modulation, the tanh-GELU feed-forward block, MAR's
+MLP, a Linear that stays in full precision under autocast, the per-row gather `take`, the activation
+dtype under autocast, and the ViT-style initialisation."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,6 +31,31 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 with dropout after each (timm's Mlp: MAR's blocks and the causal family's)."""
+
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+def take(x, index):
+    """x[b, index[b, p]] for [B, N, C] x and [B, P] index: [B, P, C]."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def activation_dtype(device, fallback=None):
+    """autocast's dtype when autocast is on for `device`, else `fallback` (the weights' dtype; None: no autocast)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return fallback
 
 
 class FullPrecisionLinear(nn.Linear):

@@ -19,21 +19,13 @@ from models.vae import LATENT_SCALE, AutoencoderKL, DiagonalGaussian
 
 
 
-class Tokenizer(nn.Module):
-    @property
-    def token_dim(self):
-        """Features per MAR token once the model groups patch_size x patch_size positions."""
-        return self.embed_dim * self.patch_size ** 2
-
-
-class KLTokenizer(Tokenizer):
+class KLTokenizer(nn.Module):
     stride = 16
     scale = LATENT_SCALE
 
-    def __init__(self, embed_dim=16, patch_size=1):
+    def __init__(self, embed_dim=16):
         super().__init__()
         self.embed_dim = embed_dim
-        self.patch_size = patch_size
         self.vae = AutoencoderKL(embed_dim=embed_dim)  # weights: util/io/tokenizers.py
 
     def encode(self, images):
@@ -64,28 +56,27 @@ class PixelPosterior:
         self.mean = parameters
         self.levels = levels
 
-    def sample(self, generator=None):
+    def sample(self):
         if not self.levels:
             return self.mean
         bin_width = 2.0 / (self.levels - 1)
-        noise = torch.rand(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.rand(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + (noise - 0.5) * bin_width
 
     def mode(self):
         return self.mean
 
 
-class PixelTokenizer(Tokenizer):
+class PixelTokenizer(nn.Module):
     stride = 1
     scale = 1.0
 
-    def __init__(self, img_channels=3, levels=256, patch_size=1):
+    def __init__(self, img_channels=3, levels=256):
         super().__init__()
         if levels is not None and levels < 2:
             raise ValueError(f"--pixel_levels must be >= 2 (or 0 for no dequantisation); got {levels}")
         self.embed_dim = img_channels
         self.levels = levels
-        self.patch_size = patch_size
 
     def encode(self, images):
         return PixelPosterior(images, self.levels)

@@ -6,7 +6,7 @@ that picks one.
 """
 import logging
 
-from sampling.backends import PRECISIONS, EagerBackend, default_precision
+from sampling.backends import PRECISIONS, EagerBackend, default_precision, precision_autocast
 from sampling.cuda_graphs import CudaGraphsBackend
 
 log = logging.getLogger(__name__)
@@ -41,4 +41,5 @@ def make_backend(model, cuda_graphs=None, compile=False, cfg_sampler="sir", prec
     return backend
 
 
-__all__ = ["EagerBackend", "CudaGraphsBackend", "PRECISIONS", "default_precision", "make_backend"]
+__all__ = ["EagerBackend", "CudaGraphsBackend", "PRECISIONS", "default_precision", "make_backend",
+           "precision_autocast"]

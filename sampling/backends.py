@@ -25,6 +25,14 @@ def default_precision(device):
     return "fp32"
 
 
+def precision_autocast(device, precision):
+    """The autocast context of a --precision on a device (fp32: none); the mixture math inside stays fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 class EagerBackend(EagerSteps):
     """The model's steps run as they are. precision None = leave the caller's autocast alone."""
 
@@ -35,8 +43,7 @@ class EagerBackend(EagerSteps):
     def autocast(self):
         if self.precision is None:
             return contextlib.nullcontext()
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return precision_autocast(self.device, self.precision)
 
     def describe(self):
         precision = self.precision or "caller's autocast"

@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from models.families.common import CapturedBuffers
 from models.gmm import is_guided
+from models.layers import activation_dtype
 from sampling.backends import EagerBackend
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ def compiles_well(args):
     return all(torch.is_tensor(a) and min(a.shape, default=2) >= 2 for a in args)
 
 
-def autocast_dtype(device):
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
 class _Replay:
     """fn() over static buffers the caller fills: run eagerly once (the warm-up, whose result is
     returned), then captured; later calls replay."""
@@ -91,7 +88,7 @@ class _Replay:
             return self.capture()
 
     def capture(self):
-        dtype = autocast_dtype(self.device)
+        dtype = activation_dtype(self.device)
         # autocast's weight-cast cache must be off while capturing; the warm-up runs the same way,
         # so torch.compile (which guards on autocast state) compiles there and not mid-capture
         cast = (torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype is not None
@@ -173,7 +170,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
 
     def refresh_weights(self):
         """Cast the Linear weights to this call's autocast dtype, in place (captured graphs read them)."""
-        dtype = autocast_dtype(self.device)
+        dtype = activation_dtype(self.device)
         if dtype is None:
             return
         # layers that compute in full precision whatever the autocast (ARINAR's mixture output) keep their own
@@ -191,7 +188,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
     def _weights(self, module):
         """The cast weights of `module` (a submodule of the model) as functional_call wants them for a StepModule."""
         prefix = self.prefixes[id(module)]
-        cast = self.lowp.get(autocast_dtype(self.device), {})
+        cast = self.lowp.get(activation_dtype(self.device), {})
         return {"module." + n[len(prefix):]: w for n, w in cast.items() if n.startswith(prefix)}
 
     def _regions(self, name, regions, declared_by):
@@ -223,7 +220,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         static buffers, `step.inplace` buffers are used as they are."""
         signature = tuple((tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in args)
         key = ("step", step.name, signature, tuple(args[i].data_ptr() for i in step.inplace),
-               autocast_dtype(self.device))
+               activation_dtype(self.device))
 
         def make():
             static = [a if i in step.inplace or not torch.is_tensor(a) else a.clone() for i, a in enumerate(args)]
@@ -244,7 +241,7 @@ class CudaGraphsBackend(CapturedBuffers, EagerBackend):
         guided = is_guided(cfg)
         n = z.shape[0] // 2 if guided else z.shape[0]
         rows = bucket_rows(n, self.min_rows)
-        key = ("head", id(head), rows, guided, z.dtype, autocast_dtype(self.device))
+        key = ("head", id(head), rows, guided, z.dtype, activation_dtype(self.device))
 
         def make():
             static_z = pad_rows(z, n, rows, guided)

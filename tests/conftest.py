@@ -106,8 +106,8 @@ class EmulatedReplay:
         self.fn, self.device, self.pool, self.stream, self.graph, self.calls = fn, device, pool, stream, None, 0
 
     def __call__(self):
-        from sampling.cuda_graphs import autocast_dtype
-        dtype = autocast_dtype(self.device)
+        from models.layers import activation_dtype
+        dtype = activation_dtype(self.device)
         cast = torch.autocast(self.device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
         with cast:
             out = self.fn()

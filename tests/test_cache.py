@@ -220,7 +220,7 @@ def test_tokenizer_bad_input():
         TokenConfig(tokenizer="vq").validate()
     pixel = build_tokenizer(TokenConfig("pixel", img_size=16, vae_stride=1, vae_embed_dim=1, patch_size=4,
                                         img_channels=1), levels=17)
-    assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.token_dim, pixel.levels) == (1, 1, 1.0, 16, 17)
+    assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.levels) == (1, 1, 1.0, 17)
 
 
 

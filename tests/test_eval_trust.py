@@ -292,3 +292,43 @@ def test_one_and_two_processes_draw_identical_images_and_scores(tmp_path, traine
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     for key in ("fid", "inception_score", "precision", "recall"):
         assert m1[key] == m2[key], key
+
+
+
+class ConfigStub:
+    def to_dict(self):
+        return {"model": "stub"}
+
+
+def test_every_sampling_flag_is_a_setting_of_the_evaluation_folder():
+    """A folder is reused only when its settings match: a sampling flag (util/flags.py's "sampling" group, or
+    --precision, --seed, ...) left out of eval_folder.eval_settings would let a run with another value of it
+    reuse images drawn with the old one. Each such flag, changed, must change the folder's name."""
+    from tests.pipeline_fixtures import parse
+    group = next(g for g in main_mar.get_args_parser()._action_groups if g.title == "sampling")
+    dests = {a.dest for a in group._group_actions} | {"precision", "seed", "eval_bsz", "num_images", "vae_path",
+                                                       "eval_weights"}
+    assert {"num_iter", "cfg_list", "cfg_schedule", "temperature_list", "cfg_sampler", "compile"} <= dests
+
+    def folder(args):
+        settings = eval_folder.eval_settings(args, ConfigStub(), args.cfg_list[0], args.temperature_list[0], "sha",
+                                             "cpu", num_iter=args.num_iter)
+        return eval_folder.folder_name(0, settings)
+
+    def flags():
+        return main_mar.resolve_args(parse(tiny_flags(output_dir="run")))
+
+    base = folder(flags())
+    for dest in sorted(dests):
+        args = flags()
+        old = getattr(args, dest)
+        if isinstance(old, list):
+            new = [old[0] + 0.5]
+        elif isinstance(old, bool) or old is None:
+            new = not old
+        elif isinstance(old, int):
+            new = old + 1
+        else:
+            new = {"fp32": "bf16", "sir": "exact", "linear": "constant", "ema": "live"}.get(old, f"{old}x")
+        setattr(args, dest, new)
+        assert folder(args) != base, f"--{dest} does not change the evaluation folder's name"

@@ -101,7 +101,7 @@ def test_causal_in_forward(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_causal_mask_sdpa(dtype):
     q, k, v = (torch.randn(2, 3, 7, 8, dtype=dtype) for _ in range(3))
-    out = attention(q, k, v, 0.3, causal=True, use_flash=False).float()
+    out = attention(q, k, v, 0.3, causal=True).float()  # SDPA on CPU
     mask = torch.tril(torch.ones(7, 7, dtype=torch.bool))
     scores = (q.float() @ k.float().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
     ref = torch.softmax(scores, -1) @ v.float()
@@ -112,10 +112,11 @@ def test_attention_causal_mask_sdpa(dtype):
 @pytest.mark.skipif(attention_module.flash_attn_func is None or not torch.cuda.is_available(),
                     reason="flash-attn and CUDA not available")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_attention_causal_mask_flash(dtype):  # pragma: no cover - GPU only
+def test_attention_causal_mask_flash(dtype, monkeypatch):  # pragma: no cover - GPU only
     q, k, v = (torch.randn(2, 3, 7, 64, dtype=dtype, device="cuda") for _ in range(3))
     out = attention(q, k, v, 0.3, causal=True)
-    ref = attention(q, k, v, 0.3, causal=True, use_flash=False)
+    monkeypatch.setattr(attention_module, "flash_attn_func", None)  # SDPA
+    ref = attention(q, k, v, 0.3, causal=True)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 

@@ -44,18 +44,19 @@ def demo_recipe(*variables):
 def test_make_demo_run_resumes_that_run_then_checks_editing():
     """`make demo RUN=<folder>` continues an interrupted demo in its own folder, with the family its name
     gives; `make demo` alone starts a new timestamped run."""
-    setup, train, edit = demo_recipe("RUN=output_dir/demo-causal-20261205-064417/")
+    setup, train, edit, last = demo_recipe("RUN=output_dir/demo-causal-20261205-064417/")
     assert setup == ["run=output_dir/demo-causal-20261205-064417"]
     assert train[train.index("--output_dir") + 1] == "$run" and train[train.index("--resume") + 1] == "$run"
     assert train[train.index("--family") + 1] == "causal" and train[train.index("--model") + 1] == "causal_tiny"
     assert edit[-3:] == ["demo_edit.py", "--ckpt", "$run/checkpoint-last.pth"]
-    _, train, _ = demo_recipe("RUN=output_dir/demo-20261205-064417")
+    assert last == ["echo", "demo run folder: $run"]  # the console's last line names the run
+    _, train, _, _ = demo_recipe("RUN=output_dir/demo-20261205-064417")
     assert train[train.index("--family") + 1] == "mar" and "--resume" in train
-    setup, train, _ = demo_recipe()
+    setup, train, _, _ = demo_recipe()
     assert setup[0].startswith("run=output_dir/demo-$(date") and "--resume" not in train
     # its checkpoint file names the run too; a name without a family is MAR's (not "--family run")
-    setup, train, _ = demo_recipe("RUN=output_dir/demo-scalewise-20261205-064417/checkpoint-last.pth")
+    setup, train, _, _ = demo_recipe("RUN=output_dir/demo-scalewise-20261205-064417/checkpoint-last.pth")
     assert setup == ["run=output_dir/demo-scalewise-20261205-064417"]
     assert train[train.index("--family") + 1] == "scalewise"
-    _, train, _ = demo_recipe("RUN=runs/my-run")
+    _, train, _, _ = demo_recipe("RUN=runs/my-run")
     assert train[train.index("--family") + 1] == "mar"

@@ -13,7 +13,7 @@ import torch
 import main_cache
 from main_mar import param_groups
 from tests.conftest import tiny_mar
-from models.families import mar as mar_family
+from models.families import common as families_common
 from tests.pipeline_fixtures import load, make_image_folder, parse, python, run, run_main, tiny_flags
 from util.train.state import LAST
 from util.train.ema import EMA
@@ -119,8 +119,8 @@ def test_grad_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "data", per_class=2)
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "plain", epochs=1))
     calls = []
-    real = mar_family.checkpoint
-    monkeypatch.setattr(mar_family, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = families_common.checkpoint  # OuterModel.run_blocks's
+    monkeypatch.setattr(families_common, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_main(tiny_flags(data_path=data, output_dir=tmp_path / "ckpt", epochs=1, grad_checkpointing=True))
     assert calls  # the blocks really were checkpointed
     a, b = load(tmp_path / "plain" / LAST)["model"], load(tmp_path / "ckpt" / LAST)["model"]

@@ -118,14 +118,15 @@ def test_posterior_sampling_statistics():
     logvar = torch.rand(1, 16, 2, 2, generator=gen) * 4 - 2
     n = 20000
     post = DiagonalGaussian(torch.cat([mean, logvar], dim=1).expand(n, -1, -1, -1))
-    s = post.sample(generator=torch.Generator().manual_seed(123))
+    torch.manual_seed(123)
+    s = post.sample()
     std = torch.exp(0.5 * logvar)
     # standard errors: std/sqrt(n) for the mean, std/sqrt(2n) for the std; allow ~5 sigma
     assert ((s.mean(0, keepdim=True) - mean).abs() <= 5 * std / math.sqrt(n)).all()
     assert ((s.std(0, keepdim=True) - std).abs() <= 5 * std / math.sqrt(2 * n)).all()
-    # the generator makes sampling reproducible
-    s2 = post.sample(generator=torch.Generator().manual_seed(123))
-    assert torch.equal(s, s2)
+    # the seed makes sampling reproducible (main_cache.py's flipped and unflipped draws rely on torch's RNG)
+    torch.manual_seed(123)
+    assert torch.equal(s, post.sample())
 
 
 def randomize_(module, gen):

@@ -17,7 +17,7 @@ from tests.conftest import randomize_, tiny_mar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SCALE = 0.2325  # MAR's KL-16 latent scale (ARINAR_SPEC section 1)
+SCALE = 0.2325  # MAR's KL-16 latent scale (MAR's README and release code)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def model():
 
 def sampling_args():
     return types.SimpleNamespace(num_iter=2, cfg=1.0, cfg_schedule="linear", temperature=1.0, cfg_sampler="sir",
-                                 precision="fp32")
+                                 precision="fp32", cuda_graphs=None, compile=False)
 
 
 def record(monkeypatch, obj, name, calls):

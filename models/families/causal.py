@@ -1,6 +1,6 @@
 """The `causal` family: a causal random-order outer model (ARPG-style) with a KV cache.
 
-Network (FAMILIES_SPEC §1). The class token, then the content tokens in a per-image random order,
+Network (ARPG, arXiv 2503.10568). The class token, then the content tokens in a per-image random order,
 pass depth/2 causal self-attention blocks; 2-D RoPE (models/rope.py) turns each token's queries and
 keys by its own (row, col). One shared projection of their output gives the keys and values of the
 other depth/2 blocks: cross-attention blocks whose queries do not depend on the data (a learned
@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.attention import attention
 from models.config import UNIT, flag
 from models.families.common import (STEP_SCHEDULES, EagerSteps, OuterModel, Step, canvas, canvas_dtype, check_labels,
                                     check_latents, check_sampling_settings, step_schedule)
-from models.families.mar import Mlp, take
-from models.layers import init_linears_and_norms_
+from models.layers import Mlp, activation_dtype, init_linears_and_norms_, take
 from models.registry import build_head, register_family
 from models.rope import grid_angles, rotate, rotation
 
@@ -267,14 +265,6 @@ class CausalAR(OuterModel):
         return torch.argsort(torch.rand(batch_size, self.seq_len, device=device), dim=1)
 
     # ---------------------------------------------------------------- the network
-    def run_blocks(self, blocks, x, *args, **kwargs):
-        for block in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
-            else:
-                x = block(x, *args, **kwargs)
-        return x
-
     def shared_kv(self, x, rot):
         """The cross half's keys (turned by rot) and values [B, heads, n, d] of the self half's x."""
         k, v = (split_heads(t, self.num_heads) for t in self.kv(self.kv_norm(x)).chunk(2, dim=-1))
@@ -283,7 +273,7 @@ class CausalAR(OuterModel):
     def ask(self, targets, k, v, visible=None, causal=False):
         """z [B, n, W] of the queries for target grid positions [B, n] over keys/values [B, heads, S, d]."""
         x = self.query_token + take(self.query_pos_embed.expand(targets.shape[0], -1, -1), targets)
-        x = self.run_blocks(self.cross_blocks, x, self.rotation(targets), k, v, visible=visible, causal=causal)
+        x = self.run_blocks(self.cross_blocks, x, self.rotation(targets), k, v, visible, causal)
         return self.out_norm(x)
 
     def condition(self, tokens, orders, class_ids, query_at=None):
@@ -381,7 +371,7 @@ class CausalAR(OuterModel):
         rows, device = class_ids.shape[0], tokens.device
         # the kept tokens first (in a random order: any order is a valid prefill), then the rest at random
         orders = both(torch.argsort(torch.rand(b, self.seq_len, device=device) + (~keep), dim=1))
-        cache = self.kv_cache(backend, rows, cache_dtype(self, device), device)
+        cache = self.kv_cache(backend, rows, activation_dtype(device, next(self.parameters()).dtype), device)
         append = Step("causal.append", self, append_step, inplace=(0,), regions=tuple(self.self_blocks))
         query = Step("causal.query", self, query_step, inplace=(0,), regions=tuple(self.cross_blocks))
 
@@ -414,10 +404,3 @@ class CausalAR(OuterModel):
                                     features.view(b, count, dim).to(tokens.dtype))
             masked, drawn = mask_len, count
         return tokens
-
-
-def cache_dtype(module, device):
-    """The dtype of the keys and values: autocast's when it is on, else the weights'."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return next(module.parameters()).dtype

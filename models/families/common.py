@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from models.token_grid import patchify, unpatchify
 
@@ -57,6 +58,16 @@ class OuterModel(nn.Module):
     def head(self):
         """The per-token head (--head): ARINAR's inner AR, MAR's diffusion MLP or a whole-token mixture."""
         return getattr(self, self.head_attr)
+
+    def run_blocks(self, blocks, x, *args):
+        """x through each block in turn, block(x, *args); with grad_checkpointing while training, each
+        block's activations are recomputed in the backward pass instead of kept."""
+        for block in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, *args, use_reentrant=False)
+            else:
+                x = block(x, *args)
+        return x
 
     def sampling_steps(self, num_iter):
         """How many outer steps sample_tokens(num_iter=num_iter) takes (what an evaluation is named by)."""

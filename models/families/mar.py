@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.attention import attention
 from models.config import UNIT, flag
 from models.families.common import (EagerSteps, OuterModel, Step, canvas, canvas_dtype, check_labels, check_latents,
                                     check_sampling_settings, cosine_schedule)
-from models.layers import init_linears_and_norms_
+from models.layers import Mlp, init_linears_and_norms_, take
 from models.registry import build_head, register_family
 
 
@@ -51,17 +50,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, -1, c)))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x):
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
 class Block(nn.Module):
     """Pre-norm ViT block (the layout and key names of timm's Block, which MAR used)."""
 
@@ -79,11 +67,6 @@ class Block(nn.Module):
             x = take(x, queries)
         x = x + self.attn(h, queries)
         return x + self.mlp(self.norm2(x))
-
-
-def take(x, index):
-    """x[b, index[b, p]] for [B, N, C] x and [B, P] index: [B, P, C]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def positions(flags):
@@ -223,14 +206,6 @@ class MAR(OuterModel):
         return mask.scatter_(1, orders[:, :num_masked], True)
 
     # ---------------------------------------------------------------- outer network
-    def run_blocks(self, blocks, x, queries=None):
-        for block in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, queries, use_reentrant=False)
-            else:
-                x = block(x, queries)
-        return x
-
     def condition(self, tokens, mask, class_vec, predict=None):
         """Outer encoder-decoder: tokens [B, L, Dt], mask [B, L] bool, class_vec [B, D] -> z [B, L, Dd].
 

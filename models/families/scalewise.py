@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.config import UNIT, flag
 from models.families.common import (EagerSteps, OuterModel, Step, canvas, canvas_dtype, cfg_scale, check_labels,
                                     check_latents, check_sampling_settings)
+from models.layers import activation_dtype
 from models.multiscale import (accumulate, covered, grid_to_seq, kept_residual, residuals, resize, scale_bounds,
                                scale_ids, scales_for, seq_to_grid)
 from models.registry import build_head, register_family
@@ -188,12 +188,7 @@ class ScalewiseAR(OuterModel):
     # ---------------------------------------------------------------- network
     def condition(self, inputs, cond):
         """Teacher forcing: inputs [B, L - p_1^2, D] (see embed), class vectors [B, W] -> z [B, L, W]."""
-        x = self.embed(inputs, cond)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cond, self.attn_mask, use_reentrant=False)
-            else:
-                x = block(x, cond, self.attn_mask)
+        x = self.run_blocks(self.blocks, self.embed(inputs, cond), cond, self.attn_mask)
         return self.head_nm(x, cond)
 
     def scale_step(self, tokens, cond, k, *state):
@@ -213,8 +208,7 @@ class ScalewiseAR(OuterModel):
         activation dtype; mvar (scan states [depth, rows, E*W, N] in the math dtype, conv inputs)."""
         c, depth = self.family_config, len(self.blocks)
         if self.mixer == "var":
-            dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
-                     else self.pos_embed.dtype)
+            dtype = activation_dtype(device, self.pos_embed.dtype)
             shape = (depth, 2, rows, c.num_heads, self.num_tokens, c.width // c.num_heads)
             return (torch.zeros(shape, dtype=dtype, device=device),)
         scans = [block.scan.new_state(rows, canvas_dtype(self), device) for block in self.blocks]
@@ -267,7 +261,7 @@ class ScalewiseAR(OuterModel):
         """The scale loop: f_hat [bsz, D, n, n] after the last scale."""
         both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
         rows, device = cond.shape[0], cond.device
-        lowp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        lowp = activation_dtype(device)
         # from the backend: a CUDA-graph backend captured the state by address and hands out the same tensors
         state = backend.buffers((f"scalewise.{self.mixer}.state", rows, device, lowp),
                                 lambda: self.new_state(rows, device))

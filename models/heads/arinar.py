@@ -15,17 +15,10 @@ import torch.nn.functional as F
 
 from models.attention import attention
 from models.config import flag
-from models.layers import FeedForward, FullPrecisionLinear, modulate_by_gain
+from models.layers import FeedForward, FullPrecisionLinear, activation_dtype, modulate_by_gain
 from models.gmm import (CFG_SAMPLERS, LOG_2PI, at_least_fp32, diag_gmm_log_prob, gmm_nll, is_guided,
                         sample_diag_gmm, sample_diag_gmm_cfg, sample_gmm, split_gmm_params)
 from models.registry import register_head
-
-
-def activation_dtype(x):
-    """The dtype matmuls produce here: the autocast dtype when autocast is on."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 @torch.compiler.disable  # compiled, the write would become a copy of the whole cache; eager, it is in place
@@ -256,7 +249,7 @@ class InnerAR(nn.Module):
         h = self.cond_proj(z).unsqueeze(1) + self.start_token + self.pos_embedding[:, :1]
         heads, width = self.blocks[0].attn.num_heads, self.start_token.shape[-1]
         shape = (2, rows, heads, self.num_steps, width // heads)
-        kv_caches = [z.new_empty(shape, dtype=activation_dtype(z)) for _ in self.blocks]
+        kv_caches = [z.new_empty(shape, dtype=activation_dtype(z.device, z.dtype)) for _ in self.blocks]
         features = []
         for t in range(self.num_steps):
             x = self.draw(self.run(h, mods, kv_caches, pos=t)[:, -1], temperature, cfg, cfg_sampler)  # [n, g]

@@ -46,8 +46,8 @@ def build_tokenizer(tokens, vae_path=None, levels=256, device="cpu"):
                              "use --tokenizer pixel for this data set")
         if not vae_path:
             raise FileNotFoundError(f"--tokenizer kl16 needs --vae_path ({FIX})")
-        tokenizer = KLTokenizer(tokens.vae_embed_dim, tokens.patch_size)
+        tokenizer = KLTokenizer(tokens.vae_embed_dim)
         load_vae_weights(tokenizer.vae, vae_path)
     else:
-        tokenizer = PixelTokenizer(tokens.img_channels, levels or None, tokens.patch_size)
+        tokenizer = PixelTokenizer(tokens.img_channels, levels or None)
     return tokenizer.to(device).eval().requires_grad_(False)
