@@ -331,7 +331,8 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     counts = distributed.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
 
     results = {"epoch": epoch, "num_images": args.num_images, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
-               "temperature": temperature, "num_iter": model.sampling_steps(args.num_iter), "weights": args.eval_weights,
+               "temperature": temperature, "num_iter": model.sampling_steps(args.num_iter),
+               "weights": args.eval_weights,
                "sec_per_image": sec_per_image, "images_drawn": int(counts[0]), "images_kept": int(counts[1]),
                "world_size": world}
     if extractor is not None:

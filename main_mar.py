@@ -34,7 +34,7 @@ from models.config import check_flags_apply
 from models.families.common import check_sampling_settings
 from sampling import default_precision
 from util import distributed, flags
-from util.data.datasets import DATASETS, ResumableSampler, build_dataset, steps_per_epoch
+from util.data.datasets import DATASETS, ResumableSampler, build_dataset, sample_scorer, steps_per_epoch
 from util.evaluation import sweep
 from util.io.checkpoints import (checkpoint_args, config_from_checkpoint, freeze_outer, load_outer_weights,
                                  model_state_from_checkpoint, read_checkpoint)
@@ -49,9 +49,6 @@ from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_an
 
 logger = logging.getLogger("main_mar")
 
-DEFAULT_FID_STATS = "fid_stats/adm_in256_stats.npz"
-CLASS_NUM = {"imagenet": 1000, "digits": 10}
-IMG_CHANNELS = {"imagenet": 3, "digits": 1}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -59,7 +56,7 @@ def get_args_parser():
     parser = flags.parser("ARINAR training and evaluation")
     flags.add_model_args(parser)
     data = flags.add_data_args(parser)
-    data.add_argument("--dataset", default=None, choices=DATASETS,
+    data.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                       help="imagenet (ImageFolder) or the digits demo (default: a resumed or evaluated run's own, "
                            "else imagenet)")
     data.add_argument("--use_cached", action="store_true", help="train from --cached_path latents")
@@ -107,8 +104,8 @@ def get_args_parser():
                     help="generation batch per process (batch b is drawn from its own seed: images depend on it)")
     ev.add_argument("--eval_weights", default="ema", choices=("ema", "live"), help="which weights generate")
     ev.add_argument("--fid_stats", default=None,
-                    help=f"reference statistics npz with mu, sigma (default: {DEFAULT_FID_STATS} for imagenet, "
-                         "none for digits); 'none' skips FID/IS")
+                    help="reference statistics npz with mu, sigma (default: the data set's, "
+                         f"{DATASETS['imagenet'].fid_stats} for imagenet); 'none' skips FID/IS")
     ev.add_argument("--ref_batch", default=None,
                     help="ADM reference batch npz (arr_0 = uint8 images, e.g. VIRTUAL_imagenet256_labeled.npz): "
                          "adds precision and recall (k = 3); its Inception features are cached beside it")
@@ -126,23 +123,18 @@ def resolve_args(args, stored=None):
     if args.precision is None:
         args.precision = default_precision("cuda" if torch.cuda.is_available() else "cpu")
     if args.fid_stats is None:
-        args.fid_stats = DEFAULT_FID_STATS if args.dataset == "imagenet" else "none"
+        args.fid_stats = DATASETS[args.dataset].fid_stats
     args.log_dir = args.log_dir or args.output_dir
     # the point generate() draws at; evaluation and sweeps pass each point's values explicitly
     args.cfg, args.temperature = args.cfg_list[0], args.temperature_list[0]
     return args
 
 
-# the digits' own token settings (the CPU demo's): 8x8 grey images as 16 pixel tokens of 2x2; a preset's
-# 256 px default would upsample them to 65,536 pixel tokens an image
-DIGITS_TOKENS = {"tokenizer": "pixel", "img_size": 8, "patch_size": 2}
-
-
 def data_set_defaults(args):
-    """Model flags the data set implies for a new run (given flags win): its classes and image channels,
-    and for the digits their token settings."""
-    implied = {"class_num": CLASS_NUM[args.dataset], "img_channels": IMG_CHANNELS[args.dataset]}
-    return {**implied, **DIGITS_TOKENS} if args.dataset == "digits" else implied
+    """Model flags the data set implies for a new run (given flags win): its classes, image channels and
+    token settings (util/data/datasets.py: DATASETS)."""
+    spec = DATASETS[args.dataset]
+    return {"class_num": spec.class_num, "img_channels": spec.img_channels, **spec.token_defaults}
 
 
 def model_config(args, ckpt_file, ckpt=None):
@@ -164,7 +156,8 @@ def model_config(args, ckpt_file, ckpt=None):
 
 # the allowed range of every numeric run flag (the model's are checked by its config)
 FLAG_RANGES = (
-    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "max_skipped_steps"), ">= 1", lambda v: v >= 1),
+    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "max_skipped_steps"),
+     ">= 1", lambda v: v >= 1),
     (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
       "grad_clip"), ">= 0", lambda v: v >= 0),
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
@@ -214,8 +207,8 @@ def check_eval_args(args, config, classes_known=True):
     from util.evaluation import metrics
     img_size = config.tokens.img_size
     if fid_enabled(args):
-        if args.fid_stats == DEFAULT_FID_STATS and img_size != 256:
-            raise ValueError(f"{DEFAULT_FID_STATS} is for 256px images; pass --fid_stats for --img_size "
+        if args.fid_stats == DATASETS["imagenet"].fid_stats and img_size != 256:
+            raise ValueError(f"{args.fid_stats} is for 256px images; pass --fid_stats for --img_size "
                              f"{img_size} (or --fid_stats none)")
         metrics.load_fid_stats(args.fid_stats)
     if ref_batch_enabled(args):
@@ -223,7 +216,8 @@ def check_eval_args(args, config, classes_known=True):
     if (fid_enabled(args) or ref_batch_enabled(args)) and args.inception_path is not None \
             and not os.path.isfile(args.inception_path):
         raise FileNotFoundError(f"--inception_path {args.inception_path}: no such file")
-    if not (fid_enabled(args) or ref_batch_enabled(args) or extra_scorer(args)) and distributed.is_main_process():
+    scored = fid_enabled(args) or ref_batch_enabled(args) or sample_scorer(args.dataset) is not None
+    if not scored and distributed.is_main_process():
         logger.warning("no metric will be computed (--fid_stats none, no --ref_batch, --dataset %s has no scorer of "
                        "its own): the evaluation only writes images", args.dataset)
 
@@ -246,14 +240,6 @@ def param_groups(model, weight_decay):
         else:
             decay.append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def extra_scorer(args):
-    """Scores beyond FID for data sets without Inception statistics: util.data.digits.score_samples(images, labels)."""
-    if args.dataset == "digits":
-        from util.data.digits import score_samples
-        return score_samples
-    return None
 
 
 # ----------------------------------------------------------------------------- main
@@ -282,7 +268,7 @@ def run(args, device, early):
     classes_from_data = not args.evaluate and ckpt is None and args.class_num is None
     if args.evaluate or args.online_eval:
         check_eval_args(args, config, classes_known=not classes_from_data)
-    scorer = extra_scorer(args) if args.evaluate or args.online_eval else None
+    scorer = sample_scorer(args.dataset) if args.evaluate or args.online_eval else None
 
     dataset = sampler = None
     if not args.evaluate:

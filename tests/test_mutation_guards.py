@@ -1,5 +1,6 @@
 """Tests that fail on realistic bugs the rest of the suite let through (issue 32), and MAR's diffusion head
-in float64 against an independent float64 computation written from the DDPM formulas (MAR's diffusion head, models/diffusion.py's docstring).
+in float64 against an independent float64 computation written from the DDPM formulas (MAR's diffusion head;
+models/diffusion.py's docstring).
 
 Each test names the bug it guards against; the oracles are numpy formulas, literal values, or the
 public behaviour of another entry point (teacher forcing for sampling), never the code under test.

@@ -13,9 +13,11 @@ data a step sees does not depend on worker processes or on where a run was resum
 cannot be decoded is replaced by the next readable one in folder order (and its path logged), which
 keeps batches full and the same on resume.
 """
+import importlib
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,7 +30,35 @@ from util.io.safe_load import ARRAY_ERRORS, why_array_unreadable
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("imagenet", "digits")
+
+
+@dataclass(frozen=True)
+class DataSetSpec:
+    """Everything a --dataset name decides, in this one place."""
+    class_num: int
+    img_channels: int
+    fid_stats: str  # the default --fid_stats ("none": no Inception statistics apply)
+    token_defaults: dict = field(default_factory=dict)  # model flags a new run on it implies (given flags win)
+    scorer: str = None  # "module:function" scoring samples (images, labels) -> dict where FID does not apply
+    hub_id: str = None  # the Hugging Face data set a model card names
+
+
+DATASETS = {
+    "imagenet": DataSetSpec(1000, 3, "fid_stats/adm_in256_stats.npz", hub_id="ILSVRC/imagenet-1k"),
+    # the CPU demo's 8x8 grey digits as 16 pixel tokens of 2x2 (a preset's 256 px default would upsample
+    # them to 65,536 pixel tokens an image); scored by a digit classifier
+    "digits": DataSetSpec(10, 1, "none", {"tokenizer": "pixel", "img_size": 8, "patch_size": 2},
+                          scorer="util.data.digits:score_samples"),
+}
+
+
+def sample_scorer(dataset):
+    """The data set's own scorer of samples (e.g. the digits' classifier), or None; imported on use."""
+    path = DATASETS[dataset].scorer
+    if path is None:
+        return None
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 INDEX_FILE = "index.json"
 CACHE_FORMAT = "arinar-latents-v1"
 
@@ -340,7 +370,7 @@ def build_dataset(args, tokens, split="train"):
     if args.dataset == "digits":
         from util.data.digits import DigitsDataset  # the demo's data set, only needed for --dataset digits
         return DigitsDataset(split, tokens.img_size)
-    raise ValueError(f"--dataset must be one of {DATASETS}; got {args.dataset!r}")
+    raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}; got {args.dataset!r}")
 
 
 # ----------------------------------------------------------------------------- sampling

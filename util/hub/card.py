@@ -4,10 +4,10 @@ these exact weights, and the commands that sample and evaluate them."""
 import json
 import shlex
 
+from util.data.datasets import DATASETS
 from util.hub.evaluations import best
 
 PAPER = "arXiv:2503.02883"
-DATASETS = {"imagenet": "ILSVRC/imagenet-1k"}  # --dataset -> the Hub's data set id
 SCORE_NAMES = {"fid": "FID", "inception_score": "IS", "precision": "precision", "recall": "recall",
                "accuracy": "digit accuracy", "real_accuracy": "accuracy on real digits"}
 # the run arguments the training table reports, in order
@@ -32,8 +32,9 @@ def front_matter(config, args, license):
             f"head-{config.head}", PAPER.lower()]
     meta = {"library_name": "arinar", "license": license, "pipeline_tag": "unconditional-image-generation",
             "tags": tags}
-    if args.get("dataset") in DATASETS:
-        meta["datasets"] = [DATASETS[args["dataset"]]]
+    spec = DATASETS.get(args.get("dataset"))
+    if spec is not None and spec.hub_id:
+        meta["datasets"] = [spec.hub_id]
     lines = ["---"]
     for key, value in meta.items():  # JSON strings are YAML strings: no quoting rules to get wrong
         if isinstance(value, list):
