@@ -288,6 +288,9 @@ def test_the_model_card_names_only_the_data_the_run_read(args, shown, left_out):
     from util.hub.card import model_card
     card = model_card("tiny", digits_mar("arinar").config, 1000, {"args": {**ARGS, **args}}, "mit")
     assert all(row in card for row in shown) and not any(f"| {label} |" in card for label in left_out), card
+    # the front matter names the Hub's ImageNet for ImageNet runs, and no Hub data set for the digits
+    front = card.split("---")[1]
+    assert ('datasets:\n- "ILSVRC/imagenet-1k"' in front) == (args["dataset"] == "imagenet"), front
 
 
 # ----------------------------------------------------------------------------- the releases
