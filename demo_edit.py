@@ -20,7 +20,8 @@ import torch
 import sample
 from engine_mar import sampling_backend
 from util.data.digits import DigitsDataset, score_samples
-from util.editing import box_to_tokens, fill_canvas, sampling_settings, upsample_tokens
+from util.editing import box_to_tokens, fill_canvas, upsample_tokens
+from util.flags import sampling_settings
 from util.images import decode_images, save_grid, to_uint8
 from util.io.checkpoints import checkpoint_args, read_checkpoint, resolve_checkpoint_path
 from util.io.files import atomic_write

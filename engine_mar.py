@@ -1,10 +1,10 @@
 """Training epochs, sample generation and evaluation (FID / IS) for main_mar.py.
 
-generate() and save_grid() are the reusable pieces: they take a model, a tokenizer and the run's
-args and return uint8 images, so the demo and sample scripts produce images exactly the way
+generate() and save_grid() are the reusable pieces: they take a model, a tokenizer and the sampling
+settings and return uint8 images, so the demo and sample scripts produce images exactly the way
 evaluation does.
 """
-import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from models.families.common import check_labels
 from sampling import make_backend, precision_autocast
 
-from util import distributed, flops
+from util import distributed, flags, flops
 from util.evaluation import eval_folder
 from util.images import decode_images, load_png, save_grid, save_png
 from util.io.files import atomic_write
@@ -160,22 +160,20 @@ def skip_step(scaler, state, args, grad_norm):
 
 # ----------------------------------------------------------------------------- generation
 @torch.no_grad()
-def generate(model, tokenizer, args, labels, backend=None, cfg=None, progress=False):
-    """Sample one image per class label: uint8 numpy [N, H, W, C].
+def generate(model, tokenizer, settings, labels, backend=None, progress=False):
+    """Sample one image per class label at `settings` (a SamplingSettings: steps, cfg, its schedule,
+    temperature): uint8 numpy [N, H, W, C].
 
-    Uses args.num_iter, args.cfg (unless `cfg` is given), args.cfg_schedule and args.temperature;
-    `backend` (from sampling_backend; made from args when None) sets the precision and CFG sampler;
-    pass one to reuse it (and its CUDA graphs) across calls. Decoding runs in fp32 so low precision cannot
-    turn into NaN or black images.
+    `backend` (from sampling_backend) sets the precision and CFG sampler; pass one to reuse it (and its CUDA
+    graphs) across calls; None: the family's eager steps under the caller's autocast. Decoding runs in fp32
+    so low precision cannot turn into NaN or black images.
     """
     device = model_device(model)
     labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-    backend = backend or sampling_backend(model, args)
     was_training = model.training
     model.eval()
-    tokens = model.sample_tokens(bsz=labels.numel(), num_iter=args.num_iter, cfg=args.cfg if cfg is None else cfg,
-                                 cfg_schedule=args.cfg_schedule, labels=labels, temperature=args.temperature,
-                                 backend=backend, progress=progress)
+    tokens = model.sample_tokens(bsz=labels.numel(), labels=labels, backend=backend, progress=progress,
+                                 **dataclasses.asdict(settings))
     model.train(was_training)
     return decode_images(tokenizer, tokens)
 
@@ -240,7 +238,7 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, back
     labels_all = class_balanced_labels(args.num_images, config.class_num)
     image_dir = os.path.join(folder, "images")
     shape = (config.tokens.img_size, config.tokens.img_size, config.tokens.img_channels)
-    point = argparse.Namespace(**{**vars(args), "cfg": cfg, "temperature": temperature})
+    point = flags.sampling_settings(args, cfg=cfg, temperature=temperature)
     all_batches = eval_folder.batches(args.num_images, args.eval_bsz)
     mine = range(rank, len(all_batches), world)
     times, drawn, kept, writing = [], 0, 0, []
@@ -258,7 +256,7 @@ def draw_or_reuse_batches(model, tokenizer, args, cfg, temperature, folder, back
             else:
                 start = time.time()
                 torch.manual_seed(eval_folder.batch_seed(args.seed, b))
-                images = generate(model, tokenizer, point, labels_all[idx], backend, cfg=cfg)
+                images = generate(model, tokenizer, point, labels_all[idx], backend)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append((time.time() - start, len(idx)))

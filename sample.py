@@ -29,7 +29,7 @@ from models import build
 from models.families.common import check_sampling_settings
 from sampling import default_precision
 from util import flags
-from util.editing import DIRECTIONS, check_box, prepare_edit, run_edit, sampling_settings
+from util.editing import DIRECTIONS, check_box, prepare_edit, run_edit
 from util.images import save_grid, save_png
 from util.io.checkpoints import config_from_checkpoint, load_model_weights, model_state_from_checkpoint, read_checkpoint
 from util.io.tokenizers import build_tokenizer
@@ -170,11 +170,12 @@ def load_everything(args, device):
 def sample_images(model, tokenizer, args, backend):
     """uint8 [len(classes) * num_per_class, H, W, C], class-major, from one seeded stream."""
     labels = torch.tensor(args.classes).repeat_interleave(args.num_per_class)
+    settings = flags.sampling_settings(args)
     torch.manual_seed(args.seed)
     batches = []
     with tqdm(total=labels.numel(), desc="sampling", unit="img") as bar:
         for batch in labels.split(args.batch_size):
-            batches.append(generate(model, tokenizer, args, batch, backend, progress=True))
+            batches.append(generate(model, tokenizer, settings, batch, backend, progress=True))
             bar.update(batch.numel())
     return [image for batch in batches for image in batch]
 
@@ -222,7 +223,7 @@ def run_sample(argv):
 def edit(model, tokenizer, job, args, backend):
     """Run the edit; write the grid row (original | mask | results) to --out and each result beside it."""
     torch.manual_seed(args.seed)
-    results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, sampling_settings(args),
+    results = run_edit(model, tokenizer, job, args.num_per_class, args.class_id, flags.sampling_settings(args),
                        args.batch_size, backend)
     save_grid([job.original, job.mask, *results], 2 + len(results), args.out, pad=GRID_PADDING)
     out = Path(args.out)

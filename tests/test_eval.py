@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from engine_mar import evaluate, generate
+from engine_mar import evaluate, generate, sampling_backend
 from util.images import save_grid, to_uint8
 from tests.conftest import randomize_
 from tests.pipeline_fixtures import eval_setup, random_inception_weights, run_main, make_image_folder, tiny_flags
 from util.evaluation import metrics
+from util.flags import sampling_settings
 from util.train.state import LAST
 
 
@@ -187,7 +188,7 @@ def test_low_precision_sampling_from_a_fresh_model_is_finite(tmp_path, precision
     real = model.sample_tokens
     monkeypatch.setattr(model, "sample_tokens", lambda *a, **k: tokens.append(real(*a, **k)) or tokens[-1])
     torch.manual_seed(0)
-    images = generate(model, tokenizer, args, [0, 1, 1, 0])
+    images = generate(model, tokenizer, sampling_settings(args), [0, 1, 1, 0], sampling_backend(model, args))
     assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 3)
     assert torch.isfinite(tokens[0]).all() and tokens[0].dtype == torch.float32
     assert images.std() > 5  # not black, not constant

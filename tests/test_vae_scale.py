@@ -4,13 +4,13 @@ posterior sample by 0.2325, generation divides the model's latents by 0.2325 bef
 The VAE is the real KL-16 architecture with random weights; its encode/decode are wrapped only to
 see what goes in and out. 0.2325 is written out here, not taken from the code under test.
 """
-import types
 
 import pytest
 import torch
 
 from engine_mar import generate, to_latents
 from util.images import to_uint8
+from models.families.common import SamplingSettings
 from models.tokenizer import KLTokenizer
 from models.vae import DiagonalGaussian
 from tests.conftest import randomize_, tiny_mar
@@ -33,8 +33,7 @@ def model():
 
 
 def sampling_args():
-    return types.SimpleNamespace(num_iter=2, cfg=1.0, cfg_schedule="linear", temperature=1.0, cfg_sampler="sir",
-                                 precision="fp32", cuda_graphs=None, compile=False)
+    return SamplingSettings(num_iter=2)
 
 
 def record(monkeypatch, obj, name, calls):

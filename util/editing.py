@@ -11,14 +11,13 @@ Token grids are [rows, cols] bool arrays, True = regenerate (masks) or True = fi
 """
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from models.families.common import SamplingSettings
 from util.data.datasets import center_crop_arr
 from util.images import decode_images
 
@@ -172,12 +171,6 @@ def fill_canvas(model, canvas, filled, windows, labels, sampling, backend=None, 
         canvas[:, :, row * p:(row + g) * p, col * p:(col + g) * p] = out.to(canvas.dtype)
         filled[row:row + g, col:col + g] = True
     return canvas
-
-
-def sampling_settings(args):
-    """The outer loop's settings (a SamplingSettings) from a run's or a CLI's arguments (a Namespace or dict)."""
-    values = args if isinstance(args, dict) else vars(args)
-    return SamplingSettings(**{f.name: values[f.name] for f in fields(SamplingSettings)})
 
 
 def upsample_tokens(grid, stride):

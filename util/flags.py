@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from models import FAMILIES, HEADS, PRESETS, TokenConfig
 from models.config import TOKENIZERS, all_flag_fields, flag_name, with_token_defaults
-from models.families.common import CFG_SCHEDULES
+from models.families.common import CFG_SCHEDULES, SamplingSettings
 from models.gmm import CFG_SAMPLERS
 from sampling import PRECISIONS
 
@@ -147,3 +147,10 @@ def add_precision_arg(group):
     group.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
                        help="autocast dtype of the transformers (default: bf16 on GPUs that support it, else fp32; "
                             "mixture math stays fp32)")
+
+
+def sampling_settings(args, **overrides):
+    """The outer loop's settings (a SamplingSettings) from a run's or a CLI's arguments (a Namespace or
+    dict), with `overrides` (e.g. one sweep point's cfg and temperature)."""
+    values = {**(args if isinstance(args, dict) else vars(args)), **overrides}
+    return SamplingSettings(**{f.name: values[f.name] for f in fields(SamplingSettings)})
