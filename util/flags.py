@@ -123,7 +123,7 @@ def add_sampling_args(parser, cfg=1.0, sweep=True):
     many = {"nargs": "+"} if sweep else {}
     group.add_argument("--num_iter", default=64, type=int, help="outer autoregressive steps")
     group.add_argument("--cfg", default=[cfg] if sweep else cfg, type=float, dest="cfg_list" if sweep else "cfg",
-                       metavar="CFG", help="classifier-free guidance scale >= 1 (1 = none)" +
+                       metavar="CFG", help="classifier-free guidance scale: 1 (none) or at least 1 + 1e-6" +
                        ("; several values: a sweep of every cfg x temperature" if sweep else ""), **many)
     group.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES,
                        help="linear: the scale grows with the share of tokens generated (MAR); constant")
