@@ -163,6 +163,7 @@ FLAG_RANGES = (
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
     (("lr", "blr"), "> 0", lambda v: v > 0),
     (("ema_rate",), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("pixel_levels",), "0 (no dequantisation) or >= 2", lambda v: v == 0 or v >= 2),
 )
 
 

@@ -48,12 +48,13 @@ class TokenConfig:
     """The tokenizer and the token geometry: images -> a seq_h x seq_w grid of token_dim features."""
     tokenizer: str = field(default="kl16", metadata=flag("kl16: MAR's KL-16 VAE; pixel: the pixels themselves"))
     img_size: int = field(default=256, metadata=flag("image side in pixels"))
+    # before vae_embed_dim, which the pixel tokenizer derives from it: a bad value is named as given
+    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)",
+                                                       shown="the data set's: 3 imagenet, 1 digits"))
     vae_stride: int = field(default=16, metadata=flag("pixels per tokenizer position (pixel tokenizer: 1)"))
     vae_embed_dim: int = field(default=16, metadata=flag(
         "tokenizer channels per position (pixel tokenizer: the image channels)"))
     patch_size: int = field(default=1, metadata=flag("tokenizer positions per token side"))
-    img_channels: int = field(default=3, metadata=flag("image channels (3 = RGB, 1 = grey)",
-                                                       shown="the data set's: 3 imagenet, 1 digits"))
 
     @property
     def seq_h(self):

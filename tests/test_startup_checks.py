@@ -6,8 +6,10 @@ from unittest import mock
 import pytest
 import torch
 
+import main_mar
 from main_mar import check_args, cli, model_config, resolve_args
 from models import PRESETS, TokenConfig
+from models.config import all_flag_fields
 from tests.pipeline_fixtures import TINY, TINY_PRESET, parse, tiny_flags
 from util.io.tokenizers import build_tokenizer
 
@@ -25,7 +27,7 @@ BAD = [("num_gaussians", 0), ("warmup_epochs", -1), ("mask_ratio_min", 1.5), ("l
 # the edges of each range, which must still be accepted
 GOOD = dict(mask_ratio_min=1.0, label_drop_prob=0, attn_dropout=0, proj_dropout=1, ema_rate=0, grad_clip=0,
             epochs=0, warmup_epochs=0, min_lr=0, weight_decay=0, num_workers=0, seed=0, save_copy_freq=0,
-            save_every_steps=0)
+            save_every_steps=0, pixel_levels=0)
 
 
 def checked(tmp_path, **overrides):
@@ -45,6 +47,26 @@ def test_each_bad_flag_is_one_line_naming_it(tmp_path, flag, value):
         checked(tmp_path, **{flag: value})
     message = str(err.value)
     assert message.startswith(f"--{flag} must be") and "\n" not in message, message
+
+
+def test_every_numeric_flag_is_range_checked_at_start_up(tmp_path):
+    """Each int or float flag of main_mar.py (those to come too): a value outside every range (-5, nan) stops
+    the run at start-up with one line naming that flag, wherever its check lives (the run's FLAG_RANGES, the
+    model config, the sampling settings)."""
+    owners = {name: [label for _, label in entries] for name, entries in all_flag_fields().items()}
+    numeric = [a for a in main_mar.get_args_parser()._actions if a.type in (int, float)]
+    assert len(numeric) > 40
+    for action in numeric:
+        name = action.option_strings[0][2:]
+        labels = owners.get(name, [None])
+        context = {}  # a flag of another family or head is checked in a run of that family or head
+        if not {None, "--family mar", "--head arinar"} & set(labels):
+            kind, owner = labels[0].split()
+            context = ({"family": owner, "model": f"{owner}_tiny", "buffer_size": None} if kind == "--family"
+                       else {"head": owner, "inner_ar_width": None, "inner_ar_heads": None})
+        with pytest.raises(ValueError) as err:
+            checked(tmp_path, **context, **{name: -5 if action.type is int else "nan"})
+        assert str(err.value).startswith(f"--{name} must be"), str(err.value)
 
 
 def test_range_edges_are_accepted(tmp_path):
