@@ -10,7 +10,7 @@ from scipy import stats
 from models.families.common import cosine_schedule as sampling_schedule
 from models.families.mar import MAR, sample_mask_ratio
 from models import create_model
-from tests.conftest import randomize_, tiny_mar
+from tests.conftest import SpyBackend, randomize_, tiny_mar
 
 
 def eval_tiny(seed=0, **kw):
@@ -372,3 +372,111 @@ def test_factories_shapes():
     assert m.arhead.head.out_features == 6 and m.z_proj.out_features == 768
     with pytest.raises(ValueError, match="--img_size 250 must be a multiple of --vae_stride x --patch_size = 16"):
         create_model("mar_base", img_size=250)
+
+
+# ----------------------------------------------------------------------------- mutation guards (outer MAR)
+def watch_training_split(m, monkeypatch):
+    """Per forward: the tokens the encoder projects (z_proj's input, [B, n, D]) and the head's targets
+    ([B * P, D]); the head's loss itself is skipped (zeros)."""
+    seen = []
+    m.z_proj.register_forward_hook(lambda module, args, out: seen.append({"visible": args[0].detach()}))
+
+    def spy_loss(target, z):
+        seen[-1]["target"] = target.detach()
+        return target.new_zeros(target.shape[0])
+
+    monkeypatch.setattr(m.head, "loss", spy_loss)
+    return seen
+
+
+def token_ids(rows, tokens):
+    """Which of `tokens` [L, D] (distinct random values) each of `rows` [n, D] is."""
+    match = (rows[:, None, :] == tokens[None]).all(-1)
+    assert (match.sum(1) == 1).all()
+    return match.float().argmax(1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_mask_respects_mask_ratio_min_and_predicts_exactly_the_unseen_tokens(monkeypatch):
+    """Bugs: --mask_ratio_min not reaching the sampled ratio (the default 0.7 used), and the default mask's
+    visible/predicted halves swapped (the encoder sees the ~90% that should be predicted).
+
+    Oracles: ratio min 1 masks all 16 tokens (normal(1, .25) truncated to [1, 1]); at 0.7 each image
+    predicts ceil(r 16) >= 12 tokens and the encoder sees exactly the others; at 0.3 the share of
+    forwards predicting <= 11 tokens is P(r <= 11/16) under scipy's truncnorm (5-sigma band)."""
+    gen = torch.Generator().manual_seed(0)
+    lat, labels = torch.randn(2, 16, 4, 4, generator=gen), torch.tensor([1, 2])
+    counts = {}
+    for ratio_min, forwards in ((1.0, 3), (0.7, 30), (0.3, 200)):
+        m = tiny_mar(mask_ratio_min=ratio_min, attn_dropout=0.0, proj_dropout=0.0).eval()
+        seen = watch_training_split(m, monkeypatch)
+        tokens = m.patchify(lat)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for _ in range(forwards):
+                m(lat, labels)
+        counts[ratio_min] = []
+        for s in seen:
+            n_visible = s["visible"].shape[1]
+            targets = s["target"].view(2, 16 - n_visible, 16)
+            for b in range(2):  # the encoder's tokens and the targets split the image's 16 tokens
+                ids = torch.cat([token_ids(s["visible"][b], tokens[b]), token_ids(targets[b], tokens[b])])
+                assert torch.equal(ids.sort().values, torch.arange(16))
+            counts[ratio_min].append(16 - n_visible)
+    assert counts[1.0] == [16] * 3
+    assert min(counts[0.7]) >= 12
+    low = np.array(counts[0.3])
+    assert low.min() >= math.ceil(0.3 * 16)
+    p = stats.truncnorm((0.3 - 1.0) / 0.25, 0.0, loc=1.0, scale=0.25).cdf(11 / 16)  # ~0.21
+    n = len(low)
+    assert abs((low <= 11).sum() - n * p) < 5 * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rows_grouped_by_open_count_keep_their_own_class_and_canvas():
+    """Bug: the class vectors not regrouped with their rows (the first rows' classes given to another
+    group). Rows 0, 2 leave 12 tokens open, rows 1, 3 leave 8: two groups, each step's conditional half
+    must carry its rows' own class embeddings and the unconditional half the fake class."""
+    m = randomize_(eval_tiny(), std=0.1)
+    known = torch.randn(4, 16, 4, 4, generator=torch.Generator().manual_seed(2))
+    keep = torch.zeros(4, 16, dtype=torch.bool)
+    keep[0, :4] = keep[2, 6:10] = True
+    keep[1, :8] = keep[3, 8:] = True
+    labels = torch.tensor([1, 2, 3, 4])
+    spy = SpyBackend()
+    torch.manual_seed(0)
+    out = m.sample_tokens(4, num_iter=3, cfg=2.0, labels=labels, known=known, keep=keep, backend=spy)
+    given = m.patchify(known)
+    assert len(spy.runs) == 6  # 3 steps per group
+    rows_seen = set()
+    for _, (tokens, visible, class_vec, predict) in spy.runs:
+        b = tokens.shape[0] // 2
+        for r in range(b):  # which image this row is: its kept tokens are that image's
+            (i,) = [i for i in range(4) if torch.equal(tokens[r][keep[i]], given[i][keep[i]])]
+            rows_seen.add(i)
+            torch.testing.assert_close(class_vec[r], m.class_emb.weight[labels[i]], rtol=0, atol=0)
+            torch.testing.assert_close(class_vec[b + r], m.fake_latent[0], rtol=0, atol=0)
+            assert not keep[i][predict[r]].any()  # a kept token is never predicted
+    assert rows_seen == {0, 1, 2, 3}
+    assert torch.equal(m.patchify(out)[keep], given[keep])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_fully_kept_row_runs_no_step_and_comes_back_bit_for_bit():
+    """Bug: rows with nothing to generate sent through the loop anyway (its forced last step then
+    predicts, and overwrites, one of their kept tokens)."""
+    m = randomize_(eval_tiny(), std=0.1)
+    known = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    keep = torch.zeros(3, 16, dtype=torch.bool)
+    keep[0, ::2] = True
+    keep[1] = True  # nothing to generate in row 1
+    spy = SpyBackend()
+    torch.manual_seed(0)
+    out = m.sample_tokens(3, num_iter=4, cfg=2.0, labels=torch.tensor([1, 2, 3]), known=known, keep=keep,
+                          backend=spy)
+    assert torch.equal(out[1], known[1])
+    assert sorted({args[0].shape[0] for _, args in spy.runs}) == [2]  # rows 0 and 2 alone, doubled for CFG
+    spy = SpyBackend()
+    out = m.sample_tokens(3, num_iter=4, cfg=2.0, labels=torch.tensor([1, 2, 3]), known=known,
+                          keep=torch.ones(3, 16, dtype=torch.bool), backend=spy)
+    assert torch.equal(out, known) and spy.runs == []

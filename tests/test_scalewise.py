@@ -483,3 +483,65 @@ def test_sampling_under_bf16_autocast(mixer):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.sample_tokens(2, cfg=2.0, labels=torch.tensor([0, 1]), backend=Capturing())
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------- mutation guards (class rows, drop, cover)
+NULL = 10  # DIGITS' class_num: the null class is class_emb's extra, last row
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_guided_steps_see_the_class_rows_then_the_null_row_and_sampling_never_drops_labels():
+    """Bugs: the null class in the conditional half (CFG then guides toward the unconditional model), the null
+    class taken as row class_num - 1 (a real class), label drop applied while sampling. The head reads
+    z[:n] as conditional and z[n:] as unconditional, so every step's class vectors must be
+    [class_emb[labels]; class_emb[10] x n], even for a model trained with label drop 1."""
+    model = tiny(label_drop_prob=1.0)
+    weight = model.class_emb.weight
+    assert weight.shape[0] == NULL + 1
+    for cfg, labels, want in ((3.0, [3, 7], [3, 7, NULL, NULL]), (1.0, [3, 7], [3, 7]), (1.0, None, [NULL, NULL])):
+        rec = Recorder()
+        torch.manual_seed(0)
+        model.sample_tokens(2, cfg=cfg, labels=None if labels is None else torch.tensor(labels), backend=rec)
+        assert len(rec.steps) == 4
+        for _, args, _ in rec.steps:
+            assert torch.equal(args[1], weight[want])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_forward_drops_labels_to_the_null_row_in_training_only():
+    """Bugs: label drop applied in eval (validation losses of the unconditional model) or never in training
+    (no unconditional model to guide with). With label_drop_prob 1 the training loss is the null
+    class's (labels None) and the eval loss the class's, and the two differ."""
+    model = tiny(label_drop_prob=1.0)
+    x, labels = latents(2), torch.tensor([1, 8])
+    with torch.no_grad():
+        cond, uncond = model(x, labels), model(x, None)
+        model.train()
+        train = model(x, labels)
+        dropped = model.class_vectors(labels, 2, drop_labels=True)
+    assert torch.equal(dropped, model.class_emb.weight[[NULL, NULL]])
+    torch.testing.assert_close(train, uncond, rtol=1e-6, atol=0)
+    assert abs(cond - uncond) > 1e-3 * abs(uncond)
+
+
+def np_covered(keep, side):
+    """keep [n, n] bool -> [side, side]: cell (i, j) covers rows floor(i n / side) .. ceil((i + 1) n / side) - 1
+    (and the same for columns); it is covered when all of them are kept."""
+    n = keep.shape[0]
+    spans = [(i * n // side, -(-(i + 1) * n // side)) for i in range(side)]
+    return np.array([[keep[r0:r1, c0:c1].all() for c0, c1 in spans] for r0, r1 in spans])
+
+
+def test_a_cell_counts_as_covered_only_when_its_whole_footprint_is_kept():
+    """Bug: a threshold below 1 (e.g. share.round(), share > 0.5): a cell 3/4 kept is forced, asserting a value
+    over an open position. Literal: a 4 x 4 grid kept but for (0, 0); then random masks against numpy."""
+    keep = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    keep[..., 0, 0] = False
+    assert covered(keep, 2)[0, 0].tolist() == [[False, True], [True, True]]
+    assert covered(keep, 3)[0, 0].tolist() == [[False, True, True], [True, True, True], [True, True, True]]
+    rng = np.random.default_rng(0)
+    for n in (4, 8, 16):
+        masks = rng.random((6, n, n)) < 0.9
+        for side in scales_for(n)[:-1]:
+            got = covered(torch.from_numpy(masks)[:, None], side)[:, 0].numpy()
+            assert np.array_equal(got, np.stack([np_covered(k, side) for k in masks])), (n, side)
