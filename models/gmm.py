@@ -183,21 +183,27 @@ def sample_gmm_cfg_exact(cond, uncond, cfg, temperature=1.0, points_per_scale=64
     Around every conditional component the grid holds `points_per_scale` evenly spaced points over
     +-`half_width` of two widths: its tempered std (where the proposal puts its mass) and the
     narrower std of the guided target's peak, std / sqrt(T^2 + w - 1) (guidance multiplies the
-    component by p_cond^(w-1), which sharpens it). The target, log q_T + (w - 1) (log p_cond - log p_uncond)
+    component by p_cond^(w-1), which sharpens it); around every unconditional component, as many over
+    +-`half_width` of its std / sqrt(w): dividing by p_uncond^(w-1) digs a dip of about that width
+    where that component is narrow, which a grid laid around the conditional components alone would
+    step over (and put mass in). The target, log q_T + (w - 1) (log p_cond - log p_uncond)
     with q_T the tempered conditional mixture (p_cond^w / p_uncond^(w-1) at T = 1), is taken as
     piecewise constant on the sorted grid's cells (trapezoid masses) and inverted with one uniform
     per row; the CDF error shrinks as the square of the spacing. Fixed shapes and no host syncs,
     so it can be captured in a CUDA graph.
     """
-    grid_points = 2 * cond[0].shape[-1] * points_per_scale
+    grid_points = (2 * cond[0].shape[-1] + uncond[0].shape[-1]) * points_per_scale
     if (slices := row_slices(cond, uncond, cfg, grid_points)) is not None:
         return torch.cat([sample_gmm_cfg_exact(c, u, w, temperature, points_per_scale, half_width)
                           for c, u, w in slices])
     mu, std = at_least_fp32(cond[0]), torch.exp(0.5 * at_least_fp32(cond[1]))
+    mu_u, std_u = at_least_fp32(uncond[0]), torch.exp(0.5 * at_least_fp32(uncond[1]))
     w = guidance_scale(cfg, mu)
     scales = torch.stack([std / temperature, std / torch.sqrt(temperature ** 2 + (w - 1).clamp_min(0))], dim=-1)
     offsets = torch.linspace(-half_width, half_width, points_per_scale, device=mu.device, dtype=mu.dtype)
-    grid = (mu[..., None, None] + scales[..., None] * offsets).flatten(-3).sort(dim=-1).values  # [..., G]
+    around_cond = (mu[..., None, None] + scales[..., None] * offsets).flatten(-3)  # [..., 2 K P]
+    around_uncond = (mu_u[..., None] + (std_u / torch.sqrt(w.clamp_min(1.0)))[..., None] * offsets).flatten(-2)
+    grid = torch.cat([around_cond, around_uncond], dim=-1).sort(dim=-1).values  # [..., G]
     proposal = (cond[0], tempered(at_least_fp32(cond[1]), temperature), cond[2])
     log_p = stacked_log_probs(grid, (proposal, cond, uncond))
     log_f = log_p[0] + (w - 1) * (log_p[1] - log_p[2])

@@ -184,3 +184,148 @@ def test_sliced_guided_draws_keep_rows_and_their_scales(sampler, features, monke
                          for i in range(0, 10, 3)])
     torch.testing.assert_close(sliced, by_hand, rtol=0, atol=0)
     torch.testing.assert_close(sliced, expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- mutation guards (issue: heads)
+def test_inverse_cdf_pick_literal_values():
+    """Bugs: the rounding clamp letting index K through (probabilities that sum to a little under 1, u above
+    their sum: a gather out of range), the count of cdf entries below u off by one."""
+    probs = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64).expand(7, -1)
+    u = torch.tensor([0.0, 0.1999, 0.2001, 0.4999, 0.5001, 0.9999, 1.0], dtype=torch.float64)
+    assert gmm.inverse_cdf_pick(probs, u).squeeze(-1).tolist() == [0, 0, 1, 1, 2, 2, 2]
+    short = torch.full((3, 3), 0.3)  # cdf ends at 0.9: u beyond it still names the last component
+    assert gmm.inverse_cdf_pick(short, torch.tensor([0.95, 0.999, 0.1])).squeeze(-1).tolist() == [2, 2, 0]
+
+
+def scipy_mixture_logpdf(x, mu, logvar, logits):
+    """Row-wise log sum_k w_k N(x; mu_k, exp(logvar_k)) in float64 by scipy: x [R, M], mixture [R, K]."""
+    mu, logvar, logits = (np.asarray(t, np.float64)[:, None, :] for t in (mu, logvar, logits))
+    log_w = logits - special.logsumexp(logits, axis=-1, keepdims=True)
+    return special.logsumexp(log_w + stats.norm.logpdf(np.asarray(x, np.float64)[..., None], mu,
+                                                       np.exp(0.5 * logvar)), axis=-1)
+
+
+def test_stacked_log_probs_match_scipy_row_by_row():
+    """Bugs: the weights' log-softmax over the wrong axis, the exponent floor raised (e^-8 instead of
+    e^-80 shows as 3e-4 where a second component is e^-8..e^-12 below the first), rows mixed up.
+    Each row has its own mixture; the points reach far into every component's tails."""
+    gen = torch.Generator().manual_seed(11)
+    rows, m = 6, 400
+    mixtures = [(torch.randn(rows, 4, generator=gen, dtype=torch.float64) * 3,
+                 torch.randn(rows, 4, generator=gen, dtype=torch.float64) - 1,
+                 torch.randn(rows, 4, generator=gen, dtype=torch.float64) * 2) for _ in range(2)]
+    x = torch.linspace(-14, 14, m, dtype=torch.float64).expand(rows, -1)
+    got = gmm.stacked_log_probs(x, mixtures)
+    assert got.shape == (2, rows, m) and got.dtype == torch.float64
+    for i, mix in enumerate(mixtures):
+        np.testing.assert_allclose(got[i].numpy(), scipy_mixture_logpdf(x.numpy(), *(t.numpy() for t in mix)),
+                                   rtol=1e-12, atol=1e-10)
+    # the gmm_log_prob path agrees too (one row's mixture broadcast over its points)
+    np.testing.assert_allclose(gmm_log_prob(x[1], *(t[1].expand(m, -1) for t in mixtures[0])).numpy(),
+                               got[0, 1].numpy(), rtol=1e-12, atol=1e-10)
+
+
+def numpy_exact_cfg(cond, uncond, w, temperature, u, points_per_scale=64, half_width=8.0):
+    """The exact CFG sampler from its docstring, numpy float64: per row, a grid of points_per_scale
+    points over +-half_width of std/T and of std/sqrt(T^2 + w - 1) around every conditional
+    component and of std/sqrt(w) around every unconditional one, the target q_T (p_c/p_u)^(w-1) by scipy on the sorted grid, trapezoid cell masses,
+    the cell whose cumulative mass first reaches u * total, and the linear position inside it."""
+    mu, logvar, logits = (t.double().numpy() for t in cond)
+    std = np.exp(0.5 * logvar)
+    w = np.broadcast_to(np.asarray(w, np.float64), mu.shape[:1])[:, None, None]
+    scales = np.stack([std / temperature, std / np.sqrt(temperature ** 2 + np.maximum(w[..., 0] - 1, 0))], -1)
+    offsets = np.linspace(-half_width, half_width, points_per_scale)
+    mu_u, std_u = uncond[0].double().numpy(), np.exp(0.5 * uncond[1].double().numpy())
+    around_uncond = mu_u[..., None] + (std_u / np.sqrt(w[..., 0]))[..., None] * offsets
+    grid = np.sort(np.concatenate([(mu[..., None, None] + scales[..., None] * offsets).reshape(len(mu), -1),
+                                   around_uncond.reshape(len(mu), -1)], axis=-1), axis=-1)
+    log_q = scipy_mixture_logpdf(grid, mu, logvar - 2 * np.log(temperature), logits)
+    log_f = log_q + (w[:, :, 0] - 1) * (scipy_mixture_logpdf(grid, *(t.double().numpy() for t in cond))
+                                        - scipy_mixture_logpdf(grid, *(t.double().numpy() for t in uncond)))
+    density = np.exp(log_f - log_f.max(-1, keepdims=True))
+    mass = 0.5 * (density[:, 1:] + density[:, :-1]) * np.diff(grid, axis=-1)
+    cdf = np.cumsum(mass, axis=-1)
+    out = []
+    for r in range(len(mu)):
+        target = u[r] * cdf[r, -1]
+        cell = min(np.searchsorted(cdf[r], target), cdf.shape[1] - 1)
+        frac = np.clip((target - cdf[r, cell] + mass[r, cell]) / mass[r, cell], 0, 1)
+        out.append(grid[r, cell] + frac * (grid[r, cell + 1] - grid[r, cell]))
+    return np.array(out)
+
+
+def random_mixtures_64(rows, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, generator=gen, dtype=torch.float64) * 2,
+            torch.randn(rows, 4, generator=gen, dtype=torch.float64) - 1,
+            torch.randn(rows, 4, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cfg, temperature", [(2.9, 1.1), ("per row", 0.95)])
+def test_float64_exact_cfg_sampler_matches_numpy_from_its_docstring(cfg, temperature):
+    """Bugs: any float32 step in a float64 draw (the CFG scale 2.9 through a float32 tensor, the grid
+    offsets or the uniform made in float32, the log-densities rounded: each moves a draw by 1e-8..1e-6),
+    the grid's second width, the trapezoid rule, the position inside the chosen cell. The uniform is the
+    sampler's one draw per row, read back from the seed."""
+    rows = 40
+    cond, uncond = random_mixtures_64(rows, 12), random_mixtures_64(rows, 13)
+    if cfg == "per row":
+        cfg = torch.linspace(1.3, 6.1, rows, dtype=torch.float64)
+    torch.manual_seed(14)
+    u = torch.rand(rows, 1, dtype=torch.float64).squeeze(-1).numpy()
+    torch.manual_seed(14)
+    got = gmm.sample_gmm_cfg_exact(cond, uncond, cfg, temperature)
+    assert got.dtype == torch.float64 and got.shape == (rows,)
+    expected = numpy_exact_cfg(cond, uncond, cfg.numpy() if torch.is_tensor(cfg) else cfg, temperature, u)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["plain", "sir", "exact"])
+def test_float64_draws_carry_float64_noise(sampler):
+    """Bug: the uniforms or normals of a float64 draw made in float32 (softmax(logits.float()), a float32
+    `like`): with mean 0 and std 1 the draws would then be float32 numbers."""
+    rows = 500
+    zeros = torch.zeros(rows, 2, dtype=torch.float64)
+    mixture = (zeros, zeros, zeros)
+    torch.manual_seed(15)
+    if sampler == "plain":
+        out = gmm.sample_gmm(*mixture)
+    else:
+        wide = (zeros, zeros + 2.0, zeros)
+        out = gmm.CFG_SAMPLERS[sampler](mixture, wide, 2.0, 1.0)
+    assert out.dtype == torch.float64
+    assert (out.float().double() != out).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("sampler, values_per_row", [(sample_gmm_cfg, 1000), (gmm.sample_gmm_cfg_exact, 3 * 4 * 64)],
+                         ids=["sir", "exact"])
+def test_guided_draws_stay_under_the_candidate_cap(sampler, values_per_row, monkeypatch):
+    """Bug: a sampler telling row_slices fewer values per row than it makes (the exact sampler's grid is
+    (2 widths x K conditional + K unconditional components) x 64 points = 768 per row, not K x 64), so its slices, and its memory, run
+    over MAX_CANDIDATE_VALUES. Every density evaluation must see at most the cap's values, all rows once."""
+    cap = 3 * values_per_row + values_per_row // 2  # room for 3 rows a call
+    monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", cap)
+    shapes, real = [], gmm.stacked_log_probs
+    monkeypatch.setattr(gmm, "stacked_log_probs",
+                        lambda x, mixtures: shapes.append(tuple(x.shape)) or real(x, mixtures))
+    out = sampler(batch(10, MU, LOGVAR, LOGITS), batch(10, MU_U, LOGVAR_U, LOGITS_U), 3.0, 1.0)
+    assert out.shape == (10,)
+    assert shapes == [(3, values_per_row)] * 3 + [(1, values_per_row)]
+
+
+@pytest.mark.parametrize("sampler", sorted(gmm.CFG_SAMPLERS))
+def test_a_narrow_unconditional_component_leaves_a_dip_no_sampler_fills(sampler):
+    """p_cond = N(0, 1), p_uncond = N(0, 1)/2 + N(0.3, 0.01^2)/2, w = 3: dividing by p_uncond^2 digs a dip
+    about 0.006 wide at 0.3 that holds 1e-5 of the target's mass. The exact sampler's grid, laid around the
+    conditional components alone, stepped over it and put 1.6% of its draws there (KS p 1e-8)."""
+    n = 20000
+    row = lambda *v: torch.tensor(v, dtype=torch.float64).expand(n, -1)  # noqa: E731
+    cond = (row(0.0, 0.0), row(0.0, 0.0), row(0.0, -50.0))
+    uncond = (row(0.0, 0.3), row(0.0, 2 * math.log(0.01)), row(0.0, 0.0))
+    grid = np.linspace(-8, 8, 2_000_001)
+    density = stats.norm.pdf(grid) ** 3 / (0.5 * stats.norm.pdf(grid) + 0.5 * stats.norm.pdf(grid, 0.3, 0.01)) ** 2
+    cdf = np.cumsum(density) / density.sum()
+    torch.manual_seed(0)
+    samples = gmm.CFG_SAMPLERS[sampler](cond, uncond, 3.0, 1.0).numpy()
+    assert np.mean(np.abs(samples - 0.3) < 0.02) < 0.001
+    assert stats.kstest(samples, lambda v: np.interp(v, grid, cdf)).pvalue > 0.001

@@ -168,3 +168,79 @@ def test_mixture_math_is_fp32_under_bf16_autocast():
 def test_bad_width_heads():
     with pytest.raises(ValueError, match="divisible"):
         InnerAR(width=30, num_heads=4)
+
+
+# ----------------------------------------------------------------------------- mutation guards (issue: heads)
+@pytest.mark.parametrize("cfg_sampler", ["sir", "exact"])
+def test_guided_kv_cache_sampling_equals_teacher_forcing_on_both_halves(cfg_sampler):
+    """Bugs: the drawn feature fed back to the unconditional half in another row order (interleaved,
+    repeat_interleave) or not at all, so a conditional row is guided by another row's history; the cache
+    read at the wrong positions under CFG. The head outputs the sampler used at step t, for the
+    conditional and the unconditional rows, must be what teacher forcing of the sampled token gives
+    under each row's own condition."""
+    m = randomize_(small_inner(), std=0.15).double()
+    n = 5
+    z = torch.randn(2 * n, C, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    seen = []
+    m.draw.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    torch.manual_seed(22)
+    x = m.sample(z, 1.0, 3.0, cfg_sampler=cfg_sampler)
+    assert x.shape == (n, D) and len(seen) == D
+    used = torch.stack(seen, 1)  # [2n, D, 3K]
+    with torch.no_grad():
+        torch.testing.assert_close(used[:n], m(x, z[:n]), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(used[n:], m(x, z[n:]), rtol=1e-9, atol=1e-9)
+
+
+def mixture_rows(means, logvar=-40.0, logits=(0.0, -40.0, -40.0, -40.0)):
+    """Head outputs [rows, 3K] = [K means | K log-variances | K logits] with component 0 dominant."""
+    rows = len(means)
+    mu = torch.as_tensor(means, dtype=torch.float64)[:, None].expand(rows, K)
+    return torch.cat([mu, torch.full((rows, K), logvar, dtype=torch.float64),
+                      torch.tensor(logits, dtype=torch.float64).expand(rows, K)], 1)
+
+
+@pytest.mark.parametrize("cfg_sampler", ["sir", "exact"])
+def test_guided_draw_pairs_row_i_with_row_n_plus_i(cfg_sampler):
+    """Bugs: [cond; uncond] read interleaved (rows 0::2 and 1::2) or swapped. Conditional row i is a
+    point mass at i + 0.25; the unconditional rows are wide Gaussians, so a draw must land on its own
+    row's point; swapped, the wide rows would be the proposals and the draws spread out."""
+    from models.heads.arinar import MixtureDraw
+    n = 6
+    out = torch.cat([mixture_rows(torch.arange(n) + 0.25), mixture_rows(torch.zeros(n), logvar=2.0)])
+    torch.manual_seed(23)
+    x = MixtureDraw(K, 1)(out, 1.0, 4.0, cfg_sampler)
+    assert x.shape == (n, 1)
+    torch.testing.assert_close(x[:, 0], torch.arange(n, dtype=torch.float64) + 0.25, rtol=0, atol=1e-6)
+
+
+def test_inner_sample_hands_the_cfg_sampler_and_temperature_to_the_draw(monkeypatch):
+    """Bugs: sample() dropping cfg_sampler (every run silently on 'sir') or the temperature in the guided
+    path; each feature's draw must get both."""
+    from models import gmm
+    calls = []
+    for name in ("sir", "exact"):
+        real = gmm.CFG_SAMPLERS[name]
+        monkeypatch.setitem(gmm.CFG_SAMPLERS, name,
+                            lambda c, u, w, t, _n=name, _f=real: calls.append((_n, w, t)) or _f(c, u, w, t))
+    m = small_inner()
+    z = torch.randn(6, C)
+    m.sample(z, 0.7, 2.5, cfg_sampler="exact")
+    m.sample(z, 1.3, 2.5, cfg_sampler="sir")
+    assert calls == [("exact", 2.5, 0.7)] * D + [("sir", 2.5, 1.3)] * D
+
+
+def test_kv_cache_is_kept_in_the_activation_dtype(monkeypatch):
+    """Bug: the cache allocated in z's dtype (float32) under bf16 autocast: twice the memory, and on CUDA
+    keys/values no longer match the bf16 queries, so attention leaves flash-attn for SDPA."""
+    from models.heads import arinar as inner_module
+    dtypes, real = [], inner_module.write_kv
+    monkeypatch.setattr(inner_module, "write_kv", lambda cache, pos, kv: dtypes.append((cache.dtype, kv.dtype))
+                        or real(cache, pos, kv))
+    m = small_inner()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.sample(torch.randn(3, C), 1.0, 1.0)
+    assert dtypes == [(torch.bfloat16, torch.bfloat16)] * (2 * D)  # 2 blocks x 16 features
+    dtypes.clear()
+    m.double().sample(torch.randn(3, C, dtype=torch.float64), 1.0, 1.0)
+    assert set(dtypes) == {(torch.float64, torch.float64)}
