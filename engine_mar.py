@@ -299,6 +299,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     device = model_device(model)
     labels_all = class_balanced_labels(args.num_images, model.config.class_num)
     use_fid, use_pr = fid_enabled(args), ref_batch_enabled(args)
+    steps = model.sampling_steps(args.num_iter)  # the family's own count (a scale-wise model ignores num_iter)
     extractor = metrics.build_inception(args.inception_path, device) if use_fid or use_pr else None
     backend = sampling_backend(model, args) if backend is None else backend
     pool_feats, logit_feats, feat_index = [], [], []
@@ -315,8 +316,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
         folder = refused = None
         if rank == 0:
             settings = eval_folder.eval_settings(args, model.config, cfg, temperature,
-                                                 eval_folder.weights_digest(model), device.type,
-                                                 num_iter=model.sampling_steps(args.num_iter))
+                                                 eval_folder.weights_digest(model), device.type, steps)
             try:
                 folder = eval_folder.open_folder(args.output_dir, epoch, settings)
             except ValueError as err:
@@ -329,8 +329,7 @@ def evaluate(model, tokenizer, ema, args, epoch, cfg=None, temperature=None, wri
     counts = distributed.all_reduce_sum(torch.tensor([drawn, kept], dtype=torch.float64))
 
     results = {"epoch": epoch, "num_images": args.num_images, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
-               "temperature": temperature, "num_iter": model.sampling_steps(args.num_iter),
-               "weights": args.eval_weights,
+               "temperature": temperature, "num_iter": steps, "weights": args.eval_weights,
                "sec_per_image": sec_per_image, "images_drawn": int(counts[0]), "images_kept": int(counts[1]),
                "world_size": world}
     if extractor is not None:

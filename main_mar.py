@@ -50,7 +50,6 @@ from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_an
 logger = logging.getLogger("main_mar")
 
 
-
 # ----------------------------------------------------------------------------- flags
 def get_args_parser():
     parser = flags.parser("ARINAR training and evaluation")

@@ -226,10 +226,10 @@ def test_stacked_log_probs_match_scipy_row_by_row():
 
 
 def numpy_exact_cfg(cond, uncond, w, temperature, u, points_per_scale=64, half_width=8.0):
-    """The exact CFG sampler from its docstring, numpy float64: per row, a grid of points_per_scale
-    points over +-half_width of std/T and of std/sqrt(T^2 + w - 1) around every conditional
-    component and of std/sqrt(w) around every unconditional one, the target q_T (p_c/p_u)^(w-1) by scipy on the sorted grid, trapezoid cell masses,
-    the cell whose cumulative mass first reaches u * total, and the linear position inside it."""
+    """The exact CFG sampler from its docstring, numpy float64: per row, a grid of points_per_scale points over
+    +-half_width of std/T and of std/sqrt(T^2 + w - 1) around every conditional component and of std/sqrt(w)
+    around every unconditional one, the target q_T (p_c/p_u)^(w-1) by scipy on the sorted grid, trapezoid cell
+    masses, the cell whose cumulative mass first reaches u * total, and the linear position inside it."""
     mu, logvar, logits = (t.double().numpy() for t in cond)
     std = np.exp(0.5 * logvar)
     w = np.broadcast_to(np.asarray(w, np.float64), mu.shape[:1])[:, None, None]
@@ -300,9 +300,10 @@ def test_float64_draws_carry_float64_noise(sampler):
 @pytest.mark.parametrize("sampler, values_per_row", [(sample_gmm_cfg, 1000), (gmm.sample_gmm_cfg_exact, 3 * 4 * 64)],
                          ids=["sir", "exact"])
 def test_guided_draws_stay_under_the_candidate_cap(sampler, values_per_row, monkeypatch):
-    """Bug: a sampler telling row_slices fewer values per row than it makes (the exact sampler's grid is
-    (2 widths x K conditional + K unconditional components) x 64 points = 768 per row, not K x 64), so its slices, and its memory, run
-    over MAX_CANDIDATE_VALUES. Every density evaluation must see at most the cap's values, all rows once."""
+    """Bug: a sampler telling row_slices fewer values per row than it makes (the exact sampler's grid is (2 widths x K
+    conditional + K unconditional components) x 64 points = 768 per row, not K x 64), so its slices, and its
+    memory, run over MAX_CANDIDATE_VALUES. Every density evaluation must see at most the cap's values, all rows
+    once."""
     cap = 3 * values_per_row + values_per_row // 2  # room for 3 rows a call
     monkeypatch.setitem(gmm.MAX_CANDIDATE_VALUES, "cpu", cap)
     shapes, real = [], gmm.stacked_log_probs

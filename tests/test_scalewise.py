@@ -485,7 +485,7 @@ def test_sampling_under_bf16_autocast(mixer):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
-# ----------------------------------------------------------------------------- mutation guards (class rows, drop, cover)
+# ------------------------------------------------------------------ mutation guards (class rows, drop, cover)
 NULL = 10  # DIGITS' class_num: the null class is class_emb's extra, last row
 
 
