@@ -125,7 +125,10 @@ def numpy_loss(x0, t, noise, out):
                 + (post_var + (true_mean - mean) ** 2) / np.exp(log_var))
     cdf = lambda u: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # noqa: E731  ADM's approximation
     std = np.exp(0.5 * log_var)
-    mass = cdf((x0 - mean + 1 / 255) / std) - cdf((x0 - mean - 1 / 255) / std)
+    cdf_plus, cdf_min = cdf((x0 - mean + 1 / 255) / std), cdf((x0 - mean - 1 / 255) / std)
+    # ADM's edge bins are open: below -0.999 the mass is cdf_plus, above 0.999 it is 1 - cdf_min (MAR's
+    # latents leave [-1, 1], so both occur)
+    mass = np.where(x0 < -0.999, cdf_plus, np.where(x0 > 0.999, 1 - cdf_min, cdf_plus - cdf_min))
     decoder_nll = -np.log(np.maximum(mass, 1e-12))
     vb = np.where(t == 0, decoder_nll.mean(-1), kl.mean(-1)) / np.log(2)
     return ((noise - eps) ** 2).mean(-1) + vb
@@ -323,3 +326,130 @@ def test_exact_cfg_sampler_refused():
     with pytest.raises(ValueError, match="--cfg_sampler") as err:
         head.sample(torch.randn(4, 8), cfg=2.0, cfg_sampler="exact")
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- mutation guards (issue: diffusion-head mutants)
+
+def numpy_sampler(state, z, x, noises, temperature, steps, w=None):
+    """The respaced reverse process with injected noise, numpy float64 from the DDPM / improved-DDPM formulas:
+    the network at the ORIGINAL kept timesteps, eps (guided: eps_u + w (eps_c - eps_u), the conditional
+    half's variance values), log var = frac log beta + (1 - frac) log posterior var (step 0's borrowed from
+    step 1), x_{t-1} = posterior mean of the x_0 prediction + T * std * noise, and no noise at the last step."""
+    kept = np.round(np.linspace(0, 999, steps)).astype(int)
+    ab = numpy_alpha_bar()[kept]
+    ab_prev = np.append(1.0, ab[:-1])
+    beta = 1 - ab / ab_prev
+    post_var = beta * (1 - ab_prev) / (1 - ab)
+    post_var[0] = post_var[1]
+    n = len(x)
+    for step, i in enumerate(reversed(range(steps))):
+        if w is None:
+            out = numpy_net(state, x, np.full(n, float(kept[i])), z)
+            eps = out[:, :C]
+        else:
+            out = numpy_net(state, np.concatenate([x, x]), np.full(2 * n, float(kept[i])), z)
+            eps = out[n:, :C] + w * (out[:n, :C] - out[n:, :C])
+        frac = (out[:n, C:] + 1) / 2
+        log_var = frac * np.log(beta[i]) + (1 - frac) * np.log(post_var[i])
+        x0 = (x - np.sqrt(1 - ab[i]) * eps) / np.sqrt(ab[i])
+        x = (beta[i] * np.sqrt(ab_prev[i]) * x0 + (1 - ab_prev[i]) * np.sqrt(1 - beta[i]) * x) / (1 - ab[i])
+        if i > 0:
+            x = x + temperature * np.exp(0.5 * log_var) * noises[step]
+    return x
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_sampler_with_noise_matches_numpy_step_by_step(guided):
+    """Bugs: noise injected at the last step too; one noise draw reused at every step; temperature on the
+    variance or the log variance rather than the std. The sampler's own random draws are replayed (the
+    start, then one draw per step, last step included) into a float64 numpy sampler written from the formulas."""
+    head = DiffLoss(C, 8, 32, 2, num_sampling_steps=6).double()
+    randomize_(head, std=0.1, seed=7)
+    n, steps, temperature = 5, 6, 0.7
+    z = torch.randn((2 if guided else 1) * n, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    torch.manual_seed(9)
+    x_start = torch.randn(n, C, dtype=torch.float64)
+    noises = [torch.randn(n, C, dtype=torch.float64).numpy() for _ in range(steps)]
+    torch.manual_seed(9)
+    got = head.sample(z, temperature=temperature, cfg=2.5 if guided else 1.0)
+    state = {k: v.detach() for k, v in head.net.state_dict().items()}
+    expected = numpy_sampler(state, z.numpy(), x_start.numpy(), noises, temperature, steps, 2.5 if guided else None)
+    # the first step (t = 999, alpha_bar ~ 1e-9) amplifies float64 rounding to ~1e-10
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-10)
+    # the last step's noise would move the draw by ~T * sqrt(posterior variance at step 1) ~ 0.3: the check has power
+    assert np.abs(noises[-1]).max() > 0.5
+
+
+def test_training_timesteps_are_uniform_over_all_1000_steps():
+    """Bugs: t drawn from [1, 1000) (the t = 0 decoder-NLL term never trained) or [0, 999) (the noisiest
+    step never trained). 20000 rows, 20 expected per step; bins of 100 steps by chi-square."""
+    head = DiffLoss(4, 3, 8, 1)
+    seen = []
+    head.net.register_forward_hook(lambda module, args, out: seen.append(args[1]))
+    torch.manual_seed(10)
+    head.loss(torch.rand(20000, 4) * 2 - 1, torch.randn(20000, 3))
+    t = seen[0]
+    assert t.dtype == torch.int64 and t.min().item() == 0 and t.max().item() == 999
+    assert (t == 0).sum().item() >= 5 and (t == 999).sum().item() >= 5  # P(< 5 | mean 20) ~ 2e-5
+    counts = np.bincount(t.numpy() // 100, minlength=10)
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def bf16_rounding_net(net, keep_bf16):
+    """The net's output rounded to bf16 (what the MLP gives under bf16 autocast), returned as bf16 or as the
+    same values in float32."""
+    class Rounded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = net
+
+        def forward(self, x, t, c):
+            out = self.inner(x, t, c).to(torch.bfloat16)
+            return out if keep_bf16 else out.float()
+    return Rounded()
+
+
+def test_sampler_does_its_math_in_float32_on_a_bf16_net_output():
+    """Bug: the net's output not cast to the sampler's float32 before the diffusion math, so under autocast
+    the CFG combination, x_0 = x / sqrt(ab) - sqrt(1/ab - 1) eps (eps x ~3e4 at t = 999) and the log
+    variance run in bf16. A bf16 output and the same values in float32 must give bit-identical samples."""
+    head = randomize_(DiffLoss(C, 8, 32, 1, num_sampling_steps=5), std=0.1, seed=11)
+    net = head.net
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(12))
+    draws = []
+    for keep_bf16 in (True, False):
+        head.net = bf16_rounding_net(net, keep_bf16)
+        torch.manual_seed(13)
+        draws.append(head.sample(z, temperature=0.9, cfg=3.0))
+    assert draws[0].dtype == torch.float32 and torch.equal(draws[0], draws[1])
+
+
+def test_bf16_inputs_under_autocast_run_the_diffusion_math_in_float32():
+    """Bug: the diffusion dtype taken from the input (bf16 z or targets under autocast) instead of at least
+    float32: x_t, the noise and the sampler's chain in bf16. bf16 inputs and the same values in float32 must
+    give bit-identical losses and samples (autocast rounds what the net sees to bf16 either way)."""
+    head = randomize_(DiffLoss(C, 8, 32, 1, num_sampling_steps=5), std=0.1, seed=14)
+    gen = torch.Generator().manual_seed(15)
+    z = torch.randn(6, 8, generator=gen).bfloat16()
+    target = (torch.rand(6, C, generator=gen) * 2 - 1).bfloat16()
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    results = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for cast in (lambda v: v, lambda v: v.float()):
+            torch.manual_seed(16)
+            loss = head.loss(cast(target), cast(z), t=t)
+            torch.manual_seed(17)
+            results.append((loss, head.sample(cast(z), temperature=0.9, cfg=2.0)))
+    (loss_bf16, x_bf16), (loss_fp32, x_fp32) = results
+    assert loss_bf16.dtype == x_bf16.dtype == torch.float32
+    assert torch.equal(loss_bf16, loss_fp32) and torch.equal(x_bf16, x_fp32)
+
+
+def test_init_zeroes_every_adaln_modulation_and_time_mlp_std():
+    """Bugs: the final layer's AdaLN modulation left at Xavier (MAR zeroes it, as in every block); the time
+    embedder's second Linear left at Xavier (MAR: normal std 0.02, both Linears)."""
+    head = DiffLoss(C, 8, 256, 2)
+    for module in (*head.net.res_blocks, head.net.final_layer):
+        assert not module.adaLN_modulation[1].weight.any() and not module.adaLN_modulation[1].bias.any()
+    for i in (0, 2):
+        assert head.net.time_embed.mlp[i].weight.std().item() == pytest.approx(0.02, rel=0.1)

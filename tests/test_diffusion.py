@@ -115,3 +115,14 @@ def test_discretized_log_likelihood_is_bin_mass():
     expected[4] = stats.norm.sf(1 - 1 / 255, m[4], s[4])
     # ADM's tanh CDF approximation is good to ~3e-4 absolute
     np.testing.assert_allclose(got, expected, rtol=0.02)
+
+
+def test_tables_are_made_once_per_device():
+    """Bug: the table cache keyed by name alone, so a schedule used on one device hands that device's table
+    to the next (a model moved to the GPU after a CPU call)."""
+    schedule = Schedule(np.array([0.1, 0.2, 0.3]))
+    cpu = schedule.tensor("log_betas", "cpu")
+    meta = schedule.tensor("log_betas", "meta")
+    assert cpu.device.type == "cpu" and meta.device.type == "meta" and meta.shape == (3,)
+    assert schedule.tensor("log_betas", torch.device("cpu")) is cpu
+    assert schedule.tensor("sqrt_alpha_bar", "cpu").tolist() == pytest.approx(np.sqrt(np.cumprod([0.9, 0.8, 0.7])))

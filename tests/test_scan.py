@@ -155,3 +155,38 @@ def test_an_initial_state_reaches_the_kernel_through_linearity(monkeypatch, cap)
                               delta_softplus=True, return_last_state=True, initial_state=x["initial_state"])
     torch.testing.assert_close(readout, free[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(carried, free[1], rtol=1e-12, atol=1e-12)
+
+
+def test_without_softplus_or_bias_the_step_sizes_are_delta_itself():
+    """Bug: softplus applied whatever delta_softplus says (or the bias required): mamba-ssm's signature lets a
+    caller pass ready step sizes. dt = softplus(raw) given as delta with delta_softplus=False and no bias must
+    equal the naive loop on raw with softplus and a zero bias."""
+    x = inputs()
+    dt = torch.nn.functional.softplus(x["delta"])
+    out, last = selective_scan_ref(**{**x, "delta": dt, "delta_bias": None}, delta_softplus=False,
+                                   return_last_state=True)
+    want_out, want_last = naive(**{**x, "delta_bias": torch.zeros_like(x["delta_bias"])})
+    np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+
+
+class FakeTensor:
+    """What kernel_usable reads of a tensor: its dtype and whether it lives on CUDA (runs on CPU)."""
+
+    def __init__(self, dtype, is_cuda=True):
+        self.dtype, self.is_cuda = dtype, is_cuda
+
+
+def test_kernel_refuses_any_float64_input_not_only_u(monkeypatch):
+    """Bug: only u's dtype checked, so a float64 A, B, C or initial state on CUDA reaches mamba-ssm's kernel
+    (no float64 support) instead of the exact plain scan."""
+    monkeypatch.setattr(scan, "mamba_selective_scan", kernel_standin)
+    f32, f64 = FakeTensor(torch.float32), FakeTensor(torch.float64)
+    assert scan.kernel_usable(f32, f32, f32, f32, f32, None)
+    assert scan.kernel_usable(FakeTensor(torch.bfloat16), f32, f32, f32, f32, f32)
+    for i in range(5):  # delta, A, B, C, initial_state in turn
+        others = [f32] * 5
+        others[i] = f64
+        assert not scan.kernel_usable(f32, *others), i
+    assert not scan.kernel_usable(f64, f32, f32, f32, f32, None)
+    assert not scan.kernel_usable(FakeTensor(torch.float32, is_cuda=False), f32, f32, f32, f32, None)

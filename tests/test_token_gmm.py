@@ -174,3 +174,29 @@ def test_mixture_parameters_are_not_rounded_to_bf16_under_autocast():
     want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_init_zeroes_the_adaln_modulations_but_not_the_output_layer():
+    """Bug: the final layer's AdaLN modulation left at Xavier (the release zeroes every modulation, so each
+    block and the output start unmodulated); the output Linear itself keeps Xavier (distinct components)."""
+    head = TokenGMM(C, 8, 64, 2, K)
+    for module in (*head.res_blocks, head.final_layer):
+        assert not module.adaLN_modulation[1].weight.any() and not module.adaLN_modulation[1].bias.any()
+    assert head.final_layer.linear.weight.std().item() > 0.05 and not head.final_layer.linear.bias.any()
+
+
+def test_cfg_resamples_from_the_releases_1000_candidates(monkeypatch):
+    """Bug: fewer resampling candidates than the release's 1000 (a coarser approximation of the guided
+    target that the statistical CFG test cannot resolve): the proposals drawn per row are counted."""
+    import models.gmm as gmm
+    drawn = []
+    real = gmm.sample_diag_gmm
+
+    def spy(mu, logvar, logits, temperature=1.0, num_samples=None):
+        out = real(mu, logvar, logits, temperature, num_samples)
+        drawn.append(out.shape)
+        return out
+
+    monkeypatch.setattr(gmm, "sample_diag_gmm", spy)
+    x = constant_head(MU, STD, LOGITS).sample(torch.randn(6, 8), cfg=2.0)
+    assert x.shape == (3, C) and drawn == [(3, 1000, C)]
