@@ -232,3 +232,43 @@ def test_shards_left_are_shared_evenly_by_the_ranks():
     split = [shards_of(rank, 16, 24, done) for rank in range(16)]
     assert split == [[8 + rank] for rank in range(16)]
     assert shards_of(1, 3, 7, {2}) == [1, 5]  # left: 0 1 3 4 5 6 -> ranks 0: 0 4, 1: 1 5, 2: 3 6
+
+
+# ----------------------------------------------------------------------------- ADM crop and multi-shard reads
+def test_adm_crop_rounds_the_resized_side_and_box_halves_an_exactly_2x_image():
+    """Bugs: int() for ADM's round() when resizing (a 23x17 image at 16 px is resized to 22x16, not 21x16, then
+    cropped from x = 3), and `>` for ADM's `>=` (a 2x image is box-halved, not bicubic-downscaled)."""
+    # a horizontal ramp 10 + 10 x: bicubic resizing keeps it linear, so output column j samples the source at
+    # (j + 3 + 0.5) * 23 / 22 - 0.5 (j + 2 for a 21 px width: up to 9.6 levels off)
+    ramp = np.repeat((10 + 10 * np.arange(23))[None, :, None], 17, 0).repeat(3, 2).astype(np.uint8)
+    out = np.asarray(center_crop_arr(Image.fromarray(ramp), 16)).astype(np.float64)
+    assert out.shape == (16, 16, 3)
+    expected = 10 + 10 * ((np.arange(16) + 3 + 0.5) * 23 / 22 - 0.5)
+    assert np.abs(out - expected[None, :, None]).max() <= 0.5 + 1e-9
+    # 32x32 made of 2x2 constant blocks: box-halving gives the blocks back exactly
+    small = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    big = np.kron(small, np.ones((2, 2, 1), np.uint8))
+    assert np.array_equal(np.asarray(center_crop_arr(Image.fromarray(big), 16)), small)
+
+
+def test_cached_items_of_later_shards_carry_their_own_moments_and_labels(tmp_path):
+    """Bug: a later shard's item read with its shard-local index into the global labels (or the wrong shard)."""
+    root = tmp_path / "c"
+    os.makedirs(root)
+    labels = [np.array([0, 1, 0]), np.array([1, 1, 0, 1])]
+    shards, k = [], 0
+    for i, shard_labels in enumerate(labels):
+        moments = np.zeros((len(shard_labels), 2, 2, 1, 1), np.float16)
+        for row in range(len(shard_labels)):
+            k += 1
+            moments[row, 0], moments[row, 1] = k, -k
+        np.save(root / f"shard-{i:05d}.npy", moments)
+        np.save(root / f"shard-{i:05d}-labels.npy", shard_labels)
+        shards.append({"moments": f"shard-{i:05d}.npy", "labels": f"shard-{i:05d}-labels.npy",
+                       "count": len(shard_labels)})
+    (root / "index.json").write_text(json.dumps({"format": "arinar-latents-v1", "img_size": 16, "tokenizer": "kl16",
+                                                 "embed_dim": 1, "classes": ["a", "b"], "shards": shards}))
+    dataset = CachedLatents(root, seed=0)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [abs(float(m[0, 0, 0])) for m, _ in items] == [1, 2, 3, 4, 5, 6, 7]
+    assert [label for _, label in items] == [0, 1, 0, 1, 1, 0, 1]

@@ -13,6 +13,7 @@ from tests.conftest import REPO
 from tests.pipeline_fixtures import (load, make_image_folder, python, run_main, run_main_killed_after_saves,
                                      subprocess_env, tiny_flags, write_launcher)
 from util.train import state as checkpoint
+from util.data.datasets import ResumableSampler
 from util.train.state import LAST, capture_rng_state, restore_rng_state
 from util.io.files import atomic_torch_save
 
@@ -209,3 +210,58 @@ def test_a_missing_resume_path_says_how_to_fetch_released_weights(tmp_path):
         checkpoint_path("pretrained_models/arinar/arinar_b", tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"no such checkpoint file or run folder; fetch released weights"):
         checkpoint_path(str(tmp_path / "typo" / "run"), tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- resume bookkeeping
+def test_python_gauss_cache_survives_an_rng_round_trip():
+    """random.getstate()'s third entry is random.gauss's cached second value: dropping it changes the next draw."""
+    random.seed(3)
+    random.gauss(0.0, 1.0)  # leaves the pair's second value cached
+    state = capture_rng_state()
+    expected = [random.gauss(0.0, 1.0) for _ in range(3)]
+    random.gauss(0.0, 1.0)
+    restore_rng_state(state)
+    assert [random.gauss(0.0, 1.0) for _ in range(3)] == expected
+
+
+def test_last_batch_indices_are_the_most_recent_steps_literal():
+    """Mid-epoch: step s's batch is the slice [(s-1) b, s b) of this rank's stream; at an epoch boundary the
+    previous epoch's last full batch (10 items per rank, batch 3: 3 steps, items 6-8)."""
+    sampler = ResumableSampler(21, num_replicas=2, rank=1, seed=7)
+    assert checkpoint.last_batch_indices(sampler, checkpoint.TrainState(1, 2, 5), 3) == sampler.epoch_indices(1)[3:6]
+    assert checkpoint.last_batch_indices(sampler, checkpoint.TrainState(2, 0, 6), 3) == sampler.epoch_indices(1)[6:9]
+    assert checkpoint.last_batch_indices(sampler, checkpoint.TrainState(), 3) == []
+
+
+def saved_then_resumed(tmp_path, state, batch_size=2, resume_batch_size=None):
+    """Write a step-granular checkpoint of a tiny model at `state`, then resume a fresh model from it."""
+    import argparse
+    from tests.conftest import tiny_mar
+    from util.train.ema import EMA
+
+    def parts():
+        torch.manual_seed(0)
+        model = tiny_mar()
+        return model, EMA(model, 0.9), torch.optim.AdamW(model.parameters()), \
+            torch.amp.GradScaler("cpu", enabled=False)
+
+    model, ema, optimizer, scaler = parts()
+    sampler = ResumableSampler(12, seed=0)
+    checkpoint.save_training_checkpoint(tmp_path / LAST, model, ema, optimizer, scaler,
+                                        argparse.Namespace(batch_size=batch_size, seed=0), state, sampler)
+    model, ema, optimizer, scaler = parts()
+    args = argparse.Namespace(batch_size=resume_batch_size or batch_size, seed=0)
+    return checkpoint.resume_training(load(tmp_path / LAST), "ckpt", model, ema, optimizer, scaler, args, sampler)
+
+
+def test_resume_keeps_the_skipped_steps_streak(tmp_path):
+    """Bug: skips_in_a_row reset on resume, so --max_skipped_steps in a row never triggers across a requeue."""
+    resumed = saved_then_resumed(tmp_path, checkpoint.TrainState(1, 2, 8, skipped_steps=4, skips_in_a_row=2))
+    assert resumed == checkpoint.TrainState(1, 2, 8, 4, 2)
+
+
+def test_resume_at_an_epoch_boundary_may_change_the_batch_size(tmp_path):
+    """Only a mid-epoch resume needs the same processes x --batch_size (the data position is a step count):
+    from an epoch boundary the next epoch starts at its beginning, whatever the batch size."""
+    resumed = saved_then_resumed(tmp_path, checkpoint.TrainState(2, 0, 12), batch_size=2, resume_batch_size=3)
+    assert resumed == checkpoint.TrainState(2, 0, 12)

@@ -332,3 +332,59 @@ def test_every_sampling_flag_is_a_setting_of_the_evaluation_folder():
             new = {"fp32": "bf16", "sir": "exact", "linear": "constant", "ema": "live"}.get(old, f"{old}x")
         setattr(args, dest, new)
         assert folder(args) != base, f"--{dest} does not change the evaluation folder's name"
+
+
+# ----------------------------------------------------------------------------- metric plumbing, literal oracles
+def test_inception_score_averages_ten_splits_of_the_fixed_shuffle():
+    """The README's IS: 10 splits (after torch-fidelity's fixed shuffle, RandomState(2020)); mean and
+    population std of exp(mean KL(p || split mean)). Bug: the splits argument ignored (one split)."""
+    logits = np.random.default_rng(4).standard_normal((60, 7)) * 3
+    shuffled = logits[np.random.RandomState(2020).permutation(60)]
+    p = np.exp(shuffled - shuffled.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for part in np.split(p, 10):
+        scores.append(np.exp((part * (np.log(part) - np.log(part.mean(0, keepdims=True)))).sum(1).mean()))
+    got = metrics.inception_score(torch.tensor(logits))
+    assert got["inception_score"] == pytest.approx(np.mean(scores), rel=1e-9)
+    assert got["inception_score_std"] == pytest.approx(np.std(scores), rel=1e-9)
+
+
+def test_inception_features_feed_the_network_nchw_uint8_images():
+    """Bug: permute(0, 3, 2, 1) (every image transposed: same shape for square images, other features)."""
+    seen = []
+
+    def network(x):
+        seen.append(x.clone())
+        return x.float().mean((2, 3)), x.float().amax((2, 3))
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 6, 3), dtype=np.uint8)
+    pool, _ = metrics.inception_features(network, rgb, "cpu", batch_size=2)
+    assert [tuple(x.shape) for x in seen] == [(2, 3, 4, 6), (1, 3, 4, 6)] and seen[0].dtype == torch.uint8
+    assert np.array_equal(torch.cat(seen).numpy(), rgb.transpose(0, 3, 1, 2))
+    assert torch.allclose(pool, torch.tensor(rgb.mean((1, 2)), dtype=torch.float32))
+    seen.clear()
+    metrics.inception_features(network, rgb[..., :1], "cpu")
+    assert np.array_equal(seen[0].numpy(), np.repeat(rgb[..., :1].transpose(0, 3, 1, 2), 3, 1))
+
+
+def test_a_replaced_reference_batch_gets_new_features_not_the_cached_ones(tmp_path, monkeypatch):
+    """Bug: the cache key without the batch file's size and time, so a new ADM batch at the same path reuses
+    the old batch's features."""
+    monkeypatch.setattr(metrics, "inception_features", cheap_features)
+    rng = np.random.default_rng(6)
+    old, new = (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (5, 6))
+    np.savez(tmp_path / "ref.npz", arr_0=old)
+    assert torch.equal(metrics.reference_features(tmp_path / "ref.npz", "net", "cpu"),
+                       cheap_features(None, old, "cpu")[0])
+    np.savez(tmp_path / "ref.npz", arr_0=new)
+    assert torch.equal(metrics.reference_features(tmp_path / "ref.npz", "net", "cpu"),
+                       cheap_features(None, new, "cpu")[0])
+
+
+def test_complete_png_check_compares_height_and_width_in_order(tmp_path):
+    """Bug: image.size (W, H) compared with (H, W): a 4x6 PNG accepted as 6x4 (latent while samples are square)."""
+    image = np.random.default_rng(1).integers(0, 256, (4, 6, 3), dtype=np.uint8)
+    images.save_png(image, str(tmp_path / "wide.png"))
+    assert np.array_equal(eval_folder.read_complete_png(tmp_path / "wide.png", (4, 6, 3)), image)
+    assert eval_folder.read_complete_png(tmp_path / "wide.png", (6, 4, 3)) is None
