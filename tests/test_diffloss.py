@@ -203,15 +203,22 @@ class GaussianOracle(nn.Module):
         return torch.cat([eps, v.expand_as(x)], dim=-1)
 
 
-def sampler_law(cond, uncond=None, w=1.0, temperature=1.0, steps=100):
-    """Exact mean and variance of the sampler's output with the oracle: every step is linear-Gaussian,
-    so the law propagates in closed form (numpy float64, 1000 -> `steps` respacing done here)."""
+def numpy_respaced(steps):
+    """The 1000-step schedule respaced to `steps` (numpy float64): the kept original timesteps, alpha_bar and
+    its previous value, beta, and the posterior variance (step 0's borrowed from step 1, as ADM clips it)."""
     kept = np.round(np.linspace(0, 999, steps)).astype(int)
     ab = numpy_alpha_bar()[kept]
     ab_prev = np.append(1.0, ab[:-1])
     beta = 1 - ab / ab_prev
     post_var = beta * (1 - ab_prev) / (1 - ab)
     post_var[0] = post_var[1]
+    return kept, ab, ab_prev, beta, post_var
+
+
+def sampler_law(cond, uncond=None, w=1.0, temperature=1.0, steps=100):
+    """Exact mean and variance of the sampler's output with the oracle: every step is linear-Gaussian,
+    so the law propagates in closed form (numpy float64, 1000 -> `steps` respacing done here)."""
+    kept, ab, ab_prev, beta, post_var = numpy_respaced(steps)
     mean, var = 0.0, 1.0
     for i in reversed(range(steps)):
         a = ab[i]
@@ -335,12 +342,7 @@ def numpy_sampler(state, z, x, noises, temperature, steps, w=None):
     the network at the ORIGINAL kept timesteps, eps (guided: eps_u + w (eps_c - eps_u), the conditional
     half's variance values), log var = frac log beta + (1 - frac) log posterior var (step 0's borrowed from
     step 1), x_{t-1} = posterior mean of the x_0 prediction + T * std * noise, and no noise at the last step."""
-    kept = np.round(np.linspace(0, 999, steps)).astype(int)
-    ab = numpy_alpha_bar()[kept]
-    ab_prev = np.append(1.0, ab[:-1])
-    beta = 1 - ab / ab_prev
-    post_var = beta * (1 - ab_prev) / (1 - ab)
-    post_var[0] = post_var[1]
+    kept, ab, ab_prev, beta, post_var = numpy_respaced(steps)
     n = len(x)
     for step, i in enumerate(reversed(range(steps))):
         if w is None:
