@@ -301,3 +301,73 @@ def test_every_graph_of_a_backend_shares_one_pool_and_one_capture_stream(draw_fr
     replays = [replay for _, replay in graphs.replays.values()]
     assert len(replays) > 2
     assert {id(r.stream) for r in replays} == {id(graphs.stream)} and {r.pool for r in replays} == {"pool"}
+
+
+def test_guided_and_unguided_calls_get_their_own_head_graphs(draw_free, emulated_graphs):  # noqa: F811
+    """cfg 1.0 (no [cond; uncond] halves) and cfg 2.5 through one backend, in either order: each is
+    the eager sample. A head graph keyed without `guided` would replay a guided graph, with its stale
+    CFG scale and uncond half, for an unguided batch of the same bucket."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free", precision="fp32")
+    eager = EagerBackend(model, cfg_sampler="draw_free", precision="fp32")
+
+    def run(backend, cfg):
+        torch.manual_seed(3)
+        return model.sample_tokens(3, num_iter=5, cfg=cfg, labels=torch.tensor([1, 2, 3]), backend=backend)
+    for cfg in (2.5, 1.0, 2.5):
+        assert torch.equal(run(graphs, cfg), run(eager, cfg)), cfg
+    assert {key[3] for key in graphs.replays if key[0] == "head"} == {True, False}
+
+
+def test_the_caller_s_autocast_picks_the_graphs(draw_free, emulated_graphs):  # noqa: F811
+    """precision None leaves the caller's autocast alone: one backend called under bf16 autocast, then
+    without, then under bf16 again, gives the eager samples each time; graphs (Steps and head) keyed
+    without the autocast dtype would replay bf16-weight graphs in an fp32 call."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free")
+    eager = EagerBackend(model, cfg_sampler="draw_free")
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    for context in (bf16, contextlib.nullcontext, bf16):
+        with context():
+            assert torch.equal(sample(model, graphs, 3), sample(model, eager, 3))
+    for kind in ("step", "head"):
+        assert {key[-1] for key in graphs.replays if key[0] == kind} == {torch.bfloat16, None}
+
+
+@pytest.mark.parametrize("min_rows, bsz, want", [(8, 3, 8), (8, 8, 8), (8, 9, 16), (2, 3, 4), (1, 1, 1)])
+def test_head_rows_are_bucketed_per_half(draw_free, emulated_graphs, min_rows, bsz, want):  # noqa: F811
+    """The head's bucket is the next power of two (at least min_rows) of the real rows of one half: a
+    guided batch of 3 images pads each half to 8 rows, not its 6 rows to 8 per half (16 of 32 rows wasted)."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free", precision="fp32", min_rows=min_rows)
+    z = torch.randn(2 * bsz, model.head.cond_proj.in_features)
+    graphs.sample_head(model.head, z, 1.0, 2.5)
+    (key,) = [key for key in graphs.replays if key[0] == "head"]
+    assert key[2] == want and graphs.replays[key][0][0].shape[0] == 2 * want
+
+
+def test_an_inplace_buffer_is_written_wherever_it_is(emulated_graphs):
+    """Step.inplace buffers are used as they are: a second buffer of the same shape gets its own graph
+    (keyed by address) and its own writes, not the first buffer's."""
+    from models.families.common import Step
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, precision="fp32")
+    step = Step("test.write", model, lambda module, cache, x: cache.copy_(x * 2).sum(0), inplace=(0,))
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)
+    graphs.run(step, a, torch.ones(2, 3))
+    graphs.run(step, b, torch.full((2, 3), 3.0))
+    assert torch.equal(a, torch.full((2, 3), 2.0)) and torch.equal(b, torch.full((2, 3), 6.0))
+    assert sum(key[0] == "step" for key in graphs.replays) == 2
+
+
+def test_a_step_input_of_another_dtype_gets_its_own_graph(emulated_graphs):
+    """A Step's graph is keyed by its inputs' dtypes as well as shapes: a float64 input of a float32
+    graph's shape would be rounded into the float32 static buffer."""
+    from models.families.common import Step
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, precision="fp32")
+    step = Step("test.scale", model, lambda module, x: x * 3)
+    x = torch.tensor([0.1, 1 / 3], dtype=torch.float64)
+    assert graphs.run(step, x.float()).dtype == torch.float32
+    out = graphs.run(step, x)
+    assert out.dtype == torch.float64 and torch.equal(out, x * 3)
