@@ -49,9 +49,10 @@ def synchronized_time(device):
     return time.time()
 
 
-def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, args, steps_in_epoch,
+def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, train_config, steps_in_epoch,
                     writer=None, on_step=None, stop=None):
-    """Run the remaining steps of epoch `state.epoch`; `on_step(state)` is called after each step.
+    """Run the remaining steps of epoch `state.epoch` with the settings `train_config` (a TrainConfig, its lr
+    resolved); `on_step(state)` is called after each step.
 
     `model` may be DDP-wrapped; `ema` tracks the unwrapped model. One all-reduce per step makes every
     rank take the same decisions: a non-finite loss raises FloatingPointError before the weights change;
@@ -63,29 +64,29 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
     trainable = [p for p in unwrapped.parameters() if p.requires_grad]
     device = model_device(unwrapped)
     world = distributed.get_world_size()
-    max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
-    window_loss, window_steps, window_start = 0.0, 0, time.time()
+    max_norm = train_config.grad_clip if train_config.grad_clip > 0 else math.inf
+    window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.time()
     # MFU needs the GPU's peak; the step's FLOPs are counted on the first batch only when there is one
-    peak, step_flops = flops.peak_flops(device, args.precision), None
+    peak, step_flops = flops.peak_flops(device, train_config.precision), None
 
     for batch, labels in loader:
-        lr = lr_at(state.epoch + state.step_in_epoch / steps_in_epoch, args.lr, args.warmup_epochs,
-                   args.epochs, args.lr_schedule, args.min_lr)
+        lr = lr_at(state.epoch + state.step_in_epoch / steps_in_epoch, train_config.lr, train_config.warmup_epochs,
+                   train_config.epochs, train_config.lr_schedule, train_config.min_lr)
         set_lr(optimizer, lr)
         batch = batch.to(device, non_blocking=True)
         check_labels(labels, labels.shape[0], unwrapped.config.class_num)  # on the host: the model's check would sync
         labels = labels.to(device, non_blocking=True)
-        latents = to_latents(tokenizer, batch, args.use_cached)
+        latents = to_latents(tokenizer, batch, train_config.use_cached)
         if peak is not None and step_flops is None:
             def forward():
-                with precision_autocast(device, args.precision):
+                with precision_autocast(device, train_config.precision):
                     return unwrapped(latents, labels)
             # not training time: the window skips it (synchronised, so that the GPU's share of it is out too)
             counting = synchronized_time(device)
             step_flops = flops.training_step_flops(forward, device)
             window_start += synchronized_time(device) - counting
 
-        with precision_autocast(device, args.precision):
+        with precision_autocast(device, train_config.precision):
             loss = model(latents, labels)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -102,7 +103,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
                 f"loss is {loss.item()} at step {state.global_step + 1} (epoch {state.epoch}, iteration "
                 f"{state.step_in_epoch + 1}); stopped before updating the weights")
         if bad_grad:
-            skip_step(scaler, state, args, grad_norm)
+            skip_step(scaler, state, train_config.max_skipped_steps, grad_norm)
         else:
             scaler.step(optimizer)
             scaler.update()
@@ -115,14 +116,15 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
         loss_mean = loss_sum / world
         window_loss += loss_mean
         window_steps += 1
+        window_images += labels.shape[0] * world
         if writer is not None:
             writer.add_scalar("train/loss", loss_mean, state.global_step)
             writer.add_scalar("train/lr", lr, state.global_step)
             writer.add_scalar("train/grad_norm", grad_norm.item(), state.global_step)
             writer.add_scalar("train/skipped_steps", state.skipped_steps, state.global_step)
-        if state.step_in_epoch % args.log_freq == 0 or state.step_in_epoch == steps_in_epoch:
+        if state.step_in_epoch % train_config.log_freq == 0 or state.step_in_epoch == steps_in_epoch:
             elapsed = max(time.time() - window_start, 1e-9)
-            images_per_s = window_steps * args.batch_size * world / elapsed
+            images_per_s = window_images / elapsed
             mfu = flops.mfu(step_flops * window_steps, elapsed, peak) if step_flops else None  # per GPU
             logger.info("epoch %d step %d/%d (global %d)  loss %.4f  lr %.3e  grad_norm %.3f  %.1f images/s%s",
                         state.epoch, state.step_in_epoch, steps_in_epoch, state.global_step,
@@ -132,7 +134,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
                 writer.add_scalar("train/images_per_s", images_per_s, state.global_step)
                 if mfu is not None:
                     writer.add_scalar("train/mfu", mfu, state.global_step)
-            window_loss, window_steps, window_start = 0.0, 0, time.time()
+            window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.time()
         if on_step is not None:
             on_step(state)
         if stopping:
@@ -140,18 +142,18 @@ def train_one_epoch(model, tokenizer, loader, optimizer, scaler, ema, state, arg
             return
 
 
-def skip_step(scaler, state, args, grad_norm):
+def skip_step(scaler, state, max_skipped_steps, grad_norm):
     """A non-finite gradient: leave the weights, optimizer and EMA as they are and count the step as
-    skipped; args.max_skipped_steps in a row raise FloatingPointError. (Under fp16 this is also how
+    skipped; max_skipped_steps in a row raise FloatingPointError. (Under fp16 this is also how
     the GradScaler backs off: update() lowers the scale after the overflow unscale_ found.)"""
     scaler.update()
     state.skipped_steps += 1
     state.skips_in_a_row += 1
     step = state.global_step + 1
-    if state.skips_in_a_row >= args.max_skipped_steps:
+    if state.skips_in_a_row >= max_skipped_steps:
         raise FloatingPointError(
             f"the gradient was not finite at {state.skips_in_a_row} steps in a row (steps "
-            f"{step - state.skips_in_a_row + 1}-{step}, --max_skipped_steps {args.max_skipped_steps}); "
+            f"{step - state.skips_in_a_row + 1}-{step}, --max_skipped_steps {max_skipped_steps}); "
             "training stopped, the weights were never updated with them")
     logger.warning("step %d (epoch %d, iteration %d): gradient norm %s, step skipped: weights, optimizer and EMA "
                    "unchanged (%d in a row, %d in all)", step, state.epoch, state.step_in_epoch + 1,

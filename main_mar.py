@@ -41,9 +41,9 @@ from util.io.checkpoints import (checkpoint_args, config_from_checkpoint, freeze
 from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
 from util.train.ema import EMA
-from util.train.lr_sched import LR_SCHEDULES
 from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest, ignore_stop_signals
 from util.train.run_folder import FolderInUse, claim_run_folder
+from util.train.config import TrainConfig
 from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_and_ema, resume_training,
                               save_training_checkpoint)
 
@@ -58,28 +58,12 @@ def get_args_parser():
     data.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                       help="imagenet (ImageFolder) or the digits demo (default: a resumed or evaluated run's own, "
                            "else imagenet)")
-    data.add_argument("--use_cached", action="store_true", help="train from --cached_path latents")
     data.add_argument("--seed", default=1, type=int, help="initial weights, data order and sampling seeds")
 
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", default=400, type=int, help="epochs to train in all")
-    train.add_argument("--warmup_epochs", default=100, type=float, help="linear lr warm-up (per iteration)")
-    train.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr x global batch / 256)")
-    train.add_argument("--blr", default=1e-4, type=float, help="base lr per 256 images")
-    train.add_argument("--min_lr", default=0.0, type=float, help="floor of the cosine schedule")
-    train.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES, help="after the warm-up")
-    train.add_argument("--weight_decay", default=0.02, type=float, help="AdamW decay of the outer weight matrices")
-    train.add_argument("--grad_clip", default=3.0, type=float, help="max grad norm (0 = no clipping)")
-    train.add_argument("--ema_rate", default=0.9999, type=float, help="EMA decay per step")
-    flags.add_precision_arg(train)
-    train.add_argument("--grad_checkpointing", action="store_true",
-                       help="recompute the outer blocks in the backward pass (less memory, more time)")
+    train = flags.add_config_args(parser.add_argument_group("training"), TrainConfig)
     train.add_argument("--init_outer_from", default=None,
                        help="initialise the outer model (everything but the head) from a checkpoint")
     train.add_argument("--freeze_outer", action="store_true", help="train only the per-token head")
-    train.add_argument("--max_skipped_steps", default=10, type=int,
-                       help="stop after this many steps in a row skipped for a non-finite gradient")
-    train.add_argument("--log_freq", default=20, type=int, help="steps between progress lines")
 
     ckpt = parser.add_argument_group("checkpoints and logs")
     ckpt.add_argument("--output_dir", default="./output_dir", help="run folder: checkpoints, logs, evaluations")
@@ -121,6 +105,8 @@ def resolve_args(args, stored=None):
         args.dataset = (stored or {}).get("dataset") or "imagenet"
     if args.precision is None:
         args.precision = default_precision("cuda" if torch.cuda.is_available() else "cpu")
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * distributed.get_world_size() / 256
     if args.fid_stats is None:
         args.fid_stats = DATASETS[args.dataset].fid_stats
     args.log_dir = args.log_dir or args.output_dir
@@ -153,15 +139,12 @@ def model_config(args, ckpt_file, ckpt=None):
     return config, ckpt
 
 
-# the allowed range of every numeric run flag (the model's are checked by its config)
+# the allowed range of every other numeric run flag (the model's are checked by its config, the training
+# settings' by TrainConfig)
 FLAG_RANGES = (
-    (("batch_size", "log_freq", "save_last_freq", "eval_freq", "num_images", "eval_bsz", "max_skipped_steps"),
-     ">= 1", lambda v: v >= 1),
-    (("num_workers", "epochs", "save_copy_freq", "save_every_steps", "warmup_epochs", "min_lr", "weight_decay",
-      "grad_clip"), ">= 0", lambda v: v >= 0),
+    (("batch_size", "save_last_freq", "eval_freq", "num_images", "eval_bsz"), ">= 1", lambda v: v >= 1),
+    (("num_workers", "save_copy_freq", "save_every_steps"), ">= 0", lambda v: v >= 0),
     (("seed",), "in [0, 2^31)", lambda v: 0 <= v < 2 ** 31),  # numpy seeds must be >= 0 (seed + rank is used)
-    (("lr", "blr"), "> 0", lambda v: v > 0),
-    (("ema_rate",), "in [0, 1)", lambda v: 0 <= v < 1),
     (("pixel_levels",), "0 (no dequantisation) or >= 2", lambda v: v == 0 or v >= 2),
 )
 
@@ -178,6 +161,7 @@ def check_flag_ranges(args):
 def check_args(args, ckpt_file):
     """Everything about the run flags that can be wrong before any heavy object is built: one clear line each."""
     check_flag_ranges(args)
+    TrainConfig.from_args(args).validate()
     for cfg, temperature in sweep_points(args):
         check_sampling_settings(args.num_iter, cfg, temperature, args.cfg_schedule)
     if args.evaluate and ckpt_file is None:
@@ -262,6 +246,7 @@ def run(args, device, early):
     check_args(args, ckpt_file)  # the flags first: cheap, and their errors should not wait for a large file
     ckpt = read_checkpoint(ckpt_file) if ckpt_file is not None else None
     resolve_args(args, checkpoint_args(ckpt) if ckpt is not None else None)
+    train_config = TrainConfig.from_args(args)
     if args.resume and ckpt_file is None and not args.evaluate:
         logger.info("--resume %s holds no %s yet: starting a fresh run", args.resume, LAST)
     config, ckpt = model_config(args, ckpt_file, ckpt)
@@ -291,20 +276,17 @@ def run(args, device, early):
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer(config.tokens, args.vae_path, levels=args.pixel_levels, device=device)
     model = build(config).to(device)
-    model.grad_checkpointing = args.grad_checkpointing
+    model.grad_checkpointing = train_config.grad_checkpointing
     if args.init_outer_from and ckpt_file is None and not args.evaluate:
         load_outer_weights(model, args.init_outer_from)
     if args.freeze_outer:
         freeze_outer(model)
-    ema = EMA(model, args.ema_rate)
+    ema = EMA(model, train_config.ema_rate)
     # one sampling backend for the run's evaluations (flag contradictions fail here, before training)
     backend = sampling_backend(model, args) if args.evaluate or args.online_eval else None
 
-    global_batch = args.batch_size * world
-    if args.lr is None:
-        args.lr = args.blr * global_batch / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    optimizer = torch.optim.AdamW(param_groups(model, train_config.weight_decay), lr=train_config.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(device.type, enabled=train_config.precision == "fp16")
     state, eval_epoch = TrainState(), 0
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -315,6 +297,9 @@ def run(args, device, early):
             eval_epoch = int(ckpt.get("epoch", 0))
         else:
             state = resume_training(ckpt, ckpt_file, model, ema, optimizer, scaler, args, sampler)
+            changed = train_config.changed_settings(checkpoint_args(ckpt))
+            if changed:
+                logger.warning("%s: resuming with changed training settings: %s", ckpt_file, ", ".join(changed))
         del ckpt
         if not args.evaluate:
             logger.info("resuming %s at epoch %d step %d", ckpt_file, state.epoch, state.step_in_epoch)
@@ -334,7 +319,7 @@ def run(args, device, early):
         logger.info("model config: %s", json.dumps(config.to_dict()))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         run_line = (f"{world} processes x eval batch {args.eval_bsz}" if args.evaluate else
-                    f"{world} processes x batch {args.batch_size}, lr {args.lr:.2e}")
+                    f"{world} processes x batch {args.batch_size}, lr {train_config.lr:.2e}")
         logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %s, %s", config.model,
                     config.family, config.head, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
                     run_line, args.precision)
@@ -349,8 +334,8 @@ def run(args, device, early):
         else:
             in_place = ckpt_file is not None and os.path.isfile(os.path.join(args.output_dir, LAST)) and \
                 os.path.samefile(ckpt_file, os.path.join(args.output_dir, LAST))
-            exit_code = train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device,
-                              writer, scorer, backend, saved_step=state.global_step if in_place else None)
+            exit_code = train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, train_config, args,
+                              device, writer, scorer, backend, saved_step=state.global_step if in_place else None)
     finally:
         if writer is not None:
             writer.close()
@@ -383,9 +368,9 @@ def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer, 
     return results
 
 
-def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, args, device, writer, scorer, backend,
-          saved_step=None):
-    """Train to args.epochs; returns 0, or REQUEUE_EXIT when a stop signal ended the run early (after a
+def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, train_config, args, device, writer, scorer,
+          backend, saved_step=None):
+    """Train to train_config.epochs; returns 0, or REQUEUE_EXIT when a stop signal ended the run early (after a
     step-granular save). saved_step: the global step of the checkpoint already in --output_dir, if any."""
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_distributed() else model
@@ -409,15 +394,15 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                 and state.step_in_epoch < steps:
             save()
 
-    if state.epoch >= args.epochs:
+    if state.epoch >= train_config.epochs:
         logger.info("already trained %d of --epochs %d: nothing to train (raise --epochs to go on)", state.epoch,
-                    args.epochs)
+                    train_config.epochs)
     else:
-        logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, args.epochs - 1, steps)
+        logger.info("training epochs %d-%d, %d steps per epoch", state.epoch, train_config.epochs - 1, steps)
     start, results = time.time(), []
     with StopRequest() as stop:
         try:
-            for epoch in range(state.epoch, args.epochs):
+            for epoch in range(state.epoch, train_config.epochs):
                 state.epoch = epoch
                 if hasattr(dataset, "set_epoch"):
                     dataset.set_epoch(epoch)
@@ -426,24 +411,24 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
                                     num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                                     drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch),
                                     worker_init_fn=ignore_stop_signals)  # a group's SIGTERM is for us to handle
-                train_one_epoch(ddp, tokenizer, loader, optimizer, scaler, ema, state, args, steps, writer, on_step,
-                                stop)
+                train_one_epoch(ddp, tokenizer, loader, optimizer, scaler, ema, state, train_config, steps, writer,
+                                on_step, stop)
                 if stop.agreed:
                     break
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-                if epoch % args.save_last_freq == 0 or epoch + 1 == args.epochs or args.save_every_steps:
+                if epoch % args.save_last_freq == 0 or epoch + 1 == train_config.epochs or args.save_every_steps:
                     save()
                 if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and distributed.is_main_process():
                     copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
                     with storage_reported(copy, args.output_dir):
                         atomic_copy(last, copy)
-                if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == args.epochs):
+                if args.online_eval and (epoch % args.eval_freq == 0 or epoch + 1 == train_config.epochs):
                     results = run_evaluations(model, tokenizer, ema, args, epoch, writer,
                                               [(1.0, args.temperature), (args.cfg, args.temperature)], scorer,
                                               backend)
                 if writer is not None:
                     writer.flush()
-                if epoch + 1 < args.epochs and stop.agree(device):  # signalled during the save or evaluation
+                if epoch + 1 < train_config.epochs and stop.agree(device):  # signalled during the save or evaluation
                     break
         except FloatingPointError as err:
             raise FloatingPointError(f"{err}; {on_disk()}") from None
@@ -455,7 +440,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, arg
         return REQUEUE_EXIT
     logger.info("training done in %.1f min; %s; TensorBoard logs %s", (time.time() - start) / 60,
                 f"checkpoint {last}" if saved["step"] is not None else
-                f"no checkpoint was written (no epoch left to train with --epochs {args.epochs})", args.log_dir)
+                f"no checkpoint was written (no epoch left to train with --epochs {train_config.epochs})", args.log_dir)
     if args.online_eval and distributed.is_main_process():
         for res in results:  # the final evaluation: where to look, and its scores
             scores = ", ".join(f"{k} {v:.4f}" for k, v in res.items()

@@ -30,9 +30,11 @@ UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
 
 
 def check_ranges(part):
-    """One line naming the first field of a config dataclass outside its range."""
+    """One line naming the first field of a config dataclass outside its range (None: not set, not checked)."""
     for f in fields(part):
         value = getattr(part, f.name)
+        if value is None:  # not given, and not resolved yet
+            continue
         rule, ok = f.metadata.get("valid") or ((">= 1", lambda v: v >= 1) if f.type in (int, "int") else
                                                (None, None))
         if ok is not None and not (value == value and abs(value) != float("inf") and ok(value)):

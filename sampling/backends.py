@@ -14,6 +14,8 @@ import torch
 from models.families.common import EagerSteps
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISION_HELP = ("autocast dtype of the transformers (default: bf16 on GPUs that support it, else fp32; mixture "
+                  "math stays fp32)")
 
 
 def default_precision(device):

@@ -1,7 +1,6 @@
 """util/flops.py: FLOP counts against textbook formulas and a measured backward, the peak table's
 name matching, and the training log's MFU (which must leave the training run's draws alone)."""
 import logging
-import types
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from engine_mar import train_one_epoch
 from models.tokenizer import PixelTokenizer
 from tests.conftest import randomize_, tiny_mar
 from util import flops
+from util.train.config import TrainConfig
 from util.train.state import TrainState
 from util.train.ema import EMA
 
@@ -143,14 +143,14 @@ def train(peak, monkeypatch, caplog):
     model = randomize_(tiny_mar(), std=0.1)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(4, 16, 4, 4, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(2)]
-    args = types.SimpleNamespace(grad_clip=0.0, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, lr_schedule="constant",
-                                 use_cached=False, precision="fp32", log_freq=2, batch_size=4)
+    train_config = TrainConfig(grad_clip=0.0, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, precision="fp32",
+                               log_freq=2)
     writer = Writer()
     torch.manual_seed(2)
     with caplog.at_level(logging.INFO, logger="engine_mar"):
         train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
                         torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
-                        EMA(model, 0.9), TrainState(), args, len(data), writer=writer)
+                        EMA(model, 0.9), TrainState(), train_config, len(data), writer=writer)
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
     caplog.clear()
     return model, lines, writer.scalars

@@ -5,7 +5,6 @@ The expectations are independent of the code under test: the learning rates are 
 worked out from the schedule's formula, and the reference step is plain tensor arithmetic.
 """
 import math
-import types
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from engine_mar import train_one_epoch
 from models.tokenizer import PixelTokenizer
 from tests.conftest import randomize_, tiny_mar
 from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
+from util.train.config import TrainConfig
 from util.train.state import LAST, TrainState
 from util.train.ema import EMA
 
@@ -27,10 +27,9 @@ LR_EPOCH_2 = [0.1, 0.09619398, 0.08535534, 0.06913417]          # e = 2, 2.25, 2
 LR_EPOCH_3_FROM_STEP_2 = [0.01464466, 0.00380602]               # e = 3.5, 3.75 (a resumed epoch)
 
 
-def step_args(tmp_path):
-    return types.SimpleNamespace(grad_clip=CLIP, lr=0.1, min_lr=0.0, warmup_epochs=2, epochs=4, lr_schedule="cosine",
-                                 use_cached=False, precision="fp32", output_dir=str(tmp_path), log_freq=100,
-                                 batch_size=BATCH)
+def step_config():
+    return TrainConfig(grad_clip=CLIP, lr=0.1, min_lr=0.0, warmup_epochs=2, epochs=4, lr_schedule="cosine",
+                       precision="fp32", log_freq=100)
 
 
 class RecordingSGD(torch.optim.SGD):
@@ -88,7 +87,7 @@ def test_train_one_epoch_matches_a_hand_written_step(tmp_path):
     ref_ema = [p.detach().clone() for p in reference.parameters()]
     initial = [p.detach().clone() for p in model.parameters()]
 
-    args = step_args(tmp_path)
+    train_config = step_config()
     optimizer = RecordingSGD(model.parameters(), lr=123.0)  # the loop must set every step's lr itself
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=True)
     tokenizer = scaled_pixel_tokenizer()
@@ -100,7 +99,8 @@ def test_train_one_epoch_matches_a_hand_written_step(tmp_path):
         model.eval()  # the loop must put the model in training mode (dropout, label drop) itself
         torch.manual_seed(10 + epoch)
         # (clones: to_latents scales a pixel batch in place)
-        train_one_epoch(model, tokenizer, [(x.clone(), y) for x, y in data], optimizer, scaler, ema, state, args, STEPS)
+        train_one_epoch(model, tokenizer, [(x.clone(), y) for x, y in data], optimizer, scaler, ema, state, train_config,
+                        STEPS)
         torch.manual_seed(10 + epoch)  # the same masks, dropout and label drops as the loop drew
         norms += reference_steps(reference, ref_ema, data, lrs)
 
@@ -134,7 +134,7 @@ def test_training_drops_labels_at_the_configured_rate(tmp_path, monkeypatch):
     model.eval()
     train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
                     torch.optim.SGD(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False),
-                    EMA(model, 0.9), TrainState(), step_args(tmp_path), len(data))
+                    EMA(model, 0.9), TrainState(), step_config(), len(data))
     assert len(seen) == len(data)
     dropped = 0
     for (class_vec, fake, table), (_, labels) in zip(seen, data):
@@ -207,4 +207,4 @@ def test_training_loop_refuses_labels_out_of_range(tmp_path):
     loader = [(torch.randn(2, 3, 64, 64), torch.tensor([3, 10]))]
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) \(class_num\); got values in \[3, 10\]"):
         train_one_epoch(model, PixelTokenizer(), loader, torch.optim.SGD(model.parameters(), lr=0.1), None,
-                        EMA(model, 0.9), TrainState(), step_args(tmp_path), steps_in_epoch=1)
+                        EMA(model, 0.9), TrainState(), step_config(), steps_in_epoch=1)

@@ -12,10 +12,12 @@ from models import FAMILIES, HEADS, PRESETS, TokenConfig
 from models.config import TOKENIZERS, all_flag_fields, flag_name, with_token_defaults
 from models.families.common import CFG_SCHEDULES, SamplingSettings
 from models.gmm import CFG_SAMPLERS
-from sampling import PRECISIONS
+from sampling.backends import PRECISION_HELP, PRECISIONS
+from util.train.lr_sched import LR_SCHEDULES
 
 CHOICES = {"model": lambda: sorted(PRESETS), "family": lambda: sorted(FAMILIES), "head": lambda: sorted(HEADS),
-           "tokenizer": lambda: TOKENIZERS}
+           "tokenizer": lambda: TOKENIZERS, "precision": lambda: sorted(PRECISIONS),
+           "lr_schedule": lambda: LR_SCHEDULES}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -144,9 +146,21 @@ def add_sampling_args(parser, cfg=1.0, sweep=True):
 
 
 def add_precision_arg(group):
-    group.add_argument("--precision", default=None, choices=sorted(PRECISIONS),
-                       help="autocast dtype of the transformers (default: bf16 on GPUs that support it, else fp32; "
-                            "mixture math stays fp32)")
+    group.add_argument("--precision", default=None, choices=CHOICES["precision"](), help=PRECISION_HELP)
+
+
+def add_config_args(group, cls):
+    """A flag for each field of the settings dataclass `cls` (as util/train/config.TrainConfig), with its
+    default, help and choices; a bool field is a switch."""
+    for f in fields(cls):
+        name = flag_name(f)
+        if f.type in (bool, "bool"):
+            group.add_argument(f"--{name}", action="store_true", help=f.metadata["help"])
+            continue
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+        group.add_argument(f"--{name}", type=kind, default=f.default, help=f.metadata["help"],
+                           choices=CHOICES[name]() if name in CHOICES else None)
+    return group
 
 
 def sampling_settings(args, **overrides):

@@ -23,11 +23,6 @@ from util.io.pretrained import is_pretrained_folder, parse_repo_id
 logger = logging.getLogger(__name__)
 
 LAST = "checkpoint-last.pth"
-# settings a resumed run may change on purpose, but never silently
-# (the model's own, such as dropout, are the config's tunable fields: main_mar.model_config logs those)
-TRAINING_SETTINGS = ("lr", "min_lr", "lr_schedule", "warmup_epochs", "epochs", "weight_decay", "grad_clip",
-                     "ema_rate", "precision")
-
 
 @dataclass
 class TrainState:
@@ -206,15 +201,6 @@ def load_weights_and_ema(ckpt, source, model, ema):
         ema.load_state_dict(model.state_dict(), source)
 
 
-def warn_changed_settings(saved_args, args, source):
-    """One warning naming every training setting that differs from the checkpoint's stored arguments."""
-    saved = saved_args if isinstance(saved_args, dict) else vars(saved_args)
-    changed = [f"--{key} {getattr(args, key)} (was {saved[key]})" for key in TRAINING_SETTINGS
-               if key in saved and hasattr(args, key) and saved[key] != getattr(args, key)]
-    if changed:
-        logger.warning("%s: resuming with changed training settings: %s", source, ", ".join(changed))
-
-
 def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     """Restore weights, EMA, optimizer, scaler and (when saved) the exact data/RNG position.
 
@@ -222,8 +208,6 @@ def resume_training(ckpt, source, model, ema, optimizer, scaler, args, sampler):
     release file) restores the weights only and starts at epoch 0.
     """
     load_weights_and_ema(ckpt, source, model, ema)
-    if "args" in ckpt:
-        warn_changed_settings(ckpt["args"], args, source)
     if "optimizer" not in ckpt or "epoch" not in ckpt:
         return TrainState()
     if not optimizer_groups_match(optimizer, ckpt["optimizer"]):
