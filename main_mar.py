@@ -40,10 +40,10 @@ from util.io.checkpoints import (checkpoint_args, config_from_checkpoint, freeze
                                  model_state_from_checkpoint, read_checkpoint)
 from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
+from util.train.config import TrainConfig
 from util.train.ema import EMA
 from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest, ignore_stop_signals
 from util.train.run_folder import FolderInUse, claim_run_folder
-from util.train.config import TrainConfig
 from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_and_ema, resume_training,
                               save_training_checkpoint)
 
