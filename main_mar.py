@@ -42,7 +42,7 @@ from util.io.files import atomic_copy
 from util.io.tokenizers import build_tokenizer
 from util.train.config import TrainConfig
 from util.train.ema import EMA
-from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest, ignore_stop_signals
+from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT, StopRequest, ignore_stop_signals, start_workers
 from util.train.run_folder import FolderInUse, claim_run_folder
 from util.train.state import (LAST, TrainState, checkpoint_path, load_weights_and_ema, resume_training,
                               save_training_checkpoint)
@@ -411,8 +411,8 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, tra
                                     num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                                     drop_last=True, generator=torch.Generator().manual_seed(args.seed + epoch),
                                     worker_init_fn=ignore_stop_signals)  # a group's SIGTERM is for us to handle
-                train_one_epoch(ddp, tokenizer, loader, optimizer, scaler, ema, state, train_config, steps, writer,
-                                on_step, stop)
+                train_one_epoch(ddp, tokenizer, start_workers(loader), optimizer, scaler, ema, state, train_config,
+                                steps, writer, on_step, stop)
                 if stop.agreed:
                     break
                 state.epoch, state.step_in_epoch = epoch + 1, 0

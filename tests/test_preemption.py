@@ -9,6 +9,8 @@ import textwrap
 import time
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 import engine_mar
 import main_mar
@@ -19,7 +21,7 @@ from tests.pipeline_fixtures import (TINY, load, make_image_folder, python, subp
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
 from util.train import state as checkpoint
 from util.train.state import LAST
-from util.train.preemption import REQUEUE_EXIT
+from util.train.preemption import REQUEUE_EXIT, SIGNALS, ignore_stop_signals, start_workers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,3 +192,30 @@ def test_a_worker_absorbs_one_sigterm_and_the_next_ends_it():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class ItemAndHeldSignals(torch.utils.data.Dataset):
+    """Item i: (i, how many stop signals the worker process that loads it holds)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return i, len(signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(SIGNALS))
+
+
+def signalled_before_init(worker_id):
+    """A worker_init_fn that a group SIGTERM reaches just before it installs the workers' handlers."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    ignore_stop_signals(worker_id)
+
+
+def test_a_signal_before_a_workers_init_does_not_kill_it():
+    """Workers are forked with the stop signals held (start_workers): one that arrives between the fork and
+    ignore_stop_signals waits, and is absorbed, instead of killing the worker (and then the run, of "DataLoader
+    worker exited unexpectedly") through torch's handler."""
+    loader = DataLoader(ItemAndHeldSignals(), batch_size=2, num_workers=1, worker_init_fn=signalled_before_init)
+    batches = [(items.tolist(), held.tolist()) for items, held in start_workers(loader)]
+    # the worker lives, and holds no signal once started (a held SIGTERM would not let the loader stop it)
+    assert batches == [([0, 1], [0, 0]), ([2, 3], [0, 0]), ([4, 5], [0, 0]), ([6, 7], [0, 0])]
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(SIGNALS)  # nor does this process

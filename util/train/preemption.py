@@ -65,6 +65,18 @@ def ignore_stop_signals(worker_id=None):
     loader's own terminate() of a worker that did not exit) ends it as before."""
     for sig in SIGNALS:
         signal.signal(sig, _absorb_once if sig == signal.SIGTERM else signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # held since the fork (start_workers): now absorbed
+
+
+def start_workers(loader):
+    """iter(loader), its worker processes forked with the stop signals held. A worker inherits them held, so
+    a group signal that arrives before its worker_init_fn (ignore_stop_signals) has run waits for it rather than
+    killing the worker through torch's handler. This process gets such a signal once the workers are started."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _absorb_once(signum, frame):
