@@ -323,9 +323,10 @@ def run(args, device, early):
         logger.info("model %s (family %s, head %s): %.2fM parameters (%.2fM trainable); %s, %s", config.model,
                     config.family, config.head, sum(p.numel() for p in model.parameters()) / 1e6, n_train / 1e6,
                     run_line, args.precision)
-        if model.sampling_steps(args.num_iter) != args.num_iter:
+        steps = model.sampling_steps(args.num_iter)
+        if steps != args.num_iter:
             logger.info("the %s family samples in %d steps (one a scale): --num_iter %d is not used", config.family,
-                        model.sampling_steps(args.num_iter), args.num_iter)
+                        steps, args.num_iter)
     writer = SummaryWriter(log_dir=args.log_dir) if rank == 0 else None
     exit_code = 0
     try:
