@@ -113,6 +113,46 @@ def test_cache_refuses_a_folder_made_with_other_settings(tmp_path):
     assert snapshot(out) == before
 
 
+def test_cache_refuses_other_settings_on_a_partial_cache_and_for_any_setting(tmp_path):
+    """Bugs: only index.json compared (a run killed before writing it, restarted with other flags, mixes two
+    caches' shards), or only some settings compared (another --cache_dtype taken as the same cache)."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    flags = ("--tokenizer", "pixel", "--img_size", "8", "--shard_size", "2")
+    out = cache(data, tmp_path / "cache", *flags)
+    with pytest.raises(ValueError, match=r"--cached_path .*dtype: 'fp16' vs 'fp32'"):
+        cache(data, out, *flags, "--cache_dtype", "fp32")
+    (out / "index.json").unlink()  # as if killed after its shards, before the index
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"shard-00000.json: img_size: 8 vs 16"):
+        cache(data, out, "--tokenizer", "pixel", "--img_size", "16", "--shard_size", "2")
+    assert snapshot(out) == before
+
+
+def test_cache_dtype_fp32_keeps_full_precision(tmp_path):
+    """Bug: the moments always narrowed to float16 whatever --cache_dtype says."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=1)
+    out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8", "--cache_dtype", "fp32")
+    stored = np.load(out / "shard-00000.npy")
+    assert stored.dtype == np.float32 and stored.shape == (1, 2, 3, 8, 8)
+    with Image.open(data / "train" / "class0" / "img0.png") as image:
+        crop = np.asarray(center_crop_arr(image.convert("RGB"), 8)).astype(np.float64)
+    expected = crop.transpose(2, 0, 1) / 127.5 - 1.0  # the pixel tokenizer's posterior: pixels in [-1, 1]
+    np.testing.assert_allclose(stored[0, 0], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(stored[0, 1], expected[:, :, ::-1], rtol=0, atol=1e-6)
+    assert (stored.astype(np.float16).astype(np.float32) != stored).any()  # float16 would have rounded these
+
+
+def test_a_shard_of_only_unreadable_images_is_left_out_of_the_index(tmp_path):
+    """Bug: an empty shard listed in index.json; its placeholder array (shape [0]) then stops training at start-up."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=2, broken=[(0, "zz_broken.png")])
+    out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8", "--shard_size", "1")
+    index = json.loads((out / "index.json").read_text())
+    assert index["num_images"] == 3 and index["num_cached"] == 2 and len(index["skipped"]) == 1
+    assert [s["moments"] for s in index["shards"]] == ["shard-00000.npy", "shard-00001.npy"]
+    dataset = CachedLatents(out, seed=0)
+    assert len(dataset) == 2 and dataset.labels.tolist() == [0, 0]
+
+
 def test_cached_shards_check_the_run_config(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
     out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8")

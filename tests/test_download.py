@@ -9,11 +9,12 @@ import threading
 
 import pytest
 
+from util.io import download as download_module
 from util.io.download import ASSETS, DownloadError, download, main
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files``; supports Range, injected drops and error statuses."""
+    """Serves ``server.files``; supports Range, injected drops, error statuses and early resumes."""
 
     def log_message(self, *args):
         pass
@@ -25,6 +26,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             drop_after = srv.drop_after.pop(self.path, None)
             queued = srv.fail_with.get(self.path)
             status = queued.pop(0) if queued else None
+            early = srv.resume_early.pop(self.path, 0)
         data = srv.files.get(self.path)
         if data is None:
             self.send_error(404)
@@ -43,6 +45,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            start -= early  # a server resuming before the byte asked for
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -64,7 +67,7 @@ def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
     srv.lock = threading.Lock()
-    srv.files, srv.requests, srv.drop_after, srv.fail_with = {}, [], {}, {}
+    srv.files, srv.requests, srv.drop_after, srv.fail_with, srv.resume_early = {}, [], {}, {}, {}
     srv.honor_range = True
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
@@ -124,13 +127,16 @@ def test_retry_within_one_call(server, tmp_path):
     assert [r for _, r in server.requests] == [None, "bytes=1000-"]
 
 
-def test_retry_on_server_error(server, tmp_path):
+def test_retry_on_server_error(server, tmp_path, monkeypatch):
     server.files["/w.bin"] = DATA
     server.fail_with["/w.bin"] = [503, 500]
     dest = tmp_path / "w.bin"
-    download(server.base + "/w.bin", dest, sha256=SHA, retries=2, **FAST)
+    waits = []
+    monkeypatch.setattr(download_module.time, "sleep", waits.append)
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=2, **{**FAST, "backoff": 1.5})
     assert dest.read_bytes() == DATA
     assert len(server.requests) == 3
+    assert waits == [1.5, 3.0]  # backoff x 2^(k - 1) before retry k
 
 
 def test_server_ignoring_range_restarts(server, tmp_path):
@@ -210,3 +216,55 @@ def test_mar_release_links():
         asset = ASSETS[f"mar_{size}"]
         assert asset.url == f"https://www.dropbox.com/scl/fi/{link}&dl=1"
         assert asset.relpath == f"pretrained_models/mar/mar_{size}/checkpoint-last.pth"
+
+
+def test_complete_part_of_known_size_needs_no_request(server, tmp_path):
+    """Bug: `offset >= size` for `>`: a complete part of the known size deleted and fetched again."""
+    server.files["/w.bin"] = DATA
+    (tmp_path / "w.bin.part").write_bytes(DATA)
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, size=len(DATA), retries=0, **FAST)
+    assert server.requests == []
+    assert dest.read_bytes() == DATA
+
+
+def test_resume_at_an_earlier_byte_restarts(server, tmp_path):
+    """Bug: only a later resume point refused; a 206 starting before the part's end would duplicate bytes
+    (no size or checksum is published for MAR's checkpoints, so nothing else would notice)."""
+    server.files["/w.bin"] = DATA
+    server.resume_early["/w.bin"] = 100
+    (tmp_path / "w.bin.part").write_bytes(DATA[:5000])
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", "bytes=5000-"), ("/w.bin", None)]
+
+
+def test_part_longer_than_the_remote_file_restarts(server, tmp_path):
+    """Bug: a 416 taken as 'already complete' although Content-Range says the file is shorter than the part."""
+    server.files["/w.bin"] = DATA
+    (tmp_path / "w.bin.part").write_bytes(DATA + b"stale tail")
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", f"bytes={len(DATA) + 10}-"), ("/w.bin", None)]
+
+
+def test_retry_on_429(server, tmp_path):
+    """Bug: 429 Too Many Requests treated as a permanent 4xx failure."""
+    server.files["/w.bin"] = DATA
+    server.fail_with["/w.bin"] = [429]
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert len(server.requests) == 2
+
+
+def test_existing_file_with_the_wrong_checksum_is_fetched_again(server, tmp_path):
+    """Bug: an existing file checked by size only: same-size corrupt bytes kept as verified."""
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    dest.write_bytes(bytes(len(DATA)))
+    download(server.base + "/w.bin", dest, sha256=SHA, size=len(DATA), retries=0, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", None)]

@@ -18,7 +18,7 @@ from tests.conftest import randomize_, tiny_mar
 from tests.test_sample import kl16_run, pixel_run, run, tiny_model_name  # noqa: F401  (tiny checkpoints)
 from models.families.common import SamplingSettings
 from util.data.digits import score_samples
-from util.editing import box_to_tokens, fill_canvas, mask_to_tokens, outpaint_plan
+from util.editing import box_to_tokens, fill_canvas, load_mask, mask_to_tokens, outpaint_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PAD = sample.GRID_PADDING
@@ -56,6 +56,31 @@ def test_box_to_tokens_marks_every_token_the_box_touches():
     for box in ((3, 0, 3, 4), (0, 5, 4, 2), (4, 4, 4, 4), (8, 8, 0, 4)):  # not outside: empty or reversed
         with pytest.raises(ValueError, match="is empty or reversed: need X0 < X1 and Y0 < Y1"):
             box_to_tokens(box, 8, 2)
+
+
+def test_box_past_the_bottom_edge_is_refused():
+    """Bug: `Y1 <= img_size + 1` (or any off-by-one on Y1): numpy clips the slice, so a box one row too tall
+    would be taken silently instead of refused as X1 is."""
+    for box in ((0, 0, 4, 9), (0, 7, 8, 9)):
+        with pytest.raises(ValueError, match="outside the 8x8 canvas"):
+            box_to_tokens(box, 8, 2)
+    assert box_to_tokens((0, 6, 8, 8), 8, 2)[3].all()  # Y1 = 8 itself is allowed (exclusive)
+
+
+def test_mask_grey_level_128_regenerates(tmp_path):
+    """Bug: `> WHITE` for `>= WHITE`: a pixel of grey 128 (the documented threshold) kept instead of regenerated."""
+    Image.fromarray(np.array([[0, 127, 128], [129, 255, 64]], np.uint8)).save(tmp_path / "m.png")
+    assert load_mask(tmp_path / "m.png", (3, 2)).tolist() == [[False, False, True], [True, True, False]]
+
+
+def test_mask_one_pixel_off_the_images_aspect_is_accepted(tmp_path):
+    """Bug: the 2% aspect tolerance dropped: a 101x64 mask for a 100x64 image (ratios 1.578 vs 1.5625, 1% apart)
+    refused; 104x64 (4% apart) must still be."""
+    Image.fromarray(np.full((64, 101), 255, np.uint8)).save(tmp_path / "near.png")
+    assert load_mask(tmp_path / "near.png", (100, 64)).shape == (64, 101)
+    Image.fromarray(np.full((64, 104), 255, np.uint8)).save(tmp_path / "far.png")
+    with pytest.raises(ValueError, match="must have the image's aspect ratio"):
+        load_mask(tmp_path / "far.png", (100, 64))
 
 
 @pytest.mark.parametrize("direction, pixels, canvas, origin, windows", [

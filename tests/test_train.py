@@ -39,6 +39,27 @@ def test_lr_schedule_warmup_constant_and_cosine():
         lr_at(1, lr, warm, total, "step")
 
 
+def test_lr_schedule_without_warmup_and_past_the_end():
+    """Bugs: `epoch <= warmup_epochs` (--warmup_epochs 0, which the config allows, divides by zero at epoch 0),
+    and the cosine's progress left unclamped (past the last epoch it climbs back towards lr)."""
+    lr = 4e-4
+    assert lr_at(0, lr, 0, 10) == lr
+    assert lr_at(0, lr, 0, 10, "cosine", min_lr=1e-5) == pytest.approx(lr)
+    assert lr_at(5, lr, 0, 10, "cosine", min_lr=1e-5) == pytest.approx(1e-5 + (lr - 1e-5) * 0.5)
+    for epoch in (10, 12.5, 15, 20):  # cos(pi * 1.5) = 0, cos(pi * 2) = 1: unclamped gives lr / 2 + ..., lr
+        assert lr_at(epoch, lr, 0, 10, "cosine", min_lr=1e-5) == pytest.approx(1e-5), epoch
+
+
+def test_set_lr_sets_every_param_group():
+    """Bug: only the first group updated; the training optimizer has two (no weight decay, weight decay)."""
+    from util.train.lr_sched import set_lr
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.AdamW([{"params": [a], "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.02}],
+                                  lr=1.0)
+    set_lr(optimizer, 0.25)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.25, 0.25]
+
+
 def test_param_groups_follow_the_recipe():
     model = tiny_mar()
     no_decay, decay = param_groups(model, 0.02)
@@ -80,6 +101,23 @@ def test_ema_update_rule_and_layout():
             torch.testing.assert_close(p, expected[n], rtol=1e-6, atol=1e-6)
     for n, p in model.named_parameters():
         assert torch.equal(p, live[n])
+
+
+def test_ema_load_refuses_missing_or_misshapen_parameters():
+    """Bugs: the missing-name check dropped (a KeyError with no hint about the flags), or the shape check
+    dropped (copy_ broadcasts a [1, 4] weight into [3, 4] without a word); neither may touch the average."""
+    model = torch.nn.Linear(4, 3)
+    ema = EMA(model, rate=0.9)
+    before = [p.clone() for p in ema.params]
+    with pytest.raises(ValueError, match=r"ckpt: model_ema lacks 1 parameters \(first: bias\)"):
+        ema.load_state_dict({"weight": torch.ones(3, 4)}, "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt: model_ema\[weight\] has shape \(1, 4\), model expects \(3, 4\)"):
+        ema.load_state_dict({"weight": torch.ones(1, 4), "bias": torch.ones(3)}, "ckpt")
+    with pytest.raises(ValueError, match=r"model_ema\[bias\] has shape \(4,\)"):  # a later bad shape: nothing copied
+        ema.load_state_dict({"weight": torch.full((3, 4), 5.0), "bias": torch.ones(4)}, "ckpt")
+    assert all(torch.equal(p, q) for p, q in zip(ema.params, before))
+    ema.load_state_dict({"weight": torch.full((3, 4), 2.0), "bias": torch.full((3,), 3.0)}, "ckpt")
+    assert ema.params[0].eq(2.0).all() and ema.params[1].eq(3.0).all()
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -212,7 +212,7 @@ def download(url: str, dest_path, sha256: Optional[str] = None, size: Optional[i
     """Download ``url`` to ``dest_path``, resuming and verifying; returns the final path.
 
     ``retries`` is the number of extra attempts after the first; the wait before
-    retry k is ``backoff * 2**k`` seconds.
+    retry k (k = 1, 2, ...) is ``backoff * 2**(k - 1)`` seconds: 1, 2, 4 s by default.
     """
     dest = Path(dest_path)
     if dest.exists():

@@ -39,10 +39,11 @@ class EMA:
         if missing:
             raise ValueError(f"{source}: model_ema lacks {len(missing)} parameters (first: {missing[0]}); "
                              "check --model / --enc_dec_depth / --num_gaussians")
-        for name, mine in zip(self.names, self.params):
+        for name, mine in zip(self.names, self.params):  # every shape first: a refused file changes nothing
             if tuple(state[name].shape) != tuple(mine.shape):
                 raise ValueError(f"{source}: model_ema[{name}] has shape {tuple(state[name].shape)}, "
                                  f"model expects {tuple(mine.shape)}; check --model / --enc_dec_depth")
+        for name, mine in zip(self.names, self.params):
             mine.copy_(state[name])
 
     @contextmanager
