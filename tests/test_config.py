@@ -85,6 +85,29 @@ def test_a_stored_config_is_authoritative():
     assert changed_config.family_config.depth == config.family_config.depth
 
 
+def test_the_weights_overrule_stale_stored_args():
+    """A file without a config: what its weights show wins over its stored args (here a class_num and depth the
+    run's model was not built with). Bug: the args applied after the weights' facts."""
+    args = {"model": "mar_tiny", "head": "gmm", "num_gaussians": 8, "tokenizer": "pixel", "img_size": 8,
+            "patch_size": 2, "vae_stride": 1, "vae_embed_dim": 1, "img_channels": 1, "class_num": 1000,
+            "enc_dec_depth": 2}
+    model = create_model("mar_tiny", **dict(args, class_num=10, enc_dec_depth=1))
+    config, _ = config_from_checkpoint({"args": args}, model.state_dict())
+    assert (config.class_num, config.family_config.depth) == (10, 1) and config == model.config
+
+
+def test_a_release_takes_new_tunable_settings_and_refuses_contradicting_ones():
+    """Files without a config too: a tunable setting (dropout) may differ from the stored args and is reported;
+    a setting that changes the weights' meaning may not. Bug: the tunable exemption dropped (every differing
+    flag refused)."""
+    state = meta_state("mar_base", num_gaussians=4)
+    ckpt = {"args": ARINAR_ARGS, "model_ema": state}
+    config, changed = config_from_checkpoint(ckpt, state, {"attn_dropout": 0.0}, source="RELEASE")
+    assert changed == {"attn_dropout": (0.1, 0.0)} and config.family_config.attn_dropout == 0.0
+    with pytest.raises(ValueError, match=r"^--class_num 10 contradicts RELEASE \(class_num 1000\): drop the flag$"):
+        config_from_checkpoint(ckpt, state, {"class_num": 10}, source="RELEASE")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(colour="red"), "RUN: config: unknown model config entries colour"),
     (lambda d: d["family_config"].update(depthh=3), "RUN: config: family_config: unknown entries depthh for MARConfig"),

@@ -80,6 +80,18 @@ def test_fid_stats_file_errors(tmp_path):
         metrics.load_fid_stats(tmp_path / "bad.npz")
 
 
+def test_fid_stats_whose_sigma_does_not_match_mu_are_refused_at_load(tmp_path):
+    """Statistics of another feature (mu of the 2048-d pool, sigma of the 1008-d logits) are refused when read,
+    not after a whole sampling run. Bug: only sigma's rank checked, not its [D, D] shape."""
+    path = tmp_path / "stats.npz"
+    for sigma in (np.eye(2), np.ones((3, 2))):
+        np.savez(path, mu=np.zeros(3), sigma=sigma)
+        with pytest.raises(ValueError, match=r"mu must be \[D\] and sigma \[D, D\]"):
+            metrics.load_fid_stats(path)
+    np.savez(path, mu=np.zeros(3), sigma=np.eye(3))
+    assert metrics.load_fid_stats(path)["sigma"].shape == (3, 3)
+
+
 # ----------------------------------------------------------------------------- full evaluation
 def test_evaluate_writes_everything_and_its_fid_matches_scipy(tmp_path, inception_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

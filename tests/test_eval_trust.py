@@ -272,6 +272,44 @@ def test_sweep_ranking_and_plot_work_with_whatever_metrics_exist(tmp_path):
     assert sweep.plot([{"cfg": 1.0, "temperature": 1.0, "folder": "f"}], tmp_path / "none.png") is None
 
 
+def test_sweep_best_point_skips_non_finite_scores_and_booleans_are_not_metrics():
+    """A diverged point's FID is NaN (or inf): never the best. Bugs: the isfinite filter dropped (a NaN first row
+    wins min()); bools (an int subclass) tabled and plotted as metrics."""
+    rows = [{"cfg": c, "temperature": 1.0, "fid": f, "accuracy": a, "resumed": True}
+            for c, f, a in [(1.0, float("nan"), float("nan")), (2.0, 3.0, 0.6), (3.0, 2.0, 0.7), (4.0, float("inf"), 0.5)]]
+    row, key, lower = sweep.best_point(rows)
+    assert (row["cfg"], key, lower) == (3.0, "fid", True)
+    row, key, lower = sweep.best_point([dict(r, fid=None) for r in rows])
+    assert (row["cfg"], key, lower) == (3.0, "accuracy", False)
+    assert sweep.metric_keys(rows) == ["fid", "accuracy"]
+
+
+def test_sweep_table_columns_start_with_the_point_then_every_key_first_seen(tmp_path):
+    """Bug: the columns taken in the rows' own order (cfg and temperature buried mid-table)."""
+    rows = [{"fid": 3.0, "temperature": 1.0, "cfg": 2.0}, {"cfg": 1.0, "temperature": 0.5, "fid": 4.0, "accuracy": 0.9}]
+    csv_path, json_path = sweep.write_tables(rows, str(tmp_path / "sweep"))
+    with open(csv_path) as f:
+        lines = f.read().splitlines()
+    assert lines == ["cfg,temperature,fid,accuracy", "2.0,1.0,3.0,", "1.0,0.5,4.0,0.9"]
+    assert json.loads(open(json_path).read()) == rows
+
+
+def test_sweep_plot_draws_each_temperature_in_cfg_order(tmp_path, monkeypatch):
+    """A later sweep appends its points (merge_rows), so rows are not in cfg order. Bug: the points plotted in
+    row order, a zig-zag line."""
+    from matplotlib.figure import Figure
+    figures = []
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self) or savefig(self, *a, **k))
+    rows = [{"cfg": c, "temperature": t, "fid": f} for c, t, f in [(3.0, 1.0, 5.0), (1.0, 1.0, 9.0), (2.0, 1.0, 4.0),
+                                                                  (2.0, 0.5, 6.0), (1.0, 0.5, 8.0)]]
+    sweep.plot(rows, tmp_path / "sweep.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+    assert lines["temperature 1"] == ([1.0, 2.0, 3.0], [9.0, 4.0, 5.0])
+    assert lines["temperature 0.5"] == ([1.0, 2.0], [8.0, 6.0])
+
+
 # ----------------------------------------------------------------------------- processes
 def test_one_and_two_processes_draw_identical_images_and_scores(tmp_path, trained, fid_stats, monkeypatch):
     """6 batches of 2: rank 0 draws batches 0, 2, 4, rank 1 batches 1, 3, 5; one process draws them all.

@@ -178,3 +178,49 @@ def test_count_agrees_with_flop_counter_mode():
     with FlopCounterMode(display=False, custom_mapping=flops.CPU_ATTENTION) as counter:
         model(latents, labels, mask=mask).backward()
     assert ours == counter.get_total_flops() > 0
+
+
+def test_attention_formulas_read_the_value_head_dim_apart_from_the_query_one(monkeypatch, flash_attn_standins):
+    """q, k with head dim 8 and v with 4 (flash-attn's layout [b, s, h, d]): q k^T costs d, scores v costs
+    d_v; backward recomputes q k^T (d), then dV (d_v), dScores (d_v), dQ (d), dK (d).
+    Bugs: the value's head dim taken as the query's, or d and d_v swapped in the backward count."""
+    ops = flash_attn_standins
+    formulas = flops.flash_attn_formulas
+    monkeypatch.setattr(flops, "flash_attn_formulas", lambda namespace: formulas(ops))
+    q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 7, 3, 8), torch.randn(2, 7, 3, 4)
+    scores = 2 * (2 * 3) * 5 * 7  # 2 FLOPs x batch x heads x queries x keys, per unit of head dim
+    forward, out = flops.count_flops(ops._flash_attn_forward, q, k, v, 0.0, 0.125, False)
+    assert forward == scores * (8 + 4)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    backward, _ = flops.count_flops(ops._flash_attn_backward, out, q, k, v, out, *grads, 0.0, 0.125, False)
+    assert backward == scores * (3 * 8 + 2 * 4)
+
+
+def test_fp32_runs_are_measured_against_tf32_when_torch_may_use_it(monkeypatch):
+    """--precision fp32 with torch.set_float32_matmul_precision("high"/"medium") runs its matmuls on TF32
+    tensor cores: the H100's TF32 peak (494.7 TFLOP/s); "highest" keeps true FP32 (66.9).
+    Bug: the comparison inverted (the TF32 peak for "highest", FP32 otherwise)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert flops.peak_flops("cuda", "fp32") == pytest.approx(494.7e12)
+        assert flops.peak_flops("cuda", "bf16") == pytest.approx(989.4e12)
+        torch.set_float32_matmul_precision("highest")
+        assert flops.peak_flops("cuda", "fp32") == pytest.approx(66.9e12)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_human_units_switch_at_exactly_one_unit():
+    """Bug: `>` for `>=`: exactly 1e12 FLOP printed as "1e+03 GFLOP"."""
+    assert flops.human(1e12) == "1 TFLOP"
+    assert flops.human(1e3) == "1 kFLOP"
+    assert flops.human(13.1e12) == "13.1 TFLOP"
+    assert flops.human(520e9) == "520 GFLOP"
+    assert flops.human(999.0) == "999 FLOP"
+
+
+def test_no_mfu_for_a_zero_length_window():
+    """A window timed at 0 s (a coarse clock) has no MFU. Bug: `< 0` for `<= 0` (ZeroDivisionError mid-run)."""
+    assert flops.mfu(1e12, 0.0, 1e12) is None

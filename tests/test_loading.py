@@ -254,6 +254,14 @@ def test_model_state_from_checkpoint_choices(caplog):
     assert checkpoint_args({"model": live}) == {}
 
 
+def test_empty_weights_are_no_model_weights():
+    """An empty "model" entry (or an empty file dict) is refused here, not loaded as a model with every key
+    missing. Bug: the emptiness check dropped."""
+    for ckpt in ({"model": {}, "epoch": 3}, {"model_ema": {}}, {}):
+        with pytest.raises(ValueError, match="holds no model weights"):
+            model_state_from_checkpoint(ckpt)
+
+
 # ----------------------------------------------------------------------------- bad files
 def test_missing_files_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*python -m util\.io\.download NAME.*--ckpt"):
@@ -349,6 +357,17 @@ def test_safetensors_round_trip_and_export(tmp_path):
     assert os.listdir(out.parent) == ["ema.safetensors"]  # no temp file left behind
     exported_live = read_checkpoint(export_safetensors(ckpt, tmp_path / "live.safetensors", use_ema=False))["model"]
     assert all(torch.equal(exported_live[k], live[k]) for k in live)
+
+
+def test_a_checkpoint_without_ema_exports_its_live_weights_said_so(tmp_path):
+    """No model_ema in the file: the default (EMA) export holds the live weights and its metadata must say
+    "live", so they read back as "model". Bug: the metadata follows use_ema alone and calls them EMA."""
+    source = randomize_(tiny_mar(), seed=3)
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=source.state_dict(), args={},
+                           config=source.config.to_dict())
+    converted = read_checkpoint(export_safetensors(ckpt, tmp_path / "out.safetensors"))
+    assert "model" in converted and "model_ema" not in converted
+    assert all(torch.equal(converted["model"][k], v) for k, v in source.state_dict().items())
 
 
 def test_exported_safetensors_honour_the_umask(tmp_path):

@@ -218,3 +218,43 @@ def test_tokenizer_runs_the_vae_in_its_own_precision_under_autocast():
     assert torch.equal(got_images, tok.decode(latents.bfloat16().float()))  # the input's rounding only
     assert torch.equal(got_latents, want_latents)
     assert want_images.shape == (1, 3, 32, 32)
+
+
+def test_encoder_and_decoder_chain_their_parts_in_ldm_order():
+    """The whole-network wiring (each part is checked above): conv_in, the levels (encoder: full resolution
+    first, decoder: lowest first), mid = ResnetBlock -> attention -> ResnetBlock, then GroupNorm -> SiLU ->
+    conv_out; quant_conv after the encoder, post_quant_conv before the decoder.
+    Bugs: mid's attention after its second block; the SiLU before the encoder's conv_out dropped."""
+    gen = torch.Generator().manual_seed(5)
+    vae = randomize_(AutoencoderKL(embed_dim=4, ch_mult=(1, 2)).double().eval(), gen)
+    x = torch.randn(1, 3, 8, 8, generator=gen, dtype=torch.float64)
+    z = torch.randn(1, 4, 4, 4, generator=gen, dtype=torch.float64)
+
+    def silu(t):
+        return t / (1 + torch.exp(-t))
+
+    def mid(m, h):
+        return m.block_2(m.attn_1(m.block_1(h)))
+
+    def levels(stack, h):
+        for level in stack:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            for resample in ("downsample", "upsample"):
+                if hasattr(level, resample):
+                    h = getattr(level, resample)(h)
+        return h
+
+    def head(net, h):
+        h = silu(naive_group_norm(h, net.norm_out.weight, net.norm_out.bias))
+        return F.conv2d(h, net.conv_out.weight, net.conv_out.bias, padding=1)
+
+    enc, dec = vae.encoder, vae.decoder
+    with torch.no_grad():
+        moments = vae.quant_conv(head(enc, mid(enc.mid, levels(enc.down, enc.conv_in(x)))))
+        image = head(dec, levels(reversed(dec.up), mid(dec.mid, dec.conv_in(vae.post_quant_conv(z)))))
+        assert moments.shape == (1, 8, 4, 4) and image.shape == (1, 3, 8, 8)
+        assert torch.allclose(vae.encode(x).parameters, moments, atol=1e-9, rtol=0)
+        assert torch.allclose(vae.decode(z), image, atol=1e-9, rtol=0)
