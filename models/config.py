@@ -119,7 +119,7 @@ class ModelConfig:
         unknown = sorted(set(d) - set(top))
         if unknown:
             raise ValueError(f"{source}: unknown model config entries {', '.join(unknown)}")
-        values = {k: _coerce(top[k], v, source) for k, v in d.items() if k not in parts}
+        values = {k: coerce(top[k], v, source) for k, v in d.items() if k not in parts}
         values.update({k: _dataclass_from_dict(part, d.get(k) or {}, f"{source}: {k}") for k, part in parts.items()})
         return cls(**values).validate()
 
@@ -154,7 +154,7 @@ class ModelConfig:
         return self
 
 
-def _coerce(f, value, source):
+def coerce(f, value, source):
     """A stored value as the field's type (JSON has no int/float distinction for 1.0; MAR stores some ints as str)."""
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
     if kind in (int, float, str) and not isinstance(value, bool):
@@ -177,12 +177,12 @@ def _dataclass_from_dict(cls, d, source):
     unknown = sorted(set(d) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown entries {', '.join(unknown)} for {cls.__name__}")
-    return cls(**{k: _coerce(known[k], v, source) for k, v in d.items()})
+    return cls(**{k: coerce(known[k], v, source) for k, v in d.items()})
 
 
 def _pick(cls, values):
     """cls(**the fields whose flags `values` holds), each as the field's type."""
-    return cls(**{f.name: _coerce(f, values[flag_name(f)], "flags") for f in fields(cls) if flag_name(f) in values})
+    return cls(**{f.name: coerce(f, values[flag_name(f)], "flags") for f in fields(cls) if flag_name(f) in values})
 
 
 def preset_for(values):
@@ -213,7 +213,7 @@ def config_from_flags(values, base=None):
         family, preset = PRESETS[name]
         merged = with_token_defaults({"family": family, **preset, **values, "model": name})
     family, head = merged.get("family", "mar"), merged.get("head", "arinar")
-    top = {f.name: _coerce(f, merged[f.name], "flags") for f in fields(ModelConfig) if f.name in merged}
+    top = {f.name: coerce(f, merged[f.name], "flags") for f in fields(ModelConfig) if f.name in merged}
     config = ModelConfig(**{**top, "family": family, "head": head,
                             "tokens": _pick(TokenConfig, merged),
                             "family_config": _pick(FAMILIES[family].config, merged),

@@ -26,6 +26,18 @@ MAR_ARGS = argparse.Namespace(model="mar_base", img_size=256, vae_embed_dim=16, 
                               num_sampling_steps="100", diffusion_batch_mul=4, grad_checkpointing=False)
 
 
+def test_a_mar_release_setting_stored_as_a_string_is_compared_as_its_number():
+    """MAR pickles --num_sampling_steps as "100". Bug: compared as stored, the same 100 given on the command line
+    was reported as a change ("100" -> 100), and a real change showed the old value as a string."""
+    state = meta_state("mar_base", enc_dec_depth=12, head="diffloss", diffloss_d=6, diffloss_w=1024)
+    ckpt = {"args": MAR_ARGS, "model": state}
+    assert config_from_checkpoint(ckpt, state, {"num_sampling_steps": 100})[1] == {}
+    assert config_from_checkpoint(ckpt, state, {"num_sampling_steps": 25})[1] == {"num_sampling_steps": (100, 25)}
+    bad = {"args": argparse.Namespace(**{**vars(MAR_ARGS), "num_sampling_steps": "many"}), "model": state}
+    with pytest.raises(ValueError, match=r"^mar.pth: args: num_sampling_steps must be int; got 'many'$"):
+        config_from_checkpoint(bad, state, source="mar.pth")
+
+
 def meta_state(name, **flags):
     """A state dict with the keys and shapes of create_model(name, **flags), without memory."""
     with torch.device("meta"):

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file as save_safetensors
 
 from models import HEADS, PRESETS, ModelConfig, build, config_from_flags
-from models.config import all_flag_fields, check_flags_apply, tunable_flags
+from models.config import all_flag_fields, check_flags_apply, coerce, tunable_flags
 from util.io import pretrained
 from util.io.download import ASSETS
 from util.io.files import current_umask
@@ -364,11 +364,13 @@ def facts_from_state(state):
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def legacy_flags(ckpt, state):
+def legacy_flags(ckpt, state, source="checkpoint"):
     """A file without `config` (ours before it, the ARINAR and MAR releases): the model flags its stored
-    args hold, overruled by what its weights show. The releases store MAR's argparse names, ours the same."""
-    flags = set(all_flag_fields())
-    stored = {k: v for k, v in checkpoint_args(ckpt).items() if k in flags and v is not None}
+    args hold, as their fields' types (MAR stores --num_sampling_steps as "100"), overruled by what its weights
+    show. The releases store MAR's argparse names, ours the same."""
+    owners = all_flag_fields()
+    stored = {k: coerce(owners[k][0][0], v, f"{source}: args") for k, v in checkpoint_args(ckpt).items()
+              if k in owners and v is not None}
     return {**LEGACY_FALLBACKS, **stored, **facts_from_state(state)}
 
 
@@ -385,7 +387,7 @@ def config_from_checkpoint(ckpt, state, given=None, source="checkpoint"):
         config = ModelConfig.from_dict(ckpt["config"], source=f"{source}: config")
         changed = check_flags_apply(config, given, source)
         return config_from_flags({k: new for k, (_, new) in changed.items()}, base=config), changed
-    stored = legacy_flags(ckpt, state)
+    stored = legacy_flags(ckpt, state, source)
     family = stored.get("family") or PRESETS[stored["model"]][0]
     tunable = tunable_flags(family, stored.get("head") or DEFAULT_HEAD)
     for name, value in given.items():
