@@ -55,6 +55,26 @@ def test_bad_inputs_raise_one_line_errors():
         score_samples(np.zeros((3, 8, 8, 1), np.uint8), [0, 1])
 
 
+def test_larger_samples_are_averaged_over_each_cell_before_rounding():
+    """Bug: a 16x16 sample read at one pixel per 2x2 cell (its top-left) instead of the cell's mean; real digits,
+    upsampled by repetition, have uniform cells and cannot tell."""
+    cell = np.array([[0, 64], [64, 0]], np.uint8)  # mean 32 -> 32 * 16 / 255 = 2.01 -> level 2
+    sample = np.tile(cell, (8, 8))[None]
+    sample[0, 14:16, 0:2] = [[255, 255], [255, 0]]  # bottom-left cell: mean 191.25 -> 12.0 -> level 12
+    expected = np.full((8, 8), 2.0)
+    expected[7, 0] = 12.0
+    assert np.array_equal(to_grey_levels(sample), expected[None])
+    assert np.array_equal(to_grey_levels(sample[..., None]), expected[None])
+
+
+@pytest.mark.parametrize("img_size", [0, -8])
+def test_sizes_below_the_native_8_are_refused(img_size):
+    """Bug: only the multiple-of-8 test, so --img_size 0 (or -8) passes it and fails later with numpy's or
+    torch's error."""
+    with pytest.raises(ValueError, match="multiple of 8"):
+        DigitsDataset("train", img_size)
+
+
 # ----------------------------------------------------------------------------- score
 @pytest.mark.parametrize("img_size", [8, 16])
 def test_real_digits_through_the_pipeline_uint8_score_the_real_accuracy(img_size):

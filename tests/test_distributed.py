@@ -123,3 +123,69 @@ def test_collectives_bring_their_results_back_from_the_collective_s_device(monke
     got = distributed.all_gather_rows(rows)
     assert got.dtype == torch.int64 and got.device == rows.device
     assert got.tolist() == [[1, 2], [3, 4], [7, 7]]
+
+
+def test_init_picks_gloo_on_a_cpu_and_nccl_on_a_gpu(monkeypatch):
+    """Bug: NCCL whatever the device (a CPU-only torchrun then fails at init: NCCL has no CPU tensors)."""
+    from util import distributed
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.init_distributed() == torch.device("cpu")
+    assert seen["backend"] == "gloo" and "device_id" not in seen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert distributed.init_distributed() == torch.device("cuda", 0) and seen["backend"] == "nccl"
+
+
+def test_local_rank_is_the_node_s_not_the_global_rank(monkeypatch):
+    """Bug: get_local_rank returning the global rank (on a second node rank 9 would pick GPU 9 of 8)."""
+    from util import distributed
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 9)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.get_local_rank() == 1 and distributed.get_rank() == 9
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    assert distributed.get_local_rank() == 0  # single-process: whatever the environment holds
+
+
+def test_replicas_out_of_sync_are_caught_whichever_rank_differs(monkeypatch):
+    """Bug: comparing ranks 2.. with rank 0 (an off-by-one), so two replicas never get compared."""
+    from util import distributed
+    model = torch.nn.Linear(2, 1)
+    mine = distributed.replica_checksums(model)
+    for others in ([[x + 1.0 for x in mine]], [mine, mine, [x + 1.0 for x in mine]]):
+        monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj] + others)
+        with pytest.raises(RuntimeError, match=f"rank {len(others)}'s weights differ from rank 0's"):
+            distributed.check_replicas_in_sync(model)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda obj: [obj, list(obj)])
+    assert distributed.check_replicas_in_sync(model) == [mine, mine]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_logging_is_info_with_a_file_on_rank_0_and_warnings_only_elsewhere(rank, tmp_path, monkeypatch):
+    """Bugs: the levels inverted (rank 0 silent, every other rank chatty), or every rank appending to rank 0's
+    log file."""
+    import logging
+    from util import distributed
+    monkeypatch.setattr(distributed, "get_rank", lambda: rank)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        distributed.setup_logging(str(tmp_path / "logs" / "log.txt"))
+        assert root.level == (logging.INFO if rank == 0 else logging.WARNING)
+        files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+        assert len(files) == (1 if rank == 0 else 0)
+        record = logging.makeLogRecord({"name": "engine", "levelname": "WARNING", "msg": "slow"})
+        assert root.handlers[0].format(record).endswith(f" [rank {rank}] WARNING engine: slow")
+    finally:
+        for handler in root.handlers:
+            if handler not in saved[0]:
+                handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])

@@ -340,6 +340,13 @@ def test_edit_flags_need_edit(pixel_run, tmp_path, capsys):  # noqa: F811
     assert "add --edit IMAGE" in capsys.readouterr().err
 
 
+def test_class_without_edit_is_refused(pixel_run, tmp_path, capsys):  # noqa: F811
+    """Bug: --class (an edit's flag) without --edit silently ignored: a class grid of --classes instead."""
+    with pytest.raises(SystemExit):
+        run(pixel_run, tmp_path / "x.png", "--class", "3")
+    assert "add --edit IMAGE" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
 # ----------------------------------------------------------------------------- the digits demo
 def demo_run(pixel_run, tmp_path):
     run_dir = tmp_path / "runs" / "demo-1"

@@ -192,6 +192,14 @@ def test_no_network_without_a_cached_copy_is_one_line(offline_hub, monkeypatch):
     assert calls[0]["local_files_only"] is False and calls[0]["cache_dir"] == offline_hub
 
 
+def test_the_cache_folder_follows_hf_hub_cache_then_hf_home(tmp_path, monkeypatch):
+    """huggingface_hub's rule: HF_HUB_CACHE, else HF_HOME/hub (bug: HF_HOME itself, a cache no other HF tool
+    reads or fills)."""
+    assert remote.cache_dir() == tmp_path / "hf-cache"
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert remote.cache_dir() == tmp_path / "hf-home" / "hub"
+
+
 def test_repo_ids_and_local_paths():
     assert parse_repo_id("someone/tiny-arinar") == ("someone/tiny-arinar", None)
     assert parse_repo_id("someone/tiny@v1.0") == ("someone/tiny", "v1.0")
@@ -293,6 +301,48 @@ def test_the_model_card_names_only_the_data_the_run_read(args, shown, left_out):
     assert ('datasets:\n- "ILSVRC/imagenet-1k"' in front) == (args["dataset"] == "imagenet"), front
 
 
+def card_commands(evaluations=(), args=None, **config_changes):
+    """(sample.py argv, main_mar.py argv) of the card of a tiny digits model with these evaluations and args."""
+    from dataclasses import replace
+    from util.hub.card import model_card
+    config = replace(digits_mar("arinar").config, **config_changes)
+    card = model_card("me/tiny", config, 1000, {"args": dict(ARGS if args is None else args),
+                                                "evaluations": list(evaluations)}, "mit")
+    (sample_line,) = [line for line in card.splitlines() if line.startswith("python sample.py")]
+    (evaluate_line,) = [line for line in card.splitlines() if line.startswith("python main_mar.py")]
+    return shlex.split(sample_line), shlex.split(evaluate_line)
+
+
+def flag_value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_the_card_quotes_the_lowest_fid_else_the_highest_accuracy():
+    """Bugs: the best evaluation taken as the highest FID or the lowest digit accuracy, or a NaN FID taken as the
+    best (the card's commands then quote the worst setting)."""
+    by_fid = [{"fid": float("nan"), "cfg": 9.0}, {"fid": 15.0, "cfg": 2.0}, {"fid": 9.5, "cfg": 3.5},
+              {"fid": 30.0, "cfg": 1.0}]  # (a NaN FID, first in folder order, is no score)
+    by_accuracy = [{"accuracy": 0.5, "cfg": 1.0}, {"accuracy": 0.9, "cfg": 4.0}, {"accuracy": 0.7, "cfg": 2.0}]
+    for evaluations, cfg in ((by_fid, "3.5"), (by_accuracy, "4")):
+        sample_argv, evaluate_argv = card_commands(evaluations)
+        assert flag_value(sample_argv, "--cfg") == cfg and flag_value(evaluate_argv, "--cfg") == cfg
+
+
+def test_the_card_quotes_the_first_value_of_a_sweep_without_evaluations():
+    """Bug: a --cfg / --temperature sweep stored as a list quoted by its last value (main_mar.py runs the first as
+    its --cfg)."""
+    sample_argv, _ = card_commands(args={**ARGS, "cfg": [4.5, 1.0], "temperature": [0.9, 1.1]})
+    assert flag_value(sample_argv, "--cfg") == "4.5" and flag_value(sample_argv, "--temperature") == "0.9"
+
+
+def test_the_card_samples_imagenet_s_showcase_classes_for_1000_classes():
+    """Bug: `class_num > 1000` for the ImageNet classes, so an ImageNet model's card sampled classes 0..3."""
+    sample_argv, _ = card_commands(class_num=1000)
+    assert sample_argv[sample_argv.index("--classes") + 1:][:5] == ["207", "360", "387", "974", "--num_per_class"]
+    sample_argv, _ = card_commands(class_num=10)
+    assert sample_argv[sample_argv.index("--classes") + 1:][:5] == ["0", "1", "2", "3", "--num_per_class"]
+
+
 # ----------------------------------------------------------------------------- the releases
 def release_file(path, head, **args):
     """A release-layout file of a tiny model: args pickled as a Namespace, no config, optimizer and scaler."""
@@ -382,6 +432,9 @@ def test_push_refuses_bad_destinations(run, tmp_path, monkeypatch, capsys):
     assert "--repo USER/NAME" in err and "--local_dir DIR" in err
     err = one_line_error(capsys, lambda: push("--ckpt", run, "--repo", "not a repo"))
     assert "--repo must be a Hub repo id" in err
+    # a revision names what to download, not where to push (bug: only parse_repo_id's check, which takes @REV)
+    err = one_line_error(capsys, lambda: push("--ckpt", run, "--repo", "me/tiny@v1", "--local_dir", tmp_path / "v"))
+    assert "--repo must be a Hub repo id USER/NAME; got 'me/tiny@v1'" in err and not (tmp_path / "v").exists()
     err = one_line_error(capsys, lambda: push("--ckpt", tmp_path / "nowhere", "--local_dir", tmp_path / "out"))
     assert "checkpoint not found" in err and not (tmp_path / "out").exists()
 

@@ -83,6 +83,25 @@ def test_grid_and_individual_images(pixel_run, tmp_path):
     assert len({cell.tobytes() for cell in cells(grid, 3, 2, 8)}) == 6  # samples differ
 
 
+def test_each_grid_row_and_file_holds_the_class_it_names(pixel_run, tmp_path, monkeypatch):
+    """Bug: the labels tiled (1 3 7 1 3 7) instead of class-major (1 1 3 3 7 7), so rows and the files' names
+    mislabel the images. A stand-in generate draws each image as grey level 20 x its class."""
+    calls = []
+
+    def by_class(model, tokenizer, settings, labels, backend, progress=False):
+        calls.append(labels.tolist())
+        return np.stack([np.full((8, 8, 1), 20 * c, np.uint8) for c in labels.tolist()])
+
+    monkeypatch.setattr(sample, "generate", by_class)
+    out = run(pixel_run, tmp_path / "grid.png", "--batch_size", "4", "--save_dir", tmp_path / "each")
+    assert calls == [[1, 1, 3, 3], [7, 7]]
+    grid = np.asarray(Image.open(out))
+    for i, cell in enumerate(cells(grid, 3, 2, 8)):
+        assert (cell == 20 * [1, 3, 7][i // 2]).all(), i
+    for path in (tmp_path / "each").iterdir():
+        assert (np.asarray(Image.open(path)) == 20 * int(path.stem.split("class")[1])).all(), path.name
+
+
 def test_same_seed_same_png_and_ema_by_default(pixel_run, tmp_path):
     guided = ("--classes", "2", "5", "--cfg", "3.0")
     first = run(pixel_run, tmp_path / "a.png", *guided, "--seed", "5").read_bytes()

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from util.evaluation.eval_folder import SETTINGS, state_digest
+from util.evaluation.sweep import best_point
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,9 @@ def evaluations_of(run_folder, state):
 
 
 def best(evaluations):
-    """The evaluation to quote first: the lowest FID, else the highest accuracy, else the first; None if none."""
+    """The evaluation to quote first: a sweep's best point (the lowest finite FID, else the highest accuracy),
+    else the first; None if none."""
     if not evaluations:
         return None
-    scored = [e for e in evaluations if isinstance(e.get("fid"), (int, float))]
-    if scored:
-        return min(scored, key=lambda e: e["fid"])
-    scored = [e for e in evaluations if isinstance(e.get("accuracy"), (int, float))]
-    if scored:
-        return max(scored, key=lambda e: e["accuracy"])
-    return evaluations[0]
+    ranked = best_point(evaluations)
+    return ranked[0] if ranked is not None else evaluations[0]
