@@ -72,11 +72,12 @@ class PixelTokenizer(nn.Module):
     scale = 1.0
 
     def __init__(self, img_channels=3, levels=256):
+        """levels: the data's grey levels, for dequantisation noise of one level's width; 0 or None: none."""
         super().__init__()
-        if levels is not None and levels < 2:
+        if levels and levels < 2:
             raise ValueError(f"--pixel_levels must be >= 2 (or 0 for no dequantisation); got {levels}")
         self.embed_dim = img_channels
-        self.levels = levels
+        self.levels = levels or None
 
     def encode(self, images):
         return PixelPosterior(images, self.levels)

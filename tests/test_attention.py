@@ -142,3 +142,29 @@ def test_masked_attention_is_chunked_with_its_mask(monkeypatch, kernel_calls, sh
     torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
     scores = (q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(chunked.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_shared_by_all_images_stays_whole_in_every_chunk(monkeypatch, kernel_calls):
+    """Bug: a 4-D mask of batch size 1 ([1, 1, L_q, L_k], broadcast over the images) taken for a per-image
+    one and sliced per chunk: every chunk after the first gets an empty mask and the call fails."""
+    q, k, v = inputs(batch=5, length=6, cached=False, dtype=torch.float32, seed=3)
+    mask = (torch.rand(6, 6, generator=torch.Generator().manual_seed(4)) < 0.5) | torch.eye(6, dtype=torch.bool)
+    cap_cpu_rows(monkeypatch, 2 * HEADS)
+    out = attention(q, k, v, 0.3, mask=mask[None, None])
+    assert kernel_calls == [(2, HEADS), (2, HEADS), (1, HEADS)]
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.3).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(out.double(), torch.softmax(scores, -1) @ v.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_reaches_the_kernel():
+    """Bug: dropout_p not passed on to SDPA (MAR's attn_dropout silently off in training). With q = k = 0
+    every weight is 1/L, and v = identity shows the weights: dropped ones are 0, kept ones 1/L / (1 - p)."""
+    length, p = 8, 0.5
+    q = k = torch.zeros(2, HEADS, length, length)
+    v = torch.eye(length).expand(2, HEADS, length, length)
+    torch.manual_seed(0)
+    out = attention(q, k, v, 1.0, dropout_p=p)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / length / (1 - p)))
+    assert 0.4 < float(kept.float().mean()) < 0.6
+    torch.testing.assert_close(attention(q, k, v, 1.0), torch.full_like(out, 1 / length))  # no dropout: 1/L

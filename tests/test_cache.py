@@ -12,7 +12,7 @@ from scipy import stats
 import main_cache
 from engine_mar import to_latents
 from models import TokenConfig
-from models.tokenizer import KLTokenizer, PixelPosterior
+from models.tokenizer import KLTokenizer, PixelPosterior, PixelTokenizer
 from util.io.tokenizers import build_tokenizer
 from models.vae import LATENT_SCALE, AutoencoderKL
 from tests.pipeline_fixtures import make_image_folder, parse
@@ -249,6 +249,28 @@ def test_pixel_dequantisation_is_uniform_within_the_bin():
     assert float(offset.min()) >= -0.5 and float(offset.max()) <= 0.5
     assert stats.kstest(offset.numpy() + 0.5, "uniform").pvalue > 1e-3
     assert torch.equal(PixelPosterior(values, None).sample(), values)
+
+
+def test_pixel_levels_below_two_are_refused():
+    """Bug: one grey level accepted; its bin width 2 / (levels - 1) divides by zero at the first sample."""
+    with pytest.raises(ValueError, match="--pixel_levels must be >= 2"):
+        PixelTokenizer(img_channels=1, levels=1)
+    values = torch.tensor([-1.0, 1.0]).repeat(500)
+    torch.manual_seed(0)
+    offset = PixelTokenizer(img_channels=1, levels=2).posterior(values).sample() - values
+    assert float(offset.abs().max()) <= 1.0 and float(offset.abs().max()) > 0.9  # two levels: bins of width 2
+    assert torch.equal(PixelTokenizer(img_channels=1, levels=0).posterior(values).sample(), values)  # 0: no noise
+
+
+def test_posteriors_of_float16_cached_moments_sample_in_float32():
+    """Bug: posterior() keeping the cache's float16 (main_cache's default --cache_dtype): the KL posterior's
+    std and noise, and the dequantisation noise, would be drawn in float16."""
+    moments = torch.cat([torch.full((2, 4, 3, 3), 0.8), torch.full((2, 4, 3, 3), -1.0)], 1).half()
+    torch.manual_seed(0)
+    for posterior in (KLTokenizer.posterior(moments), PixelTokenizer(8, levels=17).posterior(moments)):
+        sample = posterior.sample()
+        assert posterior.mean.dtype == sample.dtype == torch.float32
+        assert (sample.half().float() != sample).any()  # values float16 cannot hold
 
 
 def test_tokenizer_bad_input():

@@ -186,6 +186,18 @@ def test_rope_turns_pairs_by_row_then_column():
     assert rotate(v.float(), rotation(angles[1:], torch.float32)).dtype == torch.float32
 
 
+def test_rope_turns_bf16_queries_in_float32_and_rounds_once():
+    """Bug: rotate computing in x's dtype (bf16 under autocast): cos, sin and both products each rounded to
+    bf16 move a turned feature by several bf16 steps (and by far more where the two products cancel).
+    The oracle: the complex-number turn of the same bf16 inputs in float64, rounded once to bf16."""
+    angles = grid_angles(SIDE, SIDE, 16, 100.0)
+    x = (3 * torch.randn(L, 16, generator=torch.Generator().manual_seed(0))).bfloat16()
+    want = torch.stack([ref_turn(x[p].double(), *divmod(p, SIDE), 100.0) for p in range(L)])
+    got = rotate(x, rotation(angles[1:], torch.float32))  # the model forms its rotation in float32
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=1e-5)  # half a bf16 step
+
+
 def test_rope_scores_depend_on_the_offset_only():
     angles = grid_angles(SIDE, SIDE, 16)
     q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)

@@ -19,7 +19,7 @@ from models.heads import arinar as inner_module
 from models.gmm import CFG_SAMPLERS, sample_gmm_cfg, sample_gmm_cfg_exact, sir_pick
 from models.heads.arinar import InnerAR
 from models.families.common import cosine_schedule
-from sampling import EagerBackend, make_backend
+from sampling import EagerBackend, make_backend, precision_autocast
 from sampling.cuda_graphs import bucket_rows, compiles_well, pad_rows
 from tests.conftest import SpyBackend, randomize_, tiny_mar
 from tests.reference import assert_all_fit, random_mixtures, reference_mixtures, target_cdf
@@ -300,6 +300,18 @@ def test_backend_precision_and_sampler_reach_the_head(monkeypatch):
     m.sample_tokens(2, num_iter=2, cfg=2.0, labels=torch.tensor([0, 1]),
                     backend=make_backend(m, cfg_sampler="exact", precision="bf16"))
     assert seen == [("exact", torch.bfloat16)] * 2
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)])
+def test_each_precision_autocasts_to_its_own_dtype(precision, dtype):
+    """Bug: autocast opened without the precision's dtype, i.e. the device's default (CPU: bf16, CUDA: fp16), so
+    --precision fp16 runs bf16 here and --precision bf16 runs fp16 (with its overflows) on a GPU."""
+    backend = EagerBackend(torch.nn.Linear(3, 3), precision=precision)
+    x = torch.randn(2, 3)
+    for context in (precision_autocast("cpu", precision), backend.autocast()):
+        with context:
+            assert torch.is_autocast_enabled("cpu") == (dtype is not None)
+            assert (x @ x.T).dtype == (dtype or torch.float32)
 
 
 def test_compile_skips_the_size_0_and_1_specialisations():

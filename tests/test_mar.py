@@ -9,6 +9,7 @@ from scipy import stats
 
 from models.families.common import cosine_schedule as sampling_schedule
 from models.families.mar import MAR, sample_mask_ratio
+from models.layers import Mlp, init_linears_and_norms_
 from models import create_model
 from tests.conftest import SpyBackend, randomize_, tiny_mar
 
@@ -480,3 +481,43 @@ def test_a_fully_kept_row_runs_no_step_and_comes_back_bit_for_bit():
     out = m.sample_tokens(3, num_iter=4, cfg=2.0, labels=torch.tensor([1, 2, 3]), known=known,
                           keep=torch.ones(3, 16, dtype=torch.bool), backend=spy)
     assert torch.equal(out, known) and spy.runs == []
+
+
+def test_outer_init_is_xavier_uniform_with_zero_biases_and_unit_norms():
+    """Bug: init_linears_and_norms_ leaving PyTorch's default biases (or LayerNorm affine) in place. Oracle:
+    Glorot and Bengio's bound sqrt(6 / (fan_in + fan_out)), MAR's (timm's) zero biases, unit LayerNorms."""
+    net = torch.nn.Sequential(torch.nn.Linear(30, 50), torch.nn.LayerNorm(50), torch.nn.Linear(50, 20, bias=False))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(3.0)
+    torch.manual_seed(0)
+    init_linears_and_norms_(net)
+    assert torch.equal(net[0].bias, torch.zeros(50))
+    assert torch.equal(net[1].weight, torch.ones(50)) and torch.equal(net[1].bias, torch.zeros(50))
+    for layer, (fan_in, fan_out) in ((net[0], (30, 50)), (net[2], (50, 20))):
+        bound, weight = math.sqrt(6 / (fan_in + fan_out)), layer.weight.detach()
+        assert float(weight.abs().max()) <= bound
+        assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)  # U(-a, a): std a / sqrt 3
+
+
+def test_mlp_drops_out_after_the_activation_and_after_fc2():
+    """Bug: timm's Mlp dropout after the GELU left out (MAR's proj_dropout only on the block's output). fc1
+    gives every hidden unit 1, so GELU(1) = (1 + erf(1 / sqrt 2)) / 2; fc2 = identity picks one unit per
+    output: it survives both dropouts (x 2 each, 4 GELU(1)) with probability 1/4 and is 0 otherwise; with
+    only the last dropout it would be 2 GELU(1) half the time."""
+    mlp = Mlp(4, 4, drop=0.5)
+    with torch.no_grad():
+        mlp.fc1.weight.zero_()
+        mlp.fc1.bias.fill_(1.0)
+        mlp.fc2.weight.copy_(torch.eye(4))
+        mlp.fc2.bias.zero_()
+    gelu1 = (1 + math.erf(1 / math.sqrt(2))) / 2
+    x = torch.randn(2000, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mlp.eval()(x), torch.full((2000, 4), gelu1))
+    torch.manual_seed(0)
+    out = mlp.train()(x) / gelu1
+    levels = torch.tensor([0.0, 2.0, 4.0])
+    nearest = (out[..., None] - levels).abs().argmin(-1)
+    torch.testing.assert_close(out, levels[nearest], rtol=0, atol=1e-5)
+    share = torch.bincount(nearest.flatten(), minlength=3) / nearest.numel()
+    torch.testing.assert_close(share, torch.tensor([0.75, 0.0, 0.25]), rtol=0, atol=0.03)

@@ -13,7 +13,7 @@ import torch
 from models import create_model
 from models.families.common import CapturedBuffers, EagerSteps
 from models.families.scalewise import ScalewiseAR
-from models.multiscale import covered, residuals, scales_for
+from models.multiscale import accumulate, covered, residuals, scales_for
 from models.scalewise_blocks import AdaLNBeforeHead, ScaleAttention, ScaleBlock, SelectiveScanMixer, drop_path
 from models.scan import selective_scan_ref
 from models.token_grid import patchify, unpatchify
@@ -171,6 +171,17 @@ def test_training_inputs_are_the_samplers_rebuild_from_the_targets():
         f_hat = f_hat + np_resize(h.numpy(), 4)
         np.testing.assert_allclose(inputs[k].numpy(), np_resize(f_hat, SCALES[k + 1]), atol=1e-12)
     np.testing.assert_allclose(f_hat + targets[-1].numpy(), f, atol=1e-12)
+
+
+def test_accumulate_upsamples_a_low_precision_residual_in_f_hats_dtype():
+    """Bug: accumulate resizing h in its own dtype: a bf16 residual (a head drawn under autocast) upsampled
+    by bicubic in bf16 moves f_hat by ~1e-2; in f_hat's float32 only h's own rounding is left."""
+    rng = np.random.default_rng(5)
+    f_hat, h = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 2, 2))
+    h_bf16 = torch.from_numpy(h).bfloat16()
+    got = accumulate(torch.from_numpy(f_hat).float(), h_bf16)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), f_hat + np_resize(h_bf16.double().numpy(), 4), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- sampling vs teacher forcing

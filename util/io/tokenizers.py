@@ -49,5 +49,5 @@ def build_tokenizer(tokens, vae_path=None, levels=256, device="cpu"):
         tokenizer = KLTokenizer(tokens.vae_embed_dim)
         load_vae_weights(tokenizer.vae, vae_path)
     else:
-        tokenizer = PixelTokenizer(tokens.img_channels, levels or None)
+        tokenizer = PixelTokenizer(tokens.img_channels, levels)
     return tokenizer.to(device).eval().requires_grad_(False)
