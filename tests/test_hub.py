@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 from pathlib import Path
 from unittest import mock
 
@@ -26,7 +27,7 @@ from util.evaluation.eval_folder import SETTINGS, state_digest
 from util.hub import __main__ as cli
 from util.hub import from_pretrained, remote, save_pretrained
 from util.io.checkpoints import read_checkpoint
-from util.io.pretrained import CONFIG_NAME, FILES, WEIGHTS_NAME, parse_repo_id
+from util.io.pretrained import CONFIG_NAME, FILES, WEIGHTS_NAME, check_destination, parse_repo_id, run_facts
 from util.train.state import LAST, checkpoint_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -463,3 +464,39 @@ def test_main_mar_evaluates_a_hub_repo_like_the_run(tmp_path, offline_hub):
     names = sorted(os.listdir(first))
     assert len(names) == 2 and sorted(os.listdir(second)) == names
     assert all((first / n).read_bytes() == (second / n).read_bytes() for n in names)
+
+
+def test_repo_id_limits():
+    """Bugs caught: the 96-character limit off by one, and a clone URL's NAME.git taken for a repo id."""
+    assert parse_repo_id("u/" + "n" * 94) == ("u/" + "n" * 94, None)  # 96 characters: the Hub's maximum
+    assert parse_repo_id("u/" + "n" * 95) is None  # 97
+    assert parse_repo_id("someone/tiny.git") is None
+
+
+def test_run_facts_refuse_a_boolean_epoch():
+    """Bug caught: True (a bool is an int in Python) accepted as the run's epoch."""
+    with pytest.raises(ValueError, match="metadata epoch must be a int; got bool"):
+        run_facts({"arinar": json.dumps({"epoch": True})}, "w.safetensors")
+    assert run_facts({"arinar": json.dumps({"epoch": 4})}, "w.safetensors") == {"weights": "ema", "epoch": 4}
+
+
+def test_a_folder_with_only_the_hubs_cache_is_a_valid_destination(tmp_path):
+    """Bug caught: the .cache folder huggingface_hub leaves in a --local_dir download counted as a foreign file."""
+    folder = tmp_path / "model"
+    (folder / ".cache" / "huggingface").mkdir(parents=True)
+    (folder / WEIGHTS_NAME).write_bytes(b"old")
+    check_destination(folder)  # no error
+    (folder / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
+        check_destination(folder)
+
+
+def test_published_weights_honour_the_umask(tmp_path):
+    """Bug caught: model.safetensors left at mkstemp's 0600 (a team shares published folders)."""
+    old = os.umask(0o027)
+    try:
+        save_pretrained(digits_mar("gmm"), tmp_path / "model")
+    finally:
+        os.umask(old)
+    for name in FILES:
+        assert stat.S_IMODE(os.stat(tmp_path / "model" / name).st_mode) == 0o640, name

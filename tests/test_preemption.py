@@ -21,7 +21,7 @@ from tests.pipeline_fixtures import (TINY, load, make_image_folder, python, subp
 from tests.test_checkpoint import assert_same_optimizer, assert_same_tensors
 from util.train import state as checkpoint
 from util.train.state import LAST
-from util.train.preemption import REQUEUE_EXIT, SIGNALS, ignore_stop_signals, start_workers
+from util.train.preemption import REQUEUE_EXIT, SIGNALS, StopRequest, ignore_stop_signals, start_workers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -219,3 +219,16 @@ def test_a_signal_before_a_workers_init_does_not_kill_it():
     # the worker lives, and holds no signal once started (a held SIGTERM would not let the loader stop it)
     assert batches == [([0, 1], [0, 0]), ([2, 3], [0, 0]), ([4, 5], [0, 0]), ([6, 7], [0, 0])]
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, []) & set(SIGNALS)  # nor does this process
+
+
+def test_the_first_signal_is_the_one_named_and_errors_pass_through():
+    """Bugs caught: a repeated signal overwriting the first one's name, and __exit__ swallowing an exception
+    raised inside the block (a crash would read as a clean end of training)."""
+    handler = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with StopRequest() as stop:
+            signal.raise_signal(signal.SIGUSR1)
+            signal.raise_signal(signal.SIGTERM)
+            assert (stop.requested, stop.name) == (True, "SIGUSR1")
+            raise RuntimeError("boom")
+    assert signal.getsignal(signal.SIGUSR1) is handler

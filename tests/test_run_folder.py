@@ -1,5 +1,6 @@
 """The run folder: one live run at a time, --resume typos, fresh first launches, changed settings on
 resume, stale temp files of killed saves, and files that honour the umask."""
+import errno
 import os
 import stat
 
@@ -7,8 +8,9 @@ import pytest
 
 from tests.pipeline_fixtures import load, make_image_folder, run_main, tiny_flags
 from util.train.state import LAST
-from util.io.files import atomic_write
-from util.train.run_folder import FolderInUse, RunLock
+from util.io.files import atomic_write, remove_stale_temps
+from util.train import run_folder
+from util.train.run_folder import FolderInUse, RunLock, claim_run_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,3 +84,56 @@ def test_resume_typo_fresh_first_launch_and_changed_settings(tmp_path, capsys):
     assert len(warnings) == 1
     assert f"--lr 0.001 (was {lr})" in warnings[0] and "--ema_rate 0.99 (was 0.9999)" in warnings[0]
     assert "--epochs 2 (was 1)" in warnings[0] and "label_drop_prob" not in warnings[0]
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Bugs caught: the file's fsync dropped (a crash after the rename can leave an empty file), or the folder's."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode))),
+                                                real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", None)), real_replace(a, b)))
+    atomic_write(tmp_path / "f", lambda f: f.write(b"x"))
+    assert events == [("fsync", False), ("replace", None), ("fsync", True)]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, umask):
+    """Bugs caught: the temp file left behind when write() raises; the process umask changed by reading it."""
+    umask(0o027)
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half")
+        raise RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(path, write)
+    assert os.listdir(tmp_path) == ["f"] and path.read_bytes() == b"old"
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert os.umask(0o027) == 0o027  # still the one set above
+
+
+def test_only_atomic_write_temps_are_stale(tmp_path):
+    """Bugs caught: the temp-name pattern loosened (a user's notes.v2.tmp deleted), a folder named like a temp
+    passed to os.remove (the run dies at start)."""
+    stale = "checkpoint-last.pth.k3j_9x2a.tmp"
+    keep = ["notes.v2.tmp", "a.abcdefghi.tmp", "a.abcdefg.tmp", "a.ABCDEFGH.tmp", "a.abcdefgh.tmp.keep"]
+    for name in [stale, *keep]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "dir.abcdefgh.tmp").mkdir()
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted(keep + ["dir.abcdefgh.tmp"])
+
+
+def test_without_file_locks_temp_files_are_kept(tmp_path, monkeypatch, caplog):
+    """Bug caught: stale temps removed although flock is unsupported (a live run's temp file looks the same)."""
+    temp = tmp_path / (LAST + ".k3j_9x2a.tmp")
+    temp.write_bytes(b"maybe a live run's")
+
+    def flock(f, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(run_folder.fcntl, "flock", flock)
+    lock = claim_run_folder(str(tmp_path))
+    lock.release()
+    assert temp.read_bytes() == b"maybe a live run's"
+    assert "this file system has no file locks" in caplog.text

@@ -1,7 +1,9 @@
 """Sharp edges a new user hit (issue 32): unreadable array files, Ctrl-C during evaluation and sample.py,
 and a data set with fewer classes than the --class_num default. Each ends in one line naming the flag or
 file and what to do; nothing is ever loaded with allow_pickle."""
+import argparse
 import json
+import os
 import shlex
 import textwrap
 
@@ -230,3 +232,23 @@ def test_interrupt_exit_code_is_documented():
     assert INTERRUPT_EXIT == 128 + 2  # the shell's code for a death by SIGINT
     assert f"exits with code **{INTERRUPT_EXIT}**" in (REPO / "README.md").read_text()
 
+
+def test_the_ctrl_c_line_counts_the_images_of_this_runs_newest_evaluation(tmp_path):
+    """Bugs caught: the oldest evaluation folder counted instead of the newest, and an earlier run's folder
+    counted as this run's."""
+    def evaluation(name, images, mtime):
+        folder = tmp_path / name / "images"
+        folder.mkdir(parents=True)
+        for i in range(images):
+            (folder / f"{i:06d}.png").write_bytes(b"")
+        os.utime(folder, (mtime, mtime))
+
+    args = argparse.Namespace(output_dir=str(tmp_path), num_images=8)
+    evaluation("eval-earlier-run", 5, 1000)
+    line = main_mar.interrupted_evaluation(args, ["--evaluate"], since=2000)
+    assert line.startswith("interrupted (Ctrl-C): this run had written no image yet; ")
+    evaluation("eval-a", 3, 2010)
+    evaluation("eval-b", 2, 2020)
+    line = main_mar.interrupted_evaluation(args, ["--evaluate"], since=2000)
+    assert line == (f"interrupted (Ctrl-C): 2 of 8 images are finished and kept in {tmp_path / 'eval-b'}; the same "
+                    "command resumes, drawing only the unfinished batches (exit code 130): python main_mar.py --evaluate")

@@ -11,6 +11,7 @@ from main_mar import check_args, cli, model_config, resolve_args
 from models import PRESETS, TokenConfig
 from models.config import all_flag_fields
 from tests.pipeline_fixtures import TINY, TINY_PRESET, parse, tiny_flags
+from util.io.safe_load import load_weights_only, why_unreadable
 from util.io.tokenizers import build_tokenizer
 
 # (flag, a value outside its range); the issue's own examples first
@@ -22,7 +23,7 @@ BAD = [("num_gaussians", 0), ("warmup_epochs", -1), ("mask_ratio_min", 1.5), ("l
        ("inner_ar_heads", 0), ("buffer_size", 0), ("class_num", 0), ("img_size", 0), ("vae_stride", 0),
        ("vae_embed_dim", 0), ("log_freq", 0), ("save_last_freq", 0), ("save_copy_freq", -1),
        ("save_every_steps", -2), ("eval_freq", 0), ("eval_bsz", 0), ("num_iter", 0), ("num_images", 0),
-       ("seed", -1)]
+       ("seed", -1), ("seed", 2 ** 31), ("pixel_levels", 1)]
 
 # the edges of each range, which must still be accepted
 GOOD = dict(mask_ratio_min=1.0, label_drop_prob=0, attn_dropout=0, proj_dropout=1, ema_rate=0, grad_clip=0,
@@ -125,3 +126,20 @@ def test_default_precision_is_bf16_only_on_bf16_tensor_cores(monkeypatch, native
                         native or (including_emulation and emulated))
     assert default_precision("cuda") == want
     assert default_precision("cpu") == "fp32"
+
+
+def test_an_unreadable_weight_path_stays_an_os_error(tmp_path):
+    """Bug caught: a missing file or a folder reported as a corrupt weight file (the fix is the path, not the file)."""
+    with pytest.raises(FileNotFoundError):
+        load_weights_only(tmp_path / "missing.ckpt", "--vae_path")
+    with pytest.raises(IsADirectoryError):
+        load_weights_only(tmp_path, "--vae_path")
+
+
+def test_a_loader_error_is_summed_up_by_its_first_informative_line():
+    """Bug caught: the last line of torch's message kept (a detail) instead of the first (the reason)."""
+    err = pickle.UnpicklingError("Weights only load failed. This file can still be loaded, to do so you have two "
+                                 "options\n\ninvalid load key, '\\x00'.\n  at byte 12\n"
+                                 "Check the documentation of torch.load to learn more.")
+    assert why_unreadable(err) == "corrupt, truncated or not a torch/safetensors file (UnpicklingError: invalid " \
+                                  "load key, '\\x00'.)"

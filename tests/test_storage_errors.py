@@ -55,3 +55,31 @@ def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path
     assert "Traceback" not in log and "unexpected pos" not in log
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr and expected in stderr
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM"])
+def test_every_storage_errno_is_found_behind_torchs_error_either_way_round(code):
+    """Bugs caught: a storage errno left out (a full quota, EDQUOT, would end in a traceback), and the search
+    following only __cause__ (torch's zip writer error raised while handling the OSError: __context__)."""
+    cause = OSError(getattr(errno, code), "x")
+    try:
+        try:
+            raise cause
+        except OSError:
+            raise RuntimeError("unexpected pos 64")  # implicit chaining: __context__ only
+    except RuntimeError as err:
+        assert main_mar.storage_error(err) is cause
+    wrapped = RuntimeError("unexpected pos 64")
+    wrapped.__cause__ = cause
+    assert main_mar.storage_error(wrapped) is cause
+    assert main_mar.storage_error(OSError(errno.ENOENT, "x")) is None
+
+
+def test_a_failed_write_names_the_run_folder_to_resume_not_the_file():
+    """Bug caught: --resume given the checkpoint file's path (the line's command must be --resume OUTPUT_DIR)."""
+    with pytest.raises(OSError) as err:
+        with main_mar.storage_reported("/runs/a/checkpoint-last.pth", "/runs/a"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert err.value.errno == errno.ENOSPC
+    assert str(err.value).startswith("[Errno 28] could not write /runs/a/checkpoint-last.pth: ")
+    assert str(err.value).endswith("then continue with --resume /runs/a")

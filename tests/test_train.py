@@ -78,6 +78,17 @@ def test_param_groups_follow_the_recipe():
     assert len(no_decay_names) + len(decay_names) == len(order)
 
 
+def test_param_groups_leave_out_frozen_parameters():
+    """Bug caught: frozen parameters handed to the optimizer (AdamW's weight decay would still change them)."""
+    model = tiny_mar()
+    model.z_proj.weight.requires_grad_(False)
+    model.encoder_norm.weight.requires_grad_(False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for group in param_groups(model, 0.02) for p in group["params"]]
+    assert "z_proj.weight" not in grouped and "encoder_norm.weight" not in grouped
+    assert "z_proj.bias" in grouped and len(grouped) == len(names) - 2
+
+
 def test_ema_update_rule_and_layout():
     model = tiny_mar()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
