@@ -3,6 +3,7 @@ import ast
 import contextlib
 import inspect
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 # the released checkpoints' key/shape lists, trimmed from shared/manifests (key, shape, the counts the tests
 # assert, which entries are buffers) and shipped here so that every clone runs the release-layout tests
 MANIFESTS = REPO / "tests" / "data" / "manifests"
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """Each test leaves the root logger as it found it: main_mar.py's runs set up logging (a console handler on
+    this test's captured stderr, a run's log.txt), which a later test must not write to once they are closed."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
