@@ -112,6 +112,10 @@ LAUNCHER = textwrap.dedent(f"""
         codes.append(str(main_mar.main(main_mar.get_args_parser().parse_args(flags.split()))))
     with open(os.path.join(sys.argv[2], "exit-codes-rank" + os.environ["RANK"]), "w") as f:
         f.write(" ".join(codes))
+    # what main_mar's cleanup would have done: a group left to the interpreter's exit can abort a rank (SIGABRT)
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
 """)
 
 
