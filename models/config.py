@@ -35,7 +35,7 @@ def check_ranges(part):
         value = getattr(part, f.name)
         if value is None:  # not given, and not resolved yet
             continue
-        rule, ok = f.metadata.get("valid") or ((">= 1", lambda v: v >= 1) if f.type in (int, "int") else
+        rule, ok = f.metadata.get("valid") or ((">= 1", lambda v: v >= 1) if field_kind(f) is int else
                                                (None, None))
         if ok is not None and not (value == value and abs(value) != float("inf") and ok(value)):
             raise ValueError(f"--{flag_name(f)} must be {rule}; got {value}")
@@ -154,9 +154,14 @@ class ModelConfig:
         return self
 
 
+def field_kind(f):
+    """A dataclass field's type (int, float, bool, str), also when annotations are strings; None for others."""
+    return f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
+
+
 def coerce(f, value, source):
     """A stored value as the field's type (JSON has no int/float distinction for 1.0; MAR stores some ints as str)."""
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(f.type)
+    kind = field_kind(f)
     if kind in (int, float, str) and not isinstance(value, bool):
         try:
             converted = kind(value)

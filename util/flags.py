@@ -9,7 +9,7 @@ import argparse
 from dataclasses import fields
 
 from models import FAMILIES, HEADS, PRESETS, TokenConfig
-from models.config import TOKENIZERS, all_flag_fields, flag_name, with_token_defaults
+from models.config import TOKENIZERS, all_flag_fields, field_kind, flag_name, with_token_defaults
 from models.families.common import CFG_SCHEDULES, SamplingSettings
 from models.gmm import CFG_SAMPLERS
 from sampling.backends import PRECISION_HELP, PRECISIONS
@@ -74,7 +74,7 @@ def add_model_args(parser, tokens_only=False, training=True):
         if not training and all(f.metadata.get("training") for f, _ in owners):
             continue
         f, _ = owners[0]
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+        kind = field_kind(f)
         text = _help_text(owners)
         if f.metadata.get("tunable"):
             text += "; a resumed run may change it"
@@ -154,10 +154,10 @@ def add_config_args(group, cls):
     default, help and choices; a bool field is a switch."""
     for f in fields(cls):
         name = flag_name(f)
-        if f.type in (bool, "bool"):
+        kind = field_kind(f)
+        if kind is bool:
             group.add_argument(f"--{name}", action="store_true", help=f.metadata["help"])
             continue
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
         group.add_argument(f"--{name}", type=kind, default=f.default, help=f.metadata["help"],
                            choices=CHOICES[name]() if name in CHOICES else None)
     return group
