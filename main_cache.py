@@ -11,6 +11,8 @@ complete; `index.json` lists them all once every shard is done. Shards are dealt
 robin; a restarted run skips completed shards. Unreadable images are logged and left out.
 Train from the cache with `main_mar.py --use_cached --cached_path ...`.
 """
+import errno
+import glob
 import json
 import logging
 import math
@@ -23,10 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from util import distributed, flags
-from util.io.files import atomic_write
+from util.io.files import atomic_write, storage_error
 from util.data.datasets import CACHE_FORMAT, INDEX_FILE, ImageFolderADM, SkipUnreadable, collate_skipping, shard_stem
 from util.io.tokenizers import build_tokenizer
-from util.train.preemption import ignore_stop_signals
+from util.train.preemption import INTERRUPT_EXIT, ignore_stop_signals
 
 logger = logging.getLogger("main_cache")
 
@@ -166,12 +168,34 @@ def main(args):
     distributed.cleanup_distributed()
 
 
+def interrupted(args, argv):
+    """The one line for Ctrl-C: the complete shards are kept, and the same command encodes only the others."""
+    done = len(glob.glob(os.path.join(glob.escape(args.cached_path), "shard-*.json"))) if args.cached_path else 0
+    return (f"interrupted (Ctrl-C): {done} complete shard{'s' * (done != 1)} kept in {args.cached_path}; the same "
+            f"command continues with the others (exit code {INTERRUPT_EXIT}): "
+            f"{distributed.launch_command('main_cache.py', argv)}")
+
+
 def cli(argv=None):
+    """Entry point: a bad flag or input, Ctrl-C, or full or read-only storage ends the run with one line."""
     args = get_args_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
         main(args)
+    except KeyboardInterrupt:
+        if distributed.is_main_process():
+            logger.error("%s", interrupted(args, argv))
+        sys.exit(INTERRUPT_EXIT)
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
+        sys.exit(1)
+    except OSError as err:
+        cause = storage_error(err)
+        if cause is None:
+            raise
+        logger.error("could not write into --cached_path %s: %s (%s); the complete shards are kept: free space or "
+                     "fix the folder, then the same command continues", args.cached_path, os.strerror(cause.errno),
+                     errno.errorcode.get(cause.errno, cause.errno))
         sys.exit(1)
 
 

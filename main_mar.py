@@ -38,7 +38,7 @@ from util.data.datasets import DATASETS, ResumableSampler, build_dataset, sample
 from util.evaluation import sweep
 from util.io.checkpoints import (checkpoint_args, config_from_checkpoint, freeze_outer, load_outer_weights,
                                  model_state_from_checkpoint, read_checkpoint)
-from util.io.files import atomic_copy
+from util.io.files import atomic_copy, storage_error
 from util.io.tokenizers import build_tokenizer
 from util.train.config import TrainConfig
 from util.train.ema import EMA
@@ -227,7 +227,10 @@ def param_groups(model, weight_decay):
 
 
 # ----------------------------------------------------------------------------- main
-def main(args):
+def main(args, argv=None):
+    """Train or evaluate as `args` say; returns the exit code. argv: the command line given (default
+    sys.argv[1:]), quoted in the line that says how to continue a stopped run."""
+    argv = sys.argv[1:] if argv is None else argv
     device = distributed.init_distributed()
     distributed.setup_logging()
     # the start-up lines (resuming, changed settings, the class count, the backend) also go to log.txt,
@@ -235,12 +238,12 @@ def main(args):
     early = logging.handlers.BufferingHandler(capacity=10_000)
     logging.getLogger().addHandler(early)
     try:
-        return run(args, device, early)
+        return run(args, device, early, argv)
     finally:
         logging.getLogger().removeHandler(early)
 
 
-def run(args, device, early):
+def run(args, device, early, argv):
     rank, world = distributed.get_rank(), distributed.get_world_size()
     ckpt_file = checkpoint_path(args.resume, args.output_dir)
     check_args(args, ckpt_file)  # the flags first: cheap, and their errors should not wait for a large file
@@ -336,7 +339,7 @@ def run(args, device, early):
             in_place = ckpt_file is not None and os.path.isfile(os.path.join(args.output_dir, LAST)) and \
                 os.path.samefile(ckpt_file, os.path.join(args.output_dir, LAST))
             exit_code = train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, train_config, args,
-                              device, writer, scorer, backend, saved_step=state.global_step if in_place else None)
+                              device, writer, scorer, backend, argv, saved_step=state.global_step if in_place else None)
     finally:
         if writer is not None:
             writer.close()
@@ -370,9 +373,10 @@ def run_evaluations(model, tokenizer, ema, args, epoch, writer, points, scorer, 
 
 
 def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, train_config, args, device, writer, scorer,
-          backend, saved_step=None):
+          backend, argv, saved_step=None):
     """Train to train_config.epochs; returns 0, or REQUEUE_EXIT when a stop signal ended the run early (after a
-    step-granular save). saved_step: the global step of the checkpoint already in --output_dir, if any."""
+    step-granular save; argv, the command line, goes into the line saying how to continue). saved_step: the global
+    step of the checkpoint already in --output_dir, if any."""
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if distributed.is_distributed() else model
     steps = steps_per_epoch(sampler, args.batch_size)
@@ -437,7 +441,7 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, tra
             save()
     if stop.agreed:
         logger.info("%s: stopped after global step %d with %s saved; exiting with code %d; to continue: %s",
-                    stop.name, state.global_step, last, REQUEUE_EXIT, resume_command(sys.argv[1:], args.output_dir))
+                    stop.name, state.global_step, last, REQUEUE_EXIT, resume_command(argv, args.output_dir))
         return REQUEUE_EXIT
     logger.info("training done in %.1f min; %s; TensorBoard logs %s", (time.time() - start) / 60,
                 f"checkpoint {last}" if saved["step"] is not None else
@@ -449,20 +453,6 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, tra
             logger.info("final samples (cfg %g, temperature %g): %s/grid.png; %s", res["cfg"], res["temperature"],
                         res["folder"], scores)
     return 0
-
-
-# full disk or quota, read-only file system, no permission: the user's storage to fix, not a bug
-STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def storage_error(err):
-    """The storage OSError behind `err`, else None. A failed write inside torch.save surfaces next to a
-    RuntimeError from torch's zip writer ("unexpected pos ..."), either way round, so the chain is searched."""
-    while err is not None:
-        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 @contextlib.contextmanager
@@ -490,11 +480,6 @@ def one_line(err):
     return text
 
 
-def launcher():
-    """How this script was started, as a user would type it."""
-    return "torchrun [the same options] main_mar.py" if distributed.get_world_size() > 1 else "python main_mar.py"
-
-
 def resume_command(argv, output_dir):
     """The command line argv with --resume output_dir (added, or in place of the one given)."""
     kept, skip = [], False
@@ -506,7 +491,7 @@ def resume_command(argv, output_dir):
             skip = True
             continue
         kept.append(arg)
-    return f"{launcher()} {shlex.join([*kept, '--resume', str(output_dir)])}"
+    return distributed.launch_command("main_mar.py", [*kept, "--resume", str(output_dir)])
 
 
 def interrupted_evaluation(args, argv, since):
@@ -519,20 +504,31 @@ def interrupted_evaluation(args, argv, since):
     else:
         kept = "this run had written no image yet"
     return (f"interrupted (Ctrl-C): {kept}; the same command resumes, drawing only the unfinished batches "
-            f"(exit code {INTERRUPT_EXIT}): {launcher()} {shlex.join(argv)}")
+            f"(exit code {INTERRUPT_EXIT}): {distributed.launch_command('main_mar.py', argv)}")
+
+
+def interrupted_training(args, argv):
+    """The one line for Ctrl-C outside the training loop, while the data, weights or model are being read or
+    built (the loop itself turns Ctrl-C into a step-granular save and REQUEUE_EXIT)."""
+    last = os.path.join(args.output_dir, LAST)
+    if os.path.isfile(last):
+        return (f"interrupted (Ctrl-C) outside the training loop: {last} is as it was; to continue (exit code "
+                f"{INTERRUPT_EXIT}): {resume_command(argv, args.output_dir)}")
+    return (f"interrupted (Ctrl-C) before the first checkpoint: none was written; the same command starts again "
+            f"(exit code {INTERRUPT_EXIT}): {distributed.launch_command('main_mar.py', argv)}")
 
 
 def cli(argv=None):
     """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
     args = get_args_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     start = time.time()
     try:
-        exit_code = main(args)
+        exit_code = main(args, argv)
     except KeyboardInterrupt:
-        if not args.evaluate:
-            raise
         if distributed.is_main_process():
-            logger.error("%s", interrupted_evaluation(args, sys.argv[1:] if argv is None else argv, start))
+            logger.error("%s", interrupted_evaluation(args, argv, start) if args.evaluate else
+                         interrupted_training(args, argv))
         sys.exit(INTERRUPT_EXIT)
     except (ValueError, FileNotFoundError, FloatingPointError, FolderInUse) as err:
         logger.error("%s", one_line(err))

@@ -1,6 +1,8 @@
 """Latent caching (main_cache.py) and the cached-latent / image data sets."""
+import errno
 import json
 import os
+import shlex
 import signal
 
 import numpy as np
@@ -18,6 +20,7 @@ from models.vae import LATENT_SCALE, AutoencoderKL
 from tests.pipeline_fixtures import make_image_folder, parse
 from util import flags
 from util.data.datasets import CachedLatents, NpzLatentFolder, build_dataset, center_crop_arr, to_model_range
+from util.io import files
 from util.train import preemption
 from util.train.preemption import SIGNALS
 
@@ -102,6 +105,74 @@ def test_cache_loader_workers_leave_stop_signals_to_the_main_process(tmp_path, m
     data = make_image_folder(tmp_path / "data", classes=1, per_class=2)
     out = cache(data, tmp_path / "cache", "--tokenizer", "pixel", "--img_size", "8", "--num_workers", "1")
     assert json.loads((out / "index.json").read_text())["num_cached"] == 2
+
+
+def cache_cli(data, out, *extra):
+    """main_cache.cli: its exit code, and its argv (the command its lines must name)."""
+    argv = ["--data_path", str(data), "--cached_path", str(out), "--num_workers", "0", *map(str, extra)]
+    with pytest.raises(SystemExit) as stop:
+        main_cache.cli(argv)
+    return stop.value.code, argv
+
+
+def stop_during_shard(monkeypatch, shard, error):
+    """encode_shard raising `error` when it is called for shard number `shard` (the earlier ones complete)."""
+    real = main_cache.encode_shard
+
+    def encode_shard(s, *args):
+        if s == shard:
+            raise error
+        return real(s, *args)
+    monkeypatch.setattr(main_cache, "encode_shard", encode_shard)
+
+
+def test_ctrl_c_while_caching_is_one_line_and_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during hours of caching ended in a traceback. Bugs caught: the line missing, the shards
+    miscounted, another command named."""
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=5)
+    flags = ("--tokenizer", "pixel", "--img_size", "8", "--shard_size", "2")  # 3 shards
+    with monkeypatch.context() as patch:
+        stop_during_shard(patch, 2, KeyboardInterrupt())
+        code, argv = cache_cli(data, tmp_path / "cache", *flags)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "interrupted (Ctrl-C)" in line]
+    assert code == preemption.INTERRUPT_EXIT and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].endswith(f"interrupted (Ctrl-C): 2 complete shards kept in {tmp_path / 'cache'}; the same "
+                             f"command continues with the others (exit code 130): python main_cache.py "
+                             f"{shlex.join(argv)}")
+    cache(data, tmp_path / "cache", *flags)
+    assert json.loads((tmp_path / "cache" / "index.json").read_text())["num_cached"] == 5
+
+
+def test_a_full_disk_while_caching_is_one_line_and_keeps_the_complete_shards(tmp_path, monkeypatch, capsys):
+    """Bugs caught: an ENOSPC or a read-only folder ending in a traceback, and another OSError (a bug's, or a
+    bad sector's) taken for one."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    data = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    flags = ("--tokenizer", "pixel", "--img_size", "8", "--shard_size", "2")
+    out, real_mkstemp = tmp_path / "cache", files.tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # a real ENOSPC from the kernel once shard 0 is complete
+        if (out / "shard-00000.json").exists():
+            return os.open("/dev/full", os.O_WRONLY), os.path.join(dir, "never-created.tmp")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(files.tempfile, "mkstemp", mkstemp)
+        code, _ = cache_cli(data, out, *flags)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert f"could not write into --cached_path {out}: {os.strerror(errno.ENOSPC)} (ENOSPC); the complete shards " \
+           "are kept: free space or fix the folder, then the same command continues" in err
+    assert sorted(p.name for p in out.glob("*.json")) == ["shard-00000.json"]
+    cache(data, out, *flags)
+    assert json.loads((out / "index.json").read_text())["num_cached"] == 3
+
+    with monkeypatch.context() as patch:  # any other OSError keeps its traceback
+        stop_during_shard(patch, 0, OSError(errno.EIO, "bad sector"))
+        with pytest.raises(OSError, match="bad sector"):
+            main_cache.cli(["--data_path", str(data), "--cached_path", str(tmp_path / "other"), *flags])
 
 
 def test_cache_refuses_a_folder_made_with_other_settings(tmp_path):

@@ -71,6 +71,17 @@ def test_resume_command_adds_or_replaces_resume():
     assert main_mar.resume_command(["--resume=old", "--lr", "1"], "run") == "python main_mar.py --lr 1 --resume run"
 
 
+def test_a_command_under_torchrun_is_named_as_such(monkeypatch):
+    """One of several processes cannot know torchrun's own options: the line says to give the same ones.
+    Bug caught: `python main_mar.py` named for a multi-process run (a one-process restart of an 8-GPU job)."""
+    from util import distributed
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    assert main_mar.resume_command(["--lr", "1"], "run") == "torchrun [the same options] main_mar.py --lr 1 --resume run"
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 1)
+    assert distributed.launch_command("main_cache.py", ["--cached_path", "a b"]) == \
+        "python main_cache.py --cached_path 'a b'"
+
+
 def test_a_run_is_evaluated_on_its_own_data_set(tmp_path):
     """--evaluate --resume of a digits run without --dataset scores the digits (its stored --dataset), where
     the imagenet default would ask for FID statistics and then compute nothing."""

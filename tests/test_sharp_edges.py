@@ -5,7 +5,10 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import signal
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from tests.test_cache import fake_cache
 from util.evaluation import metrics
 from util.train.state import LAST
 from util.data.datasets import CachedLatents, NpzLatentFolder
-from util.train.preemption import INTERRUPT_EXIT
+from util.train.preemption import INTERRUPT_EXIT, REQUEUE_EXIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,6 +202,61 @@ def test_ctrl_c_during_sample_py_is_one_line_and_writes_nothing(tiny_run, tmp_pa
     assert "nothing was written" in line
     assert line.endswith(f"(exit code {INTERRUPT_EXIT}): python sample.py {shlex.join(argv)}")
     assert list(tmp_path.iterdir()) == []
+
+
+def cli_exit(argv, capsys):
+    """main_mar.cli(argv) with the tiny models registered: its exit code and its lines on stderr."""
+    with mock.patch.dict(PRESETS, {TINY: TINY_PRESET}), pytest.raises(SystemExit) as stop:
+        main_mar.cli(argv)
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_training_loop_is_one_line_naming_the_command(tiny_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the data set is read (minutes for ImageNet) ended in a traceback. Bugs caught: the line
+    missing, the resume command where no checkpoint exists, and the wrong run folder resumed."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_mar, "build_dataset", interrupt)
+    data = tiny_run / "data"
+    argv = tiny_flags(data_path=data, output_dir=tmp_path / "fresh", epochs=2)
+    code, err = cli_exit(argv, capsys)
+    lines = [line for line in err.splitlines() if "interrupted (Ctrl-C)" in line]
+    assert code == INTERRUPT_EXIT and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].endswith("interrupted (Ctrl-C) before the first checkpoint: none was written; the same command "
+                             f"starts again (exit code {INTERRUPT_EXIT}): python main_mar.py {shlex.join(argv)}")
+    assert not (tmp_path / "fresh").exists()
+
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_run / "run", trained)
+    before = (trained / LAST).read_bytes()
+    argv = tiny_flags(data_path=data, output_dir=trained, epochs=2) + ["--resume", str(trained)]
+    code, err = cli_exit(argv, capsys)
+    lines = [line for line in err.splitlines() if "interrupted (Ctrl-C)" in line]
+    assert code == INTERRUPT_EXIT and len(lines) == 1, err
+    assert lines[0].endswith(f"interrupted (Ctrl-C) outside the training loop: {trained / LAST} is as it was; to "
+                             f"continue (exit code {INTERRUPT_EXIT}): python main_mar.py {shlex.join(argv)}")
+    assert (trained / LAST).read_bytes() == before
+
+
+def test_the_stop_line_of_cli_argv_names_that_command_line(tiny_run, tmp_path, monkeypatch, capsys):
+    """main_mar.cli(argv) called from Python: the "to continue" line is argv's command, not sys.argv's
+    (pytest's own command line, here)."""
+    import engine_mar
+    real, calls = engine_mar.to_latents, []
+
+    def to_latents(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(engine_mar, "to_latents", to_latents)
+    argv = tiny_flags(data_path=tiny_run / "data", output_dir=tmp_path / "run", epochs=2)
+    code, err = cli_exit(argv, capsys)
+    lines = [line for line in err.splitlines() if "SIGINT: stopped after global step 2" in line]
+    assert code == REQUEUE_EXIT and len(lines) == 1, err
+    assert lines[0].endswith(f"to continue: python main_mar.py {shlex.join(argv)} --resume {tmp_path / 'run'}")
 
 
 # ----------------------------------------------------------------------------- item 5: --class_num

@@ -11,6 +11,7 @@ import main_mar
 from models import PRESETS
 from tests.pipeline_fixtures import TINY, make_image_folder, TINY_PRESET, tiny_flags
 from util.io import files
+from util.io.files import storage_error
 from util.train.state import LAST
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,11 +69,11 @@ def test_every_storage_errno_is_found_behind_torchs_error_either_way_round(code)
         except OSError:
             raise RuntimeError("unexpected pos 64")  # implicit chaining: __context__ only
     except RuntimeError as err:
-        assert main_mar.storage_error(err) is cause
+        assert storage_error(err) is cause
     wrapped = RuntimeError("unexpected pos 64")
     wrapped.__cause__ = cause
-    assert main_mar.storage_error(wrapped) is cause
-    assert main_mar.storage_error(OSError(errno.ENOENT, "x")) is None
+    assert storage_error(wrapped) is cause
+    assert storage_error(OSError(errno.ENOENT, "x")) is None
 
 
 def test_a_failed_write_names_the_run_folder_to_resume_not_the_file():

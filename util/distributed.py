@@ -7,6 +7,7 @@ below become no-ops. NCCL is used when CUDA is available, gloo otherwise.
 import datetime
 import logging
 import os
+import shlex
 import sys
 
 import torch
@@ -37,6 +38,13 @@ def get_world_size():
 
 def is_main_process():
     return get_rank() == 0
+
+
+def launch_command(script, argv):
+    """The command that runs `script` with the arguments argv, as a user would type it (under torchrun when
+    this is one of several processes, whose own options are not known here)."""
+    start = f"torchrun [the same options] {script}" if get_world_size() > 1 else f"python {script}"
+    return f"{start} {shlex.join(map(str, argv))}"
 
 
 def init_distributed():

@@ -3,6 +3,7 @@
 Temp files live beside the target (same file system, so the rename is atomic) and get the process
 umask's permissions (a team shares run folders and caches).
 """
+import errno
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import tempfile
 
 import torch
 
+# full disk or quota, read-only file system, no permission: the user's storage to fix, not a bug
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # atomic_write's temp names: the target's name, a dot, mkstemp's 8 random characters, ".tmp"
 TEMP_NAME = re.compile(r".+\.[a-z0-9_]{8}\.tmp")
 
@@ -80,3 +83,13 @@ def fsync_dir(folder):
         pass
     finally:
         os.close(fd)
+
+
+def storage_error(err):
+    """The storage OSError behind `err`, else None. A failed write inside torch.save surfaces next to a
+    RuntimeError from torch's zip writer ("unexpected pos ..."), either way round, so the chain is searched."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
