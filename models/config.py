@@ -162,6 +162,8 @@ def field_kind(f):
 def coerce(f, value, source):
     """A stored value as the field's type (JSON has no int/float distinction for 1.0; MAR stores some ints as str)."""
     kind = field_kind(f)
+    if kind in (int, float) and isinstance(value, bool):  # a bool is an int in Python: true is not 1 here
+        raise ValueError(f"{source}: {f.name} must be {kind.__name__}; got {value!r}")
     if kind in (int, float, str) and not isinstance(value, bool):
         try:
             converted = kind(value)

@@ -137,6 +137,59 @@ def test_a_bad_stored_config_is_one_line_naming_what_is_wrong(edit, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
 
 
+def test_a_stored_switch_must_be_a_boolean():
+    """coerce on a bool field (a family or head may add one): a stored "yes" or 1 is refused in one line, true
+    passes as it is. Bug caught: the bool branch dropped (anything taken as the switch's value)."""
+    import dataclasses
+
+    from models.config import coerce
+
+    @dataclasses.dataclass
+    class WithSwitch:
+        fused: bool = False
+
+    switch = dataclasses.fields(WithSwitch)[0]
+    assert coerce(switch, True, "RUN") is True and coerce(switch, False, "RUN") is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=r"^RUN: fused must be true or false; got "):
+            coerce(switch, bad, "RUN")
+
+
+def test_the_pixel_tokenizer_fills_only_the_token_settings_not_given():
+    """--tokenizer pixel implies --vae_stride 1 and --vae_embed_dim = the image channels only where those flags are
+    not given: a given --vae_stride 2 is kept (and then refused by name), never overwritten. Bug caught: the implied
+    values written over the given ones (a contradicting flag silently ignored)."""
+    from models.config import config_from_flags, with_token_defaults
+    assert with_token_defaults({"tokenizer": "pixel", "img_channels": 1}) == \
+        {"tokenizer": "pixel", "img_channels": 1, "vae_stride": 1, "vae_embed_dim": 1}
+    assert with_token_defaults({"tokenizer": "pixel", "vae_stride": 2, "vae_embed_dim": 5}) == \
+        {"tokenizer": "pixel", "vae_stride": 2, "vae_embed_dim": 5}
+    assert with_token_defaults({"tokenizer": "kl16"}) == {"tokenizer": "kl16"}
+    with pytest.raises(ValueError, match=r"^--tokenizer pixel means --vae_stride 1 and --vae_embed_dim 1 .*got 2 and"):
+        config_from_flags({"model": "mar_tiny", "tokenizer": "pixel", "img_size": 8, "img_channels": 1,
+                           "vae_stride": 2})
+
+
+def test_a_given_family_is_kept_and_checked_against_the_given_preset():
+    """--family with a --model of another family is one line naming both; --family alone takes its own default
+    preset. Bug caught: the preset's family written over the given --family (a causal run silently built as MAR)."""
+    from models.config import config_from_flags
+    with pytest.raises(ValueError, match=r"^--model mar_tiny is a mar model, not --family causal$"):
+        config_from_flags({"model": "mar_tiny", "family": "causal"})
+    config = config_from_flags({"family": "causal"})
+    assert (config.family, config.model) == ("causal", "causal_base")
+
+
+def test_sampling_settings_take_the_overrides_over_the_run_arguments():
+    """One sweep point's cfg and temperature replace the run's; other entries are left out. Bug caught: the run's
+    arguments applied after the overrides (every sweep point drawn at the run's first cfg)."""
+    from models.families.common import SamplingSettings
+    from util import flags
+    run = {"num_iter": 8, "cfg": 1.0, "cfg_schedule": "constant", "temperature": 1.0, "seed": 3}
+    assert flags.sampling_settings(run, cfg=3.0, temperature=0.5) == SamplingSettings(8, 3.0, "constant", 0.5)
+    assert flags.sampling_settings(argparse.Namespace(**run)) == SamplingSettings(8, 1.0, "constant", 1.0)
+
+
 def test_a_run_written_before_the_config_resumes_and_is_stored_with_one(tmp_path):
     """Strip `config` from a run's checkpoint (what earlier versions wrote): resuming converts it once, from its
     args and weights, and the next save stores the config."""
@@ -173,6 +226,14 @@ def test_the_pin_memory_switches_show_their_default_once_and_truly(parser):
     helps = _helps(parser())
     assert helps["--pin_mem"].count("default") == 1 and helps["--pin_mem"].endswith("(default: True)")
     assert "default" not in helps["--no_pin_mem"]  # its dest's True read as "--no_pin_mem is on"
+
+
+def test_a_flag_whose_default_is_empty_shows_no_default():
+    """--cached_path and --resume default to "" (not given): their help says what applies then, with no empty
+    "(default: )". Bug caught: only None treated as "not given" by the help formatter."""
+    helps = _helps(main_mar.get_args_parser())
+    assert helps["--cached_path"].startswith("cached latents") and "(default" not in helps["--cached_path"]
+    assert helps["--resume"].startswith("run folder") and "(default" not in helps["--resume"]
 
 
 def test_a_flag_the_families_share_says_what_it_means_in_each():
@@ -217,3 +278,16 @@ def test_sample_py_offers_no_training_only_model_flags():
     assert not training_only & options(sample.get_parser())
     assert training_only <= options(main_mar.get_args_parser())
     assert {"--num_sampling_steps", "--step_schedule", "--num_gaussians", "--width"} <= options(sample.get_parser())
+
+
+def test_a_stored_boolean_is_no_number():
+    """JSON true for an int or float setting is refused in one line, as run_facts refuses a boolean epoch. Bug: true
+    passed through unchanged (a bool is an int in Python), so class_num true built a one-class model."""
+    d = create_model("mar_tiny").config.to_dict()
+    d["class_num"] = True
+    with pytest.raises(ValueError, match=r"^RUN: class_num must be int; got True$"):
+        ModelConfig.from_dict(d, source="RUN")
+    d = create_model("mar_tiny").config.to_dict()
+    d["family_config"]["label_drop_prob"] = False
+    with pytest.raises(ValueError, match=r"^RUN: family_config: label_drop_prob must be float; got False$"):
+        ModelConfig.from_dict(d, source="RUN")

@@ -290,6 +290,37 @@ def test_backend_choice_follows_the_flags(caplog):
             sampling_backend(m, get_args_parser().parse_args(flags))
 
 
+def test_a_cuda_model_replays_cuda_graphs_by_default_and_compile_needs_them(monkeypatch):
+    """The backend choice on a CUDA model, with a stand-in whose parameters say cuda and a recording CUDA-graph
+    backend (no GPU needed): CUDA graphs unless --no-cuda_graphs, and --compile --no-cuda_graphs is one line.
+    Bugs caught: CUDA graphs off by default on CUDA; the compile-without-graphs check dropped (CPU runs never reach
+    it: --compile alone is refused there first)."""
+    from types import SimpleNamespace
+
+    import sampling
+    made = []
+    monkeypatch.setattr(sampling, "CudaGraphsBackend", lambda model, cfg_sampler, precision, compile: made.append(
+        compile) or SimpleNamespace(describe=lambda: "cuda graphs"))
+    on_cuda = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("cuda", 0))]),
+                              head=SimpleNamespace())
+    make_backend(on_cuda)
+    make_backend(on_cuda, compile=True)
+    assert made == [False, True]
+    assert type(make_backend(on_cuda, cuda_graphs=False)) is EagerBackend and made == [False, True]
+    with pytest.raises(ValueError, match=r"^--compile compiles inside the CUDA-graph backend: drop --no-cuda_graphs"):
+        make_backend(on_cuda, cuda_graphs=False, compile=True)
+
+
+def test_a_head_that_names_no_cfg_samplers_offers_sir_alone():
+    """A head without `cfg_samplers` (a new or toy head) has the release's SIR sampler only: --cfg_sampler exact is
+    one line naming the choices. Bug caught: the default list widened (exact handed to a head that lacks it)."""
+    from types import SimpleNamespace
+    plain = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), head=SimpleNamespace())
+    with pytest.raises(ValueError, match=r"^--cfg_sampler exact is not available for this head; choose one of sir$"):
+        make_backend(plain, cfg_sampler="exact")
+    assert make_backend(plain).cfg_sampler == "sir"
+
+
 def test_backend_precision_and_sampler_reach_the_head(monkeypatch):
     m = tiny()
     seen = []

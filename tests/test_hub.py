@@ -500,3 +500,60 @@ def test_published_weights_honour_the_umask(tmp_path):
         os.umask(old)
     for name in FILES:
         assert stat.S_IMODE(os.stat(tmp_path / "model" / name).st_mode) == 0o640, name
+
+
+def test_a_checkpoint_of_epoch_0_publishes_its_epoch_and_live_weights_take_no_evaluation(run, tmp_path):
+    """A checkpoint saved after the first epoch stores epoch 0: published, its epoch is 0, not unknown (bug caught:
+    the epoch read by truth, 0 taken for "none"). A checkpoint without EMA weights publishes its live ones and quotes
+    no evaluation, even one that sampled with those live weights (bug caught: the EMA-only rule dropped)."""
+    from util.hub.export import published_from_checkpoint
+    ckpt = torch.load(run / LAST, weights_only=False)
+    folder = tmp_path / "first"
+    folder.mkdir()
+    torch.save({**ckpt, "epoch": 0}, folder / LAST)
+    assert published_from_checkpoint(folder / LAST).facts["epoch"] == 0
+    live_only = {k: v for k, v in ckpt.items() if k != "model_ema"}
+    torch.save(live_only, tmp_path / "live.pth")
+    published = published_from_checkpoint(tmp_path / "live.pth", eval_root=run)  # run holds eval-ep4-live
+    assert published.facts["weights"] == "live" and published.facts["evaluations"] == []
+    assert published_from_checkpoint(run / LAST).facts["evaluations"][0]["folder"] == "eval-ep4-ema"
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("TRUE", True), (" Yes ", True), ("on", True), ("0", False),
+                                       ("false", False), ("", False)])
+def test_hf_hub_offline_is_read_in_any_case(monkeypatch, value, on):
+    """huggingface_hub's spellings of a true HF_HUB_OFFLINE, in any case and with spaces. Bug caught: the value
+    compared as written (HF_HUB_OFFLINE=TRUE ignored, so a node without network tried the Hub)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert remote.offline() is on
+
+
+@pytest.mark.parametrize("status, hint", [(401, "hf auth login"), (403, "hf auth login"),
+                                          (500, "run the command again")])
+def test_an_upload_refused_for_want_of_rights_says_to_log_in(tmp_path, monkeypatch, status, hint):
+    """401 (no token) and 403 (a token without write access) both point at logging in; other failures at running
+    again. Bug caught: 403 given the retry hint."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(remote, "HfApi", FakeApi)
+    monkeypatch.setattr(FakeApi, "calls", [])
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create")
+    monkeypatch.setattr(FakeApi, "fail_with", HfHubHTTPError(f"{status} refused",
+                                                              response=httpx2.Response(status, request=request)))
+    with pytest.raises(ValueError) as err:
+        remote.upload(tmp_path, "me/tiny")
+    assert str(err.value).startswith(f"--repo me/tiny: upload failed ({status} refused)") and hint in str(err.value)
+
+
+def test_a_revision_reaches_the_config_download_and_the_weights_follow_its_commit(tmp_path, monkeypatch):
+    """USER/NAME@v1: config.json is fetched at v1, model.safetensors at the commit v1 resolved to (huggingface_hub
+    is a stand-in here). Bug caught: the revision left off the first download (the main branch's config read)."""
+    calls = []
+
+    def fake_download(filename, revision=None, **kwargs):
+        calls.append((filename, revision))
+        commit = COMMIT if revision in ("v1", COMMIT) else "f" * 40
+        return str(tmp_path / "snapshots" / commit / filename)
+
+    monkeypatch.setattr(remote, "hf_hub_download", fake_download)
+    assert remote.download("me/tiny", "v1") == tmp_path / "snapshots" / COMMIT
+    assert calls == [(CONFIG_NAME, "v1"), (WEIGHTS_NAME, COMMIT)]

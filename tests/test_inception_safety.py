@@ -109,3 +109,16 @@ def test_each_node_downloads_and_a_failure_stops_every_rank(tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match=r"rank 8"):
         inception_weights.download_inception(str(path))
     assert len(fetched) == 1
+
+
+def test_a_file_that_is_not_all_tensors_is_refused_in_one_line(tmp_path):
+    """A weights-only loadable dict with one entry that is not a tensor (or an empty dict, or a list of tensors) is
+    not InceptionV3 weights: one line naming the file. Bug caught: any tensor entry taken as enough."""
+    for name, content in (("mixed.pth", {"Conv2d_1a_3x3.conv.weight": torch.zeros(1), "step": 3}),
+                          ("empty.pth", {}), ("list.pth", [torch.zeros(1)])):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(ValueError, match=r"^--inception_path .* is not a state dict of InceptionV3 tensors$"):
+            inception_weights.read_inception_state(tmp_path / name)
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.ones(2)}, tmp_path / "good.pth")
+    assert torch.equal(inception_weights.read_inception_state(tmp_path / "good.pth")["Conv2d_1a_3x3.conv.weight"],
+                       torch.ones(2))

@@ -339,6 +339,16 @@ def test_sample_bad_input(kwargs, match):
         eval_tiny().sample_tokens(2, num_iter=2, **kwargs)
 
 
+def test_sampling_settings_accept_the_edges_of_their_ranges():
+    """--cfg exactly 1 + 1e-6 (the documented least guided scale), exactly 1 (no guidance), the smallest positive
+    temperature and one step are all valid. Bug caught: the lower cfg bound made exclusive (1 + 1e-6 refused)."""
+    from models.families.common import check_sampling_settings
+    for cfg in (1.0, 1 + 1e-6, 1e300):
+        check_sampling_settings(1, cfg, 5e-324, "linear")
+    with pytest.raises(ValueError, match=r"^--cfg must be 1 \(no guidance\) or finite and at least 1 \+ 1e-06"):
+        check_sampling_settings(1, 1 + 0.99e-6, 1.0, "constant")
+
+
 @pytest.mark.parametrize("latents,labels,mask,match", [
     (torch.randn(2, 16, 8, 8), torch.tensor([1, 2]), None, r"latents must be \[B, 16, 4, 4\]"),
     (torch.randn(2, 32, 4, 4), torch.tensor([1, 2]), None, "latents must be"),

@@ -283,6 +283,25 @@ def test_batch_seeds_are_pinned_and_never_collide_between_nearby_seeds():
     assert len(grid) == 128 * 128 and all(0 <= v < 2 ** 63 for v in grid)
 
 
+def test_the_last_batch_is_cut_short_at_num_images():
+    """5 images in batches of 2: [0, 1], [2, 3], [4]. Bug caught: the last batch not cut at num_images (index 5
+    drawn and written, one image more than asked, and its PNG counted by the metrics)."""
+    assert [b.tolist() for b in eval_folder.batches(5, 2)] == [[0, 1], [2, 3], [4]]
+    assert [b.tolist() for b in eval_folder.batches(4, 2)] == [[0, 1], [2, 3]]
+    assert [b.tolist() for b in eval_folder.batches(3, 8)] == [[0, 1, 2]]
+
+
+def test_the_weights_digest_is_sha256_over_each_name_then_its_bytes():
+    """An evaluation names the weights it sampled with by this digest (settings.json), and a published model's card
+    finds its evaluations by it: the rule is pinned, written here with hashlib and numpy. Bug caught: the names left
+    out of the hash (a state dict with renamed entries, another model's, taken for the same weights)."""
+    import hashlib
+    state = {"w": torch.tensor([[1.0, -2.0]]), "step": torch.tensor([3], dtype=torch.int64)}
+    expected = hashlib.sha256(b"w" + np.array([1.0, -2.0], "<f4").tobytes() + b"step" + np.array([3], "<i8").tobytes())
+    assert eval_folder.state_digest(state) == expected.hexdigest()
+    assert eval_folder.state_digest({"v": state["w"], "step": state["step"]}) != expected.hexdigest()
+
+
 def test_evaluation_draws_each_batch_from_its_pinned_seed(tmp_path, monkeypatch):
     """Bug: the evaluation loop seeding batch b with something else (seed + b, the rank, ...)."""
     seeds, real = [], engine_mar.generate

@@ -180,6 +180,25 @@ def test_config_round_trip_rebuilds_the_same_model(bag_family, gauss_head):
     assert again.family_config.width == 24 and again.head_config.gauss_std == 0.3 and again.model == "bag_tiny"
 
 
+@pytest.mark.parametrize("weights, kept_in", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_sampled_tokens_are_kept_in_at_least_float32(weights, kept_in):
+    """A family keeps its canvas of sampled tokens in canvas_dtype: float32 for a half-precision model (bf16 would
+    round every drawn value to 8 bits of mantissa), float64 for a float64 one. Bug caught: the weights' dtype."""
+    assert canvas_dtype(nn.Linear(2, 2).to(weights)) == kept_in
+
+
+def test_class_ids_may_be_int64_or_int32_and_nothing_else():
+    """Labels from numpy or another loader often come as int32, which the class embedding indexes as well; floats,
+    bools and int16 are refused in one line. Bug caught: int64 alone accepted."""
+    from models.families.common import check_labels
+    check_labels(torch.tensor([0, 9], dtype=torch.int32), 2, 10)
+    check_labels(torch.tensor([0, 9], dtype=torch.int64), 2, 10)
+    for dtype in (torch.int16, torch.float32, torch.bool):
+        with pytest.raises(ValueError, match=r"^labels must be a 1-D integer tensor of 2 class ids"):
+            check_labels(torch.tensor([0, 1], dtype=dtype), 2, 10)
+
+
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match=r"^unknown --head 'flow'; choose one of arinar, diffloss, gmm$"):
         create_model("mar_base", head="flow")
