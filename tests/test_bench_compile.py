@@ -29,3 +29,24 @@ def test_only_calls_compile_would_build_are_measured():
     args = bench_compile.parse_args([*TINY, "--way", "blocks", "--num_iter", "16"])
     with pytest.raises(ValueError, match="size-0/1 dimension.*fewer --num_iter"):
         bench_compile.measure(args)
+
+
+def test_each_way_runs_in_a_child_with_its_own_empty_inductor_cache(monkeypatch):
+    """The two children (a stand-in for subprocess.run) get --way whole, then blocks, each a
+    TORCHINDUCTOR_CACHE_DIR of its own that is empty when it starts (a shared cache would let the second
+    way reuse the first's kernels and look cheaper)."""
+    import os
+    import subprocess
+    import types
+    seen = []
+
+    def child(command, env, **kwargs):
+        cache = env["TORCHINDUCTOR_CACHE_DIR"]
+        seen.append((command[command.index("--way") + 1], cache, os.listdir(cache)))
+        open(os.path.join(cache, "kernel"), "w").close()
+        row = {"first_s": 3.0, "later_s": 1.0, "compile_s": 2.0, "graphs": 1}
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps({"mar.outer": row}) + "\n", stderr="")
+    monkeypatch.setattr(bench_compile, "subprocess", types.SimpleNamespace(run=child))
+    results = bench_compile.main([*TINY, "--device", "cpu"])
+    assert [(way, listed) for way, _, listed in seen] == [("whole", []), ("blocks", [])]
+    assert seen[0][1] != seen[1][1] and set(results["ways"]) == {"whole", "blocks"}

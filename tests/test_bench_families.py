@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -34,6 +35,52 @@ def test_peak_memory_counts_what_the_call_holds_at_once():
 
     peak, _ = peak_memory(work, "cpu")
     assert peak == 7 * MB + 4
+
+
+def test_peak_memory_keeps_the_most_after_a_smaller_later_allocation():
+    """1 MiB held and freed, then 64 bytes: the peak is 1 MiB, not what is live at the last allocation."""
+    def work():
+        a = torch.empty(MB // 4)
+        del a
+        return torch.empty(16)
+
+    assert peak_memory(work, "cpu")[0] == MB
+
+
+def test_peak_memory_on_cuda_is_the_peak_above_what_was_allocated_before(monkeypatch):
+    """CUDA: the allocator's figures (stand-ins here): 100 MiB allocated before the call, 350 MiB at its most
+    during it: 250 MiB, and the call's result."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * MB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 350 * MB)
+    assert peak_memory(lambda x: x + 1, "cuda", 1) == (250 * MB, 2)
+
+
+def test_finish_row_takes_the_median_run_and_flops_per_image_over_the_counted_batch(monkeypatch):
+    """A batch of 4 timed at 2, 0.5 and 1 s: 4 / 1 (the median, not the fastest run) = 4 images/s, 0.25 s
+    per image (not 1 s per batch); 1e9 FLOP per image x 4 / 1e12 = 0.004 of the peak; the pieces' medians.
+    count_flops_per_image: a stand-in count of 5e9 per label sampled, over --flops_batch 3 = 5e9.
+    Side.sample passes every sampling flag on."""
+    row = {"batch_size": 4, "seconds": [2.0, 0.5, 1.0],
+           "pieces": [{"outer": 0.5, "head": 1.0}, {"outer": 0.25, "head": 0.5}, {"outer": 0.1, "head": 0.8}]}
+    bench_families.finish_row(row, 1e9, 1e12)
+    assert (row["images_per_s"], row["s_per_image"], row["fraction_of_peak"]) == (4.0, 0.25, pytest.approx(0.004))
+    assert row["breakdown_s"] == {"outer": 0.25, "head": 0.8}
+    monkeypatch.setattr(bench_families, "make_backend", lambda model, **kwargs: "eager")
+    monkeypatch.setattr(bench_families.flops, "count_flops", lambda fn, labels, args, backend: (5e9 * labels.numel(),
+                                                                                              None))
+    side = bench_families.Side.__new__(bench_families.Side)
+    side.model = types.SimpleNamespace(config=types.SimpleNamespace(class_num=10))
+    args = types.SimpleNamespace(flops_batch=3, cfg_sampler="sir", precision="fp32")
+    assert bench_families.count_flops_per_image(side, args, "cpu") == 5e9
+    calls = []  # Side.sample: every sampling flag reaches the model (a constant cfg schedule too)
+    side.model = types.SimpleNamespace(sample_tokens=lambda *a, **k: calls.append((a, k)))
+    side.backend = "graphs"
+    args = types.SimpleNamespace(num_iter=7, cfg=3.0, cfg_schedule="constant", temperature=0.9)
+    side.sample(torch.arange(2), args)
+    assert calls[0][0] == (2, 7) and {k: v for k, v in calls[0][1].items() if k != "labels"} == {
+        "cfg": 3.0, "cfg_schedule": "constant", "temperature": 0.9, "backend": "graphs"}
 
 
 def test_causal_outer_passes_each_token_once_and_mar_s_every_step():

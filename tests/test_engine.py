@@ -12,7 +12,7 @@ from scipy import stats
 
 from bench import bench_sampling, bench_train
 from bench.baseline import release_inner_sample, release_sample_tokens, release_style_loss
-from bench.config import median
+from bench.config import build_model, median
 from engine_mar import sampling_backend
 from main_mar import get_args_parser, resolve_args
 from models.heads import arinar as inner_module
@@ -24,6 +24,7 @@ from sampling.cuda_graphs import bucket_rows, compiles_well, pad_rows
 from tests.conftest import SpyBackend, randomize_, tiny_mar
 from tests.reference import assert_all_fit, random_mixtures, reference_mixtures, target_cdf
 from tests.test_inner import naive_forward
+from util import flops
 
 D, C = 16, 24
 
@@ -187,6 +188,23 @@ def test_release_inner_sampler_matches_ours_statistically(cfg, temperature):
     torch.manual_seed(2)
     other = release_inner_sample(inner, z, 0.5 * temperature, cfg)
     assert min(per_feature_ks(ours, other)) < 1e-6  # power: another temperature is told apart
+
+
+def test_release_cfg_draw_weighs_a_thousand_candidates_per_row(monkeypatch):
+    """The release's CFG resampling draws 1000 candidates per row and picks one by Categorical over them: the
+    baseline must pay for all 1000 (fewer would make our speed-up look larger)."""
+    import bench.baseline as baseline
+    picks = []
+
+    class Recorded(baseline.Categorical):
+        def __init__(self, probs=None, logits=None, **kwargs):
+            picks.append(tuple(logits.shape))
+            super().__init__(probs=probs, logits=logits, **kwargs)
+    monkeypatch.setattr(baseline, "Categorical", Recorded)
+    inner = small_inner(width=16)
+    torch.manual_seed(0)
+    release_inner_sample(inner, torch.randn(6, C), cfg=3.0)  # 3 rows, [cond; uncond]
+    assert (3, 1000) in picks and all(shape[-1] in (1000, inner.num_gaussians) for shape in picks)
 
 
 # ----------------------------------------------------------------------------- the outer loop
@@ -417,6 +435,95 @@ def test_bench_sampling_breakdown_splits_outer_and_head(caplog):
     assert sum(side["breakdown_s"].values()) <= max(side["seconds"])
     assert "breakdown_s" not in bench_sampling.main(TINY + ["--num_iter", "2", "--baseline_repeats", "0",
                                                            "--flops_batch", "0"])["sides"]["eager"]
+
+
+def test_bench_sampling_record_takes_medians_and_the_baseline_over_ours():
+    """record(): 2 images per batch; ours ran 0.5, 0.25 and 2 s (median 0.5: 4 images/s, not the fastest run's
+    8), the baseline 4, 1 and 6 s (median 4: 0.5 images/s); speed-up 4 / 0.5 = 8x; each side's fraction of a
+    1e12 peak from its own FLOPs: 3e9 x 4 / 1e12 = 0.012 and 1e10 x 0.5 / 1e12 = 0.005."""
+    from types import SimpleNamespace
+    ours = SimpleNamespace(name="eager", times=[0.5, 0.25, 2.0], pieces=[], peak_mib=None)
+    base = SimpleNamespace(name="baseline", times=[4.0, 1.0, 6.0], pieces=[], peak_mib=None)
+    results = {"peak_flops": 1e12, "flops_per_image": {"ours": 3e9, "baseline": 1e10}}
+    bench_sampling.record(results, [ours], base, SimpleNamespace(batch_size=2))
+    got = {name: (row["images_per_s"], row.get("speedup"), row["flops_per_image"], row["fraction_of_peak"])
+           for name, row in results["sides"].items()}
+    assert got == {"eager": (4.0, 8.0, 3e9, pytest.approx(0.012)), "baseline": (0.5, None, 1e10, pytest.approx(0.005))}
+    assert results["speedup"] == 8.0
+
+
+def test_bench_sampling_baseline_does_the_release_s_work(monkeypatch):
+    """The baseline samples what ours samples: the same batch, steps, cfg and temperature, under the
+    --precision autocast; warmed up as ours is, then --baseline_repeats timed runs even when --repeats is
+    smaller. FLOPs per image: the
+    count (a stand-in here: 1e9 per image the release samples, 1e8 per image ours does) over the counted
+    batch of 2, for each side its own."""
+    calls = []
+
+    def release(model, bsz, num_iter, cfg=1.0, labels=None, temperature=1.0, **kwargs):
+        calls.append(("release", bsz, num_iter, cfg, temperature, torch.is_autocast_enabled("cpu")
+                      and torch.get_autocast_dtype("cpu")))
+        return release_sample_tokens(model, bsz, num_iter, cfg=cfg, labels=labels, temperature=temperature, **kwargs)
+
+    def build(args):
+        model = build_model(args)
+        sample = model.sample_tokens
+
+        def ours(bsz, num_iter, cfg=1.0, temperature=1.0, **kwargs):
+            calls.append(("ours", bsz, num_iter, cfg, temperature, kwargs["backend"].precision))
+            return sample(bsz, num_iter, cfg=cfg, temperature=temperature, **kwargs)
+        model.sample_tokens = ours
+        return model
+
+    def count(fn):
+        before = len(calls)
+        fn()
+        return sum(c[1] * (1e9 if c[0] == "release" else 1e8) for c in calls[before:]), None
+    monkeypatch.setattr(bench_sampling, "release_sample_tokens", release)
+    monkeypatch.setattr(bench_sampling, "build_model", build)
+    monkeypatch.setattr(flops, "count_flops", count)
+    res = bench_sampling.main(TINY + ["--img_size", "32", "--baseline_repeats", "2", "--num_iter", "3", "--cfg", "3.0",
+                                      "--temperature", "0.9", "--precision", "bf16", "--flops_batch", "2",
+                                      "--batch_size", "3", "--warmup", "1"])
+    ours, release = ("ours", 3, 3.0, 0.9, "bf16"), ("release", 3, 3.0, 0.9, torch.bfloat16)
+    # the counts on 2 images, each side's warm-up (2 steps), then the timed runs (3 steps)
+    assert [c[:2] + c[3:] for c in calls] == [ours[:1] + (2,) + ours[2:], release[:1] + (2,) + release[2:],
+                                             ours, release, ours, release, release]
+    assert [c[2] for c in calls] == [3, 3, 2, 2, 3, 3, 3]
+    assert res["flops_per_image"] == {"ours": 1e8, "baseline": 1e9}
+    assert len(res["sides"]["baseline"]["seconds"]) == 2 and len(res["sides"]["eager"]["seconds"]) == 1
+
+
+def test_piece_timer_sums_each_piece_and_median_pieces_counts_a_missing_piece_as_zero(monkeypatch):
+    """PieceTimer: two wrapped calls from 0 to 1 s and 5 to 7.5 s sum to 3.5 s (not the longest, 2.5); CUDA
+    events report milliseconds: 0 -> 1500 ms is 1.5 s. median_pieces: a run without a head piece counts
+    0 s for it, so head's median of 3, 0, 5 is 3 (4 if the run were left out)."""
+    from bench.config import PieceTimer, median_pieces, time_runs
+
+    class Owner:
+        def run(self, x):
+            return x + 1
+    owner, timer = Owner(), PieceTimer(torch.device("cpu"))
+    timer.wrap(owner, "run", "outer")
+    timer._mark = iter([0.0, 1.0, 5.0, 7.5]).__next__
+    assert (owner.run(1), owner.run(2)) == (2, 3) and timer.seconds() == {"outer": 3.5}
+
+    class Event:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    other, cuda = Owner(), PieceTimer(torch.device("cuda"))
+    cuda.wrap(other, "run", "head")
+    cuda._mark = iter([Event(0.0), Event(1500.0)]).__next__
+    other.run(0)
+    assert cuda.seconds() == {"head": 1.5}
+    assert median_pieces([{"outer": 1.0, "head": 3.0}, {"outer": 2.0}, {"outer": 3.0, "head": 5.0}]) == {
+        "outer": 2.0, "head": 3.0}
+    calls = []
+    assert len(time_runs(lambda: calls.append(1), torch.device("cpu"), 2, 3)) == 3 and len(calls) == 5
 
 
 def test_bench_train_runs():

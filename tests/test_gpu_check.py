@@ -111,6 +111,15 @@ def test_largest_batch_fits_the_line_through_two_peaks():
         largest_batch({16: 100.0, 64: 100.0}, 40)
 
 
+def test_fits_cards_measures_a_quarter_of_the_batch(monkeypatch):
+    """fits_cards at batch 64 measures batch 16 (a stand-in peak of 6,000 + 375 MiB per image): the line of
+    test_largest_batch_fits_the_line_through_two_peaks, 82 and 180 images."""
+    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda args, path: (6000.0 + 375.0 * args.batch_size, None))
+    row = {}
+    bench_train.fits_cards(bench_train.parse_args(["--batch_size", "64"]), "masked_only", 30_000.0, row)
+    assert row == {"peak_memory_mib_by_batch": {64: 30_000.0, 16: 12_000.0}, "largest_batch": {"40GB": 82, "80GB": 180}}
+
+
 def test_summary_shows_the_batch_each_card_fits(tmp_path):
     row = {"steps_per_s": 2.0, "images_per_s": 128.0, "flops_per_step": 1e12, "mfu": 0.3, "peak_memory_mib": 30000.0,
            "largest_batch": {"40GB": 82, "80GB": 180}}
@@ -192,6 +201,7 @@ def test_losses_agree_within_the_precision_s_tolerance():
     assert not bench_train.losses_agree({"masked_only": 20.001, "all_tokens": 20.0}, "fp32")["agree"]
     assert bench_train.losses_agree({"masked_only": 20.2, "all_tokens": 20.0}, "bf16")["agree"]
     assert not bench_train.losses_agree({"masked_only": 20.5, "all_tokens": 20.0}, "bf16")["agree"]
+    assert bench_train.losses_agree({"masked_only": 0.0, "all_tokens": 0.02}, "bf16")["agree"]  # at the tolerance
     near_zero = bench_train.losses_agree({"masked_only": 0.001, "all_tokens": 0.0}, "bf16")  # not divided by 0
     assert near_zero == {"relative_difference": 0.001, "tolerance": 2e-2, "agree": True}
 
@@ -233,6 +243,7 @@ def test_bench_sampling_peak_is_the_most_above_what_was_allocated_over_every_cal
     side.call(capture)
     assert side.peak_mib == 3.0 and side.times == []
     side.run(replay(2 ** 18))  # 1 MiB
+    assert side.peak_mib == 3.0  # the most over every call, not the last call's 1 MiB
     side.run(replay(2 ** 19 + 2 ** 18))  # 3 MiB
     assert side.peak_mib == 3.0 and len(side.times) == 2
     side.run(replay(2 ** 20 + 2 ** 16))  # 4.25 MiB: above the capture's
@@ -240,6 +251,32 @@ def test_bench_sampling_peak_is_the_most_above_what_was_allocated_over_every_cal
     cpu = bench_sampling.Side("eager", None, torch.device("cpu"), False)  # CPU default: not measured
     cpu.run(replay(2 ** 18))
     assert cpu.peak_mib is None and len(cpu.times) == 1
+
+
+def test_cuda_tests_plugin_keeps_a_skip_only_when_it_asks_for_cuda():
+    """needs_cuda: a test that skips for another reason, or asks for CUDA without skipping, is not a CUDA test;
+    one that does both is, and so is a skipif whose reason names CUDA in any case."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.cuda_tests import needs_cuda
+
+    def skips_for_data():
+        pytest.skip("no data")
+
+    def asks_only():
+        return torch.cuda.is_available()
+
+    def skips_without_cuda():
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+    marker = SimpleNamespace(kwargs={"reason": "Needs a CUDA device"})
+
+    def item(function, markers=()):
+        return SimpleNamespace(function=function, iter_markers=lambda name: list(markers))
+    assert [needs_cuda(item(f)) for f in (skips_for_data, asks_only, skips_without_cuda)] == [False, False, True]
+    assert needs_cuda(item(skips_for_data, [marker]))
 
 
 CUDA_STANDINS = '''
@@ -391,3 +428,122 @@ def test_summary_compile_rows_whole_against_blocks(tmp_path):
     (tmp_path / "compile_ways.json").write_text(json.dumps({"args": {"model": "mar_base"}, "ways": ways}))
     gpu_summary.main([str(tmp_path)])
     assert "| mar_base | mar.outer | 48.0 | – | – |" in (tmp_path / "summary.md").read_text()
+    ways["blocks"] = {"mar.outer": {**row, "compile_s": 0.0}}  # nothing to divide by: no ratio
+    (tmp_path / "compile_ways.json").write_text(json.dumps({"args": {"model": "mar_base"}, "ways": ways}))
+    assert [r["ratio"] for r in gpu_summary.compile_rows(tmp_path)] == [None]
+
+
+CUDA_TESTS_XML = '''<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="2" tests="6">
+<testcase classname="tests.test_a" name="test_ok"/>
+<testcase classname="tests.test_a" name="test_broken"><failure message="assert"/></testcase>
+<testcase classname="tests.test_b" name="test_setup"><error message="fixture"/></testcase>
+<testcase classname="tests.test_b" name="test_ok"/>
+<testcase classname="tests.test_b" name="test_late"><skipped message="deadline"/></testcase>
+<testcase classname="tests.test_b" name="test_later"><skipped message="deadline"/></testcase>
+</testsuite></testsuites>'''
+
+
+def test_summary_counts_a_killed_part_the_failed_tests_and_unchecked_losses(tmp_path):
+    """rc 137 (SIGKILL after `timeout -k`) is a timeout like 124; of 6 tests, 1 failure + 1 error (both listed,
+    an error too) + 2 skipped leave 2 passed; a training part that recorded no losses_agree gets the relative
+    difference |0.5 - 0.25| / max(1, 0.25) = 0.25 worked out here and no verdict (not "agree")."""
+    (tmp_path / "parts.tsv").write_text("train\t137\t90\t90\t\ncuda_tests\t1\t50\t300\t\n")
+    (tmp_path / "cuda_tests.xml").write_text(CUDA_TESTS_XML)
+    res = {"args": {"batch_size": 64}, "losses": {"masked_only": 0.5, "all_tokens": 0.25}}
+    (tmp_path / "train.json").write_text(json.dumps(res))
+    gpu_summary.main([str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [p["status"] for p in summary["parts"]] == ["timed out", "failed (rc 1)"]
+    assert summary["tests"] == {"tests": 6, "failures": 1, "errors": 1, "skipped": 2, "passed": 2,
+                                "failed_ids": ["tests.test_a::test_broken", "tests.test_b::test_setup"]}
+    text = (tmp_path / "summary.md").read_text()
+    assert ("2 passed, 2 failed, 2 skipped: tests.test_a::test_broken, tests.test_b::test_setup") in text
+    assert ("Losses on the same draws (train): masked-only 0.5, all-tokens 0.25, relative difference 2.5e-01: "
+            "no verdict recorded") in text
+
+
+def test_fmt_flops_changes_unit_at_exactly_a_thousand():
+    assert [gpu_summary.fmt_flops(v) for v in (1e12, 999e9, 1e3, 999.0, 0, None)] == [
+        "1 TFLOP", "999 GFLOP", "1 kFLOP", "999 FLOP", "0", "–"]
+
+
+def test_sampling_rows_fill_in_speedup_fraction_and_s_per_image(tmp_path):
+    """What sampling_rows works out for a part that left it out, from numbers picked by hand:
+    sampling_b1's baseline runs 3, 1, 2 s (median 2), ours 0.4, 0.1, 0.5 s (median 0.4): 2 / 0.4 = 5x (medians,
+    not minima: 1 / 0.1 = 10x); ours' fraction of a 1e15 peak: 2e12 FLOP x 2.5 images/s = 0.005; the baseline
+    gets no speed-up over itself and keeps the fraction it recorded. sampling_b256 (256 images in 2 s): 1/128
+    s per image, not 2 s per batch (FLOPs from b1: 8e12 x 16 / 1e15 = 0.128, 2e12 x 128 / 1e15 = 0.256).
+    compile_b1 takes sampling_b1's baseline (2 / 0.2 = 10x), not b256's, and is one row though its first call
+    is recorded too; compile_b256 runs 32 steps: no baseline of the same work, no speed-up. Peak 10,240 MiB
+    shows as 10.0 GiB."""
+    def part(batch, sides, num_iter=64, **extra):
+        args = {"batch_size": batch, "num_iter": num_iter, "cfg": 4.5, "model": "mar_base"}
+        return {"args": args, "peak_flops": 1e15, "flops_per_image": {}, **extra, "sides": {
+            name: {"seconds": seconds, "images_per_s": batch / median(seconds), "flops_per_image": None,
+                   "fraction_of_peak": fraction, "peak_memory_mib": 10240.0}
+            for name, (seconds, fraction) in sides.items()}}
+    parts = {"sampling_b1": part(1, {"baseline": ([3.0, 1.0, 2.0], 0.123), "cuda_graphs": ([0.4, 0.1, 0.5], None)},
+                                 flops_per_image={"ours": 2e12, "baseline": 8e12}),
+             "sampling_b256": part(256, {"baseline": ([16.0], None), "cuda_graphs": ([2.0], None)}),
+             "compile_b1": part(1, {"cuda_graphs+compile": ([0.2], None)}, first_call_s={"cuda_graphs+compile": 30.0}),
+             "compile_b256": part(256, {"cuda_graphs+compile": ([1.0], None)}, num_iter=32)}
+    for name, res in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(res))
+    (tmp_path / "parts.tsv").write_text("".join(f"{name}\t0\t10\t90\t\n" for name in parts))
+    gpu_summary.main([str(tmp_path)])
+    rows = json.loads((tmp_path / "summary.json").read_text())["sampling"]
+    got = [(r["part"], r["side"], r["speedup"], r["s_per_image"], r["fraction_of_peak"]) for r in rows]
+    assert got == [("sampling_b1", "baseline", None, pytest.approx(2.0), 0.123),
+                   ("sampling_b1", "cuda_graphs", pytest.approx(5.0), pytest.approx(0.4), pytest.approx(0.005)),
+                   ("sampling_b256", "baseline", None, pytest.approx(1 / 16), pytest.approx(0.128)),
+                   ("sampling_b256", "cuda_graphs", pytest.approx(8.0), pytest.approx(1 / 128), pytest.approx(0.256)),
+                   ("compile_b1", "cuda_graphs+compile", pytest.approx(10.0), pytest.approx(0.2), pytest.approx(0.01)),
+                   ("compile_b256", "cuda_graphs+compile", None, pytest.approx(1 / 256), None)]
+    assert "| sampling_b1 | 1 | 64 | cuda_graphs | 2.500 | 0.400 | 2 TFLOP | 0.5 | 5.00 | – | 10.0 |" in (
+        tmp_path / "summary.md").read_text()
+
+
+def test_goals_are_met_at_exactly_their_bounds_and_count_only_their_setting():
+    """A goal is ">=" or "<=": a value at the bound meets it (40 images/s, 0.15 s/image, 60 s; the family's 200
+    images/s and 0.1 s/image). A faster family row with another head, or either figure unmeasured, does not."""
+    def row(batch, side, images_per_s, s_per_image, first=None):
+        return {"part": "p", "batch": batch, "side": side, "steps": 64, "model": "mar_base", "cfg": 4.5,
+                "images_per_s": images_per_s, "s_per_image": s_per_image, "first_call_s": first}
+    rows = [row(256, "cuda_graphs+compile", 40.0, 0.025, 60.0), row(1, "cuda_graphs", 1 / 0.15, 0.15)]
+    assert [g["met"] for g in gpu_summary.sampling_goals(rows)] == [True, True, True]
+
+    def family(batch, images_per_s, s_per_image, head="arinar"):
+        return {"family": "causal", "model": "causal_base", "head": head, "batch": batch,
+                "images_per_s": images_per_s, "s_per_image": s_per_image}
+    at_bounds = [family(256, 200.0, 0.005), family(1, 10.0, 0.1)]
+    assert [g["met"] for g in gpu_summary.family_goals(at_bounds)] == [True]
+    other_head = [family(256, 150.0, 1 / 150), family(1, 10.0, 0.1), family(256, 900.0, 1 / 900, head="gmm")]
+    assert [g["met"] for g in gpu_summary.family_goals(other_head)] == [False]
+    assert [g["met"] for g in gpu_summary.family_goals(other_head[2:] + at_bounds[1:])] == [None]
+
+
+def test_heads_do_not_take_arinar_from_a_sampling_part_at_another_cfg(tmp_path):
+    """arinar_rows: a sampling part at cfg 3.0 (same model, steps, backend) is not ARINAR's setting (cfg 4.5);
+    a heads part's own ARINAR row wins over a sampling part's; the backend a heads part ran, from its flags."""
+    other = sampling_part(1, 64, {"cuda_graphs": 8.0})
+    other["args"]["cfg"] = 3.0
+    (tmp_path / "sampling_b1.json").write_text(json.dumps(other))
+    heads_args = {"device": "cuda", "cuda_graphs": None, "compile": False, "model": "mar_base", "precision": "bf16",
+                  "cfg_sampler": "sir", "temperature": 1.0}
+    rows = [{"setting": "mar_64", "head": "diffloss", "num_iter": 64, "cfg": 2.9, "batch_size": 1, "seconds": [0.5],
+             "images_per_s": 2.0, "flops_per_image": 1e12, "fraction_of_peak": 0.2}]
+    (tmp_path / "heads.json").write_text(json.dumps({"args": heads_args, "rows": rows}))
+    assert [(r["setting"], r["vs_arinar"]) for r in gpu_summary.heads_rows(tmp_path)] == [("mar_64", None)]
+    other["args"]["cfg"] = 4.5  # the same part at ARINAR's cfg does stand in: 8 / 2 = 4x
+    (tmp_path / "sampling_b1.json").write_text(json.dumps(other))
+    assert [(r["setting"], r["vs_arinar"]) for r in gpu_summary.heads_rows(tmp_path)] == [
+        ("arinar (sampling_b1, cuda_graphs)", 1.0), ("mar_64", 4.0)]
+    # a heads part that timed ARINAR itself (4 images/s) uses its own row, not the sampling part's 8
+    own = {**rows[0], "setting": "arinar", "head": "arinar", "num_iter": 64, "cfg": 4.5, "images_per_s": 4.0}
+    (tmp_path / "heads.json").write_text(json.dumps({"args": heads_args, "rows": [own] + rows}))
+    assert [(r["setting"], r["vs_arinar"]) for r in gpu_summary.heads_rows(tmp_path)] == [("arinar", 1.0),
+                                                                                         ("mar_64", 2.0)]
+    assert [gpu_summary.heads_backend(a) for a in ({"device": "cuda", "compile": True}, {"device": "cuda"},
+                                                   {"device": "cpu"}, {"device": "cuda", "cuda_graphs": False})] == [
+        "cuda_graphs+compile", "cuda_graphs", "eager", "eager"]
