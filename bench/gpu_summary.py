@@ -70,8 +70,9 @@ def fmt_flops(value):
 # the flags that size a benchmark's model
 MODEL_FLAGS = ("model", "width", "enc_dec_depth", "num_heads", "inner_ar_width", "inner_ar_depth", "inner_ar_heads",
                "num_gaussians", "img_size")
-# the flags that set a sampling run's work per image (batch, backend and timing flags do not)
-SAME_WORK = MODEL_FLAGS + ("num_iter", "cfg", "decode")
+# the flags that set a sampling run's work per image (batch, backend and timing flags do not), and its
+# precision and CFG sampler: a baseline timed at another one is no yardstick for a part that borrows it
+SAME_WORK = MODEL_FLAGS + ("num_iter", "cfg", "decode", "precision", "cfg_sampler")
 
 
 def same_work(a, b):

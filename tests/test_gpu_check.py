@@ -504,6 +504,21 @@ def test_sampling_rows_fill_in_speedup_fraction_and_s_per_image(tmp_path):
         tmp_path / "summary.md").read_text()
 
 
+def test_a_part_at_another_precision_or_cfg_sampler_borrows_no_baseline(tmp_path):
+    """compile_b1 at fp32 (or with the exact CFG sampler) against sampling_b1's bf16 (SIR) baseline would be a
+    speed-up over another job: it gets none. Bug caught: same_work comparing the model and steps only."""
+    def part(sides, **args):
+        args = {"batch_size": 1, "num_iter": 64, "cfg": 4.5, "model": "mar_base", "precision": "bf16",
+                "cfg_sampler": "sir", **args}
+        return {"args": args, "flops_per_image": {},
+                "sides": {name: {"seconds": [seconds], "images_per_s": 1 / seconds} for name, seconds in sides.items()}}
+    (tmp_path / "sampling_b1.json").write_text(json.dumps(part({"baseline": 2.0, "cuda_graphs": 0.5})))
+    for other in ({"precision": "fp32"}, {"cfg_sampler": "exact"}, {}):
+        (tmp_path / "compile_b1.json").write_text(json.dumps(part({"cuda_graphs+compile": 0.25}, **other)))
+        rows = {r["part"]: r for r in gpu_summary.sampling_rows(tmp_path) if r["side"] == "cuda_graphs+compile"}
+        assert rows["compile_b1"]["speedup"] == (pytest.approx(8.0) if not other else None), other
+
+
 def test_goals_are_met_at_exactly_their_bounds_and_count_only_their_setting():
     """A goal is ">=" or "<=": a value at the bound meets it (40 images/s, 0.15 s/image, 60 s; the family's 200
     images/s and 0.1 s/image). A faster family row with another head, or either figure unmeasured, does not."""
