@@ -174,12 +174,13 @@ def arinar_rows(folder, heads):
 
 def heads_rows(folder):
     """bench_heads' rows with each setting's seconds per image over ARINAR's at the same batch: ARINAR's from
-    the heads part itself when it timed it, else from the sampling parts (arinar_rows)."""
+    the heads part itself where it timed it at that batch, else from the sampling parts (arinar_rows)."""
     res = load(folder, "heads")
     if not res or "rows" not in res:
         return []
     own = {row["batch_size"]: row["images_per_s"] for row in res["rows"] if row["setting"] == "arinar"}
-    borrowed = {} if own else arinar_rows(folder, res)
+    batches = {row["batch_size"] for row in res["rows"]}
+    borrowed = {b: row for b, row in arinar_rows(folder, res).items() if b in batches - set(own)}
     rows = [borrowed[b] for b in sorted(borrowed)]
     for row in res["rows"]:
         arinar = own.get(row["batch_size"]) or borrowed.get(row["batch_size"], {}).get("images_per_s")

@@ -177,6 +177,13 @@ def test_heads_take_arinar_from_the_sampling_parts(tmp_path):
     assert summarised("setting", "batch_size", "vs_arinar") == [("arinar (sampling_b1, eager)", 1, 1.0),
                                                                 ("mar_64", 1, 1.0), ("mar_64", 256, None)]
 
+    # the heads part timed ARINAR at batch 1 only (killed before 256): batch 1 keeps its own, 256 borrows
+    heads["args"].update(cuda_graphs=None)
+    heads["rows"].insert(0, {**rows[0], "setting": "arinar", "head": "arinar", "cfg": 4.5, "images_per_s": 4.0})
+    assert summarised("setting", "batch_size", "vs_arinar") == [
+        ("arinar (sampling_b256, cuda_graphs)", 256, 1.0), ("arinar", 1, 1.0), ("mar_64", 1, 2.0),
+        ("mar_64", 256, 2.5)]
+
 
 def test_summary_machine_and_training_losses_from_any_part(tmp_path):
     """The machine line from the families part when no other part left one; bench_train's losses check."""
