@@ -89,7 +89,7 @@ def sampling_rows(folder):
         if not res:
             continue
         batch, peak = res["args"]["batch_size"], res.get("peak_flops")
-        for side in set(res.get("first_call_s", {})) - set(res.get("sides", {})):  # killed after its first call
+        for side in sorted(set(res.get("first_call_s", {})) - set(res.get("sides", {}))):  # killed after 1st call
             rows.append({"part": name, "batch": batch, "steps": res["args"]["num_iter"], "side": side, **work(res),
                          **dict.fromkeys(("images_per_s", "s_per_image", "flops_per_image", "fraction_of_peak",
                                           "speedup", "peak_memory_mib")), "first_call_s": res["first_call_s"][side]})
