@@ -72,7 +72,8 @@ def get_args_parser():
                       "--evaluate also a published model folder or Hub repo id USER/NAME (python -m util.hub)")
     ckpt.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth saves")
     ckpt.add_argument("--save_copy_freq", default=0, type=int,
-                      help="also keep checkpoint-EPOCH.pth every N epochs (0 = never)")
+                      help="also keep checkpoint-EPOCH.pth every N epochs, saving checkpoint-last.pth at those "
+                      "epochs too (0 = never)")
     ckpt.add_argument("--save_every_steps", default=0, type=int,
                       help="also save checkpoint-last.pth every N steps, resumable at that exact step (0 = never)")
 
@@ -421,9 +422,12 @@ def train(model, tokenizer, ema, optimizer, scaler, dataset, sampler, state, tra
                 if stop.agreed:
                     break
                 state.epoch, state.step_in_epoch = epoch + 1, 0
-                if epoch % args.save_last_freq == 0 or epoch + 1 == train_config.epochs or args.save_every_steps:
+                # a copy is of this epoch's checkpoint: one due forces the save (else it would copy an older one)
+                copy_due = args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0
+                if epoch % args.save_last_freq == 0 or epoch + 1 == train_config.epochs or args.save_every_steps \
+                        or copy_due:
                     save()
-                if args.save_copy_freq and (epoch + 1) % args.save_copy_freq == 0 and distributed.is_main_process():
+                if copy_due and distributed.is_main_process():
                     copy = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
                     with storage_reported(copy, args.output_dir):
                         atomic_copy(last, copy)

@@ -109,3 +109,18 @@ def test_a_folder_without_any_readable_image_fails_in_one_line(tmp_path):
     folder = ImageFolderADM(str(tmp_path / "train"), img_size=8)
     with pytest.raises(ValueError, match=r"--data_path .*none of its 1 images can be read"):
         folder[0]
+
+
+def test_an_unreadable_last_image_is_replaced_by_the_first_in_folder_order(tmp_path):
+    """The next readable image after the folder's last one is its first (bug: no wrap-around: the search runs
+    past the end, and a data set whose last image is broken fails with "none of its images can be read")."""
+    root = tmp_path / "train" / "class0"
+    os.makedirs(root)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels[0]).save(root / "a.png")
+    Image.fromarray(pixels[1]).save(root / "b.png")
+    (root / "c.png").write_bytes(b"not a png")
+    folder = ImageFolderADM(str(tmp_path / "train"), img_size=8, flip=False)
+    image, label = folder[2]
+    np.testing.assert_allclose(image.numpy(), pixels[0].transpose(2, 0, 1) / 127.5 - 1, atol=1e-6)
+    assert label == 0 and folder.unreadable == {2}

@@ -405,3 +405,45 @@ def test_cached_items_of_later_shards_carry_their_own_moments_and_labels(tmp_pat
     items = [dataset[i] for i in range(len(dataset))]
     assert [abs(float(m[0, 0, 0])) for m, _ in items] == [1, 2, 3, 4, 5, 6, 7]
     assert [label for _, label in items] == [0, 1, 0, 1, 1, 0, 1]
+
+
+def test_image_folder_flips_left_right_by_a_coin_of_seed_epoch_index(tmp_path):
+    """ADM's augmentation is a horizontal flip (bug: flip(-2), upside down) chosen per (seed, epoch, index)
+    (bug: the epoch left out, so an image is flipped in every epoch or in none). The --dataset imagenet
+    training set flips (bug: flip=False). Oracle: the PNG's pixels / 127.5 - 1, mirrored with numpy."""
+    root = tmp_path / "data" / "train" / "c0"
+    os.makedirs(root)
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "a.png")
+    original = pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1
+    dataset = build_dataset(parse(["--dataset", "imagenet", "--data_path", str(tmp_path / "data"), "--seed", "4"]),
+                            TokenConfig(tokenizer="pixel", img_size=8, vae_stride=1, vae_embed_dim=3))
+    flipped = []
+    for epoch in range(40):
+        dataset.set_epoch(epoch)
+        image = dataset[0][0].numpy()
+        if np.allclose(image, original, atol=1e-6):
+            flipped.append(False)
+        else:
+            np.testing.assert_allclose(image, original[:, :, ::-1], atol=1e-6)
+            flipped.append(True)
+    assert 5 < sum(flipped) < 35
+
+
+def test_cached_flips_change_from_epoch_to_epoch_for_every_item(tmp_path):
+    """Bug: the cached data sets' coin drawn without the epoch (flip_coin(seed, 0, index)): each item would be
+    flipped in every epoch or in none, which the pooled fair-coin counts above do not show. Over 40 epochs every
+    item of both cache layouts must come both ways (shard: +k / -k; MAR's npz: moments +1 / moments_flip -1)."""
+    shards = CachedLatents(fake_cache(tmp_path / "c"), seed=5)
+    for c in ("n01", "n02"):
+        os.makedirs(tmp_path / "mar" / c)
+        for i in range(3):
+            np.savez(tmp_path / "mar" / c / f"x{i}.npz", moments=np.ones((2, 1, 1), np.float32),
+                     moments_flip=-np.ones((2, 1, 1), np.float32))
+    npz = NpzLatentFolder(str(tmp_path / "mar"), seed=5)
+    for dataset in (shards, npz):
+        signs = np.zeros((40, 6))
+        for epoch in range(40):
+            dataset.set_epoch(epoch)
+            signs[epoch] = [np.sign(float(dataset[k][0].flatten()[0])) for k in range(6)]
+        assert ((signs == 1).any(0) & (signs == -1).any(0)).all(), signs

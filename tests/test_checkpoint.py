@@ -265,3 +265,124 @@ def test_resume_at_an_epoch_boundary_may_change_the_batch_size(tmp_path):
     from an epoch boundary the next epoch starts at its beginning, whatever the batch size."""
     resumed = saved_then_resumed(tmp_path, checkpoint.TrainState(2, 0, 12), batch_size=2, resume_batch_size=3)
     assert resumed == checkpoint.TrainState(2, 0, 12)
+
+
+def test_resume_restores_the_fp16_loss_scale(tmp_path):
+    """Bug: the scaler's state not loaded on resume: an fp16 run would restart from GradScaler's default scale
+    2^16 (and its growth tracker) instead of the scale it had backed off to (here 2^7, growth tracker 3)."""
+    import argparse
+    from tests.conftest import tiny_mar
+    from util.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = tiny_mar()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 7, growth_interval=50, enabled=True)
+    scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 3})
+    args = argparse.Namespace(batch_size=2, seed=0)
+    sampler = ResumableSampler(12, seed=0)
+    checkpoint.save_training_checkpoint(tmp_path / LAST, model, EMA(model, 0.9), torch.optim.AdamW(model.parameters()),
+                                        scaler, args, checkpoint.TrainState(1, 2, 8), sampler)
+    fresh = torch.amp.GradScaler("cpu", enabled=True)
+    assert fresh.get_scale() == 2.0 ** 16
+    checkpoint.resume_training(load(tmp_path / LAST), "ckpt", model, EMA(model, 0.9),
+                               torch.optim.AdamW(model.parameters()), fresh, args, sampler)
+    assert fresh.get_scale() == 2.0 ** 7
+    assert fresh.state_dict()["_growth_tracker"] == 3
+
+
+def test_a_release_layout_checkpoint_resumes_at_the_epoch_after_its_own(tmp_path):
+    """A checkpoint without train_state (MAR's release layout: `epoch` = the last finished epoch) continues at
+    epoch + 1, step 0 (bug: at `epoch`, training that epoch twice); one without optimizer/epoch (a stripped
+    release file) restores the weights only and starts at epoch 0."""
+    import argparse
+    from tests.conftest import tiny_mar
+    from util.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = tiny_mar()
+    ema, optimizer = EMA(model, 0.9), torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    args = argparse.Namespace(batch_size=2, seed=0)
+    ckpt = checkpoint.build_checkpoint(model, ema, optimizer, scaler, 4, args)
+    assert "train_state" not in ckpt and ckpt["epoch"] == 4
+    resume = lambda c: checkpoint.resume_training(c, "release", model, ema, optimizer, scaler, args,
+                                                  ResumableSampler(12, seed=0))
+    assert resume(ckpt) == checkpoint.TrainState(epoch=5)
+    stripped = {k: v for k, v in ckpt.items() if k not in ("optimizer", "epoch")}
+    assert resume(stripped) == checkpoint.TrainState()
+
+
+def test_rng_states_of_another_process_count_are_not_restored(tmp_path, caplog):
+    """A checkpoint written by 2 processes, resumed (at an epoch boundary) by 1: no saved stream is this
+    process's, so the RNGs keep the --seed streams they were given (bug: taking rank 0's anyway, or an
+    IndexError for ranks the file has no state for)."""
+    import argparse
+    from tests.conftest import tiny_mar
+    from util.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = tiny_mar()
+    ema, optimizer = EMA(model, 0.9), torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    args, sampler = argparse.Namespace(batch_size=2, seed=0), ResumableSampler(12, seed=0)
+    checkpoint.save_training_checkpoint(tmp_path / LAST, model, ema, optimizer, scaler, args,
+                                        checkpoint.TrainState(2, 0, 12), sampler)
+    ckpt = load(tmp_path / LAST)
+    torch.manual_seed(11)
+    ckpt["train_state"]["rng"] = [capture_rng_state(), capture_rng_state()]  # both "ranks" at seed 11
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    with caplog.at_level("WARNING"):
+        state = checkpoint.resume_training(ckpt, "ckpt", model, ema, optimizer, scaler, args, sampler)
+    assert state == checkpoint.TrainState(2, 0, 12)
+    assert torch.equal(torch.rand(4), expected)
+    assert "written by 2 processes, this run has 1" in caplog.text
+
+
+def test_epoch_saves_and_copies_follow_their_frequencies(tmp_path, monkeypatch):
+    """--save_last_freq 2 over 4 epochs saves after epochs 0, 2 and the last, 3 (bug: `(epoch + 1) % freq`, which
+    saves after 1 and 3); --save_copy_freq 2 keeps checkpoint-1.pth and checkpoint-3.pth, the copies after
+    every 2nd epoch, each holding its own epoch (bug: `epoch % freq`: checkpoint-0 and -2). One step per epoch."""
+    data = make_image_folder(tmp_path / "data", per_class=1)  # 2 images, batch 2
+    saved = []
+    real = checkpoint.atomic_torch_save
+    monkeypatch.setattr(checkpoint, "atomic_torch_save",
+                        lambda obj, path: (saved.append(obj["epoch"]), real(obj, path))[1])
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "last", epochs=4, save_last_freq=2))
+    assert saved == [0, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "last").glob("checkpoint-*.pth")) == [LAST]
+    saved.clear()
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "copy", epochs=4, save_last_freq=1, save_copy_freq=2))
+    assert saved == [0, 1, 2, 3]
+    copies = sorted(p.name for p in (tmp_path / "copy").glob("checkpoint-*.pth") if p.name != LAST)
+    assert copies == ["checkpoint-1.pth", "checkpoint-3.pth"]
+    assert [load(tmp_path / "copy" / name)["epoch"] for name in copies] == [1, 3]
+
+
+def test_save_every_steps_writes_each_step_once(tmp_path, monkeypatch):
+    """--save_every_steps 1, 2 steps per epoch: a mid-epoch save after step 1 of each epoch and the epoch-end save
+    after step 2 (as the next epoch, step 0); bug: `<=` for `<` in on_step also saves the epoch's last step
+    mid-epoch (step_in_epoch 2 of 2), writing every epoch's last checkpoint twice."""
+    data = make_image_folder(tmp_path / "data", per_class=2)  # 4 images, batch 2
+    saved = []
+    real = checkpoint.atomic_torch_save
+
+    def record(obj, path):
+        s = obj["train_state"]
+        saved.append((s["global_step"], s["epoch"], s["step_in_epoch"]))
+        real(obj, path)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", record)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, save_every_steps=1))
+    assert saved == [(1, 0, 1), (2, 1, 0), (3, 1, 1), (4, 2, 0)]
+
+
+def test_a_copy_due_at_an_epoch_without_a_last_save_holds_that_epoch(tmp_path):
+    """Bug: --save_copy_freq copied checkpoint-last.pth as it was on disk, so at an epoch --save_last_freq skips
+    (default 5: epochs 1-4) checkpoint-1.pth held epoch 0's weights under epoch 1's name."""
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=3, save_copy_freq=1))
+    for epoch in range(3):
+        copy = load(tmp_path / "run" / f"checkpoint-{epoch}.pth")
+        assert copy["epoch"] == epoch and copy["train_state"]["global_step"] == epoch + 1

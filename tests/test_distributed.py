@@ -25,6 +25,13 @@ def test_sampler_splits_ranks_and_skips(tmp_path):
     assert list(samplers[0]) == first[3:] and len(samplers[0]) == 2
 
 
+def test_steps_per_epoch_count_full_batches_only():
+    """The loader drops the last partial batch (drop_last): 11 items on 2 ranks = 5 per rank = 2 full batches of 2
+    (bug: rounding up, 3, which skews the lr schedule's epoch fraction and the end-of-epoch checks)."""
+    from util.data.datasets import steps_per_epoch
+    assert [steps_per_epoch(ResumableSampler(11, num_replicas=2, rank=1), b) for b in (1, 2, 3, 5, 6)] == [5, 2, 1, 1, 0]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """main_cache.py, then main_mar.py (train + online eval), each under torchrun --nproc_per_node=2."""

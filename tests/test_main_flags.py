@@ -104,3 +104,55 @@ def test_an_evaluation_without_any_metric_says_so(tmp_path, caplog):
     args = main_mar.resolve_args(parse(tiny_flags(fid_stats="none", num_images=2)))
     main_mar.check_eval_args(args, new_config(tiny_flags(num_images=2)))
     assert "no metric will be computed (--fid_stats none, no --ref_batch" in caplog.text
+
+
+def test_the_run_s_own_sampling_point_is_the_first_of_each_list():
+    """--cfg 2 3 --temperature 0.9 1.1: generate() and the online evaluation draw at the first values, (2, 0.9)
+    (bug: the last ones); the sweep keeps every point in the order given."""
+    args = main_mar.resolve_args(parse(["--cfg", "2", "3", "--temperature", "0.9", "1.1"]))
+    assert (args.cfg, args.temperature) == (2.0, 0.9)
+    assert main_mar.sweep_points(args) == [(2.0, 0.9), (2.0, 1.1), (3.0, 0.9), (3.0, 1.1)]
+
+
+def test_training_starts_from_the_rank_s_own_seeded_streams(tmp_path, monkeypatch):
+    """The initial weights come from --seed; then each rank's torch, numpy and Python streams are re-seeded with
+    --seed + rank (rank 0 here) before training (bug: the re-seed of torch left out: training would continue the
+    weight-init stream, the same on every rank, so all ranks drew the same masks and label drops)."""
+    import random
+    import numpy as np
+    import torch
+    seen = {}
+
+    def fake_train(*args, **kwargs):
+        seen.update(torch=torch.get_rng_state(), numpy=np.random.get_state()[1].copy(), python=random.getstate())
+        return 0
+
+    monkeypatch.setattr(main_mar, "train", fake_train)
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", seed=7))
+    assert torch.equal(seen["torch"], torch.manual_seed(7).get_state())
+    np.random.seed(7)
+    random.seed(7)
+    assert np.array_equal(seen["numpy"], np.random.get_state()[1]) and seen["python"] == random.getstate()
+
+
+def test_the_default_lr_scales_with_the_global_batch(monkeypatch):
+    """--lr defaults to --blr x (processes x --batch_size) / 256: 1e-4 x 4 x 32 / 256 = 5e-5 on 4 processes
+    (bug: the process count left out, which trains a multi-GPU run at a fraction of the recipe's lr)."""
+    monkeypatch.setattr(main_mar.distributed, "get_world_size", lambda: 4)
+    args = main_mar.resolve_args(parse(["--blr", "1e-4", "--batch_size", "32"]))
+    assert args.lr == pytest.approx(5e-5, rel=1e-12)
+    assert main_mar.resolve_args(parse(["--lr", "0.5", "--batch_size", "32"])).lr == 0.5  # a given lr is kept
+
+
+def test_a_resumed_run_keeps_its_class_count_over_the_data_s(tmp_path):
+    """Only a new run without --class_num takes the class count from the data; a resumed run keeps its
+    checkpoint's (3 here, trained on a 2-class folder; bug: 2 taken from the data, and the resume fails on the
+    class embedding's shape)."""
+    from tests.pipeline_fixtures import load
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    run = tmp_path / "run"
+    run_main(tiny_flags(data_path=data, output_dir=run, class_num=3, epochs=1))
+    run_main(tiny_flags(data_path=data, output_dir=run, class_num=None, resume=run, epochs=2))
+    ckpt = load(run / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["class_num"] == 3

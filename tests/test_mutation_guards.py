@@ -6,6 +6,7 @@ Each test names the bug it guards against; the oracles are numpy formulas, liter
 public behaviour of another entry point (teacher forcing for sampling), never the code under test.
 """
 import os
+import types
 
 import numpy as np
 import pytest
@@ -318,6 +319,28 @@ def test_evaluation_draws_each_batch_from_its_pinned_seed(tmp_path, monkeypatch)
         (folder / "images").mkdir(parents=True)
         engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(folder))
     assert seeds == [SEEDS[3, 0], SEEDS[3, 1], SEEDS[4, 0], eval_folder.batch_seed(4, 1)]
+
+
+def test_seconds_per_image_leave_out_the_first_drawn_batch(tmp_path, monkeypatch):
+    """Bug: `timed = times` for `times[1:] or times`: the first drawn batch (warm-up: compilation, CUDA graph
+    capture) counted in the speed. A scripted clock (not the real one): batch 0 takes 10 s, batches 1 and 2
+    take 1 s, 2 images each: (1 + 1) / 4 = 0.5 s per image, not (10 + 1 + 1) / 6 = 2; one drawn batch alone
+    is its own estimate (10 / 2)."""
+    clock = {"now": 100.0, "cost": iter([10.0, 1.0, 1.0, 10.0])}
+    real = engine_mar.generate
+
+    def timed_generate(*args, **kwargs):
+        clock["now"] += next(clock["cost"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mar, "generate", timed_generate)
+    monkeypatch.setattr(engine_mar, "time", types.SimpleNamespace(time=lambda: clock["now"]))  # engine_mar's only
+    args, model, tokenizer, _ = eval_setup(tmp_path, num_images=6, eval_bsz=2, num_iter=1)
+    (tmp_path / "eval" / "images").mkdir(parents=True)
+    assert engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / "eval")) == (6, 0, 0.5)
+    args.num_images = 2
+    (tmp_path / "one" / "images").mkdir(parents=True)
+    assert engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / "one")) == (2, 0, 5.0)
 
 
 def test_every_drawn_image_is_written_and_a_failed_write_stops_the_evaluation(tmp_path, monkeypatch):

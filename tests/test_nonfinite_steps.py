@@ -131,6 +131,13 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         model.z_proj.weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match="refusing to write"):
         save()
+    model.z_proj.weight.data[0, 0] = 0.0
+    # the optimizer's moments too (AdamW's exp_avg_sq after a step): check_finite must not leave them out
+    model.z_proj.weight.grad = torch.ones_like(model.z_proj.weight)
+    optimizer.step()
+    optimizer.state[model.z_proj.weight]["exp_avg_sq"].view(-1)[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="refusing to write .* 1 non-finite values"):
+        save()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
 

@@ -94,6 +94,26 @@ def test_a_signal_during_the_epoch_end_save_stops_before_the_next_epoch(tmp_path
     assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
 
 
+
+def test_a_signal_during_the_last_epoch_s_save_still_ends_the_finished_run_with_0(tmp_path, monkeypatch):
+    """Every epoch trained and saved: a signal arriving in the final save is no reason to requeue (bug: asking
+    the ranks to agree on a stop after the last epoch too, which returns REQUEUE_EXIT for a finished run)."""
+    data = make_image_folder(tmp_path / "data", per_class=1)  # 1 step per epoch
+    real, saves = checkpoint.atomic_torch_save, []
+
+    def save_then_signal(obj, path):
+        saves.append(obj["train_state"]["global_step"])
+        real(obj, path)
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", save_then_signal)
+    assert main_exit_code(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, save_last_freq=1),
+                          monkeypatch) == 0
+    assert saves == [1, 2]
+    assert load(tmp_path / "run" / LAST)["train_state"]["epoch"] == 2
+
+
 LAUNCHER = textwrap.dedent(f"""
     import os, signal, sys
     sys.path.insert(0, {str(REPO)!r})

@@ -4,6 +4,7 @@ step, zero_grad, EMA, label drop) must leave a trace that a hand-written step re
 The expectations are independent of the code under test: the learning rates are literal numbers
 worked out from the schedule's formula, and the reference step is plain tensor arithmetic.
 """
+import dataclasses
 import math
 
 import pytest
@@ -208,3 +209,118 @@ def test_training_loop_refuses_labels_out_of_range(tmp_path):
     with pytest.raises(ValueError, match=r"labels must be in \[0, 10\) \(class_num\); got values in \[3, 10\]"):
         train_one_epoch(model, PixelTokenizer(), loader, torch.optim.SGD(model.parameters(), lr=0.1), None,
                         EMA(model, 0.9), TrainState(), step_config(), steps_in_epoch=1)
+
+
+def one_step_setup(seed=0):
+    """A tiny model, two copies of one batch and a constant-lr config (no warm-up) for single-step checks."""
+    torch.manual_seed(seed)
+    model = randomize_(tiny_mar(), std=0.1)
+    data = batches(2, seed + 1)
+    config = TrainConfig(grad_clip=0.0, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, lr_schedule="constant",
+                         precision="fp32", log_freq=100)
+    return model, data, config
+
+
+def test_grad_clip_0_means_no_clipping():
+    """--grad_clip 0 is "no clipping": with `>= 0` for `> 0` the loop clips every gradient to norm 0 and the
+    weights never move. The step must be p - lr * g with the full gradient g."""
+    model, data, config = one_step_setup()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    images, labels = data[0]
+    torch.manual_seed(7)
+    model.train()
+    grads = torch.autograd.grad(model(images, labels), params, allow_unused=True)
+    torch.manual_seed(7)  # the same masks and label drops in the loop's step
+    train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), [(images.clone(), labels)],
+                    torch.optim.SGD(params, lr=1.0), torch.amp.GradScaler("cpu", enabled=False), EMA(model, 0.9),
+                    TrainState(), config, 1)
+    assert math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None)) > 1.0  # a clip to 0 would show
+    for p, start, g in zip(params, before, grads):
+        expected = start if g is None else start - 0.1 * g
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_skipped_step_backs_off_the_fp16_loss_scale():
+    """An overflowed (inf) gradient under fp16: skip_step must call scaler.update(), which halves the scale
+    (2^10 -> 2^9) and ends the scaler's step; without it the next step's unscale_ raises ("unscale_() has
+    already been called") and the scale never backs off. The next, finite step is applied."""
+    model, data, config = one_step_setup()
+    first = next(model.parameters())
+
+    class OverflowOnce(torch.amp.GradScaler):
+        """An overflow in the first backward: an inf in the scaled gradient, found by unscale_."""
+        calls = 0
+
+        def unscale_(self, optimizer):
+            OverflowOnce.calls += 1
+            if OverflowOnce.calls == 1:
+                first.grad.view(-1)[0] = float("inf")
+            return super().unscale_(optimizer)
+
+    scaler = OverflowOnce("cpu", init_scale=2.0 ** 10, growth_interval=1000, enabled=True)
+    state, scales = TrainState(), []
+    before = [p.detach().clone() for p in model.parameters()]
+    train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
+                    torch.optim.SGD(model.parameters(), lr=1.0), scaler, EMA(model, 0.9), state, config, 2,
+                    on_step=lambda s: scales.append(scaler.get_scale()))
+    assert scales == [2.0 ** 9, 2.0 ** 9]
+    assert (state.global_step, state.skipped_steps, state.skips_in_a_row) == (2, 1, 0)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # step 2 was applied
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+
+
+def test_logged_losses_are_the_rank_mean_and_the_window_mean(monkeypatch, caplog):
+    """Two ranks emulated (the all-reduce doubles every sum, as two identical ranks would): the TensorBoard loss
+    is the sum over ranks / 2, i.e. this rank's own loss here, not the sum (`/ world` left out). The progress
+    lines (--log_freq 2, 3 steps, global steps 6-8) come at iterations 2 (a multiple of log_freq, counted in the
+    epoch, not in global steps) and 3 (the epoch's last), each with the mean loss of the steps since the last
+    line (the window is reset after each line)."""
+    import re
+    import engine_mar
+    model, data, config = one_step_setup()
+    data = data + batches(1, 9)
+    config = dataclasses.replace(config, log_freq=2)
+    losses = []
+    real_forward = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        loss = real_forward(self, *args, **kwargs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(type(model), "forward", forward)
+    monkeypatch.setattr(engine_mar.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(engine_mar.distributed, "all_reduce_sum", lambda t: t.mul_(2))
+    writer = RecordingWriter()
+    caplog.set_level("INFO", logger="engine_mar")
+    train_one_epoch(model, PixelTokenizer(img_channels=16, levels=None), data,
+                    torch.optim.SGD(model.parameters(), lr=1e-3), torch.amp.GradScaler("cpu", enabled=False),
+                    EMA(model, 0.9), TrainState(global_step=5), config, 3, writer=writer)
+    assert len(losses) == 3
+    logged = writer.scalars["train/loss"]
+    assert [step for step, _ in logged] == [6, 7, 8]
+    assert [value for _, value in logged] == pytest.approx(losses, rel=1e-6)
+    lines = [re.search(r"step (\d+)/3 \(global (\d+)\)  loss (\S+)", r.getMessage()) for r in caplog.records
+             if "images/s" in r.getMessage()]
+    assert [(int(m[1]), int(m[2])) for m in lines] == [(2, 7), (3, 8)]
+    assert [float(m[3]) for m in lines] == pytest.approx([(losses[0] + losses[1]) / 2, losses[2]], abs=1e-4)
+
+
+def test_each_epoch_draws_its_own_flips(tmp_path, monkeypatch):
+    """The data set is told the epoch before each epoch's loader (its flips are coins of (seed, epoch, index));
+    bug: set_epoch never called, so every epoch would reuse epoch 0's flips. Recorded: the epoch the data set
+    held at each item read, 2 epochs x 4 items."""
+    from util.data.datasets import ImageFolderADM
+    seen, real = [], ImageFolderADM.__getitem__
+    monkeypatch.setattr(ImageFolderADM, "__getitem__", lambda self, i: (seen.append(self.epoch), real(self, i))[1])
+    data = make_image_folder(tmp_path / "data", per_class=2)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2))
+    assert seen == [0] * 4 + [1] * 4
