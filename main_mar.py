@@ -18,7 +18,6 @@ import logging.handlers
 import math
 import os
 import random
-import shlex
 import sys
 import time
 
@@ -523,7 +522,8 @@ def interrupted_training(args, argv):
 
 
 def cli(argv=None):
-    """Entry point: a bad flag or input, or full or read-only storage, ends the run with one line naming the fix."""
+    """Entry point: a bad flag or input, full or read-only storage, or Ctrl-C outside the training loop ends the run
+    with one line naming the fix or the command that continues."""
     args = get_args_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     start = time.time()
