@@ -418,6 +418,30 @@ def test_demo_edit_on_a_run_folder_writes_into_that_run(pixel_run, tmp_path, mon
     assert (run_dir / "edit-demo" / "edit_grid.png").is_file() and not (run_dir.parent / "edit-demo").exists()
 
 
+def test_demo_edit_seeds_itself_and_takes_cfg_and_seed_from_its_flags(pixel_run, tmp_path, monkeypatch):  # noqa: F811
+    """--seed fixes the digits whatever the caller's random state (the module doc's promise), and --cfg
+    overrides the run's own guidance as --num_iter does. Bugs: the torch.manual_seed(args.seed) line dropped
+    (each call draws from wherever the global generator stands), --cfg not copied into the sample args.
+    The editor is a stand-in that draws noise from the global generator, so the seeding is all that is
+    tested."""
+    demo_run(pixel_run, tmp_path)
+    seen = []
+
+    def noise(model, tokenizer, images, labels, keep, args, backend):
+        seen.append((args.cfg, args.seed))
+        return torch.randint(0, 256, (*images.shape[:1], *images.shape[2:], 1), dtype=torch.uint8).numpy()
+
+    monkeypatch.setattr(demo_edit, "regenerate_bottom", noise)
+    runs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        metrics = demo_edit.main(["--runs", str(tmp_path / "runs"), "--num_iter", "2", "--cfg", "3.5", "--seed", "7"])
+        runs.append(np.asarray(Image.open(tmp_path / "runs" / "demo-1" / "edit-demo" / "edit_grid.png")))
+        assert metrics["cfg"] == 3.5 and metrics["seed"] == 7
+    assert seen == [(3.5, 7)] * 4
+    assert np.array_equal(runs[0], runs[1])
+
+
 def test_demo_edit_without_a_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo_edit.main(["--runs", str(tmp_path)])

@@ -393,3 +393,27 @@ def test_a_bare_state_dict_that_does_not_fit_the_default_model_says_what_to_pass
         config_from_checkpoint(state, state, source="bare.pth")
     with pytest.raises(ValueError, match=r"^--width 32 must be a multiple of --num_heads 12$"):  # named: plain
         config_from_checkpoint(state, state, given={"model": "mar_base"}, source="bare.pth")
+
+
+def test_the_export_command_writes_the_ema_by_default_and_the_live_weights_with_no_ema(tmp_path, capsys):
+    """`python -m util.io.checkpoints SRC DEST [--no_ema]`. Bugs: --no_ema read the wrong way round (the
+    default export publishing the live weights), a DEST not ending in .safetensors written anyway, a missing
+    SRC escaping as a traceback instead of a one-line usage error."""
+    from util.io.checkpoints import main
+    source = randomize_(tiny_mar(), seed=5)
+    live = source.state_dict()
+    ema = {k: v + 1 for k, v in live.items()}
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=live, model_ema=ema, args={},
+                           config=source.config.to_dict())
+    main([str(ckpt), str(tmp_path / "ema.safetensors")])
+    exported = read_checkpoint(tmp_path / "ema.safetensors")["model_ema"]
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+    main([str(ckpt), str(tmp_path / "live.safetensors"), "--no_ema"])
+    exported = read_checkpoint(tmp_path / "live.safetensors")["model"]
+    assert all(torch.equal(exported[k], live[k]) for k in live)
+    for argv, message in (([str(ckpt), str(tmp_path / "out.pth")], "dest must end in .safetensors"),
+                          ([str(tmp_path / "absent.pth"), str(tmp_path / "x.safetensors")], "absent.pth")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth", "ema.safetensors", "live.safetensors"]

@@ -13,7 +13,7 @@ import torch
 from models import create_model
 from models.families.common import CapturedBuffers, EagerSteps
 from models.families.scalewise import ScalewiseAR
-from models.multiscale import accumulate, covered, residuals, scales_for
+from models.multiscale import accumulate, covered, kept_residual, residuals, scales_for
 from models.scalewise_blocks import AdaLNBeforeHead, ScaleAttention, ScaleBlock, SelectiveScanMixer, drop_path
 from models.scan import selective_scan_ref
 from models.token_grid import patchify, unpatchify
@@ -535,6 +535,16 @@ def test_forward_drops_labels_to_the_null_row_in_training_only():
     assert abs(cond - uncond) > 1e-3 * abs(uncond)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_an_eval_forward_refuses_a_label_out_of_range():
+    """Bug: the scale-wise forward never checks label values, so in eval (validation losses) class_num itself
+    silently reads the null row (the unconditional model) where MAR and causal raise a one-line error."""
+    model = tiny()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 10\)"):
+        model(latents(2), torch.tensor([0, 10]))
+    assert torch.isfinite(model.train()(latents(2), torch.tensor([0, 9])))  # training: the loop checks on the host
+
+
 def np_covered(keep, side):
     """keep [n, n] bool -> [side, side]: cell (i, j) covers rows floor(i n / side) .. ceil((i + 1) n / side) - 1
     (and the same for columns); it is covered when all of them are kept."""
@@ -556,3 +566,217 @@ def test_a_cell_counts_as_covered_only_when_its_whole_footprint_is_kept():
         for side in scales_for(n)[:-1]:
             got = covered(torch.from_numpy(masks)[:, None], side)[:, 0].numpy()
             assert np.array_equal(got, np.stack([np_covered(k, side) for k in masks])), (n, side)
+
+
+# ------------------------------------------------- mutation guards (blocks against naive references, init, CFG)
+def np_layer_norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def np_softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def weights(module):
+    return {k: v.detach().double().numpy() for k, v in module.named_parameters()}
+
+
+def test_scale_attention_equals_a_naive_float64_reference():
+    """VAR's attention written out per head from its description: q = x Wq + q_bias, k = x Wk (no bias),
+    v = x Wv + v_bias; q and k L2-normalised over the head's features, q times min(exp(log_t), 100), softmax
+    at scale 1, then proj. Bugs: the zero bias on v instead of k, the temperature cap dropped (head 1 asks
+    for 500), k not normalised or normalised over the wrong axis, a 1/sqrt(head_dim) softmax scale."""
+    width, heads, hd, length = 8, 2, 4, 5
+    attn = randomize_(ScaleAttention(width, heads), std=0.5, seed=3).double()
+    with torch.no_grad():
+        attn.log_temperature.copy_(torch.tensor([2.0, 500.0], dtype=torch.float64).log().view(1, 2, 1, 1))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, length, width, generator=gen, dtype=torch.float64)
+    mask = torch.rand(length, length, generator=gen) < 0.6
+    mask |= torch.eye(length, dtype=torch.bool)
+    got = attn(x, mask).detach().numpy()
+
+    w, xs, m = weights(attn), x.numpy(), mask.numpy()
+    wq, wk, wv = np.split(w["mat_qkv.weight"], 3)
+    q, k, v = xs @ wq.T + w["q_bias"], xs @ wk.T, xs @ wv.T + w["v_bias"]
+    out = np.zeros_like(xs)
+    for h, temp in enumerate([2.0, 100.0]):
+        cols = slice(h * hd, (h + 1) * hd)
+        qh = q[..., cols] / np.linalg.norm(q[..., cols], axis=-1, keepdims=True) * temp
+        kh = k[..., cols] / np.linalg.norm(k[..., cols], axis=-1, keepdims=True)
+        scores = np.where(m, qh @ kh.transpose(0, 2, 1), -np.inf)
+        out[..., cols] = np_softmax(scores) @ v[..., cols]
+    want = out @ w["proj.weight"].T + w["proj.bias"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+class StandInScan(torch.nn.Module):
+    """A stateless stand-in for the scan branch (the block's wiring is under test, not the scan)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = torch.nn.Linear(width, width)
+
+    def forward(self, x, state=None):
+        return torch.tanh(self.lin(x))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_scale_block_is_adaln_with_gamma_scale_shift_rows_in_that_order(mixer):
+    """A block from the module doc: ada_lin(cond) = [gammas | scales | shifts], one width-sized chunk per branch
+    (attention, [scan,] MLP); each branch reads LayerNorm(x) * (1 + scale_i) + shift_i and adds gamma_i times
+    its output. Bugs: gammas and scales swapped, shift and scale swapped, a gate dropped, the MLP (or the
+    scan) reading another branch's modulation, the rows laid out branch-major."""
+    width = 8
+    block = ScaleBlock(width, 2, mlp_ratio=2.0, scan=StandInScan(width) if mixer == "mvar" else None)
+    block = randomize_(block, std=0.5, seed=5).double().eval()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, width, generator=gen, dtype=torch.float64)
+    cond = torch.randn(2, width, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        got = block(x, cond).numpy()
+    attn, ffn, scan = (lambda a, f=f: f(torch.from_numpy(a)).detach().numpy()  # the sub-layers as black boxes
+                       for f in (block.attn, block.ffn, block.scan))
+    w = weights(block)
+    n = 3 if mixer == "mvar" else 2
+    chunks = np.split(np_silu(cond.numpy()) @ w["ada_lin.1.weight"].T + w["ada_lin.1.bias"], 3 * n, axis=-1)
+    gamma, scale, shift = ([c[:, None] for c in chunks[i * n:(i + 1) * n]] for i in range(3))
+    branches = [attn, scan, ffn] if mixer == "mvar" else [attn, ffn]
+    h = x.numpy()
+    for i, branch in enumerate(branches):
+        h = h + gamma[i] * branch(np_layer_norm(h) * (1 + scale[i]) + shift[i])
+    np.testing.assert_allclose(got, h, rtol=0, atol=1e-10)
+
+
+def test_the_norm_before_the_head_is_adaln_with_scale_rows_then_shift_rows():
+    """z = LayerNorm(x) * (1 + scale) + shift, ada_lin(cond) = [scale | shift]. Bug: the two read swapped."""
+    head_nm = randomize_(AdaLNBeforeHead(6), std=0.5, seed=7).double()
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)
+    cond = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    w = weights(head_nm)
+    scale, shift = np.split(np_silu(cond.numpy()) @ w["ada_lin.1.weight"].T + w["ada_lin.1.bias"], 2, axis=-1)
+    want = np_layer_norm(x.numpy()) * (1 + scale[:, None]) + shift[:, None]
+    np.testing.assert_allclose(head_nm(x, cond).detach().numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_the_scan_mixer_equals_a_naive_mamba_in_float64():
+    """SelectiveScanMixer over a whole sequence, written out from Mamba: in_proj -> (x, gate); causal
+    depthwise conv (zeros before the start) and SiLU; x_proj -> (dt, B, C); step sizes softplus(dt W_dt^T
+    + dt_bias); A = -exp(A_log); the recurrence (tests/test_scan.py's naive loop) gated by SiLU(gate);
+    out_proj. Bugs: A = +exp(A_log), softplus dropped, SiLU after the conv dropped, the step sizes
+    reversed along the sequence."""
+    from tests.test_scan import naive
+    width, length = 4, 6
+    mixer = randomize_(SelectiveScanMixer(width, expand=2, state_dim=3, conv_width=3), std=0.5, seed=9).double()
+    x = torch.randn(2, length, width, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    with torch.no_grad():
+        got = mixer(x).numpy()
+    w = weights(mixer)
+    inner, rank, n, cw = 8, mixer.rank, 3, 3
+    xz = x.numpy() @ w["in_proj.weight"].T                       # [b, L, 2 inner]
+    xs, gate = xz[..., :inner], xz[..., inner:]
+    conv = np.zeros_like(xs)
+    for t in range(length):
+        for j in range(cw):  # tap j reads position t - (cw - 1) + j
+            src = t - (cw - 1) + j
+            if src >= 0:
+                conv[:, t] += w["conv.weight"][:, 0, j] * xs[:, src]
+    u = np_silu(conv + w["conv.bias"])                           # [b, L, inner]
+    proj = u @ w["x_proj.weight"].T
+    dt, B, C = proj[..., :rank], proj[..., rank:rank + n], proj[..., rank + n:]
+    delta = dt @ w["dt_weight"].T                                 # softplus(delta + bias) inside naive
+    y, _ = naive(u.transpose(0, 2, 1), delta.transpose(0, 2, 1), -np.exp(w["A_log"]), B.transpose(0, 2, 1),
+                 C.transpose(0, 2, 1), w["D"], gate.transpose(0, 2, 1), w["dt_bias"], np.zeros((2, inner, n)))
+    want = y.transpose(0, 2, 1) @ w["out_proj.weight"].T
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_init_follows_vars_rules(mixer):
+    """VAR's init (see initialize_weights' docstring), checked on the untouched model: every AdaLN gate row
+    x 1e-3 and the scale/shift rows x 0.5 of std sqrt(1 / (3 width)); the head's norm rows x 0.5; the
+    embeddings at that std and the residual projections (attention, MLP, scan) at it / sqrt(2 depth); drop
+    path linear from 0 to --drop_path over the blocks; Mamba's A = -(1..N), D = 1 and step sizes
+    softplus(dt_bias) in [1e-3, 0.1]. Bugs: only the first branch's gate shrunk, the scale/shift (or the head
+    norm's) halving dropped, a projection left undivided, the rates divided by depth (the last block short
+    of --drop_path), the inverse softplus dropped from dt_bias, A's order reversed."""
+    torch.manual_seed(0)
+    model = create_model("scalewise_tiny", mixer=mixer, drop_path=0.3, depth=3, **DIGITS)
+    width = model.family_config.width
+    std = (1 / width / 3) ** 0.5
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.15, 0.3])
+    for p in (model.pos_start, model.pos_embed, model.class_emb.weight, model.word_embed.weight):
+        assert 0.8 * std < p.std() < 1.2 * std
+    for block in model.blocks:
+        residual = [block.attn.proj.weight, block.ffn.fc2.weight] + ([block.scan.out_proj.weight] if block.scan else [])
+        for w in residual:  # the residual projections / sqrt(2 depth)
+            assert 0.8 * std / (2 * 3) ** 0.5 < w.std() < 1.2 * std / (2 * 3) ** 0.5
+        ada = block.ada_lin[1].weight.detach()
+        gates = block.branches * width
+        assert ada[:gates].std() < 2e-3 * std
+        assert 0.4 * std < ada[gates:].std() < 0.6 * std
+        if block.scan is not None:
+            a_log = block.scan.A_log.detach()
+            assert torch.equal(a_log, torch.log(torch.arange(1.0, block.scan.state_dim + 1)).expand_as(a_log))
+            assert torch.equal(block.scan.D, torch.ones_like(block.scan.D))
+            steps = torch.nn.functional.softplus(block.scan.dt_bias.detach())
+            assert (steps >= 1e-3 * 0.999).all() and (steps <= 0.1 * 1.001).all()
+    assert 0.4 * std < model.head_nm.ada_lin[1].weight.std() < 0.6 * std
+
+
+def test_both_cfg_halves_read_the_same_inputs():
+    """With CFG the unconditional rows must see the same resized f_hat as the conditional ones (the guided
+    sample is one image seen under two class vectors). Bug: the batch doubled with zeros (or a stale
+    canvas) for the null half; the cached-vs-teacher-forcing check cannot see it, as it replays whatever
+    was fed."""
+    model, rec = tiny(), Recorder()
+    torch.manual_seed(2)
+    model.sample_tokens(2, cfg=3.0, labels=torch.tensor([4, 6]), backend=rec)
+    for _, args, _ in rec.steps[1:]:
+        assert args[0].shape[0] == 4 and args[0][:2].abs().sum() > 0
+        assert torch.equal(args[0][2:], args[0][:2])
+
+
+def test_one_step_a_scale_whatever_num_iter():
+    """sampling_steps names an evaluation's step count: the number of scales. Bug: it returns num_iter."""
+    model = tiny()
+    assert [model.sampling_steps(n) for n in (1, 4, 64)] == [4, 4, 4]
+
+
+def test_kept_residual_is_the_resized_gap_on_kept_positions_and_zero_elsewhere():
+    """Editing's forced residual: resize(known - f_hat where kept, 0 elsewhere). Bug: the mask applied to known
+    alone (resize(where(keep, known, 0) - f_hat)): the sampler's f_hat over open positions leaks into the
+    forced cells through the bicubic taps, so a covered cell next to the open region is pulled by it."""
+    rng = np.random.default_rng(11)
+    f_hat, known = rng.normal(size=(2, 3, 4, 4)), rng.normal(size=(2, 3, 4, 4))
+    keep = np.zeros((2, 1, 4, 4), dtype=bool)
+    keep[..., :, :2] = True  # the left half
+    keep[1, 0, 3, 3] = True
+    for side in (1, 2, 3):
+        got = kept_residual(torch.from_numpy(f_hat), torch.from_numpy(known), torch.from_numpy(keep), side)
+        np.testing.assert_allclose(got.numpy(), np_resize(np.where(keep, known - f_hat, 0.0), side), rtol=0,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_drop_path_drops_branches_never_the_residual_stream(mixer):
+    """Stochastic depth drops a branch's gated output, never x itself: with every gate 0 (ada_lin zero) a
+    block is the identity bit for bit in training, whatever is dropped. Bug: the drop wrapped round
+    x + branch, zeroing (or rescaling by 1 / (1 - p)) the whole stream of a dropped sample."""
+    width = 8
+    scan = StandInScan(width) if mixer == "mvar" else None
+    block = randomize_(ScaleBlock(width, 2, mlp_ratio=2.0, scan=scan, drop_path=0.5), std=0.5, seed=12).train()
+    with torch.no_grad():
+        block.ada_lin[1].weight.zero_()
+        block.ada_lin[1].bias.zero_()
+    gen = torch.Generator().manual_seed(13)
+    x, cond = torch.randn(64, 3, width, generator=gen), torch.randn(64, width, generator=gen)
+    torch.manual_seed(0)
+    assert torch.equal(block(x, cond), x)

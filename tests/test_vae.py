@@ -82,6 +82,24 @@ def test_load_checkpoint_bad_keys(vae, manifest, tmp_path, change):
     assert "\n" not in msg
 
 
+def test_a_wrong_shape_is_a_one_line_error_and_safetensors_files_load(tmp_path):
+    """The loader's checks on a small stand-in module (any module's state dict goes through the same code).
+    Bugs: the shape check dropped (load_state_dict's multi-line RuntimeError instead of the one-line error
+    naming the key), a .safetensors file sent to torch.load."""
+    from safetensors.torch import save_file
+    good = {"weight": torch.arange(6.0).view(3, 2), "bias": torch.tensor([1.0, 2.0, 3.0])}
+    path = tmp_path / "kl16.safetensors"
+    save_file(good, str(path))
+    model = load_vae_weights(torch.nn.Linear(2, 3), path)
+    assert torch.equal(model.weight, good["weight"]) and torch.equal(model.bias, good["bias"])
+    assert not model.training and not model.weight.requires_grad
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"model": {**good, "weight": torch.zeros(3, 3)}}, bad)
+    with pytest.raises(ValueError, match=r"bad.ckpt is not MAR's kl16.ckpt: 1 wrong shape keys \(weight\)") as err:
+        load_vae_weights(torch.nn.Linear(2, 3), bad)
+    assert "\n" not in str(err.value)
+
+
 def test_load_checkpoint_missing_file(vae, tmp_path):
     path = tmp_path / "nowhere" / "kl16.ckpt"
     with pytest.raises(FileNotFoundError, match="nowhere") as err:

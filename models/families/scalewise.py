@@ -162,7 +162,7 @@ class ScalewiseAR(OuterModel):
         if labels is None:
             ids = torch.full((batch_size,), self.null_class, device=device)
         else:
-            check_labels(labels, batch_size, self.class_num, values=False)  # sample_tokens checks the values
+            check_labels(labels, batch_size, self.class_num, values=False)  # forward and sample_tokens check them
             ids = labels.to(device=device, dtype=torch.long)
             if drop_labels and self.label_drop_prob > 0:
                 drop = torch.rand(batch_size, device=device) < self.label_drop_prob
@@ -220,6 +220,8 @@ class ScalewiseAR(OuterModel):
         check_latents(self.tokens, latents)
         grid = seq_to_grid(patchify(latents, self.tokens), self.side)
         targets, inputs = residuals(grid, self.scales)
+        if labels is not None:  # training leaves their range to the training loop (a host sync), as MAR does
+            check_labels(labels, grid.shape[0], self.class_num, values=not self.training)
         cond = self.class_vectors(labels, grid.shape[0], drop_labels=self.training)
         # the inputs of scales 2..S in order (none on a 1 x 1 grid)
         inputs = torch.cat([grid.new_zeros(grid.shape[0], 0, self.token_dim)] + [grid_to_seq(x) for x in inputs], 1)
