@@ -649,3 +649,85 @@ def test_bad_arguments_are_one_line_errors():
         model.sample_tokens(2, cfg=2.0)
     with pytest.raises(ValueError, match="keep"):
         model.sample_tokens(2, keep=torch.ones(2, L - 1, dtype=torch.bool), known=torch.randn(2, 1, 12, 12))
+
+
+# ----------------------------------------------------------------------------- mutation guards (second pass)
+def test_attention_dropout_is_off_in_eval_and_on_in_training():
+    """Bugs: the self half's teacher-forced attention or the cross half's attention handing --attn_dropout to
+    attend() whatever the mode (evaluation and sampling then drop attention weights at random), or never
+    (training without the dropout it was configured with). Oracles: in eval, the float64 Reference (which
+    has no dropout) for a model built with attn_dropout 0.5; in training, two calls of each half's block on
+    the same input must differ."""
+    model = tiny(attn_dropout=0.5)
+    tokens, orders = random_tokens(1, seed=9), torch.randperm(L, generator=torch.Generator().manual_seed(9))[None]
+    with torch.no_grad():
+        z = model.condition(tokens, orders, torch.tensor([4]))
+        want = Reference(model).z(tokens[0], 4, orders[0, :-1], [(orders[0, i], i) for i in range(L)])
+        torch.testing.assert_close(z[0].double(), want, rtol=1e-4, atol=1e-4)
+        model.train()
+        x = torch.randn(1, L, 32, generator=torch.Generator().manual_seed(5))
+        rot = model.rotation(orders)
+        k, v = (torch.randn(1, 2, L, 16, generator=torch.Generator().manual_seed(s)) for s in (6, 7))
+        for name, run in (("self", lambda: model.self_blocks[0](x, rot)),
+                          ("cross", lambda: model.cross_blocks[0](x, rot, k, v, causal=True))):
+            torch.manual_seed(0)
+            first, second = run(), run()
+            assert (first - second).abs().max() > 1e-3, f"no attention dropout in the {name} half while training"
+
+
+def test_an_eval_forward_never_drops_labels():
+    """Bug: the forward's label drop applied in eval mode too (drop_labels=True instead of self.training): an
+    evaluation loss at --label_drop_prob 1 would be the unconditional one."""
+    model = tiny(label_drop_prob=1.0)
+    latents = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([2, 7])
+    orders = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+    with torch.no_grad():
+        at_one = float(model(latents, labels, orders=orders))
+        model.label_drop_prob = 0.0
+        at_zero = float(model(latents, labels, orders=orders))
+        uncond = float(model(latents, None, orders=orders))
+    assert at_one == at_zero
+    assert abs(at_one - uncond) > 1e-4 * abs(uncond)
+
+
+def test_label_drop_is_drawn_per_image():
+    """Bug: one draw for the whole batch (torch.rand(()) instead of one per image): every batch then trains
+    all-conditional or all-unconditional. Oracle: 20000 labels at --label_drop_prob 0.1 go to the null class
+    (row 10) independently, so the share is binomial: within 4 sigma of 0.1."""
+    model = tiny(label_drop_prob=0.1).train()
+    torch.manual_seed(0)
+    ids = model.class_ids(torch.full((20000,), 3), 20000, torch.device("cpu"), drop_labels=True)
+    assert set(ids.unique().tolist()) == {3, 10}
+    share = float((ids == 10).double().mean())
+    assert abs(share - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 20000)
+
+
+@pytest.mark.parametrize("share,count", [(0.3, 11), (0.32, 12), (0.01, 1)])
+def test_target_subsample_rounds_to_the_nearest_count_and_keeps_at_least_one(share, count):
+    """Bugs: the per-image target count truncated (int: 10.8 -> 10, 11.52 -> 11) or not clamped to >= 1
+    (0.36 -> 0 targets, a NaN loss). By hand for 36 tokens: round(10.8) = 11, round(11.52) = 12,
+    max(1, round(0.36)) = 1."""
+    model = tiny(target_subsample=share, label_drop_prob=0.0).train()
+    rows, loss_fn = [], model.head.loss
+    model.head.loss = lambda target, z: rows.append(target.shape[0]) or loss_fn(target, z)
+    with torch.no_grad():
+        loss = model(torch.randn(3, 1, 12, 12), torch.tensor([0, 1, 2]))
+    assert rows == [3 * count * model.head.train_repeats] and torch.isfinite(loss)
+
+
+def test_class_table_and_queries_start_normal_002_and_the_head_keeps_its_own_init():
+    """Bugs: the query position table (or the query token, or the class table) left out of the normal(0.02)
+    init, the std mistyped, or the head built before the outer init (its 0.02-scaled output weights reset to
+    Xavier). Oracles: MAR's std 0.02 for the learned tables and ARINAR's inner-head output weight std
+    0.02 x 0.02, by chi-square on the entries (sum(t^2) / std^2 ~ chi2(numel), two-sided 1e-4)."""
+    torch.manual_seed(0)
+    model = create_model("causal_tiny", head="arinar", **TINY)
+
+    def fits(t, std):
+        p = stats.chi2.cdf(float((t.detach().double() ** 2).sum()) / std ** 2, t.numel())
+        return 1e-4 < p < 1 - 1e-4
+
+    for name in ("class_emb.weight", "query_token", "query_pos_embed"):
+        assert fits(model.get_parameter(name), 0.02), name
+    assert fits(model.arhead.head.weight, 0.02 * 0.02)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from models.families.common import cosine_schedule as sampling_schedule
-from models.families.mar import MAR, sample_mask_ratio
+from models.families.mar import MAR, positions, sample_mask_ratio
 from models.layers import Mlp, init_linears_and_norms_
 from models import create_model
 from tests.conftest import SpyBackend, randomize_, tiny_mar
@@ -531,3 +531,34 @@ def test_mlp_drops_out_after_the_activation_and_after_fc2():
     torch.testing.assert_close(out, levels[nearest], rtol=0, atol=1e-5)
     share = torch.bincount(nearest.flatten(), minlength=3) / nearest.numel()
     torch.testing.assert_close(share, torch.tensor([0.75, 0.0, 0.25]), rtol=0, atol=0.03)
+
+
+def test_positions_lists_each_rows_flagged_positions_in_ascending_order():
+    """Bug: positions() sorting the flags without stable=True: from 32 tokens on, torch's CPU sort scrambles the
+    tied True entries, so condition(..., predict=) no longer returns z in z[predict]'s (ascending) order (the
+    16-token tests cannot see it: a sort that short stays stable). Oracle: numpy's flatnonzero of each row
+    (64 tokens, 23 flagged per row)."""
+    gen = torch.Generator().manual_seed(4)
+    flags = torch.stack([torch.randperm(64, generator=gen) < 23 for _ in range(3)])
+    want = np.stack([np.flatnonzero(row) for row in flags.numpy()])
+    assert np.array_equal(positions(flags).numpy(), want)
+
+
+def normal_std_fits(t, std):
+    """chi-square check that t's entries are normal(0, std): sum(t^2) / std^2 ~ chi2(numel), two-sided 1e-4."""
+    n = t.numel()
+    p = stats.chi2.cdf(float((t.double() ** 2).sum()) / std ** 2, n)
+    return 1e-4 < p < 1 - 1e-4
+
+
+def test_outer_tables_start_normal_002_and_the_head_keeps_its_own_init():
+    """Bugs: a table left out of the normal(0.02) init (the mask token left at zero), the init's std mistyped,
+    or the head built before the outer init (its 0.02-scaled output weights reset to Xavier). Oracles: the
+    spec's init (class table, fake class, mask token and the three position tables normal std 0.02; the inner
+    head's output weight std 0.02 x 0.02), by chi-square on the entries."""
+    torch.manual_seed(0)
+    m = tiny_mar()
+    for name in ("class_emb.weight", "fake_latent", "mask_token", "encoder_pos_embed_learned",
+                 "decoder_pos_embed_learned", "diffusion_pos_embed_learned"):
+        assert normal_std_fits(m.get_parameter(name).detach(), 0.02), name
+    assert normal_std_fits(m.arhead.head.weight.detach(), 0.02 * 0.02)
