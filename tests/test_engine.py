@@ -270,6 +270,35 @@ def test_partial_canvas_keeps_tokens_and_schedules_the_rest():
         assert steps == expected
 
 
+def test_an_edit_ramps_cfg_over_the_whole_canvas_at_each_step():
+    """A canvas keeping 10 of 16 tokens, cfg 2, 4 steps: the 6 open tokens follow the cosine schedule, and each
+    step's scale counts the visible share of all 16 tokens, kept ones included (MAR's ramp over seq_len):
+    floor(6 cos(pi/8)) = 5, floor(6 cos(pi/4)) = 4, floor(6 cos(3 pi/8)) = 2 and the clamp's 1 left after the
+    steps give 1 + 11/16, 1 + 12/16, 1 + 14/16 and 1 + 15/16. Bugs caught: the ramp over the open tokens alone
+    (1 + 1/6 first) and a skipped step ending the loop, which the statistical editing tests see only faintly."""
+    class ScaleSpy(SpyBackend):
+        def sample_head(self, head, z, temperature, cfg_scale):
+            scales.append(cfg_scale)
+            return super().sample_head(head, z, temperature, cfg_scale)
+
+    m, scales = tiny(), []
+    keep = torch.zeros(1, 16, dtype=torch.bool)
+    keep[0, 3:13] = True
+    torch.manual_seed(0)
+    m.sample_tokens(1, num_iter=4, cfg=2.0, labels=torch.tensor([1]), known=torch.randn(1, 16, 4, 4), keep=keep,
+                    backend=ScaleSpy())
+    assert scales == pytest.approx([1 + 11 / 16, 1 + 12 / 16, 1 + 14 / 16, 1 + 15 / 16])
+
+    # 2 open tokens in 4 steps: one token in the first step; steps 2 and 3 would leave the clamp's 1 open
+    # and are skipped; the last draws it (a `break` at the first skip would leave it undrawn)
+    keep[0, 2:] = True
+    scales.clear()
+    out = m.sample_tokens(1, num_iter=4, cfg=2.0, labels=torch.tensor([1]), known=torch.zeros(1, 16, 4, 4),
+                          keep=keep, backend=ScaleSpy())
+    assert scales == pytest.approx([1 + 15 / 16, 1 + 15 / 16])
+    assert (m.patchify(out)[0, :2] != 0).all()
+
+
 def test_keep_everything_or_bad_keep():
     m = tiny()
     known = torch.randn(2, 16, 4, 4)
