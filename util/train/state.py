@@ -5,8 +5,8 @@ the last finished epoch, `scaler`) with `args` stored as a plain dict (the train
 util/train/config.py, among them), plus `config`: the model's typed config (models/config.py) as a
 plain dict. The file loads with `torch.load(weights_only=True)`. A step-granular save adds
 `train_state`: where training is in the data stream, the data order it relied on and every RNG
-state of every rank, which is enough to continue bit-identically. Files are written atomically, so a crash at any moment leaves either
-the previous checkpoint or the new one, never a truncated file.
+state of every rank, which is enough to continue bit-identically. Files are written atomically, so
+a crash at any moment leaves either the previous checkpoint or the new one, never a truncated file.
 """
 import logging
 import os
