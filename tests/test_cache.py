@@ -72,6 +72,10 @@ def test_pixel_cache_skips_broken_images_and_resumes_by_shard(tmp_path, capsys):
     index = json.loads((out / "index.json").read_text())
     assert index["num_images"] == 9 and index["num_cached"] == 8 and len(index["shards"]) == 3
     assert len(index["skipped"]) == 1 and broken in index["skipped"][0]
+    # each shard's record says where it starts in ImageFolder order (bug caught: its last image's index)
+    records = [json.loads((out / f"shard-{s:05d}.json").read_text()) for s in range(3)]
+    assert [(r["shard"], r["first"], r["count"]) for r in records] == [(0, 0, 3), (1, 3, 3), (2, 6, 2)]
+    assert np.load(out / "shard-00002-labels.npy").dtype == np.int64  # whatever the loader's label dtype
 
     dataset = CachedLatents(out, seed=0)
     assert len(dataset) == 8 and dataset.labels.tolist() == [0] * 4 + [1] * 4
@@ -355,6 +359,27 @@ def test_tokenizer_bad_input():
                                         img_channels=1), levels=17)
     assert (pixel.embed_dim, pixel.stride, pixel.scale, pixel.levels) == (1, 1, 1.0, 17)
 
+
+
+def test_cache_settings_record_each_token_setting_from_its_own_field(tmp_path):
+    """Literal settings of a KL-16-like token config whose stride, patch size and width all differ. Bug caught:
+    the stride recorded from the patch size (a cache of another stride then passed the restart check)."""
+    from types import SimpleNamespace
+    tokens = SimpleNamespace(img_size=64, tokenizer="kl16", vae_embed_dim=16, vae_stride=8, patch_size=2)
+    args = SimpleNamespace(cache_dtype="fp32", shard_size=5)
+    assert main_cache.cache_settings(args, tokens, 11, ["a", "b"]) == {
+        "format": "arinar-latents-v1", "img_size": 64, "tokenizer": "kl16", "embed_dim": 16, "stride": 8,
+        "dtype": "fp32", "shard_size": 5, "num_images": 11, "classes": ["a", "b"]}
+
+
+def test_ctrl_c_line_counts_zero_one_and_two_shards(tmp_path):
+    """Bug caught: the plural for `> 1` ("0 complete shard kept")."""
+    from types import SimpleNamespace
+    args = SimpleNamespace(cached_path=str(tmp_path))
+    for count, words in ((0, "0 complete shards"), (1, "1 complete shard kept"), (2, "2 complete shards")):
+        if count:
+            (tmp_path / f"shard-{count - 1:05d}.json").write_text("{}")
+        assert main_cache.interrupted(args, ["--x"]).startswith(f"interrupted (Ctrl-C): {words}")
 
 
 def test_shards_left_are_shared_evenly_by_the_ranks():

@@ -371,3 +371,65 @@ def test_a_step_input_of_another_dtype_gets_its_own_graph(emulated_graphs):
     assert graphs.run(step, x.float()).dtype == torch.float32
     out = graphs.run(step, x)
     assert out.dtype == torch.float64 and torch.equal(out, x * 3)
+
+
+def test_the_first_call_returns_the_warm_up_s_result_and_a_replay_a_copy(monkeypatch):
+    """A capture records kernels without running them: its output buffer holds nothing until a replay, so the
+    first call hands back the warm-up's result. A replay hands back a copy of the graph's output buffer, which
+    the next replay overwrites (bugs: the capture's unfilled buffer returned; the buffer itself returned, so
+    each step's result changed under the caller at the next replay)."""
+    from sampling.cuda_graphs import _Replay
+    fake, outputs = FakeCuda(monkeypatch), []
+
+    def fn():
+        fake.fn()
+        outputs.append(torch.full((2,), float(len(outputs))))
+        return outputs[-1]
+    replay = _Replay(fn, torch.device("cuda:0"), pool=None, stream=torch.cuda.Stream(torch.device("cuda:0")))
+    assert replay() is outputs[0] and replay.out is outputs[1]
+    second = replay()
+    replay.out.fill_(7.0)  # what the next replay does to the graph's output buffer
+    assert torch.equal(second, torch.ones(2)) and torch.equal(replay(), torch.full((2,), 7.0))
+
+
+def test_the_default_head_bucket_is_at_least_8_rows(draw_free, emulated_graphs):  # noqa: F811
+    """Without min_rows, 3 guided images pad each half to 8 rows: one graph serves batches of 1 to 8 images
+    (bug: a default of 1, a graph per power of two from 1)."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free", precision="fp32")
+    graphs.sample_head(model.head, torch.randn(6, model.head.cond_proj.in_features), 1.0, 2.5)
+    assert [key[2] for key in graphs.replays if key[0] == "head"] == [8]
+
+
+def test_describe_says_whether_compile_is_on(emulated_graphs):
+    model = tiny_mar().eval()
+    for compile, word in ((False, "off"), (True, "on")):
+        line = emulated_graphs(model, precision="fp32", compile=compile).describe()
+        assert line.startswith(f"cuda_graphs, compile {word}, cfg sampler sir, precision fp32"), line
+
+
+def test_a_head_input_of_another_dtype_gets_its_own_graph(draw_free, emulated_graphs):  # noqa: F811
+    """A head graph is keyed by its rows' dtype: after the model turns float64, a float64 batch of a float32
+    graph's bucket gets its own graph, the eager sample (bug: replayed on the float32 static rows)."""
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, cfg_sampler="draw_free", precision="fp32")
+    z = torch.randn(6, model.head.cond_proj.in_features, dtype=torch.float64)
+    graphs.sample_head(model.head, z.float(), 1.0, 2.5)
+    model.double()
+    out = graphs.sample_head(model.head, z, 1.0, 2.5)
+    want = EagerBackend(model, cfg_sampler="draw_free", precision="fp32").sample_head(model.head, z, 1.0, 2.5)
+    assert out.dtype == torch.float64 and torch.equal(out, want)
+
+
+def test_a_step_of_the_whole_model_reads_the_cast_weights(emulated_graphs):
+    """Under bf16 a Step whose module is the model itself reads the Linear weights cast once per call, as a
+    submodule's Step does (bug: the root's name prefix '.' matched no weight, so its graphs read the fp32
+    weights and re-cast them on every replay)."""
+    from models.families.common import Step
+    model = tiny_mar().eval()
+    graphs = emulated_graphs(model, precision="bf16")
+    seen = []
+    step = Step("test.weights", model, lambda module, x: seen.append(module.z_proj.weight) or x * 2)
+    with graphs.autocast():
+        graphs.run(step, torch.ones(2))
+        assert seen and seen[0] is graphs.lowp[torch.bfloat16]["z_proj.weight"]

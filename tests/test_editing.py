@@ -196,6 +196,59 @@ def test_kept_tokens_are_bit_identical(head, backend):
     assert not torch.isclose(tokens[~keep], given[~keep]).any()
 
 
+def test_prepare_edit_encodes_the_image_at_the_posterior_mode_times_the_scale(tmp_path):
+    """The canvas of a --box edit is the tokenizer's posterior mode (not a random draw) times its scale, of the
+    image mapped to [-1, 1]. A stand-in tokenizer: mode = 2x2 average pooling, a draw = mode + 100, scale 0.5;
+    the oracle pools the PNG's pixels with numpy. Bugs: .sample() for .mode(), the scale left off."""
+    from types import SimpleNamespace
+    from util.editing import prepare_edit
+
+    class Posterior:
+        def __init__(self, x):
+            self.x = x
+
+        def mode(self):
+            return torch.nn.functional.avg_pool2d(self.x, 2)
+
+        def sample(self):
+            return self.mode() + 100
+
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    model = torch.nn.Linear(1, 1)
+    model.config = SimpleNamespace(tokens=SimpleNamespace(img_size=8, vae_stride=2, patch_size=1, seq_h=4))
+    tokenizer = SimpleNamespace(encode=Posterior, scale=0.5)
+    args = SimpleNamespace(edit=tmp_path / "in.png", mask=None, box=(0, 0, 2, 2), outpaint=None)
+    job = prepare_edit(args, model, tokenizer, 3)
+    pixels = image.astype(np.float64) / 127.5 - 1.0
+    expected = 0.5 * pixels.reshape(4, 2, 4, 2, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+    np.testing.assert_allclose(job.canvas[0].numpy(), expected, atol=1e-6)
+    assert job.filled.tolist() == [[False, True, True, True]] + [[True] * 4] * 3
+
+
+def test_run_edit_conditions_every_batch_on_the_class_even_class_0(monkeypatch):
+    """run_edit with class 0 passes labels 0 (class 0 is a class, not "unconditional"), in batches of at most
+    batch_size rows; None passes no labels. Bug caught: the class read by truth, so class 0 ran unconditional."""
+    from types import SimpleNamespace
+    from util import editing
+    calls = []
+
+    class Model:
+        config = SimpleNamespace(tokens=SimpleNamespace(seq_h=2, patch_size=1))
+
+        def sample_tokens(self, n, known, keep, labels, **kwargs):
+            calls.append(None if labels is None else labels.tolist())
+            return known + 1
+
+    monkeypatch.setattr(editing, "decode_images", lambda tokenizer, out: out.permute(0, 2, 3, 1).numpy())
+    job = editing.EditJob(torch.zeros(1, 1, 2, 2), np.array([[True, False], [True, True]]), ((0, 0),), None, None)
+    out = editing.run_edit(Model(), None, job, 3, 0, SamplingSettings(num_iter=1), batch_size=2)
+    assert calls == [[0, 0], [0]] and out.shape == (3, 2, 2, 1)
+    calls.clear()
+    editing.run_edit(Model(), None, job, 1, None, SamplingSettings(num_iter=1), batch_size=2)
+    assert calls == [None]
+
+
 def test_fill_canvas_walks_the_windows_and_keeps_what_is_filled():
     m = randomize_(tiny_mar(), std=0.1, seed=7).eval()
     plan = outpaint_plan("right", 128, 4, 16)  # 4x4 tokens of 16 features, 8 new columns: 4 windows
@@ -312,6 +365,9 @@ def test_outpaint_extends_the_canvas(pixel_run, digit_png, tmp_path, direction, 
     # grid-mode flags an edit would silently ignore
     (None, ["--box", "0", "0", "4", "4", "--save_dir", "{mask}"], "--save_dir is for class grids, not --edit"),
     (None, ["--box", "0", "0", "4", "4", "--classes", "1", "2"], "--classes is for class grids, not --edit"),
+    # given, even as the default's very values (bug: compared by value, so these passed and were ignored)
+    (None, ["--box", "0", "0", "4", "4", "--classes", "207", "360", "387", "974"],
+     "--classes is for class grids, not --edit"),
 ])
 def test_bad_edit_input_is_one_line_and_writes_nothing(pixel_run, digit_png, tmp_path, capsys,  # noqa: F811
                                                        make, extra, message):
@@ -345,6 +401,19 @@ def test_class_without_edit_is_refused(pixel_run, tmp_path, capsys):  # noqa: F8
     with pytest.raises(SystemExit):
         run(pixel_run, tmp_path / "x.png", "--class", "3")
     assert "add --edit IMAGE" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_an_edit_follows_its_seed_whatever_the_caller_s_random_state(pixel_run, digit_png, tmp_path):  # noqa: F811
+    """sample.py --edit seeds itself as a class grid does: --seed 5 writes the same results after any global
+    random state, --seed 6 others (bug: the edit's torch.manual_seed(args.seed) dropped, so the results
+    followed whatever ran before and --seed did nothing)."""
+    image, _ = digit_png
+    results = []
+    for state, seed in ((0, 5), (1, 5), (0, 6)):
+        torch.manual_seed(state)
+        out = edit(pixel_run, tmp_path / f"s{state}-{seed}.png", image, "--box", "4", "0", "8", "3", "--seed", seed)
+        results.append(out.read_bytes())
+    assert results[0] == results[1] != results[2]
 
 
 # ----------------------------------------------------------------------------- the digits demo

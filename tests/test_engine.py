@@ -368,6 +368,13 @@ def test_a_head_that_names_no_cfg_samplers_offers_sir_alone():
     assert make_backend(plain).cfg_sampler == "sir"
 
 
+def test_an_unknown_precision_is_one_line_naming_the_choices():
+    """make_backend refuses a --precision it has no dtype for up front (bug: accepted, then a bare KeyError from
+    the first autocast, deep in sampling)."""
+    with pytest.raises(ValueError, match=r"^--precision must be one of bf16, fp16, fp32; got fp8$"):
+        make_backend(tiny(), precision="fp8")
+
+
 def test_backend_precision_and_sampler_reach_the_head(monkeypatch):
     m = tiny()
     seen = []

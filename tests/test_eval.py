@@ -78,6 +78,11 @@ def test_fid_stats_file_errors(tmp_path):
     np.savez(tmp_path / "bad.npz", mean=np.zeros(3))
     with pytest.raises(ValueError, match="'mu' and 'sigma'"):
         metrics.load_fid_stats(tmp_path / "bad.npz")
+    # one of the two is as bad as neither (bug caught: only an npz with neither refused, then a KeyError)
+    for only in ({"mu": np.zeros(3)}, {"sigma": np.eye(3)}):
+        np.savez(tmp_path / "half.npz", **only)
+        with pytest.raises(ValueError, match="must hold arrays 'mu' and 'sigma'; it has"):
+            metrics.load_fid_stats(tmp_path / "half.npz")
 
 
 def test_fid_stats_whose_sigma_does_not_match_mu_are_refused_at_load(tmp_path):
@@ -191,6 +196,18 @@ def test_save_grid_places_images_row_major(tmp_path):
     for i in range(5):
         r, c = divmod(i, 2)
         assert (grid[1 + r * 5:1 + r * 5 + 4, 1 + c * 6:1 + c * 6 + 5] == 10 * i).all()
+    gaps = np.ones(grid.shape[:2], bool)  # the padding and the empty sixth cell are black
+    for i in range(5):
+        r, c = divmod(i, 2)
+        gaps[1 + r * 5:1 + r * 5 + 4, 1 + c * 6:1 + c * 6 + 5] = False
+    assert (grid[gaps] == 0).all()
+
+
+def test_save_grid_makes_the_folders_it_writes_into(tmp_path):
+    """sample.py --out new/folder/grid.png is written after all the sampling: save_grid makes the folders (bug:
+    a FileNotFoundError then, every image lost)."""
+    path = save_grid(np.full((1, 2, 3, 1), 9, np.uint8), 1, tmp_path / "new" / "folder" / "g.png", pad=1)
+    assert np.array_equal(np.asarray(Image.open(path)), np.pad(np.full((2, 3), 9, np.uint8), 1))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -221,3 +238,11 @@ def test_main_evaluate_flag_loads_ema_from_a_checkpoint(tmp_path):
 def test_uint8_conversion_rounds_and_clamps():
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
     assert to_uint8(x).ravel().tolist() == [0, 0, 128, 255, 255]
+
+
+def test_uint8_conversion_moves_channels_last_without_transposing():
+    """[N, C, H, W] -> [N, H, W, C] on a 3-channel 2x4 image whose every value is distinct (bug: H and W
+    swapped, unseen on a square image or a 1x1 one)."""
+    levels = np.arange(24).reshape(1, 3, 2, 4)  # level v <- v / 127.5 - 1
+    images = to_uint8(torch.tensor(levels / 127.5 - 1, dtype=torch.float32))
+    assert images.shape == (1, 2, 4, 3) and np.array_equal(images, levels.transpose(0, 2, 3, 1))

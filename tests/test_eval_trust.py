@@ -2,6 +2,7 @@
 resumable folders, cfg x temperature sweeps, and one-line errors for bad evaluation input."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,6 +97,11 @@ def test_npz_rows_stream_in_blocks(tmp_path, save):
     save(tmp_path / "x.npz", arr_0=images)
     blocks = list(metrics.iter_npz_rows(tmp_path / "x.npz", rows=3))
     assert [len(b) for b in blocks] == [3, 3, 1] and np.array_equal(np.concatenate(blocks), images)
+    # rows of a wider dtype are itemsize bytes per element (bug caught: row bytes counted as elements)
+    wide = np.random.default_rng(4).standard_normal((5, 2, 3)).astype(np.float32)
+    save(tmp_path / "w.npz", arr_0=wide)
+    blocks = list(metrics.iter_npz_rows(tmp_path / "w.npz", rows=2))
+    assert [len(b) for b in blocks] == [2, 2, 1] and np.array_equal(np.concatenate(blocks), wide)
 
 
 def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path, monkeypatch):
@@ -114,6 +120,10 @@ def test_reference_features_are_computed_once_and_cached_per_inception(tmp_path,
     other.write_bytes(b"weights b")
     assert metrics.reference_features_path(tmp_path / "ref.npz", other) != str(cached)
     assert metrics.reference_features_path(tmp_path / "ref.npz", None) != str(cached)
+    # a batch replaced by another of the same size (same bytes count, new mtime) gets new features
+    stat = os.stat(tmp_path / "ref.npz")
+    os.utime(tmp_path / "ref.npz", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert metrics.reference_features_path(tmp_path / "ref.npz", weights) != str(cached)
 
 
 def test_reference_features_in_a_read_only_folder_are_computed_not_cached(tmp_path, monkeypatch, caplog):

@@ -205,6 +205,8 @@ def test_fp32_runs_are_measured_against_tf32_when_torch_may_use_it(monkeypatch):
     try:
         torch.set_float32_matmul_precision("high")
         assert flops.peak_flops("cuda", "fp32") == pytest.approx(494.7e12)
+        torch.set_float32_matmul_precision("medium")  # any setting but "highest" (bug caught: only "high")
+        assert flops.peak_flops("cuda", "fp32") == pytest.approx(494.7e12)
         assert flops.peak_flops("cuda", "bf16") == pytest.approx(989.4e12)
         torch.set_float32_matmul_precision("highest")
         assert flops.peak_flops("cuda", "fp32") == pytest.approx(66.9e12)

@@ -330,3 +330,84 @@ def test_a_narrow_unconditional_component_leaves_a_dip_no_sampler_fills(sampler)
     samples = gmm.CFG_SAMPLERS[sampler](cond, uncond, 3.0, 1.0).numpy()
     assert np.mean(np.abs(samples - 0.3) < 0.02) < 0.001
     assert stats.kstest(samples, lambda v: np.interp(v, grid, cdf)).pvalue > 0.001
+
+
+# ----------------------------------------------------------------------------- mutation guards, second pass
+def test_a_scale_below_one_is_guided_too():
+    """Bug: is_guided reading `cfg > 1`, so a scale below 1 (a draw pulled toward the unconditional law)
+    is taken for unguided and both halves of the batch are drawn as separate rows. (The families refuse
+    --cfg below 1; a head or sampler called directly takes any scale.)"""
+    assert gmm.is_guided(0.5) and gmm.is_guided(0.0) and gmm.is_guided(1.5) and gmm.is_guided(4.5)
+    assert not gmm.is_guided(1.0) and not gmm.is_guided(1)
+    assert gmm.is_guided(torch.tensor(1.0)) and gmm.is_guided(torch.full((3,), 1.0))
+
+
+def test_row_slices_count_the_further_leading_axes_of_a_row():
+    """Bug: row_slices sizing a slice by the candidates of one mixture, ignoring that a row may hold several
+    (logits [rows, 8, K]: 8 mixtures of 1000 candidates each), so a slice makes 8x the device cap."""
+    rows = [torch.zeros(100, 8, 4), torch.zeros(100, 8, 4), torch.zeros(100, 8, 4)]
+    cap = gmm.MAX_CANDIDATE_VALUES["cpu"]  # 2^18: 32 rows of 8 x 1000 values
+    assert cap == 1 << 18
+    slices = gmm.row_slices(rows, rows, 4.5, 1000)
+    assert [c[2].shape[0] for c, _, _ in slices] == [32, 32, 32, 4]
+    assert gmm.row_slices([t[:32] for t in rows], [t[:32] for t in rows], 4.5, 1000) is None
+
+
+def test_sir_pick_never_names_a_component_past_the_last_when_the_weights_sum_below_one():
+    """Bug: the component found by searchsorted over the whole cdf rather than its first K-1 entries: a float32
+    softmax can sum to 1 - 1.2e-7, and a uniform of 1 - 6e-8 (torch.rand's largest) then names component K, a
+    gather out of range. Every row's draw must be its last component (a point mass at 3 + 100 * row)."""
+    rows, k, m = 2000, 4, 5
+    logits = torch.randn(rows, k, generator=torch.Generator().manual_seed(31)) * 2
+    u = torch.full((rows, m), 1 - 2 ** -24)
+    assert (torch.softmax(logits, -1).cumsum(-1)[:, -1] < u[:, 0]).any()  # the case arises in these rows
+    mu = torch.arange(k, dtype=torch.float32) + 100 * torch.arange(rows, dtype=torch.float32)[:, None]
+    cond = (mu, torch.full((rows, k), -40.0), logits)
+    uncond = (torch.zeros(rows, k), torch.zeros(rows, k), torch.zeros(rows, k))
+    x = gmm.sir_pick(cond, uncond, 3.0, 1.0, u, torch.zeros(rows, m), torch.rand(rows, m))
+    torch.testing.assert_close(x, mu[:, -1], rtol=0, atol=0)
+
+
+def test_sir_draws_from_the_tempered_target_where_guidance_is_mild():
+    """Bug: the resampling's proposals drawn from the untempered conditional mixture. At the scales of the
+    parametrised test above, the guidance's own sharpening (precision T^2 + w - 1) hides the temperature
+    (KS p 0.05..0.14); at w = 1.5, T = 0.5 it is plain."""
+    torch.manual_seed(3)
+    n, cfg, temperature = 4000, 1.5, 0.5
+    samples = sample_gmm_cfg(batch(n, MU, LOGVAR, LOGITS), batch(n, MU_U, LOGVAR_U, LOGITS_U), cfg, temperature).numpy()
+    grid, cdf, _ = target_cdf(cfg, temperature)
+    assert stats.kstest(samples, lambda v: np.interp(v, grid, cdf)).pvalue > 0.001
+    grid, cdf, _ = target_cdf(cfg, 1.0)
+    assert stats.kstest(samples, lambda v: np.interp(v, grid, cdf)).pvalue < 1e-8
+
+
+def test_exact_sampler_at_scale_zero_draws_the_unconditional_mixture():
+    """Bugs: the exact sampler's grid widths std / sqrt(T^2 + w - 1) and std_u / sqrt(w) without their clamps
+    (w - 1 at least 0, w at least 1): at w = 0, T = 1 both divide by zero and the draws come back NaN. The
+    target there, q_1 (p_cond / p_uncond)^-1, is the unconditional mixture itself. (Below 1 only by a direct
+    call: the families refuse --cfg < 1.)"""
+    torch.manual_seed(0)
+    n = 1500
+    samples = gmm.sample_gmm_cfg_exact(batch(n, MU, LOGVAR, LOGITS), batch(n, MU_U, LOGVAR_U, LOGITS_U), 0.0, 1.0)
+    assert torch.isfinite(samples).all()
+    assert stats.kstest(samples.numpy(), mixture_cdf(MU_U, LOGVAR_U, LOGITS_U)).pvalue > 0.001
+    assert stats.kstest(samples.numpy(), mixture_cdf(MU, LOGVAR, LOGITS)).pvalue < 1e-8
+
+
+def test_float64_plain_draw_matches_numpy_from_its_docstring():
+    """Bug: the component's uniform made in float32 in a float64 draw (torch.rand without dtype): the choice is
+    then resolved to 2^-24 only, and the draws leave the float64 stream. From the docstring: one uniform per
+    draw picks the component by inverse CDF of the weights, then mu + (std / T) * N(0, 1); both read back
+    from the seed."""
+    rows, temperature = 300, 0.9
+    mu, logvar, logits = random_mixtures_64(rows, 16)
+    torch.manual_seed(17)
+    u, eps = torch.rand(rows, dtype=torch.float64).numpy(), torch.randn(rows, dtype=torch.float64).numpy()
+    torch.manual_seed(17)
+    got = gmm.sample_gmm(mu, logvar, logits, temperature)
+    assert got.dtype == torch.float64
+    cdf = np.cumsum(special.softmax(logits.numpy(), axis=-1), axis=-1)
+    k = np.minimum((cdf < u[:, None]).sum(-1), 3)
+    rows_ = np.arange(rows)
+    expected = mu.numpy()[rows_, k] + np.exp(0.5 * logvar.numpy()[rows_, k]) / temperature * eps
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)

@@ -135,3 +135,29 @@ def test_feature_group_mixture_nll_is_the_diagonal_formula():
     assert LOG_2PI > 0 and m.cfg_samplers == ("sir",)
     samples = m.sample(torch.randn(6, 12, dtype=torch.float64), 1.0, 3.0)
     assert samples.shape == (3, 8) and torch.isfinite(samples).all()
+
+
+def test_the_config_refuses_a_feature_group_that_does_not_divide_the_token():
+    """Bug: InnerARConfig.validate checking only g <= token_dim: --feature_group 3 for 16 features then passes the
+    config (stored, printed) and only the model's constructor refuses it, with its own message."""
+    from models.config import config_from_flags
+    with pytest.raises(ValueError, match=r"--feature_group 3 must divide the token's 16 features "
+                                         r"\(vae_embed_dim x patch_size\^2\)$"):
+        config_from_flags({"model": "mar_base", "feature_group": 3})
+    assert config_from_flags({"model": "mar_base", "feature_group": 4}).head_config.feature_group == 4
+
+
+def test_heads_that_share_a_flag_agree_on_its_default():
+    """Bug: one head's default for a flag it shares with another changed (the whole-token mixture's depth 3 -> 2):
+    the command line has one --diffloss_d whose help shows one default, and a run that does not give the flag
+    would build that head at another size. Both MLP heads take MAR's MLP defaults (depth 3, width 1024)."""
+    from dataclasses import fields
+    from models.config import flag_name
+    defaults = {}
+    for name, head in HEADS.items():
+        for f in fields(head.config):
+            defaults.setdefault(flag_name(f), {})[name] = f.default
+    assert {k: v for k, v in defaults.items() if len(set(v.values())) > 1} == {}
+    assert defaults["diffloss_d"] == {"diffloss": 3, "gmm": 3}
+    assert defaults["diffloss_w"] == {"diffloss": 1024, "gmm": 1024}
+    assert defaults["num_gaussians"] == {"arinar": 4, "gmm": 4}

@@ -242,6 +242,8 @@ def _pickled_weights_only(folder, marker):
     (_edit_config(**{"head_config.width": "wide"}), "width must be int; got 'wide'"),
     (_edit_config(class_num=2.5), "class_num must be an integer"),
     (_edit_config(arinar_format=2), "arinar_format 2 is not one this code reads"),
+    (_edit_config(arinar_format=0), "arinar_format 0 is not one this code reads"),  # versions start at 1
+    (_edit_config(arinar_format=True), "arinar_format True is not one this code reads"),  # a bool is no version
     (lambda folder, marker: (folder / CONFIG_NAME).write_text("{not json"), f"{CONFIG_NAME} is not valid JSON"),
     (_edit_config(**{"head_config.num_gaussians": 3}),
      f"{WEIGHTS_NAME} does not fit the model its {CONFIG_NAME} describes: 2 with another shape (arhead.head.weight "
@@ -265,7 +267,7 @@ def test_the_model_card_holds_the_facts(run, published, tmp_path):
     meta = metadata_load(published / "README.md")  # the Hub's own parser
     assert meta["library_name"] == "arinar" and meta["license"] == "mit"
     assert meta["pipeline_tag"] == "unconditional-image-generation"
-    assert {"family-mar", "head-arinar"} <= set(meta["tags"])
+    assert {"family-mar", "head-arinar", "arxiv:2503.02883"} <= set(meta["tags"])  # the Hub links the paper
     model = build(read_checkpoint(run)["config"])
     assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} " in card
     assert "| family | mar (preset mar_base) |" in card and "| per-token head | arinar |" in card
@@ -342,6 +344,61 @@ def test_the_card_samples_imagenet_s_showcase_classes_for_1000_classes():
     assert sample_argv[sample_argv.index("--classes") + 1:][:5] == ["207", "360", "387", "974", "--num_per_class"]
     sample_argv, _ = card_commands(class_num=10)
     assert sample_argv[sample_argv.index("--classes") + 1:][:5] == ["0", "1", "2", "3", "--num_per_class"]
+    sample_argv, _ = card_commands(class_num=2)  # fewer than 4 classes: each one once
+    assert sample_argv[sample_argv.index("--classes") + 1:][:3] == ["0", "1", "--num_per_class"]
+
+
+def test_the_card_evaluate_command_reruns_the_quoted_evaluation():
+    """The main_mar.py command repeats the best evaluation's own --num_images / --seed, and without evaluations
+    asks for the standard 50,000 images. Bugs: the first evaluation's settings quoted instead of the best one's;
+    another default image count."""
+    evaluations = [{"fid": 30.0, "cfg": 1.0, "num_images": 1000, "seed": 7},
+                   {"fid": 9.5, "cfg": 3.5, "num_images": 5000, "seed": 2}]
+    _, evaluate_argv = card_commands(evaluations)
+    assert flag_value(evaluate_argv, "--num_images") == "5000" and flag_value(evaluate_argv, "--seed") == "2"
+    assert flag_value(evaluate_argv, "--cfg") == "3.5"
+    _, evaluate_argv = card_commands()
+    assert flag_value(evaluate_argv, "--num_images") == "50000" and "--seed" not in evaluate_argv
+    assert flag_value(evaluate_argv, "--dataset") == "digits"
+    _, evaluate_argv = card_commands([{"fid": 9.5, "eval_bsz": 64}])
+    assert flag_value(evaluate_argv, "--eval_bsz") == "64"
+
+
+def test_the_card_states_the_ema_rate_and_downloads_kl16_only_for_kl16_models():
+    """Bugs: the EMA rate left out of the weights row; the KL-16 download line printed for a pixel model."""
+    from dataclasses import replace
+    from util.hub.card import model_card
+    config = digits_mar("arinar").config
+    assert config.tokens.tokenizer != "kl16"
+    card = model_card("me/tiny", config, 1000, {"args": ARGS}, "mit")
+    assert "EMA: the exponential moving average of the training weights (rate 0.999)" in card
+    assert "util.io.download kl16" not in card
+    kl16 = replace(config, tokens=replace(config.tokens, tokenizer="kl16"))
+    assert "python -m util.io.download kl16" in model_card("me/tiny", kl16, 1000, {"args": ARGS}, "mit")
+
+
+def test_the_card_table_has_a_column_for_every_score_some_evaluation_has():
+    """Evaluations that scored different things (one FID, one digit accuracy): both columns, each row filling its
+    own. Bug: only the scores every evaluation has kept (here none)."""
+    from util.hub.card import model_card
+    evaluations = [{"fid": 9.5, "cfg": 3.5}, {"accuracy": 0.75, "cfg": 1.0}]
+    card = model_card("me/tiny", digits_mar("arinar").config, 1000, {"args": ARGS, "evaluations": evaluations},
+                      "mit")
+    rows = card.split("## Evaluation")[1].split("## Sampling")[0].strip().splitlines()[2:]
+    assert rows[0].startswith("| FID | digit accuracy | cfg |"), rows
+    assert rows[2].startswith("| 9.5 |  | 3.5 |") and rows[3].startswith("|  | 0.75 | 1 |"), rows
+
+
+def test_the_card_leaves_out_empty_arguments_and_says_ema_by_default():
+    """An argument stored as "" (an unset path) gets no training row; facts that do not say which weights are
+    EMA (run_facts' default); one million parameters read 1.0M. Bugs: only None left out ("| lr schedule |  |"),
+    the weights read as live when unsaid, `>` for `>=` at 1e6 ("1000.0K")."""
+    from util.hub.card import model_card
+    card = model_card("me/tiny", digits_mar("arinar").config, 1_000_000,
+                      {"args": {**ARGS, "lr_schedule": "", "weight_decay": 0.0}}, "mit")
+    assert "| lr schedule |" not in card and "| weight decay | 0 |" in card
+    assert card.split("| model.safetensors |")[1].splitlines()[0].lstrip().startswith("EMA")
+    assert "| parameters | 1,000,000 (1.0M) |" in card
 
 
 # ----------------------------------------------------------------------------- the releases
@@ -478,6 +535,20 @@ def test_run_facts_refuse_a_boolean_epoch():
     with pytest.raises(ValueError, match="metadata epoch must be a int; got bool"):
         run_facts({"arinar": json.dumps({"epoch": True})}, "w.safetensors")
     assert run_facts({"arinar": json.dumps({"epoch": 4})}, "w.safetensors") == {"weights": "ema", "epoch": 4}
+    # the other facts are type-checked too (bug caught: evaluations taken whatever their type)
+    for key, value, kind in (("evaluations", {"fid": 3.0}, "list; got dict"), ("args", [1], "dict; got list")):
+        with pytest.raises(ValueError, match=f"metadata {key} must be a {kind}"):
+            run_facts({"arinar": json.dumps({key: value})}, "w.safetensors")
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pth", "model.pt", "model.ckpt"])
+def test_a_folder_with_only_pickled_weights_names_them(tmp_path, name):
+    """Bug caught: only .bin files named in the refusal (a .pth left it saying nothing of what was found)."""
+    from util.io.pretrained import read_weights
+    (tmp_path / CONFIG_NAME).write_text("{}")
+    (tmp_path / name).write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS_NAME} \\(found {name}: pickled weights are never"):
+        read_weights(tmp_path)
 
 
 def test_a_folder_with_only_the_hubs_cache_is_a_valid_destination(tmp_path):
@@ -489,6 +560,10 @@ def test_a_folder_with_only_the_hubs_cache_is_a_valid_destination(tmp_path):
     (folder / "notes.txt").write_text("")
     with pytest.raises(ValueError, match=r"holds other files \(notes.txt\)"):
         check_destination(folder)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_text("")
+    with pytest.raises(ValueError, match=r"holds other files \(a.txt, b.txt, c.txt, \.\.\.\): write"):
+        check_destination(folder)  # the first three named, the rest elided (bug caught: all of them listed)
 
 
 def test_published_weights_honour_the_umask(tmp_path):
@@ -517,6 +592,17 @@ def test_a_checkpoint_of_epoch_0_publishes_its_epoch_and_live_weights_take_no_ev
     published = published_from_checkpoint(tmp_path / "live.pth", eval_root=run)  # run holds eval-ep4-live
     assert published.facts["weights"] == "live" and published.facts["evaluations"] == []
     assert published_from_checkpoint(run / LAST).facts["evaluations"][0]["folder"] == "eval-ep4-ema"
+
+
+def test_a_model_saved_at_epoch_0_keeps_its_epoch_in_the_published_weights(tmp_path):
+    """save_pretrained(epoch=0) writes epoch 0 into model.safetensors' metadata (and the card says 1 epoch
+    completed). Bug: the facts written by truth, so epoch 0 (and empty args) dropped as if unknown."""
+    from util.io.pretrained import read_weights
+    save_pretrained(digits_mar("gmm"), tmp_path / "model", args={"seed": 0}, epoch=0)
+    _, metadata = read_weights(tmp_path / "model")
+    assert run_facts(metadata, "w")["epoch"] == 0
+    assert json.loads(metadata["arinar"])["epoch"] == 0
+    assert "| epochs completed | 1 |" in (tmp_path / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("value, on", [("1", True), ("TRUE", True), (" Yes ", True), ("on", True), ("0", False),

@@ -244,3 +244,43 @@ def test_kv_cache_is_kept_in_the_activation_dtype(monkeypatch):
     dtypes.clear()
     m.double().sample(torch.randn(3, C, dtype=torch.float64), 1.0, 1.0)
     assert set(dtypes) == {(torch.float64, torch.float64)}
+
+
+def test_init_draws_the_start_token_and_zeroes_every_linear_bias():
+    """Bugs: the start token left at its zero construction value (the spec draws it, like the position table,
+    from a truncated normal of std 0.02), the Linear biases left at PyTorch's uniform default."""
+    torch.manual_seed(0)
+    m = InnerAR(token_dim=16, cond_dim=256, width=256, depth=2, num_heads=4)
+    assert m.start_token.std().item() == pytest.approx(0.02, rel=0.15)
+    assert m.cond_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert m.input_proj.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    linears = {name: mod for name, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+    assert {"cond_proj", "input_proj", "head", "head_nm.ada_lin.1", "blocks.1.attn.proj", "blocks.1.ffn.fc1",
+            "blocks.1.ffn.fc2", "blocks.1.ada_lin.1"} <= set(linears)
+    for name, mod in linears.items():
+        assert mod.bias is None or not mod.bias.any(), name
+
+
+def test_a_feature_group_that_does_not_divide_the_token_is_refused_at_construction():
+    """Bug: the constructor's divisibility check dropped (only the config's remains): an InnerAR built directly with
+    g = 3 for 16 features would make 5 steps of 3 and fail later, in a view, without naming the flag."""
+    for group in (3, 5, 0):
+        with pytest.raises(ValueError, match=f"--feature_group {group} must divide the token's 16 features"):
+            InnerAR(token_dim=16, cond_dim=8, width=8, num_heads=2, feature_group=group)
+    assert InnerAR(token_dim=16, cond_dim=8, width=8, num_heads=2, feature_group=4).num_steps == 4
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_unguided_sampling_divides_each_std_by_the_temperature(group):
+    """Bug: the unguided draw dropping the temperature (the guided path keeps it), so sampling without CFG at
+    T != 1 silently runs at T = 1. A constant head: every feature is N(1.5, 0.3^2) whatever came before it,
+    so all 16 features of every token must follow N(1.5, (0.3 / T)^2)."""
+    m = small_inner(feature_group=group)
+    with torch.no_grad():
+        m.head.weight.zero_()
+        m.head.bias.copy_(torch.cat([torch.full((K * group,), 1.5), torch.full((K * group,), 2 * math.log(0.3)),
+                                     torch.tensor([0.0, -40.0, -40.0, -40.0])]))
+    torch.manual_seed(24)
+    x = m.sample(torch.randn(300, C), temperature=0.6).flatten().numpy()
+    assert stats.kstest(x, stats.norm(1.5, 0.3 / 0.6).cdf).pvalue > 0.001
+    assert stats.kstest(x, stats.norm(1.5, 0.3).cdf).pvalue < 1e-8

@@ -127,7 +127,9 @@ def test_kl16_checkpoint_with_namespace_args(kl16_run, tmp_path):
     (["--classes", "3", "10"], "--classes 10 out of range: the model has 10 classes"),
     (["--num_gaussians", "3"], "--num_gaussians 3 contradicts"),
     (["--tokenizer", "pixel", "--vae_stride", "16"], "--vae_stride 16 contradicts"),
+    (["--classes", "-1", "3"], "--classes -1 out of range: the model has 10 classes (0..9)"),
     (["--num_per_class", "0"], "--num_per_class must be >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1; got 0"),
     (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_bad_config_is_a_one_line_error(pixel_run, tmp_path, capsys, extra, message):
@@ -186,3 +188,20 @@ def test_an_exported_safetensors_file_samples_its_ema_weights_without_a_warning(
         from_file = run(exported, tmp_path / "a.png").read_bytes()
     assert not [r for r in caplog.records if "EMA" in r.getMessage()]
     assert from_file == run(pixel_run, tmp_path / "b.png").read_bytes()
+
+
+def test_precision_flag_reaches_the_backend(pixel_run, tmp_path, caplog):
+    """--precision bf16 samples under bf16 autocast; without it a CPU run takes the device default, fp32
+    (bug: the flag ignored for the device default)."""
+    for extra, want in (((), "fp32"), (("--precision", "bf16"), "bf16")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sampling"):
+            run(pixel_run, tmp_path / "p.png", *extra)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sampling backend:")]
+        assert len(lines) == 1 and f", precision {want} (" in lines[0], lines
+
+
+def test_device_auto_is_cuda_when_present(monkeypatch):
+    for available, want in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        assert sample.resolve_device("auto") == torch.device(want)

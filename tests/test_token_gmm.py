@@ -200,3 +200,17 @@ def test_cfg_resamples_from_the_releases_1000_candidates(monkeypatch):
     monkeypatch.setattr(gmm, "sample_diag_gmm", spy)
     x = constant_head(MU, STD, LOGITS).sample(torch.randn(6, 8), cfg=2.0)
     assert x.shape == (3, C) and drawn == [(3, 1000, C)]
+
+
+def test_linear_weights_are_xavier_uniform():
+    """Bug: Xavier-normal in place of the release's Xavier-uniform (same std, so a std check passes): every
+    Linear that is not a zeroed modulation fills [-a, a], a = sqrt(6 / (fan_in + fan_out)), and no further,
+    with a uniform's spread (a flat histogram; a normal of that std would pass a in 1 draw of 12)."""
+    torch.manual_seed(0)
+    head = TokenGMM(C, 8, 64, 2, K)
+    linears = [head.cond_embed, head.final_layer.linear] + [b.mlp[i] for b in head.res_blocks for i in (0, 2)]
+    for linear in linears:
+        weight = linear.weight.detach().double()
+        bound = math.sqrt(6 / sum(weight.shape))
+        assert weight.abs().max().item() <= bound * (1 + 1e-6)
+        assert stats.kstest(weight.flatten().numpy(), stats.uniform(-bound, 2 * bound).cdf).pvalue > 1e-4
