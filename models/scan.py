@@ -47,7 +47,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """The scan in plain PyTorch: a loop over the sequence (exact, runs everywhere; see module doc).
     Decays and drives are made for a chunk of steps at a time (at most MAX_SCAN_VALUES each); every
     step's arithmetic is the same whatever the chunk, so the chunking never changes a bit."""
-    dtype = math_dtype(u, delta, A, B, C, D, z, initial_state)
+    dtype = math_dtype(u, delta, A, B, C, D, z, delta_bias, initial_state)
     # steps lead (and are laid out first) so that each step's slice below is contiguous
     steps_first = lambda t: t.to(dtype).permute(2, 0, 1).contiguous()  # noqa: E731  [b, *, L] -> [L, b, *]
     dt = steps_first(step_sizes(delta, delta_bias, delta_softplus, dtype))      # [L, b, d]
@@ -124,5 +124,6 @@ def selective_scan_kernel(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, initial_state=None):
     """The selective scan: mamba-ssm's kernel when usable (CUDA, no float64), else the plain-PyTorch one."""
-    scan = selective_scan_kernel if kernel_usable(u, delta, A, B, C, initial_state) else selective_scan_ref
+    usable = kernel_usable(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    scan = selective_scan_kernel if usable else selective_scan_ref
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)

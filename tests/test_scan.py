@@ -85,13 +85,15 @@ def test_chunks_with_the_carried_state_equal_the_whole_sequence(at):
     assert not torch.allclose(fresh, whole[..., at:], atol=1e-6)
 
 
-def test_low_precision_inputs_are_scanned_in_float32():
-    x = {k: v.to(torch.bfloat16) for k, v in inputs(length=40).items()}
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_scanned_in_float32(dtype):
+    """Bug (float16): the math dtype promoted from float16 rather than float32, so fp16 inputs scan in fp16."""
+    x = {k: v.to(dtype) for k, v in inputs(length=40).items()}
     out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
     wide, wide_last = selective_scan_ref(**{k: v.float() for k, v in x.items()}, delta_softplus=True,
                                          return_last_state=True)
-    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
-    assert torch.equal(out, wide.to(torch.bfloat16)) and torch.equal(last, wide_last)
+    assert out.dtype == dtype and last.dtype == torch.float32
+    assert torch.equal(out, wide.to(dtype)) and torch.equal(last, wide_last)
 
 
 def kernel_standin(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -190,3 +192,74 @@ def test_kernel_refuses_any_float64_input_not_only_u(monkeypatch):
         assert not scan.kernel_usable(f32, *others), i
     assert not scan.kernel_usable(f64, f32, f32, f32, f32, None)
     assert not scan.kernel_usable(FakeTensor(torch.float32, is_cuda=False), f32, f32, f32, f32, None)
+
+
+@pytest.mark.parametrize("softplus", [True, False])
+def test_the_kernel_path_without_an_initial_state_passes_every_argument(monkeypatch, softplus):
+    """Bugs: the kernel called from a zero state with D, z, delta_bias or delta_softplus dropped or fixed (the
+    stand-in test above only takes the carried-state branch). Against the naive float64 loop from h_0 = 0;
+    without softplus the ready step sizes softplus(delta + bias) are given as delta, with no bias."""
+    monkeypatch.setattr(scan, "mamba_selective_scan", kernel_standin)
+    x = inputs()
+    zero = {**x, "initial_state": torch.zeros_like(x["initial_state"])}
+    want_out, want_last = naive(**zero)
+    if softplus:
+        given = {**x, "initial_state": None}
+    else:
+        dt = torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
+        given = {**x, "delta": dt, "delta_bias": None, "initial_state": None}
+    out, last = selective_scan_kernel(**given, delta_softplus=softplus, return_last_state=True)
+    np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+    assert not isinstance(selective_scan_kernel(**given, delta_softplus=softplus), tuple)
+
+
+def test_an_empty_sequence_gives_an_empty_output_and_keeps_the_state():
+    """Bug: the scan stacking its per-step outputs with no steps (torch.stack of nothing raises): a zero-length
+    chunk of a sequence must give out [b, d, 0] in u's dtype and hand the initial state on unchanged."""
+    x = {k: (v[..., :0] if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs().items()}
+    out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    assert out.shape == (2, 3, 0) and out.dtype == torch.float64
+    assert torch.equal(last, x["initial_state"])
+
+
+@pytest.mark.parametrize("wide", ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"])
+def test_any_float64_input_makes_the_math_float64(wide):
+    """Bug: the math dtype read from some inputs only (e.g. not the initial state, D, z or the step bias), so
+    one float64 input among float32 ones is narrowed and the scan runs in float32. The last state must be the
+    naive float64 loop's to 1e-12, and out that loop's rounded once to u's dtype."""
+    x = inputs()
+    x = {k: (v if k == wide else v.float()) for k, v in x.items()}
+    out, last = selective_scan_ref(**x, delta_softplus=True, return_last_state=True)
+    want_out, want_last = naive(**{k: v.double() for k, v in x.items()})
+    assert last.dtype == torch.float64 and out.dtype == x["u"].dtype
+    np.testing.assert_allclose(last.numpy(), want_last, rtol=1e-12, atol=1e-12)
+    if wide == "u":
+        np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-12, atol=1e-12)
+    else:
+        assert torch.equal(out, torch.from_numpy(want_out).float())
+
+
+def test_selective_scan_asks_about_the_initial_state_before_taking_the_kernel(monkeypatch):
+    """Bug: selective_scan's dispatch leaving the initial state out of kernel_usable, so a float64 state with
+    float32 inputs on CUDA goes to the float32-only kernel. u is made to look like a CUDA tensor (runs on CPU);
+    a float32 state takes the kernel (the check has power), a float64 one the exact scan."""
+    calls = []
+
+    def counting_kernel(*args, **kwargs):
+        calls.append(1)
+        return kernel_standin(*args, **kwargs)
+
+    usable = scan.kernel_usable
+    monkeypatch.setattr(scan, "kernel_usable", lambda u, *others: usable(FakeTensor(u.dtype), *others))
+    monkeypatch.setattr(scan, "mamba_selective_scan", counting_kernel)
+    x = {k: v.float() for k, v in inputs().items()}
+    selective_scan(**x, delta_softplus=True)
+    assert len(calls) == 1  # the kernel path, the state's readout added after
+    calls.clear()
+    out, last = selective_scan(**{**x, "initial_state": x["initial_state"].double()}, delta_softplus=True,
+                               return_last_state=True)
+    assert calls == [] and last.dtype == torch.float64
+    for wide in ("D", "z", "delta_bias"):  # the kernel would narrow these too
+        out, last = selective_scan(**{**x, wide: x[wide].double()}, delta_softplus=True, return_last_state=True)
+        assert calls == [] and last.dtype == torch.float64, wide
