@@ -472,3 +472,27 @@ def test_cached_flips_change_from_epoch_to_epoch_for_every_item(tmp_path):
             dataset.set_epoch(epoch)
             signs[epoch] = [np.sign(float(dataset[k][0].flatten()[0])) for k in range(6)]
         assert ((signs == 1).any(0) & (signs == -1).any(0)).all(), signs
+
+
+def test_pixel_tokenizer_encodes_with_its_dequantisation_noise():
+    """encode() (training from images, not a cache) spreads each value over its grey-level bin like posterior().
+    Bug: encode() left out the levels, so training on images saw bare discrete values."""
+    values = torch.linspace(-1, 1, 5).repeat(400).view(1, 1, 40, 50)
+    torch.manual_seed(0)
+    offset = PixelTokenizer(img_channels=1, levels=5).encode(values).sample() - values
+    assert float(offset.abs().max()) <= 0.25 and float(offset.abs().max()) > 0.24  # bins of width 2 / 4
+    assert torch.equal(PixelTokenizer(img_channels=1, levels=0).encode(values).sample(), values)
+
+
+def test_the_kl16_tokenizer_has_the_configured_latent_width(monkeypatch):
+    """--vae_embed_dim sizes the VAE that is built and then loaded (a file of another width is refused by the
+    strict load); KL-16 means stride 16. Bugs: KLTokenizer built with its default 16 channels whatever the config
+    says; a stride of 8."""
+    import util.io.tokenizers as tokenizers
+    loaded = []
+    monkeypatch.setattr(tokenizers, "load_vae_weights", lambda vae, path: loaded.append((vae, path)))
+    tokenizer = build_tokenizer(TokenConfig(vae_embed_dim=8), vae_path="kl8.ckpt")
+    assert tokenizer.embed_dim == 8 and loaded[0][1] == "kl8.ckpt"
+    assert (tokenizer.stride, tokenizer.scale) == (16, 0.2325)  # sample.py refuses a model of another stride
+    vae = loaded[0][0]
+    assert vae is tokenizer.vae and vae.post_quant_conv.in_channels == 8 and vae.quant_conv.out_channels == 16

@@ -70,6 +70,23 @@ def test_a_bare_state_dict_takes_what_its_weights_say():
     assert (config.head_config.width, config.head_config.depth) == (256, 2)
 
 
+def test_a_bare_state_dict_takes_its_diffusion_head_s_size_from_its_weights():
+    """The diffusion head's width and depth (res blocks) from the shapes, as the ARINAR head's are. Bug: the
+    res-block count not read, so a bare file of a 2-block head met a 3-block model's strict load."""
+    state = meta_state("mar_large", head="diffloss", class_num=10, diffloss_d=2, diffloss_w=256)
+    config, _ = config_from_checkpoint(state, state, {"model": "mar_large"})
+    assert (config.head, config.head_config.width, config.head_config.depth) == ("diffloss", 256, 2)
+
+
+def test_flags_given_as_none_are_not_given():
+    """A flag left at None (argparse's "not passed") neither contradicts a file without a config nor overrides
+    what it says. Bug: the None values kept ("--num_gaussians None contradicts ...")."""
+    state = meta_state("mar_base", num_gaussians=4)
+    ckpt = {"args": ARINAR_ARGS, "model_ema": state}
+    config, changed = config_from_checkpoint(ckpt, state, {"num_gaussians": None, "class_num": None, "cfg": None})
+    assert config == create_model("mar_base", num_gaussians=4).config and changed == {}
+
+
 def test_our_checkpoints_before_the_config_convert_from_their_args():
     """The args dict main_mar.py stored (every flag, None = the preset's) is read as flags."""
     args = {"model": "mar_tiny", "head": "gmm", "num_gaussians": 8, "diffloss_d": 2, "diffloss_w": 64,
@@ -291,3 +308,49 @@ def test_a_stored_boolean_is_no_number():
     d["family_config"]["label_drop_prob"] = False
     with pytest.raises(ValueError, match=r"^RUN: family_config: label_drop_prob must be float; got False$"):
         ModelConfig.from_dict(d, source="RUN")
+
+
+def test_a_shared_flag_s_help_names_its_owners_and_defaults_only_where_they_tell_apart():
+    """Two owners are named after the help, three or more (every family) are not; one default shared by every
+    owner is shown once, differing ones per owner. Bugs: the default listed per owner though all agree (--mlp_ratio
+    "4.0 with --family causal, 4.0 with ..."), every family named after a help they all share."""
+    helps = _helps(main_mar.get_args_parser())
+    assert helps["--mlp_ratio"] == "outer MLP width / width (default: 4.0)"
+    assert helps["--width"] == ("outer model width (default: 768 with --family causal, 768 with --family mar, "
+                                "1024 with --family scalewise)")
+    assert helps["--attn_dropout"] == ("attention dropout [--family causal, --family mar]; a resumed run may change "
+                                       "it (default: 0.1)")
+    assert helps["--num_gaussians"].endswith("[--head arinar, --head gmm] (default: 4)")
+
+
+def test_every_tunable_flag_and_only_those_say_a_resumed_run_may_change_them():
+    """--step_schedule and --num_sampling_steps are sampling settings (not training-only) a stored run may change.
+    Bug: the note keyed to the training-only mark (it left these two out)."""
+    from models.config import all_flag_fields
+    helps = _helps(main_mar.get_args_parser())
+    assert "a resumed run may change it" in helps["--step_schedule"]
+    assert "a resumed run may change it" in helps["--num_sampling_steps"]
+    for name, owners in all_flag_fields().items():
+        tunable = owners[0][0].metadata.get("tunable")
+        assert ("a resumed run may change it" in helps[f"--{name}"]) == bool(tunable), name
+
+
+def test_main_cache_s_tokenizer_flags_are_checked_as_a_model_s():
+    """main_cache.py has no model to validate its tokenizer flags: token_config does, in one line each. Bug: the
+    TokenConfig returned unchecked (--img_size 100 with a 16-pixel stride went on to the tokenizer)."""
+    p = main_cache.get_args_parser()
+    from util import flags
+    with pytest.raises(ValueError, match=r"^--img_size 100 must be a multiple of --vae_stride x --patch_size = 16$"):
+        flags.token_config(p.parse_args(["--img_size", "100"]))
+    with pytest.raises(ValueError, match=r"^--tokenizer must be one of kl16, pixel; got 'vq'$"):
+        flags.token_config(p.parse_args([]).__class__(**{**vars(p.parse_args([])), "tokenizer": "vq"}))
+    assert flags.token_config(p.parse_args(["--img_size", "64"])).seq_h == 4
+
+
+def test_the_pixel_tokenizer_has_one_feature_per_image_channel():
+    """Bug: only the stride checked (3 features a pixel of a 1-channel image passed the check)."""
+    from models.config import TokenConfig
+    with pytest.raises(ValueError, match=r"^--tokenizer pixel means --vae_stride 1 and --vae_embed_dim 1 \(the image "
+                                         r"channels\); got 1 and 3$"):
+        TokenConfig(tokenizer="pixel", img_size=8, img_channels=1, vae_stride=1, vae_embed_dim=3).validate()
+    TokenConfig(tokenizer="pixel", img_size=8, img_channels=1, vae_stride=1, vae_embed_dim=1).validate()

@@ -153,3 +153,28 @@ def test_shortened_demo_trains_samples_scores_and_writes_its_artefacts(tmp_path,
         assert len(list((folder / "images").glob("*.png"))) == 100
         assert str(folder) in result.stderr  # the console names where the scores are
     assert evaluated == {(0, 1.0), (0, cfg), (5, 1.0), (5, cfg)}  # before and after training, with and without CFG
+
+
+def test_split_is_80_20_and_each_class_keeps_its_share():
+    """1,797 digits: 360 held out (20 %, rounded up), and every class holds out 20 % of its own digits, to within one
+    (stratified). Bugs: another test fraction; the split drawn without stratifying (a class's share off by several)."""
+    from sklearn.datasets import load_digits
+    train_labels, test_labels = load_split("train")[1], load_split("test")[1]
+    assert (len(train_labels), len(test_labels)) == (1437, 360)
+    per_class = np.bincount(load_digits().target, minlength=10)
+    assert np.all(np.abs(np.bincount(test_labels, minlength=10) - 0.2 * per_class) < 1)
+
+
+def test_no_samples_are_no_score():
+    """Bug: zero samples passed on to the classifier (scikit-learn's error about an empty array, not ours)."""
+    with pytest.raises(ValueError, match="one requested label per sample .and at least one.; got 0 samples"):
+        score_samples(np.zeros((0, 8, 8), np.uint8), [])
+
+
+def test_classifier_features_map_the_grey_levels_onto_zero_to_one():
+    """Level k -> k / 16, 64 features a digit. Bug: divided by the level count, 17 (the top level read as 0.94)."""
+    from util.data.digits import classifier_features
+    grey = np.arange(64).reshape(1, 8, 8) % 17
+    features = classifier_features(grey)
+    assert features.shape == (1, 64) and features.dtype == np.float64
+    assert np.array_equal(features[0], (np.arange(64) % 17) / 16.0)

@@ -51,6 +51,17 @@ def test_timestep_embedding_cos_first():
     np.testing.assert_allclose(emb[1].numpy(), np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)]), rtol=1e-12)
 
 
+def test_a_bf16_net_embeds_timesteps_in_float32_then_casts():
+    """Bug: the float32 sinusoids handed uncast to a net whose weights are bf16 (a model cast as a whole), a
+    dtype clash in the time MLP's first Linear. The table is the float32 one rounded once to bf16."""
+    head = DiffLoss(4, 3, 8, 1).to(torch.bfloat16)
+    t = torch.tensor([0, 7, 999])
+    emb = head.net.time_embed(t)
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb, head.net.time_embed.mlp(timestep_embedding(t).bfloat16()))
+    assert head.net(torch.randn(3, 4).bfloat16(), t, torch.randn(3, 3).bfloat16()).dtype == torch.bfloat16
+
+
 def numpy_net(sd, x, t, c):
     """MAR's SimpleMLPAdaLN written out in numpy float64 from a state_dict."""
     p = {k: v.numpy() for k, v in sd.items()}
@@ -182,6 +193,29 @@ def test_bad_sampling_steps_one_line_error():
     with pytest.raises(ValueError, match="--num_sampling_steps") as err:
         DiffLoss(C, 8, 32, 1, num_sampling_steps=1)
     assert "\n" not in str(err.value)
+
+
+def test_sampling_steps_default_to_the_release_and_run_up_to_every_training_step():
+    """Bugs: a default other than MAR's 100 diffusion steps (the config's or the constructor's) or 4 noise
+    draws per token; 1000 steps (every training step, no respacing) refused by an off-by-one upper bound, or
+    1 let through the config's range check (then refused only when the head is built)."""
+    from dataclasses import fields
+    from models.config import check_ranges
+    from models.heads.diffloss import DiffLossConfig
+    defaults = {f.name: f.default for f in fields(DiffLossConfig)}
+    assert defaults == {"width": 1024, "depth": 3, "num_sampling_steps": 100, "diffusion_batch_mul": 4}
+    assert len(DiffLoss(4, 3, 8, 1).sample_schedule) == 100
+    full = DiffLoss(4, 3, 8, 1, num_sampling_steps=1000).sample_schedule
+    ab = numpy_alpha_bar()
+    assert full.timesteps.tolist() == list(range(1000))
+    np.testing.assert_allclose(np.exp(full.log_betas), 1 - ab / np.append(1.0, ab[:-1]), rtol=1e-9)
+    with pytest.raises(ValueError, match="--num_sampling_steps must be between 2 and 1000, got 1001"):
+        DiffLoss(4, 3, 8, 1, num_sampling_steps=1001)
+    for good in (2, 1000):
+        check_ranges(DiffLossConfig(num_sampling_steps=good))
+    for bad in (1, 1001):
+        with pytest.raises(ValueError, match=rf"^--num_sampling_steps must be in \[2, 1000\]; got {bad}$"):
+            check_ranges(DiffLossConfig(num_sampling_steps=bad))
 
 
 # ---------------------------------------------------------------- the sampler where the answer is known
@@ -335,6 +369,17 @@ def test_exact_cfg_sampler_refused():
     assert "\n" not in str(err.value)
 
 
+def test_the_backend_offers_the_diffusion_head_sir_alone():
+    """Bug: the head's cfg_samplers listing "exact", so --cfg_sampler exact passes the up-front check and fails
+    only at the first head call, mid-sampling. The backend refuses it in one line naming sir alone."""
+    from types import SimpleNamespace
+    from sampling import make_backend
+    model = SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), head=DiffLoss(4, 3, 8, 1))
+    with pytest.raises(ValueError, match=r"^--cfg_sampler exact is not available for this head; choose one of sir$"):
+        make_backend(model, cfg_sampler="exact")
+    assert make_backend(model).cfg_sampler == "sir"
+
+
 # ---------------------------------------------------------------- mutation guards (issue: diffusion-head mutants)
 
 def numpy_sampler(state, z, x, noises, temperature, steps, w=None):
@@ -455,3 +500,12 @@ def test_init_zeroes_every_adaln_modulation_and_time_mlp_std():
         assert not module.adaLN_modulation[1].weight.any() and not module.adaLN_modulation[1].bias.any()
     for i in (0, 2):
         assert head.net.time_embed.mlp[i].weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def test_compile_regions_are_every_residual_block():
+    """Bug: a compiling backend handed only some of the denoiser's residual blocks (the samples are the same,
+    the speed-up is not): every block, in order, and nothing else."""
+    head = DiffLoss(4, 3, 8, 3)
+    regions = head.compile_regions
+    assert isinstance(regions, tuple) and len(regions) == 3
+    assert all(r is b for r, b in zip(regions, head.net.res_blocks))

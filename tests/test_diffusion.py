@@ -126,3 +126,35 @@ def test_tables_are_made_once_per_device():
     assert cpu.device.type == "cpu" and meta.device.type == "meta" and meta.shape == (3,)
     assert schedule.tensor("log_betas", torch.device("cpu")) is cpu
     assert schedule.tensor("sqrt_alpha_bar", "cpu").tolist() == pytest.approx(np.sqrt(np.cumprod([0.9, 0.8, 0.7])))
+
+
+def test_too_few_steps_are_refused():
+    """Bugs: space_timesteps keeping 0 steps (an empty schedule, silently) or a one-step Schedule accepted
+    (an IndexError deep in the posterior tables instead of the one-line error)."""
+    with pytest.raises(ValueError, match="cannot keep 0 of 1000"):
+        space_timesteps(1000, 0)
+    assert space_timesteps(1000, 1) == [0] and space_timesteps(1000, 2) == [0, 999]
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        Schedule(np.array([0.5]))
+    assert len(Schedule(np.array([0.1, 0.5]))) == 2
+
+
+def test_discretized_log_likelihood_far_tails_keep_adm_floor():
+    """Bugs: a coarser floor than ADM's 1e-12 on a bin's mass (e.g. 1e-6), which caps the t = 0 decoder NLL of
+    a token far from the model's mean; the open edge bins starting inside +-0.999 (e.g. at +-0.99). Masses
+    ~1e-7 (open lower bin, open upper bin, an inner bin) must come out exact; one far below 1e-12 is floored
+    at exactly log(1e-12); bins at +-0.995 are closed. Oracle: ADM's tanh CDF in numpy."""
+    def cdf(u):
+        return 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+
+    # the last two: inner bins just inside the open edges (|x| < 0.999), whose mass is not the tail's
+    x = np.array([-1.0, 1.0, 0.0, -1.0, 0.3, -0.995, 0.995])
+    mean = np.array([0.0, 0.0, 0.05, 0.9, 0.3, 0.0, 0.0])
+    std = np.array([0.2, 0.2, 0.01, 0.1, 0.0005, 0.5, 0.5])
+    plus, minus = cdf((x - mean + 1 / 255) / std), cdf((x - mean - 1 / 255) / std)
+    expected = np.log(np.array([plus[0], 1 - minus[1], plus[2] - minus[2], 1e-12, plus[4] - minus[4],
+                                plus[5] - minus[5], plus[6] - minus[6]]))
+    assert (np.exp(expected[:3]) < 1e-6).all() and (np.exp(expected[:3]) > 1e-10).all()  # between the floors
+    assert plus[3] < 1e-12
+    got = discretized_gaussian_log_likelihood(*(torch.tensor(v, dtype=torch.float64) for v in (x, mean, np.log(std))))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)

@@ -196,3 +196,65 @@ def test_logging_is_info_with_a_file_on_rank_0_and_warnings_only_elsewhere(rank,
                 handler.close()
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+@pytest.mark.parametrize("env, joined", [({"RANK": "0"}, False), ({"WORLD_SIZE": "2"}, False),
+                                         ({"RANK": "0", "WORLD_SIZE": "2"}, True)])
+def test_init_joins_a_group_only_under_torchrun_and_only_once(monkeypatch, env, joined):
+    """torchrun sets both RANK and WORLD_SIZE; one alone (a stray variable in a plain python run) is no launch, and a
+    process already in a group (init called again) joins nothing. Bugs: RANK alone read as a launch (env:// then
+    fails on the missing WORLD_SIZE), init_process_group called a second time (torch raises)."""
+    from util import distributed
+    calls = []
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    assert distributed.init_distributed() == torch.device("cpu")
+    assert len(calls) == int(joined)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    distributed.init_distributed()
+    assert len(calls) == int(joined)
+
+
+def test_gathered_rows_are_padded_to_the_longest_rank_s(monkeypatch):
+    """Rank 0 holds fewer rows than rank 1 (an evaluation's last images): every rank pads to the largest count.
+    Bug: padded to rank 0's count (rank 1's rows would not fit, or be cut)."""
+    from util import distributed
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "for_collective", lambda t: t)
+    monkeypatch.setattr(distributed, "all_gather_object", lambda n: [n, 3])  # rank 1 holds three rows
+    shapes = []
+
+    def gather(parts, padded):
+        shapes.append(tuple(padded.shape))
+        parts[0].copy_(padded)
+        parts[1].copy_(torch.tensor([[5, 6], [7, 8], [9, 10]]))
+    monkeypatch.setattr(torch.distributed, "all_gather", gather)
+    got = distributed.all_gather_rows(torch.tensor([[1, 2]]))
+    assert shapes == [(3, 2)] and got.tolist() == [[1, 2], [5, 6], [7, 8], [9, 10]]
+
+
+def test_broadcast_sends_rank_0_s_object(monkeypatch):
+    """Bug: each rank naming itself the source (every rank keeps its own object, or the collective hangs)."""
+    from util import distributed
+    seen = {}
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box, src: seen.update(src=src) or
+                        box.__setitem__(0, "rank 0's"))
+    assert distributed.broadcast_object("rank 1's") == "rank 0's" and seen == {"src": 0}
+
+
+def test_replica_fingerprints_are_float64_sums():
+    """1e8 + 1 is exact in float64 and rounds to 1e8 in float32 (its spacing there is 8): replicas a small update
+    apart must not share a fingerprint. Bug: the sums taken in the weights' float32."""
+    from util import distributed
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1e8, 1.0]]))
+    assert distributed.replica_checksums(model) == [100000001.0]

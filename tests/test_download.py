@@ -47,7 +47,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             start -= early  # a server resuming before the byte asked for
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            total = "*" if srv.total_unknown else len(data)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
         else:
             self.send_response(200)
         body = data[start:]
@@ -69,6 +70,7 @@ def server():
     srv.lock = threading.Lock()
     srv.files, srv.requests, srv.drop_after, srv.fail_with, srv.resume_early = {}, [], {}, {}, {}
     srv.honor_range = True
+    srv.total_unknown = False  # Content-Range "bytes START-END/*"
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
@@ -268,3 +270,120 @@ def test_existing_file_with_the_wrong_checksum_is_fetched_again(server, tmp_path
     download(server.base + "/w.bin", dest, sha256=SHA, size=len(DATA), retries=0, **FAST)
     assert dest.read_bytes() == DATA
     assert server.requests == [("/w.bin", None)]
+
+
+def test_retry_on_408(server, tmp_path):
+    """Bug: 408 Request Timeout treated as a permanent 4xx failure (only 429 kept retryable)."""
+    server.files["/w.bin"] = DATA
+    server.fail_with["/w.bin"] = [408]
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert len(server.requests) == 2
+
+
+def test_a_checksum_in_upper_case_verifies(server, tmp_path):
+    """A published digest may be written in capitals. Bug: the digests compared as written (a good file
+    refused and deleted)."""
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA.upper(), retries=0, **FAST)
+    assert dest.read_bytes() == DATA
+    download(server.base + "/w.bin", dest, sha256=SHA.upper(), retries=0, **FAST)  # present: verified, kept
+    assert len(server.requests) == 1
+
+
+def test_a_file_longer_than_its_known_size_is_refused(server, tmp_path):
+    """Bug: the size checked as a lower bound only (trailing bytes kept as verified)."""
+    server.files["/w.bin"] = DATA
+    dest = tmp_path / "w.bin"
+    with pytest.raises(DownloadError, match=f"expected {len(DATA) - 1} bytes, got {len(DATA)}"):
+        download(server.base + "/w.bin", dest, size=len(DATA) - 1, retries=0, **FAST)
+    assert not dest.exists() and not (tmp_path / "w.bin.part").exists()
+
+
+def test_a_manual_asset_already_in_place_is_kept(tmp_path):
+    """An asset without a link that the user has put in place: found, exit 0. Bug: the presence check
+    dropped (asked for by hand again, exit 2)."""
+    dest = tmp_path / ASSETS["arinar_b"].relpath
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"weights")
+    assert download_module.fetch_asset("arinar_b", tmp_path) == dest
+    assert main(["arinar_b", "--dest-root", str(tmp_path), "--no-progress"]) == 0
+    assert dest.read_bytes() == b"weights"
+
+
+def test_cli_a_failed_download_exits_1_even_when_a_manual_step_remains(server, tmp_path, monkeypatch):
+    """Exit 1 (a download failed) outranks exit 2 (fetch something by hand). Bug: the order swapped, so a
+    script that retries on 1 and reports on 2 never retried."""
+    import dataclasses
+    monkeypatch.setitem(ASSETS, "kl16", dataclasses.replace(ASSETS["kl16"], url=server.base + "/gone"))
+    assert main(["kl16", "arinar_b", "--dest-root", str(tmp_path), "--no-progress"]) == 1
+    assert main(["arinar_b", "--dest-root", str(tmp_path), "--no-progress"]) == 2
+
+
+def test_cli_url_with_two_assets_is_a_usage_error(server, tmp_path):
+    """--url names one source: with two asset names it is refused before anything is fetched. Bug: the
+    check let two names through (both written from the one URL)."""
+    server.files["/x.bin"] = DATA
+    with pytest.raises(SystemExit) as info:
+        main(["kl16", "adm_in256_stats", "--url", server.base + "/x.bin", "--dest-root", str(tmp_path)])
+    assert info.value.code == 2
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+
+
+def test_416_to_a_request_without_range_is_a_plain_http_error(server, tmp_path):
+    """416 means "the part is complete" only in answer to a Range request; to a fresh GET it is the server's
+    error, reported as such, without retries. Bug: every 416 taken as a complete part ("nothing was downloaded")."""
+    server.files["/w.bin"] = DATA
+    server.fail_with["/w.bin"] = [416, 416]
+    with pytest.raises(DownloadError, match="HTTP 416"):
+        download(server.base + "/w.bin", tmp_path / "w.bin", retries=1, **FAST)
+    assert server.requests == [("/w.bin", None)]
+
+
+def test_part_one_byte_longer_than_the_remote_file_restarts(server, tmp_path):
+    """The 416's total must equal the part's length exactly: one stray byte too many is not a complete file
+    (nothing else checks MAR's checkpoints). Bug: an off-by-one comparison keeping DATA + 1 byte."""
+    server.files["/w.bin"] = DATA
+    (tmp_path / "w.bin.part").write_bytes(DATA + b"x")
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", f"bytes={len(DATA) + 1}-"), ("/w.bin", None)]
+
+
+def test_a_file_that_fails_verification_is_removed_even_when_the_new_download_fails(server, tmp_path):
+    """An existing file with the wrong checksum is deleted before fetching again, so a failed fetch leaves no
+    corrupt file for --vae_path / --resume to read. Bug: the unlink dropped (the rename would replace it only
+    on success)."""
+    dest = tmp_path / "w.bin"
+    dest.write_bytes(b"corrupt")
+    with pytest.raises(DownloadError, match="404"):
+        download(server.base + "/w.bin", dest, sha256=SHA, retries=0, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_early_resume_of_unknown_total_length_restarts(server, tmp_path):
+    """Content-Range may give the total as "*" (RFC 9110); its start is still checked. Bug: a pattern for a
+    numeric total only, so the early start went unread and its bytes were appended twice."""
+    server.files["/w.bin"] = DATA
+    server.total_unknown = True
+    server.resume_early["/w.bin"] = 100
+    (tmp_path / "w.bin.part").write_bytes(DATA[:5000])
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", "bytes=5000-"), ("/w.bin", None)]
+
+
+def test_416_without_content_range_to_a_range_request_keeps_the_part(server, tmp_path):
+    """A 416 that gives no total (Content-Range is optional) answers the Range request: the part is taken as
+    complete and verified, not thrown away. Bug: a missing total read as "longer than the remote file"."""
+    server.files["/w.bin"] = DATA
+    server.fail_with["/w.bin"] = [416]  # send_error: no Content-Range header
+    (tmp_path / "w.bin.part").write_bytes(DATA)
+    dest = tmp_path / "w.bin"
+    download(server.base + "/w.bin", dest, sha256=SHA, retries=1, **FAST)
+    assert dest.read_bytes() == DATA
+    assert server.requests == [("/w.bin", f"bytes={len(DATA)}-")]

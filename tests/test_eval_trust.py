@@ -436,3 +436,22 @@ def test_complete_png_check_compares_height_and_width_in_order(tmp_path):
     images.save_png(image, str(tmp_path / "wide.png"))
     assert np.array_equal(eval_folder.read_complete_png(tmp_path / "wide.png", (4, 6, 3)), image)
     assert eval_folder.read_complete_png(tmp_path / "wide.png", (6, 4, 3)) is None
+
+
+def test_sweep_metrics_leave_out_every_setting_and_count_and_keep_a_lone_real_score():
+    """An evaluate() row's settings and image counts are not scores; a real_<metric> without <metric> beside it is a
+    score of its own. Bugs: images_kept plotted as a metric; any real_ key dropped, with or without its metric."""
+    row = {"cfg": 2.0, "temperature": 1.0, "epoch": 3, "num_images": 8, "num_iter": 4, "world_size": 2,
+           "sec_per_image": 0.5, "images_drawn": 10, "images_kept": 8, "fid": 3.0, "inception_score": 9.0,
+           "inception_score_std": 0.1, "real_recall": 0.6, "folder": "f"}
+    assert sweep.metric_keys([row]) == ["fid", "inception_score", "real_recall"]
+
+
+def test_an_unreadable_sweep_table_is_not_taken_for_an_empty_one(tmp_path):
+    """No table yet: no earlier points. A table that is not JSON stops the merge rather than being overwritten by
+    this sweep's points alone. Bug: any read error taken for "no table" (an earlier sweep's points lost)."""
+    assert sweep.read_rows(str(tmp_path / "none.json")) == []
+    broken = tmp_path / "sweep.json"
+    broken.write_text('[{"cfg": 1.0, "temperature": 1.0, "fid": 3')
+    with pytest.raises(json.JSONDecodeError):
+        sweep.read_rows(str(broken))

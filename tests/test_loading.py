@@ -417,3 +417,140 @@ def test_the_export_command_writes_the_ema_by_default_and_the_live_weights_with_
             main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth", "ema.safetensors", "live.safetensors"]
+
+
+def test_safetensors_weights_are_ema_only_when_the_metadata_says_so(tmp_path):
+    """A .safetensors file with metadata: its tensors are "model_ema" only for weights "ema" (as the export
+    writes), else "model", e.g. a file another tool saved with just {"format": "pt"}. Bug: anything not said
+    to be live taken for EMA weights (no warning that the live ones are used, an export labelled EMA)."""
+    state = tiny_mar().state_dict()
+    for metadata, key in (({"weights": "ema"}, "model_ema"), ({"weights": "live"}, "model"),
+                          ({"format": "pt"}, "model")):
+        path = tmp_path / f"{key}-{len(os.listdir(tmp_path))}.safetensors"
+        save_file(state, str(path), metadata=metadata)
+        ckpt = read_checkpoint(path)
+        assert set(ckpt) == {key}, (metadata, set(ckpt))
+        assert all(torch.equal(ckpt[key][k], v) for k, v in state.items())
+
+
+def test_a_published_folder_of_live_weights_reads_them_as_live(tmp_path):
+    """A published folder whose metadata says "live" (a run without EMA weights) reads as "model", one that
+    says "ema" as "model_ema". Bug: every published folder read as EMA weights."""
+    from util.io.pretrained import write_folder
+    model = randomize_(tiny_mar(), seed=11)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for weights, key in (("live", "model"), ("ema", "model_ema")):
+        folder = write_folder(tmp_path / weights, model.config, state, {"weights": weights}, "card\n")
+        ckpt = read_checkpoint(folder)
+        assert key in ckpt and ({"model", "model_ema"} - {key}).isdisjoint(ckpt), (weights, set(ckpt))
+        assert all(torch.equal(ckpt[key][k], v) for k, v in state.items())
+
+
+def test_an_export_is_synced_under_its_temp_name_then_renamed(tmp_path, monkeypatch):
+    """The exported bytes reach the disk (fsync) before the rename makes them the file (a crash must not leave
+    a complete-looking DEST of zeros). Bug: the fsync dropped."""
+    source = tiny_mar()
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=source.state_dict(), args={},
+                           config=source.config.to_dict())
+    dest = tmp_path / "out.safetensors"
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), dest.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    export_safetensors(ckpt, dest)
+    assert synced == [(str(tmp_path / "out.safetensors.tmp"), False)]
+
+
+def test_a_failed_export_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    """A write that fails half-way (a full disk) leaves DEST as it was and no out.safetensors.tmp behind.
+    Bug: the temp file's clean-up dropped."""
+    import util.io.checkpoints as checkpoints
+    source = tiny_mar()
+    ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", model=source.state_dict(), args={},
+                           config=source.config.to_dict())
+    dest = tmp_path / "out.safetensors"
+    dest.write_bytes(b"old")
+
+    def half_written(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_safetensors", half_written)
+    with pytest.raises(OSError, match="No space left"):
+        export_safetensors(ckpt, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth", "out.safetensors"]
+    assert dest.read_bytes() == b"old"
+
+
+def test_a_checkpoint_in_torch_s_legacy_format_is_read(tmp_path):
+    """torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; it is read without mmap. Bug: mmap=True
+    for every file (the legacy file refused as not a readable checkpoint)."""
+    state = randomize_(tiny_mar(), seed=2).state_dict()
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": state, "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    ckpt = read_checkpoint(path)
+    assert ckpt["epoch"] == 3 and all(torch.equal(ckpt["model"][k], v) for k, v in state.items())
+
+
+def test_an_os_error_while_reading_a_checkpoint_stays_an_os_error(tmp_path, monkeypatch):
+    """A failing disk is not a bad file: an OSError from the read passes through (main_mar reports storage
+    errors as such), every parser error becomes "not a readable checkpoint". Bug: OSErrors caught with the rest."""
+    import errno
+    path = save_checkpoint(tmp_path / "checkpoint-last.pth", model=tiny_mar().state_dict())
+
+    def failing_load(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", failing_load)
+    with pytest.raises(OSError, match="Input/output error"):
+        read_checkpoint(path)
+
+
+def test_a_named_file_inside_a_published_folder_is_that_file(tmp_path):
+    """Only model.safetensors stands for its published folder; another checkpoint named inside the folder is
+    read itself. Bug: any file in a published folder resolved to the folder (the named weights ignored)."""
+    from util.io.pretrained import write_folder
+    model = tiny_mar()
+    folder = write_folder(tmp_path / "published", model.config, model.state_dict(), {"weights": "ema"}, "card\n")
+    other = {k: v + 1 for k, v in model.state_dict().items()}
+    path = save_checkpoint(folder / "older.pth", model=other, epoch=7)
+    ckpt = read_checkpoint(path)
+    assert ckpt["epoch"] == 7 and all(torch.equal(ckpt["model"][k], v) for k, v in other.items())
+    assert "model_ema" in read_checkpoint(folder / "model.safetensors")
+
+
+def test_outer_init_logs_which_weights_it_took(tmp_path, caplog):
+    """The log line says EMA only when EMA weights were read. Bug: a file without model_ema logged as EMA."""
+    state = {k: v for k, v in tiny_mar().state_dict().items() if not k.startswith("arhead.")}
+    live_only = save_checkpoint(tmp_path / "live.pth", model=state, args={"model": "mar_base"})
+    both = save_checkpoint(tmp_path / "both.pth", model=state, model_ema=state, args={"model": "mar_base"})
+    with caplog.at_level("INFO", logger="util.io.checkpoints"):
+        for path in (live_only, both):
+            load_outer_weights(tiny_mar(), path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("initialised the outer model")]
+    assert len(lines) == 2 and "(live weights," in lines[0] and "(EMA," in lines[1], lines
+
+
+def test_blocks_of_another_layout_suggest_no_depth():
+    """--depth is suggested only when both the file and the model count blocks: a file of scale-wise "blocks"
+    against a model with encoder/decoder blocks only gets the generic advice. Bug: "--depth 2 (... model 0)"."""
+    expected = {"encoder_blocks.0.w": torch.zeros(1), "decoder_blocks.0.w": torch.zeros(1)}
+    found = {"blocks.0.w": torch.zeros(1), "blocks.1.w": torch.zeros(1)}
+    with pytest.raises(ValueError) as err:
+        check_state_dict(expected, found, "f.pth", "mar")
+    assert str(err.value).endswith("Likely fix: check --model and the config flags against the run that wrote it "
+                                   "(its stored args)"), str(err.value)
+
+
+def test_a_local_file_named_like_a_repo_id_is_read_locally(tmp_path, monkeypatch):
+    """A path that exists wins over a Hub repo id of the same spelling (USER/NAME). Bug: the repo id parsed
+    first (the local file ignored, the Hub asked)."""
+    import util.hub.remote as remote
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone").mkdir()
+    save_checkpoint(tmp_path / "someone" / "tiny", model={"w": torch.ones(2)}, epoch=5)
+    monkeypatch.setattr(remote, "download", lambda *a, **k: pytest.fail(f"the Hub was asked for {a}"))
+    assert read_checkpoint("someone/tiny")["epoch"] == 5

@@ -156,3 +156,130 @@ def test_a_resumed_run_keeps_its_class_count_over_the_data_s(tmp_path):
     run_main(tiny_flags(data_path=data, output_dir=run, class_num=None, resume=run, epochs=2))
     ckpt = load(run / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and ckpt["config"]["class_num"] == 3
+
+
+def test_the_run_flags_default_to_mar_s_recipe():
+    """The defaults of MAR's main_mar.py (batch 16 per process, 10 workers, seed 1, checkpoint-last every 5 epochs,
+    online evaluation every 40, 50,000 images drawn 64 a batch in 64 steps with the linear CFG ramp), the EMA
+    weights evaluated, the release's SIR sampler, and 8-bit data's 256 grey levels. Bug: a default edited (no other
+    test reads them: the suite passes every flag it relies on)."""
+    args = parse([])
+    got = {k: getattr(args, k) for k in ("batch_size", "num_workers", "seed", "save_last_freq", "save_copy_freq",
+                                         "save_every_steps", "eval_freq", "num_images", "eval_bsz", "num_iter",
+                                         "cfg_list", "temperature_list", "cfg_schedule", "cfg_sampler",
+                                         "eval_weights", "pixel_levels", "pin_mem")}
+    assert got == {"batch_size": 16, "num_workers": 10, "seed": 1, "save_last_freq": 5, "save_copy_freq": 0,
+                   "save_every_steps": 0, "eval_freq": 40, "num_images": 50000, "eval_bsz": 64, "num_iter": 64,
+                   "cfg_list": [1.0], "temperature_list": [1.0], "cfg_schedule": "linear", "cfg_sampler": "sir",
+                   "eval_weights": "ema", "pixel_levels": 256, "pin_mem": True}
+
+
+def test_an_evaluation_draws_each_point_once_and_tables_only_a_sweep(tmp_path, monkeypatch):
+    """The online evaluation's points are (1, T) and (--cfg, T): with the default --cfg 1 that is one point, drawn
+    once, and one point is no sweep (no table or plot). Bugs: the repeated point drawn twice (an hour of sampling on
+    ImageNet), a one-point "sweep" table."""
+    import types
+    calls = []
+
+    def fake_evaluate(model, tokenizer, ema, args, epoch, cfg, temperature, **kwargs):
+        calls.append((cfg, temperature))
+        return {"cfg": cfg, "temperature": temperature, "fid": 5.0 - cfg, "folder": f"eval-{cfg}-{temperature}"}
+
+    monkeypatch.setattr(main_mar, "evaluate", fake_evaluate)
+    model = types.SimpleNamespace(sampling_steps=lambda num_iter: num_iter)
+    args = types.SimpleNamespace(output_dir=str(tmp_path), num_iter=4, num_images=8, eval_weights="ema")
+    results = main_mar.run_evaluations(model, None, None, args, 0, None, [(1.0, 1.0), (1.0, 1.0)], None, None)
+    assert calls == [(1.0, 1.0)] and len(results) == 1
+    assert list(tmp_path.iterdir()) == []
+    main_mar.run_evaluations(model, None, None, args, 0, None, [(1.0, 1.0), (2.0, 1.0)], None, None)
+    assert calls == [(1.0, 1.0), (1.0, 1.0), (2.0, 1.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"sweep-ep0-iter4-n8-ema.{ext}" for ext in ("csv", "json",
+                                                                                                         "png")]
+
+
+def test_tensorboard_logs_go_to_the_given_log_dir_else_the_run_folder():
+    """Bug: --log_dir overwritten by --output_dir (the logs of every run in one given folder went nowhere near it)."""
+    assert main_mar.resolve_args(parse(["--output_dir", "run"])).log_dir == "run"
+    assert main_mar.resolve_args(parse(["--output_dir", "run", "--log_dir", "tb/run"])).log_dir == "tb/run"
+
+
+def test_a_run_folder_holding_another_run_s_checkpoint_is_refused_whatever_is_resumed(tmp_path):
+    """--output_dir A already holds checkpoint-last.pth: a fresh run, or one resuming another folder's checkpoint B,
+    would overwrite A's; only resuming A itself continues there. Bug: only a fresh run refused (--resume B
+    --output_dir A wrote over A's run)."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    for run in (run_a, run_b):
+        run.mkdir()
+        (run / main_mar.LAST).write_bytes(b"ckpt")
+    args = main_mar.resolve_args(parse(tiny_flags(output_dir=run_a)))
+    for ckpt_file in (None, str(run_b / main_mar.LAST)):
+        with pytest.raises(ValueError, match=f"--output_dir {run_a} already holds {main_mar.LAST} from another run"):
+            main_mar.check_args(args, ckpt_file)
+    main_mar.check_args(args, str(run_a / main_mar.LAST))
+
+
+def test_a_missing_init_outer_from_is_one_line_before_anything_is_built(tmp_path):
+    """Bug: the check dropped (the run failed after building the data set and model, on the file's open)."""
+    args = main_mar.resolve_args(parse(tiny_flags(output_dir=tmp_path / "run",
+                                                  init_outer_from=tmp_path / "none.pth")))
+    with pytest.raises(FileNotFoundError, match=r"^--init_outer_from .*none\.pth: no such checkpoint$"):
+        main_mar.check_args(args, None)
+
+
+@pytest.mark.parametrize("img_size", [128, 512])
+def test_imagenet_s_fid_statistics_are_refused_at_any_other_size(tmp_path, img_size):
+    """The default reference statistics are of 256-px ImageNet: FID against them at 128 or 512 px means nothing.
+    Bug: only smaller sizes refused."""
+    args = main_mar.resolve_args(parse(tiny_flags(num_images=2)))
+    assert args.fid_stats == main_mar.DATASETS["imagenet"].fid_stats
+    config = new_config(tiny_flags(num_images=2, img_size=img_size))
+    with pytest.raises(ValueError, match=f"is for 256px images; pass --fid_stats for --img_size {img_size}"):
+        main_mar.check_eval_args(args, config)
+
+
+def test_an_inception_path_must_be_a_file(tmp_path, monkeypatch):
+    """Bug: any existing path accepted (a folder failed only later, once the Inception weights were read)."""
+    from util.evaluation import metrics
+    monkeypatch.setattr(metrics, "load_fid_stats", lambda path: None)
+    args = main_mar.resolve_args(parse(tiny_flags(num_images=2, fid_stats=tmp_path / "stats.npz",
+                                                  inception_path=tmp_path)))
+    config = new_config(tiny_flags(num_images=2))
+    with pytest.raises(FileNotFoundError, match=f"^--inception_path {tmp_path}: no such file$"):
+        main_mar.check_eval_args(args, config)
+    (tmp_path / "inception.pth").write_bytes(b"weights")
+    args.inception_path = str(tmp_path / "inception.pth")
+    main_mar.check_eval_args(args, config)
+
+
+def test_a_data_set_with_more_classes_than_class_num_is_refused(tmp_path):
+    """3 class folders, --class_num 2: the third class's label is no class of the model. Bug: an off-by-one let one
+    class too many through."""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=1)
+    with pytest.raises(ValueError, match=r"^the data set has 3 classes but --class_num is 2$"):
+        run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", class_num=2, epochs=1))
+    assert not (tmp_path / "run" / main_mar.LAST).exists()
+
+
+def test_online_evaluation_draws_cfg_1_and_the_run_s_point_every_eval_freq_epochs_and_at_the_end(tmp_path,
+                                                                                                 monkeypatch):
+    """--online_eval --eval_freq 2 over 2 epochs: epochs 0 (MAR's epoch % eval_freq == 0) and 1 (the last), each at
+    cfg 1 and at the run's (--cfg 3, --temperature 0.9). Bugs: the unguided point left out; every eval_freq-th epoch
+    counted from 1 (epoch 1 alone)."""
+    seen = []
+    monkeypatch.setattr(main_mar, "run_evaluations",
+                        lambda model, tokenizer, ema, args, epoch, writer, points, *rest: seen.append((epoch, points))
+                        or [])
+    data = make_image_folder(tmp_path / "data", per_class=1)
+    run_main(tiny_flags(data_path=data, output_dir=tmp_path / "run", epochs=2, online_eval=True, eval_freq=2,
+                        fid_stats="none", num_images=2, eval_bsz=2, num_iter=2)
+             + ["--cfg", "3", "--temperature", "0.9"])
+    assert seen == [(0, [(1.0, 0.9), (3.0, 0.9)]), (1, [(1.0, 0.9), (3.0, 0.9)])]
+
+
+def test_use_cached_without_cached_path_is_one_line(tmp_path):
+    """Bug: the check dropped (the run went on to read latents from an empty --cached_path)."""
+    args = main_mar.resolve_args(parse(tiny_flags(output_dir=tmp_path / "run", use_cached=True)))
+    with pytest.raises(ValueError, match=r"^--use_cached needs --cached_path \(latents written by main_cache\.py\)$"):
+        main_mar.check_args(args, None)
+    args.cached_path = str(tmp_path / "cache")
+    main_mar.check_args(args, None)

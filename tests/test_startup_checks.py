@@ -143,3 +143,14 @@ def test_a_loader_error_is_summed_up_by_its_first_informative_line():
                                  "Check the documentation of torch.load to learn more.")
     assert why_unreadable(err) == "corrupt, truncated or not a torch/safetensors file (UnpicklingError: invalid " \
                                   "load key, '\\x00'.)"
+
+
+def test_an_error_in_a_data_loader_worker_is_its_own_last_line():
+    """torch re-raises a worker's error with the worker's traceback: the one line is that traceback's last, without
+    its exception name. Bug: the first line taken ("Caught ValueError in DataLoader worker process 0.")."""
+    from main_mar import one_line
+    text = ("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "worker.py", line 1, in _worker_loop\n    data = fetcher.fetch(index)\n'
+            "ValueError: data/train/a/x.png: cannot identify image file\n")
+    assert one_line(ValueError(text)) == "data/train/a/x.png: cannot identify image file"
+    assert one_line(ValueError("--lr must be > 0; got 0")) == "--lr must be > 0; got 0"

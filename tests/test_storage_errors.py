@@ -84,3 +84,20 @@ def test_a_failed_write_names_the_run_folder_to_resume_not_the_file():
     assert err.value.errno == errno.ENOSPC
     assert str(err.value).startswith("[Errno 28] could not write /runs/a/checkpoint-last.pth: ")
     assert str(err.value).endswith("then continue with --resume /runs/a")
+
+
+def test_an_os_error_that_is_no_storage_failure_keeps_its_traceback(monkeypatch):
+    """Only a full, read-only or unwritable disk becomes one line and exit 1; another OSError (a lost connection, a
+    bad file descriptor) is a bug or an outage to be read in full. Bug: every OSError cut to one line."""
+    def broken(args, argv):
+        raise ConnectionResetError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+    monkeypatch.setattr(main_mar, "main", broken)
+    with pytest.raises(ConnectionResetError):
+        main_mar.cli(["--epochs", "1"])
+
+    def full(args, argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "ckpt.pth")
+    monkeypatch.setattr(main_mar, "main", full)
+    with pytest.raises(SystemExit) as stop:
+        main_mar.cli(["--epochs", "1"])
+    assert stop.value.code == 1

@@ -276,3 +276,19 @@ def test_encoder_and_decoder_chain_their_parts_in_ldm_order():
         assert moments.shape == (1, 8, 4, 4) and image.shape == (1, 3, 8, 8)
         assert torch.allclose(vae.encode(x).parameters, moments, atol=1e-9, rtol=0)
         assert torch.allclose(vae.decode(z), image, atol=1e-9, rtol=0)
+
+
+def test_posterior_noise_is_a_float32_normal_draw_and_var_is_exp_logvar():
+    """sample() = mean + exp(logvar / 2) * z with z torch's float32 N(0, 1) draw at the current seed, and var
+    = exp(logvar). Bugs: the noise drawn in float16 (then cast up: z keeps 11 bits, a statistical test passes),
+    var computed as exp(2 logvar) (the clamp test sees var only where both underflow below its tolerance)."""
+    mean = torch.tensor([0.5, -1.0, 2.0, 0.0]).view(1, 4, 1, 1)
+    logvar = torch.tensor([0.0, -2.0, 1.0, 3.0]).view(1, 4, 1, 1)
+    post = DiagonalGaussian(torch.cat([mean, logvar], dim=1).expand(64, -1, -1, -1))
+    torch.manual_seed(7)
+    z = torch.randn(64, 4, 1, 1)
+    torch.manual_seed(7)
+    sample = post.sample()
+    assert sample.dtype == torch.float32
+    assert torch.allclose(sample, mean + torch.exp(logvar / 2) * z, atol=1e-6, rtol=0)
+    assert torch.allclose(post.var[0].flatten(), torch.tensor([1.0, math.exp(-2.0), math.e, math.exp(3.0)]))
