@@ -643,3 +643,57 @@ def test_a_revision_reaches_the_config_download_and_the_weights_follow_its_commi
     monkeypatch.setattr(remote, "hf_hub_download", fake_download)
     assert remote.download("me/tiny", "v1") == tmp_path / "snapshots" / COMMIT
     assert calls == [(CONFIG_NAME, "v1"), (WEIGHTS_NAME, COMMIT)]
+
+
+def test_a_checkpoint_s_stored_evaluations_are_published_without_eval_folders(run, tmp_path):
+    """A checkpoint (e.g. a re-exported published model) carrying its evaluations keeps them when no eval-*/ folder
+    holds any. Bug caught: the stored evaluations dropped, the card quoting none."""
+    from util.hub.export import published_from_checkpoint
+    ckpt = torch.load(run / LAST, weights_only=False)
+    stored = [{"folder": "eval-ep4-elsewhere", "fid": 7.5}]
+    (tmp_path / "bare").mkdir()
+    torch.save({**ckpt, "evaluations": stored}, tmp_path / "bare" / "ckpt.pth")
+    assert published_from_checkpoint(tmp_path / "bare" / "ckpt.pth").facts["evaluations"] == stored
+
+
+def test_weights_stored_in_another_key_order_publish_in_the_model_s_order(run, tmp_path):
+    """The published state follows the model's state-dict order whatever the file's order, so its digest is the
+    one the evaluations recorded. Bug caught: the file's order kept (evaluations of these very weights lost)."""
+    from util.hub.export import published_from_checkpoint
+    ckpt = torch.load(run / LAST, weights_only=False)
+    reordered = {k: ckpt["model_ema"][k] for k in reversed(list(ckpt["model_ema"]))}
+    (tmp_path / "reordered").mkdir()
+    torch.save({**ckpt, "model_ema": reordered}, tmp_path / "reordered" / LAST)
+    published = published_from_checkpoint(tmp_path / "reordered" / LAST, eval_root=run)
+    assert list(published.state) == list(ckpt["model_ema"])
+    assert [e["folder"] for e in published.facts["evaluations"]] == ["eval-ep4-ema"]
+
+
+def test_config_and_weights_of_different_snapshots_are_refused(tmp_path, monkeypatch):
+    """huggingface_hub is a stand-in whose weights land in another snapshot folder than config.json. Bug caught:
+    the check dropped, a config of one commit paired with the weights of another."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(remote, "hf_hub_download", lambda filename, revision=None, **kw: str(
+        tmp_path / "snapshots" / (COMMIT if filename == CONFIG_NAME else "f" * 40) / filename))
+    with pytest.raises(ValueError, match="resolved to different snapshots"):
+        remote.download("me/tiny")
+
+
+def test_hf_endpoint_and_a_cache_under_home_reach_the_download(tmp_path, monkeypatch):
+    """HF_ENDPOINT (a mirror) reaches both downloads, and HF_HUB_CACHE's ~ and $VARS are expanded. Bugs caught:
+    the endpoint left at huggingface.co, and a literal ./~ folder made for the cache."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CACHE_ROOT", "caches")
+    monkeypatch.setenv("HF_HUB_CACHE", "~/$CACHE_ROOT/hub")
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example")
+    assert remote.cache_dir() == tmp_path / "caches" / "hub"
+    calls = []
+
+    def fake_download(filename, revision=None, **kwargs):
+        calls.append((kwargs["endpoint"], kwargs["cache_dir"]))
+        return str(tmp_path / "snapshots" / COMMIT / filename)
+
+    monkeypatch.setattr(remote, "hf_hub_download", fake_download)
+    remote.download("me/tiny")
+    assert calls == [("https://mirror.example", tmp_path / "caches" / "hub")] * 2

@@ -370,3 +370,35 @@ def test_every_drawn_image_is_written_and_a_failed_write_stops_the_evaluation(tm
         args.num_images = num_images
         with pytest.raises(OSError, match="No space left on device"):
             engine_mar.draw_or_reuse_batches(model, tokenizer, args, 1.0, 1.0, str(tmp_path / name))
+
+
+def test_an_evaluation_folder_is_reused_when_its_settings_hold_tuples(tmp_path):
+    """settings.json is compared as JSON reads it back: a tuple setting (a model config's) equals the list stored.
+    Bug caught: the settings compared as given, so a rerun of the same evaluation was refused as another's."""
+    settings = {"num_iter": 4, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.9, "num_images": 8,
+                "eval_weights": "ema", "model": {"patch": (2, 2)}}
+    first = eval_folder.open_folder(str(tmp_path), 4, settings)
+    assert eval_folder.open_folder(str(tmp_path), 4, settings) == first
+
+
+def test_evaluations_on_another_device_type_get_their_own_folder():
+    """The device type changes the images (kernels differ), so it is one of the settings naming the folder.
+    Bug caught: left out of eval_settings, a CPU and a CUDA evaluation shared one folder and its PNGs."""
+    args = types.SimpleNamespace(num_images=8, eval_bsz=2, seed=1, cfg_schedule="linear", cfg_sampler="exact",
+                                 precision="fp32", vae_path=None, compile=False, cuda_graphs=False, eval_weights="ema")
+    config = types.SimpleNamespace(to_dict=lambda: {"family": "mar"})
+    cpu, cuda = (eval_folder.eval_settings(args, config, 3.0, 0.9, "ab" * 32, device, 4) for device in ("cpu", "cuda"))
+    assert cpu["device"] == "cpu" and cuda["device"] == "cuda"
+    assert eval_folder.folder_name(4, cpu) != eval_folder.folder_name(4, cuda)
+
+
+def test_an_evaluation_folder_is_named_by_its_main_settings_and_their_sha256():
+    """The name shows the epoch, steps, cfg, schedule, temperature, image count and weights, then the first 8 hex
+    digits of sha256 over the sorted settings' JSON (hashlib here). Bug caught: the weights left out of the name
+    (an EMA and a live evaluation told apart only by the digest)."""
+    import hashlib
+    import json
+    settings = {"num_iter": 64, "cfg": 2.5, "cfg_schedule": "linear", "temperature": 1.0, "num_images": 50000,
+                "eval_weights": "live", "seed": 0}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    assert eval_folder.folder_name(399, settings) == f"eval-ep399-iter64-cfg2.5-linear-temp1-n50000-live-{digest}"

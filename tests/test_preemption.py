@@ -256,3 +256,26 @@ def test_the_first_signal_is_the_one_named_and_errors_pass_through():
             assert (stop.requested, stop.name) == (True, "SIGUSR1")
             raise RuntimeError("boom")
     assert signal.getsignal(signal.SIGUSR1) is handler
+
+
+def test_a_rank_not_signalled_agrees_to_stop_when_another_rank_was(monkeypatch):
+    """agree() returns what the all-reduce says, not this rank's own flag. Bug caught: the reduced flag ignored, so
+    an unsignalled rank trained on while the signalled one saved (and the next collective hung)."""
+    from util.train import preemption
+    seen = []
+    monkeypatch.setattr(preemption.distributed, "all_reduce_sum",
+                        lambda t: seen.append(float(t)) or torch.tensor(1.0))  # the other rank's 1 + our 0
+    stop = StopRequest()
+    assert stop.agree("cpu") is True and stop.agreed and not stop.requested
+    assert seen == [0.0]
+
+
+def test_start_workers_puts_back_the_signal_mask_it_found():
+    """A stop signal the caller held blocked stays blocked after start_workers. Bug caught: the stop signals
+    unblocked afterwards instead of the previous mask restored."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        assert list(start_workers([1, 2])) == [1, 2]
+        assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -137,3 +137,29 @@ def test_without_file_locks_temp_files_are_kept(tmp_path, monkeypatch, caplog):
     lock.release()
     assert temp.read_bytes() == b"maybe a live run's"
     assert "this file system has no file locks" in caplog.text
+
+
+def test_a_refused_lock_closes_its_file_and_a_released_one_can_be_taken_again(tmp_path):
+    """Bugs caught: the refused RunLock kept its file open (one leaked descriptor per refusal), and release() not
+    closing the file (the flock held until the process ended, so the folder stayed in use)."""
+    first = RunLock(str(tmp_path))
+    assert first.acquire()
+    refused = RunLock(str(tmp_path))
+    with pytest.raises(FolderInUse):
+        refused.acquire()
+    assert refused.file is None
+    first.release()
+    assert first.file is None
+    again = RunLock(str(tmp_path))
+    assert again.acquire()  # the kernel dropped the first lock when release() closed its file
+    again.release()
+
+
+def test_every_rank_refuses_a_folder_in_use_that_rank_0_found(tmp_path, monkeypatch):
+    """A rank other than 0 takes rank 0's refusal from the broadcast and raises too. Bug caught: the broadcast
+    dropped, so only rank 0 stopped and the other ranks waited for it in their first collective."""
+    monkeypatch.setattr(run_folder.distributed, "is_main_process", lambda: False)
+    monkeypatch.setattr(run_folder.distributed, "broadcast_object", lambda obj: "--output_dir x is in use")
+    with pytest.raises(FolderInUse, match="--output_dir x is in use"):
+        claim_run_folder(str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # only rank 0 creates and locks the folder

@@ -126,6 +126,8 @@ def test_ema_load_refuses_missing_or_misshapen_parameters():
         ema.load_state_dict({"weight": torch.ones(1, 4), "bias": torch.ones(3)}, "ckpt")
     with pytest.raises(ValueError, match=r"model_ema\[bias\] has shape \(4,\)"):  # a later bad shape: nothing copied
         ema.load_state_dict({"weight": torch.full((3, 4), 5.0), "bias": torch.ones(4)}, "ckpt")
+    with pytest.raises(ValueError, match=r"model_ema\[weight\] has shape \(4, 3\)"):  # transposed: same numel
+        ema.load_state_dict({"weight": torch.ones(4, 3), "bias": torch.ones(3)}, "ckpt")
     assert all(torch.equal(p, q) for p, q in zip(ema.params, before))
     ema.load_state_dict({"weight": torch.full((3, 4), 2.0), "bias": torch.full((3,), 3.0)}, "ckpt")
     assert ema.params[0].eq(2.0).all() and ema.params[1].eq(3.0).all()
