@@ -210,6 +210,18 @@ def test_rope_scores_depend_on_the_offset_only():
     assert abs(score(0, 6) - score(0, 1)) > 1e-3                        # row and column turn differently
 
 
+def test_rope_angles_of_a_non_square_grid_and_the_default_base_on_literal_numbers():
+    """The angle table written out: row 0 the class token, then row-major (row, col) positions, each half's
+    pairs at frequencies base^(-4j / head_dim). Bugs: rows or columns counted over the other side (the
+    square grids above cannot tell), a default base other than 10000."""
+    angles = grid_angles(2, 3, 8, 100.0)  # quarter 2: frequencies 1 and 100^(-1/2) = 0.1
+    want = [[0, 0, 0, 0]] + [[r, r / 10, c, c / 10] for r in range(2) for c in range(3)]
+    torch.testing.assert_close(angles, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-15)
+    # base 10000 by default: frequencies 1 and 10000^(-1/2) = 0.01
+    torch.testing.assert_close(grid_angles(1, 2, 8)[2], torch.tensor([0, 0, 1, 0.01], dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+
+
 # ----------------------------------------------------------------------------- the network
 def test_teacher_forced_z_matches_the_reference():
     model = tiny()

@@ -699,6 +699,44 @@ def test_the_scan_mixer_equals_a_naive_mamba_in_float64():
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
+def test_every_attention_head_starts_at_temperature_4_with_zero_biases(mixer):
+    """VAR's attn_l2_norm init: the learned per-head scale starts at 4 (stored as its log) and the q / v biases
+    at 0, and the model's init leaves them so. Bug: log_temperature initialised to 4 (a temperature e^4 ~ 55,
+    near-one-hot attention from the first step)."""
+    torch.manual_seed(0)
+    model = create_model("scalewise_tiny", mixer=mixer, depth=2, **DIGITS)
+    for block in model.blocks:
+        heads = model.family_config.num_heads
+        torch.testing.assert_close(block.attn.log_temperature.detach().exp(), torch.full((1, heads, 1, 1), 4.0))
+        assert not block.attn.q_bias.any() and not block.attn.v_bias.any()
+
+
+@pytest.mark.parametrize("width, rank", [(4, 1), (16, 1), (17, 2), (40, 3), (1024, 64)])
+def test_the_scan_mixers_step_rank_is_width_over_16_rounded_up(width, rank):
+    """Mamba's dt_rank "auto": ceil(width / 16). Bug: width // 16 floored at 1 (the same for the tiny models'
+    widths and VAR's 1024; a rank short for any width not a multiple of 16)."""
+    mixer = SelectiveScanMixer(width, expand=2, state_dim=3, conv_width=3)
+    assert mixer.rank == rank
+    assert mixer.dt_weight.shape == (2 * width, rank) and mixer.x_proj.out_features == rank + 2 * 3
+
+
+def test_the_scan_mixers_step_init_is_log_uniform_with_dt_weight_uniform_in_one_over_sqrt_rank():
+    """Mamba's init at rank > 1 (the tiny models' rank 1 hides the bound): dt_weight ~ U(-rank^-1/2, rank^-1/2),
+    std bound / sqrt(3); step sizes softplus(dt_bias) log-uniform in [1e-3, 0.1], so a quarter of them in each
+    half-decade (5-sigma binomial bands). Bugs: the bound from the inner width, step sizes uniform in
+    [1e-3, 0.1] (nine in ten past 0.01)."""
+    torch.manual_seed(0)
+    mixer = SelectiveScanMixer(512, expand=2, state_dim=3, conv_width=3)  # inner 1024, rank 32
+    mixer.reset_scan_parameters()
+    bound = 32 ** -0.5
+    w = mixer.dt_weight.detach()
+    assert w.abs().max() <= bound and 0.9 * bound / math.sqrt(3) < w.std() < 1.1 * bound / math.sqrt(3)
+    steps = torch.nn.functional.softplus(mixer.dt_bias.detach().double())
+    counts = torch.histc(steps.log10(), bins=4, min=-3, max=-1)
+    assert counts.sum() == 1024 and ((counts - 256).abs() < 5 * math.sqrt(1024 * 0.25 * 0.75)).all(), counts
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
 def test_init_follows_vars_rules(mixer):
     """VAR's init (see initialize_weights' docstring), checked on the untouched model: every AdaLN gate row
     x 1e-3 and the scale/shift rows x 0.5 of std sqrt(1 / (3 width)); the head's norm rows x 0.5; the
