@@ -82,8 +82,8 @@ def finish(y, u, D, z, last_state, return_last_state):
 
 
 def kernel_usable(u, *others):
-    wide = any(t is not None and t.dtype == torch.float64 for t in (u, *others))
-    return mamba_selective_scan is not None and u.is_cuda and not wide
+    # the kernel computes in float32: any input that makes the math float64 takes the plain scan
+    return mamba_selective_scan is not None and u.is_cuda and math_dtype(u, *others) == torch.float32
 
 
 # most [b, d, steps, n] values the kernel path's carried-state readout makes at once (fp32: 256 MiB); at
